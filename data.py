@@ -1,0 +1,823 @@
+"""
+Data for speech emotion recognition: IEMOCAP read from the release's own label files,
+custom corpora (the original release's label JSON, or a CSV manifest), audio loading,
+length-bucketed batching, and a synthetic IEMOCAP-like corpus for tests and the quick start.
+
+    python data.py --data /path/to/IEMOCAP_full_release          # per-session counts
+    python data.py --synth synth/IEMOCAP_full_release            # write the synthetic corpus
+
+Every problem a user's file can cause raises DataError with a message that names the file
+or value and says what was expected; the scripts print it and exit with code 2.
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import torch
+
+SAMPLE_RATE = 16000
+# The release's label order is alphabetical over its label names; exc is merged into hap.
+CLASSES = ("ang", "hap", "neu", "sad")
+IEMOCAP_LABELS = {"neu": "neu", "ang": "ang", "sad": "sad", "hap": "hap", "exc": "hap"}  # the rest is dropped
+SESSIONS = (1, 2, 3, 4, 5)
+IEMOCAP_SESSION_SIZES = {1: 1085, 2: 1023, 3: 1151, 4: 1031, 5: 1241}  # 5531 in all, for reference
+SPLITS = ("train", "val", "test")
+# wav2vec 2.0's conv feature encoder needs 400 samples (25 ms) to emit a single frame.
+MIN_SAMPLES = 400
+
+
+class DataError(Exception):
+    """A problem with the user's data. Scripts print the message and exit with code 2."""
+
+
+class DataWarning(UserWarning):
+    """Files skipped while reading a corpus (a few bad files should not stop a run)."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    uid: str  # file stem, e.g. "Ses01F_impro01_F000"
+    path: str  # wav path
+    label: str  # class name after mapping
+    num_samples: int  # length at 16 kHz, from the header (no decoding)
+    session: int | None = None  # IEMOCAP session 1..5
+    split: str | None = None  # "train" / "val" / "test" for custom corpora
+
+
+# -----------------------------------------------------------------------------
+# Audio files
+
+
+def resampled_length(frames, samplerate):
+    # Rounded up, exactly as torchaudio's resample does, so num_samples == len(read_audio(path)).
+    return -(-frames * SAMPLE_RATE // samplerate)
+
+
+def audio_num_samples(path):
+    """Length in samples at 16 kHz, read from the file header; DataError if the file is unusable."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: audio file not found")
+    try:
+        info = sf.info(path)
+    except Exception as e:  # libsndfile raises several types for garbage files; all mean "not audio"
+        raise DataError(f"{path}: not a readable audio file ({_first_line(e)})") from None
+    if info.frames <= 0 or info.samplerate <= 0:
+        raise DataError(f"{path}: empty audio file (0 samples)")
+    n = resampled_length(info.frames, info.samplerate)
+    if n < MIN_SAMPLES:
+        raise DataError(f"{path}: {n} samples at 16 kHz, expected at least {MIN_SAMPLES} (25 ms)")
+    return n
+
+
+def read_audio(path):
+    """Decode a file to a float32 (T,) mono tensor at 16 kHz (channels averaged)."""
+    try:
+        data, samplerate = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise DataError(f"{path}: not a readable audio file ({_first_line(e)})") from None
+    if data.size == 0:
+        raise DataError(f"{path}: empty audio file (0 samples)")
+    wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1, dtype=np.float32)))
+    if not torch.isfinite(wav).all():
+        raise DataError(f"{path}: audio contains NaN or infinite samples")
+    if samplerate != SAMPLE_RATE:
+        wav = resample(wav, samplerate)
+    if len(wav) < MIN_SAMPLES:
+        raise DataError(f"{path}: {len(wav)} samples at 16 kHz, expected at least {MIN_SAMPLES} (25 ms)")
+    return wav
+
+
+def resample(wav, samplerate):
+    import torchaudio.functional  # imported here: slow to import and only needed for non-16 kHz files
+
+    return torchaudio.functional.resample(wav, samplerate, SAMPLE_RATE)
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+# -----------------------------------------------------------------------------
+# IEMOCAP, read from the release's label files
+
+# "[6.2901 - 8.2357]\tSes01F_impro01_F000\tneu\t[2.5000, 2.5000, 2.5000]"; the uid must hold an
+# underscore because the dialog folder is the uid without its last "_xxx" part.
+LABEL_LINE = re.compile(
+    r"^\[\s*\d+(?:\.\d*)?\s*-\s*\d+(?:\.\d*)?\s*\]\s+"
+    r"([A-Za-z0-9]+(?:_[A-Za-z0-9]+)+)\s+([A-Za-z]+)\s+\[[^\]]*\]\s*$"
+)
+
+
+def label_files(emo_dir):
+    # Only the .txt files directly in EmoEvaluation: its subfolders (Categorical/, Attribute/,
+    # Self-evaluation/) hold per-annotator files in other formats, and "._*" are macOS junk.
+    names = sorted(n for n in os.listdir(emo_dir) if n.endswith(".txt") and not n.startswith("."))
+    return [os.path.join(emo_dir, n) for n in names if os.path.isfile(os.path.join(emo_dir, n))]
+
+
+def parse_label_file(path):
+    """Returns ([(uid, label)], [(line_number, line)] of lines that look like labels but do not parse)."""
+    labels, bad = [], []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            line = line.rstrip("\r\n")
+            match = LABEL_LINE.match(line)
+            if match:
+                labels.append((match.group(1), match.group(2).lower()))
+            elif line.lstrip().startswith("["):
+                bad.append((number, line))
+    return labels, bad
+
+
+def dialog_of(uid):
+    return uid.rsplit("_", 1)[0]
+
+
+def load_iemocap(root):
+    """All 4-class utterances of an IEMOCAP_full_release folder, sorted by uid."""
+    root = os.fspath(root)
+    if not os.path.isdir(root):
+        raise DataError(f"IEMOCAP root {root} not found (expected the IEMOCAP_full_release folder)")
+    labelled, bad = [], []  # labelled: (session, uid, label)
+    for s in SESSIONS:
+        session_dir = os.path.join(root, f"Session{s}")
+        if not os.path.isdir(session_dir):
+            raise DataError(f"{session_dir} not found: the IEMOCAP release has Session1..Session5 under {root}")
+        emo_dir = os.path.join(session_dir, "dialog", "EmoEvaluation")
+        if not os.path.isdir(emo_dir):
+            raise DataError(f"{emo_dir} not found: expected the label files <dialog>.txt there")
+        for path in label_files(emo_dir):
+            pairs, bad_lines = parse_label_file(path)
+            labelled += [(s, uid, label) for uid, label in pairs]
+            bad += [(path, number, line) for number, line in bad_lines]
+    if bad:
+        path, number, line = bad[0]
+        warnings.warn(f"skipped {len(bad)} label line(s) that do not parse as "
+                      f"'[start - end]<TAB>uid<TAB>label<TAB>[v, a, d]', first: {path} line {number}: {line!r}",
+                      DataWarning, stacklevel=2)
+
+    utterances, seen, skipped, duplicates = [], set(), [], 0
+    for s, uid, label in labelled:
+        if uid in seen:
+            duplicates += 1
+            continue
+        seen.add(uid)
+        if label not in IEMOCAP_LABELS:
+            continue
+        wav = os.path.join(root, f"Session{s}", "sentences", "wav", dialog_of(uid), uid + ".wav")
+        try:
+            num_samples = audio_num_samples(wav)
+        except DataError as e:
+            skipped.append(str(e))
+            continue
+        utterances.append(Utterance(uid, wav, IEMOCAP_LABELS[label], num_samples, session=s))
+    if duplicates:
+        warnings.warn(f"{duplicates} utterance(s) labelled more than once under {root}; kept the first label",
+                      DataWarning, stacklevel=2)
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} labelled utterance(s) whose audio is missing, unreadable or "
+                      f"shorter than {MIN_SAMPLES} samples: " + "; ".join(skipped[:3])
+                      + ("; ..." if len(skipped) > 3 else ""), DataWarning, stacklevel=2)
+    if not utterances:
+        raise DataError(f"no usable 4-class utterances under {root}")
+    return sorted(utterances, key=lambda u: u.uid)
+
+
+def count_table(utterances):
+    """{"sessions": {"1": {"ang": n, ...}, ...}, "total": n}; custom corpora are counted per split."""
+    labels = {u.label for u in utterances}
+    classes = CLASSES if labels <= set(CLASSES) else tuple(sorted(labels))
+    rows = {}
+    for u in utterances:
+        key = str(u.session) if u.session is not None else (u.split or "all")
+        rows.setdefault(key, dict.fromkeys(classes, 0))[u.label] += 1
+    order = {name: i for i, name in enumerate(SPLITS)}
+    keys = sorted(rows, key=lambda k: (0, int(k), "") if k.isdigit() else (1, order.get(k, 9), k))
+    return {"sessions": {k: rows[k] for k in keys}, "total": len(utterances)}
+
+
+def format_count_table(table):
+    rows = table["sessions"]
+    classes = list(next(iter(rows.values()))) if rows else list(CLASSES)
+    header = ["session", *classes, "total"]
+    body = [[key, *(str(row[c]) for c in classes), str(sum(row.values()))] for key, row in rows.items()]
+    body.append(["total", *(str(sum(row[c] for row in rows.values())) for c in classes), str(table["total"])])
+    widths = [max(len(r[j]) for r in [header, *body]) for j in range(len(header))]
+    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+    rule = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
+    return "\n".join([line(header), rule, *(line(r) for r in body)])
+
+
+def split_fold(utterances, fold):
+    """Leave-one-session-out: test = every utterance of session `fold` (both speakers)."""
+    if isinstance(fold, bool) or fold not in SESSIONS:
+        raise DataError(f"fold {fold!r} is not an IEMOCAP session, expected one of 1..5")
+    if any(u.session is None for u in utterances):
+        raise DataError("fold splits need IEMOCAP utterances (with a session number)")
+    train = [u for u in utterances if u.session != fold]
+    test = [u for u in utterances if u.session == fold]
+    if not train or not test:
+        raise DataError(f"fold {fold}: empty train or test split ({len(train)} / {len(test)} utterances)")
+    return train, test
+
+
+# -----------------------------------------------------------------------------
+# Custom corpora
+
+
+def load_label_json(json_path, wav_dir=None):
+    """The original release's format: {"Train": {"a.wav": "ang", ...}, "Val": {...}, "Test": {...}}."""
+    json_path = os.fspath(json_path)
+    wav_dir = os.path.dirname(json_path) if wav_dir is None else os.fspath(wav_dir)
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except OSError as e:
+        raise DataError(f"{json_path}: cannot read ({e.strerror or e})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{json_path}: not valid JSON ({e})") from None
+    keys = {"Train": "train", "Val": "val", "Test": "test"}
+    if not isinstance(obj, dict):
+        raise DataError(f"{json_path}: expected an object with keys Train, Val (optional), Test")
+    unknown = sorted(set(obj) - set(keys))
+    missing = [k for k in ("Train", "Test") if k not in obj]
+    if unknown or missing:
+        raise DataError(f"{json_path}: expected keys Train, Val (optional), Test; "
+                        f"missing {missing}, unknown {unknown}")
+    utterances = []
+    for key, split in keys.items():
+        entries = obj.get(key, {})
+        if not isinstance(entries, dict):
+            raise DataError(f'{json_path}: "{key}" should map wav names to labels, {{"a.wav": "ang", ...}}')
+        for name, label in entries.items():
+            if not isinstance(label, str) or not label.strip():
+                raise DataError(f"{json_path}: {key} entry {name!r} has label {label!r}, expected a non-empty string")
+            path = os.path.join(wav_dir, name)
+            try:
+                num_samples = audio_num_samples(path)
+            except DataError as e:
+                raise DataError(f"{json_path}: {key} entry {name!r}: {e}") from None
+            uid = os.path.splitext(os.path.basename(name))[0]
+            utterances.append(Utterance(uid, path, label.strip(), num_samples, split=split))
+    return utterances
+
+
+def load_manifest(csv_path):
+    """CSV with header path,label,split; relative paths are resolved against the CSV's folder."""
+    csv_path = os.fspath(csv_path)
+    folder = os.path.dirname(csv_path)
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
+            reader = csv.DictReader(f)
+            columns = [c.strip().lower() for c in (reader.fieldnames or [])]
+            if not {"path", "label", "split"} <= set(columns):
+                raise DataError(f"{csv_path}: expected a header with columns path,label,split, found {columns}")
+            reader.fieldnames = columns
+            utterances = []
+            for row in reader:
+                where = f"{csv_path} line {reader.line_num}"
+                path, label, split = ((row.get(k) or "").strip() for k in ("path", "label", "split"))
+                if not path or not label:
+                    raise DataError(f"{where}: empty path or label")
+                if split.lower() not in SPLITS:
+                    raise DataError(f"{where}: split {split!r}, expected one of train, val, test")
+                path = os.path.join(folder, path)  # an absolute path stays as it is
+                try:
+                    num_samples = audio_num_samples(path)
+                except DataError as e:
+                    raise DataError(f"{where}: {e}") from None
+                uid = os.path.splitext(os.path.basename(path))[0]
+                utterances.append(Utterance(uid, path, label, num_samples, split=split.lower()))
+    except OSError as e:
+        raise DataError(f"{csv_path}: cannot read ({e.strerror or e})") from None
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise DataError(f"{csv_path}: not a valid CSV file ({e})") from None
+    return utterances
+
+
+def load_corpus(data, fold=None, wav_dir=None):
+    """
+    A directory is IEMOCAP (fold 1..5 required) -> ({"train", "test"}, CLASSES); a .json label file
+    or .csv manifest -> ({"train", "test"} plus "val" when it has one, sorted labels of train).
+    """
+    data = os.fspath(data)
+    if os.path.isdir(data):
+        if fold is None:
+            raise DataError(f"{data} is an IEMOCAP folder: a fold (test session 1..5) is required")
+        train, test = split_fold(load_iemocap(data), fold)
+        splits, classes = {"train": train, "test": test}, CLASSES
+    elif not os.path.exists(data):
+        raise DataError(f"{data} not found (expected an IEMOCAP folder, a .json label file or a .csv manifest)")
+    elif data.lower().endswith((".json", ".csv")):
+        utterances = load_label_json(data, wav_dir) if data.lower().endswith(".json") else load_manifest(data)
+        splits = {s: [u for u in utterances if u.split == s] for s in SPLITS}
+        if not splits["val"]:
+            del splits["val"]
+        for name in ("train", "test"):
+            if not splits[name]:
+                raise DataError(f"{data}: the {name} split is empty")
+        classes = tuple(sorted({u.label for u in splits["train"]}))
+        if len(classes) < 2:
+            raise DataError(f"{data}: the train split has {len(classes)} label(s) {list(classes)}, expected at least 2")
+        for name, utterances in splits.items():
+            for u in utterances:
+                if u.label not in classes:
+                    raise DataError(f"{data}: label {u.label!r} of {u.path} ({name}) never occurs in the "
+                                    f"train split, whose labels are {list(classes)}")
+    else:
+        raise DataError(f"{data}: expected an IEMOCAP folder, a .json label file or a .csv manifest")
+    check_disjoint(splits, data)
+    return splits, classes
+
+
+def check_disjoint(splits, data):
+    # An utterance in both train and a held-out split would make the held-out score meaningless.
+    train = {os.path.realpath(u.path) for u in splits["train"]}
+    for name in ("val", "test"):
+        for u in splits.get(name, []):
+            if os.path.realpath(u.path) in train:
+                raise DataError(f"{data}: {u.path} is in both train and {name}")
+
+
+# -----------------------------------------------------------------------------
+# Dataset and batching
+
+
+class AudioDataset(torch.utils.data.Dataset):
+    """
+    Utterances as {"wav", "label", "index", "offset"}. crop="head" keeps the first max_seconds
+    (fine-tuning), crop="random" a random window whose start is a multiple of crop_align samples
+    (pretraining: 320 keeps frame labels aligned). Random crops depend only on (seed, epoch, index),
+    so they are the same whatever the worker or order; call set_epoch() each epoch (with persistent
+    DataLoader workers the new epoch does not reach the workers' copies). cache=True keeps decoded
+    audio in memory (per worker process).
+    """
+
+    def __init__(self, utterances, classes, max_seconds=None, crop="head", crop_align=1, cache=False, seed=0):
+        if crop not in ("head", "random"):
+            raise ValueError(f"crop={crop!r}, expected 'head' or 'random'")
+        if int(crop_align) < 1:
+            raise ValueError(f"crop_align={crop_align}, expected >= 1")
+        if max_seconds is not None and max_seconds <= 0:
+            raise ValueError(f"max_seconds={max_seconds}, expected > 0 or None")
+        self.utterances = list(utterances)
+        self.classes = tuple(classes)
+        index = {c: i for i, c in enumerate(self.classes)}
+        self.labels = [index.get(u.label, -1) for u in self.utterances]
+        self.max_samples = None if max_seconds is None else int(round(max_seconds * SAMPLE_RATE))
+        cap = self.max_samples or max((u.num_samples for u in self.utterances), default=0)
+        self.lengths = [min(u.num_samples, cap) for u in self.utterances]
+        self.crop, self.crop_align, self.seed, self.epoch = crop, int(crop_align), int(seed), 0
+        self.cache = {} if cache else None
+
+    def __len__(self):
+        return len(self.utterances)
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def audio(self, i):
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        wav = read_audio(self.utterances[i].path)
+        if self.cache is not None:
+            self.cache[i] = wav
+        return wav
+
+    def crop_offset(self, i, length):
+        if self.max_samples is None or length <= self.max_samples or self.crop == "head":
+            return 0
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        starts = (length - self.max_samples) // self.crop_align + 1
+        return self.crop_align * int(rng.integers(starts))
+
+    def __getitem__(self, i):
+        wav = self.audio(i)
+        offset = self.crop_offset(i, len(wav))
+        if self.max_samples is not None:
+            wav = wav[offset:offset + self.max_samples]
+        return {"wav": wav, "label": self.labels[i], "index": i, "offset": offset}
+
+
+def collate(items):
+    lengths = torch.tensor([len(item["wav"]) for item in items], dtype=torch.long)
+    wav = torch.zeros(len(items), int(lengths.max()), dtype=torch.float32)
+    for row, item in enumerate(items):
+        wav[row, :len(item["wav"])] = item["wav"]
+    return {
+        "wav": wav,
+        "lengths": lengths,
+        "labels": torch.tensor([item["label"] for item in items], dtype=torch.long),
+        "indices": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        "offsets": torch.tensor([item["offset"] for item in items], dtype=torch.long),
+    }
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """
+    Batches of indices. Each epoch (seeded by (seed, epoch), the same on every rank): shuffle, cut
+    into pools of batch_size * 50, sort each pool by length (bucket=True; bucket=False keeps the
+    release's random batches), cut each pool into batches of at most batch_size utterances and at
+    most max_batch_seconds of padded audio, drop the short batches (drop_last, only without
+    max_batch_seconds), shuffle the batch order. shuffle=False: one pool, no shuffling, no dropping
+    (evaluation). Batches are longest-first so an out-of-memory shows up at once.
+
+    Distributed: rank r keeps global_batch[r::num_replicas], so the ranks' shards of one step
+    together are exactly the single-process batch and every rank takes the same number of steps.
+    A batch with fewer utterances than replicas is dropped under drop_last; otherwise its last
+    utterance is repeated until every rank gets one (evaluation should dedupe by index).
+    """
+
+    def __init__(self, lengths, batch_size=64, max_batch_seconds=None, bucket=True, shuffle=True, drop_last=True,
+                 seed=0, num_replicas=1, rank=0, sample_rate=SAMPLE_RATE):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}, expected >= 1")
+        if max_batch_seconds is not None and max_batch_seconds <= 0:
+            raise ValueError(f"max_batch_seconds={max_batch_seconds}, expected > 0 or None")
+        if num_replicas < 1 or not 0 <= rank < num_replicas:
+            raise ValueError(f"rank={rank}, num_replicas={num_replicas}: expected 0 <= rank < num_replicas")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.batch_size, self.bucket, self.shuffle = int(batch_size), bucket, shuffle
+        self.max_batch_samples = None if max_batch_seconds is None else max_batch_seconds * sample_rate
+        self.drop_last = drop_last and shuffle
+        self.seed, self.num_replicas, self.rank = int(seed), int(num_replicas), int(rank)
+        self.epoch, self.start_batch = 0, 0
+        self._cached_epoch, self._cached = None, None
+
+    def set_epoch(self, epoch, start_batch=0):
+        """start_batch skips the first batches of the epoch, to resume mid-epoch."""
+        self.epoch, self.start_batch = int(epoch), int(start_batch)
+
+    def global_batches(self, epoch):
+        """The epoch's batches before sharding over ranks (the same on every rank)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        n = len(self.lengths)
+        if self.shuffle:
+            order = rng.permutation(n)
+            pool = self.batch_size * 50
+            pools = [order[i:i + pool] for i in range(0, n, pool)]
+        else:
+            pools = [np.arange(n)]
+        batches = []
+        for pool in pools:
+            if self.bucket:
+                pool = pool[np.argsort(-self.lengths[pool], kind="stable")]
+            batches += self.cut(pool)
+        if self.drop_last and self.max_batch_samples is None:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        if self.shuffle:
+            batches = [batches[j] for j in rng.permutation(len(batches))]
+        return batches
+
+    def cut(self, pool):
+        # Greedy: start a new batch when it is full or would hold too much padded audio. An
+        # utterance longer than max_batch_seconds on its own still gets a batch of one.
+        batches, batch, longest = [], [], 0
+        for i in pool.tolist():
+            longer = max(longest, int(self.lengths[i]))
+            too_much = self.max_batch_samples is not None and (len(batch) + 1) * longer > self.max_batch_samples
+            if batch and (len(batch) == self.batch_size or too_much):
+                batches.append(batch)
+                batch, longer = [], int(self.lengths[i])
+            batch.append(i)
+            longest = longer
+        if batch:
+            batches.append(batch)
+        return batches
+
+    def shard(self, batch):
+        if len(batch) < self.num_replicas:
+            batch = batch + [batch[-1]] * (self.num_replicas - len(batch))
+        return batch[self.rank::self.num_replicas]
+
+    def batches(self):
+        """This rank's batches for the current epoch, from start_batch on."""
+        if self._cached_epoch != self.epoch:
+            batches = self.global_batches(self.epoch)
+            if self.drop_last:
+                batches = [b for b in batches if len(b) >= self.num_replicas]
+            self._cached, self._cached_epoch = [self.shard(b) for b in batches], self.epoch
+        return self._cached[self.start_batch:]
+
+    def __iter__(self):
+        for batch in self.batches():
+            yield list(batch)
+
+    def __len__(self):
+        return len(self.batches())
+
+    def padding_fraction(self):
+        """Fraction of the samples in this rank's padded batches this epoch that are padding."""
+        padded = real = 0
+        for batch in self.batches():
+            lengths = self.lengths[batch]
+            padded += len(batch) * int(lengths.max())
+            real += int(lengths.sum())
+        return 1.0 - real / padded if padded else 0.0
+
+
+# -----------------------------------------------------------------------------
+# A synthetic IEMOCAP-like corpus: the release's exact layout, and emotion carried by prosody
+# (pitch level and range, loudness, tempo, voice quality) relative to each speaker's voice.
+
+# Each cue overlaps between some classes (ang and hap are both high and loud, neu and sad both
+# low and flat), and loudness varies by speaker and recording, so several cues are needed.
+# pitch: x the speaker's f0; range: sd of syllable accents (semitones); slope: pitch change
+# over a phrase (st); glide: pitch change over a syllable (st); rate: syllables/s; pause: x
+# phrase pauses; level: dBFS of the voiced part; stress: sd of syllable loudness (dB); sharp:
+# exponent of the syllable envelope (low = abrupt onsets); tilt: spectral slope (dB/octave,
+# low = bright, rich harmonics); breath: aspiration noise / harmonics; jitter: f0 perturbation.
+EMOTION_STYLE = {
+    "neu": dict(pitch=1.00, range=1.0, slope=-1.5, glide=0.0, rate=4.0, pause=1.0, level=-26.0,
+                stress=1.5, sharp=1.0, tilt=9.0, breath=0.10, jitter=0.003),
+    "ang": dict(pitch=1.22, range=2.0, slope=-3.0, glide=-1.0, rate=5.2, pause=0.7, level=-20.0,
+                stress=3.0, sharp=0.4, tilt=4.5, breath=0.05, jitter=0.015),
+    "hap": dict(pitch=1.40, range=3.5, slope=1.5, glide=2.0, rate=4.6, pause=0.9, level=-23.0,
+                stress=2.5, sharp=0.8, tilt=7.0, breath=0.12, jitter=0.004),
+    "sad": dict(pitch=0.86, range=0.6, slope=-2.5, glide=-0.5, rate=2.8, pause=1.8, level=-30.0,
+                stress=1.0, sharp=2.0, tilt=12.0, breath=0.35, jitter=0.003),
+}
+EMOTION_STYLE["exc"] = EMOTION_STYLE["hap"]
+DROPPED_LABELS = ("fru", "sur", "xxx", "fea", "oth", "dis")  # voiced in a random one of the four styles
+ANNOTATOR_NAMES = {"neu": "Neutral", "ang": "Anger", "sad": "Sadness", "hap": "Happiness", "exc": "Excited",
+                   "fru": "Frustration", "sur": "Surprise", "fea": "Fear", "oth": "Other", "dis": "Disgust"}
+VAD = {"neu": (3, 2.5, 2.5), "ang": (1.5, 4, 4), "sad": (2, 2, 2), "hap": (4, 3.5, 3), "exc": (4, 4, 3.5)}
+DIALOGS = ("F_impro01", "M_impro01", "F_script01_1", "M_script01_2", "F_impro02", "M_impro02",
+           "F_script02_1", "M_script02_2")
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(56)  # what "._*" files start with
+MARKER = "SYNTHETIC_CORPUS.json"
+
+
+def speaker_voice(rng, sex):
+    female = sex == "F"
+    return dict(
+        f0=rng.uniform(195, 235) if female else rng.uniform(100, 125),
+        formants=np.array([620, 1500, 2650]) * (1.17 if female else 1.0) * rng.uniform(0.92, 1.08, 3),
+        tilt=rng.normal(0, 1.0) + (1.0 if female else 0.0),
+        level=rng.normal(0, 2.0),
+        rate=rng.uniform(0.9, 1.1),
+        breath=rng.uniform(0.7, 1.4),
+    )
+
+
+def syllables(rng, rate, pause, seconds):
+    """Syllable (start, end) and the (start, end) of their phrase, in seconds."""
+    spans, phrases = [], []
+    t = rng.uniform(0.05, 0.2)
+    while t < seconds - 0.15:
+        first = len(spans)
+        for _ in range(rng.integers(3, 9)):
+            period = rng.gamma(6.0, 1.0 / (6.0 * rate))
+            if t + 0.75 * period > seconds - 0.05:
+                break
+            spans.append((t, t + 0.75 * period))  # the last quarter is a consonant-like gap
+            t += period
+        if len(spans) > first:
+            phrases += [(spans[first][0], spans[-1][1])] * (len(spans) - first)
+        t += rng.uniform(0.1, 0.3) * pause
+    if not spans:  # a very short utterance: one syllable
+        spans, phrases = [(0.02, seconds - 0.02)], [(0.02, seconds - 0.02)]
+    spans, phrases = np.array(spans), np.array(phrases)
+    return spans[:, 0], spans[:, 1], phrases[:, 0], phrases[:, 1]
+
+
+def synth_utterance(rng, voice, style, seconds, noise_floor_db):
+    """One utterance: harmonics of a syllable-wise f0 contour, shaped by the voice, plus breath noise."""
+    sr, cr = SAMPLE_RATE, 200  # envelopes and pitch are drawn at a 200 Hz control rate
+    n = int(round(seconds * sr))
+    rate = style["rate"] * voice["rate"] * math.exp(rng.normal(0, 0.08))
+    starts, ends, phrase_starts, phrase_ends = syllables(rng, rate, style["pause"], seconds)
+    tc = np.arange(int(seconds * cr) + 2) / cr
+    k = np.clip(np.searchsorted(starts, tc, side="right") - 1, 0, None)
+    inside = (tc >= starts[k]) & (tc < ends[k])
+    frac = np.clip((tc - starts[k]) / (ends[k] - starts[k]), 0, 1)
+    stress = 10 ** (rng.normal(0, style["stress"], len(starts)) / 20)
+    envelope = np.where(inside, np.sin(np.pi * frac) ** style["sharp"], 0.0) * stress[k]
+
+    accents = rng.normal(0, style["range"] * math.exp(rng.normal(0, 0.15)), len(starts))
+    progress = np.clip((tc - phrase_starts[k]) / (phrase_ends[k] - phrase_starts[k] + 1e-9), 0, 1)
+    semitones = accents[k] + style["slope"] * progress + style["glide"] * frac
+    semitones = np.convolve(semitones, np.ones(8) / 8, mode="same")  # smooth the jumps between syllables
+    f0c = voice["f0"] * style["pitch"] * math.exp(rng.normal(0, 0.04)) * 2 ** (semitones / 12)
+    f0c *= 1 + style["jitter"] * rng.standard_normal(len(tc))
+
+    t = np.arange(n) / sr
+    f0, amplitude = np.interp(t, tc, f0c), np.interp(t, tc, envelope)
+    # Wrapped in float64, then float32: the sines below are several times faster in float32.
+    phase = np.mod(2 * np.pi * np.cumsum(f0) / sr, 2 * np.pi).astype(np.float32)
+    # Band-limited pulse train: sum_{h=1..H} cos(h phase) in closed form (Dirichlet kernel), O(n).
+    harmonics = max(1, int(7000 / f0.max()))
+    half = np.sin(phase / 2)
+    ok = np.abs(half) > 1e-6
+    pulses = np.where(ok, np.sin((harmonics + 0.5) * phase) / (2 * np.where(ok, half, 1.0)) - 0.5, harmonics)
+
+    # Shape harmonics and breath noise in the frequency domain.
+    nfft = fast_fft_size(n)
+    freqs = np.fft.rfftfreq(nfft, 1 / sr)
+    octaves = np.log2(np.maximum(freqs, 100.0) / 100.0)
+    formants = sum(12.0 * np.exp(-0.5 * ((freqs - f) / (60 + 0.06 * f)) ** 2) for f in voice["formants"])
+    tilt = style["tilt"] + voice["tilt"] + rng.normal(0, 0.8)
+    gains = 10 ** (np.stack([formants - tilt * octaves, 0.5 * formants - 2 * octaves]) / 20)
+    spectra = np.fft.rfft(np.stack([pulses, rng.standard_normal(n)]), nfft) * gains
+    voiced, breath = np.fft.irfft(spectra, nfft)[:, :n]
+    breath_ratio = style["breath"] * voice["breath"] * math.exp(rng.normal(0, 0.2))
+    x = amplitude * (voiced / _rms(voiced) + breath_ratio * breath / _rms(breath))
+
+    level_db = style["level"] + voice["level"] + rng.normal(0, 2.5)  # speaker and recording gain vary too
+    x *= 10 ** (level_db / 20) / _rms(x[amplitude > 0.1])
+    x += 10 ** (noise_floor_db / 20) * rng.standard_normal(n)
+    peak = np.abs(x).max()
+    return (x * (0.99 / peak) if peak > 0.99 else x).astype(np.float32)
+
+
+def fast_fft_size(n):
+    # The smallest 2^a 3^b 5^c >= n: FFTs of arbitrary (prime) sizes are many times slower.
+    best = 1 << (n - 1).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            size = p35 << max(0, (-(-n // p35) - 1).bit_length())
+            best = min(best, size)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def _rms(x):
+    return float(np.sqrt(np.mean(np.square(x)))) + 1e-12
+
+
+def plan_session(rng, session, per_session, min_seconds, max_seconds):
+    """[(dialog, uid, label, sex, seconds)] in dialog order, both speakers in every dialog."""
+    labels = [("neu", "ang", "sad", "hap")[i % 4] for i in range(per_session)]
+    labels = ["exc" if lab == "hap" and rng.random() < 0.6 else lab for lab in labels]  # like the release's 595/1041
+    sexes = ["FM"[(i // 4) % 2] for i in range(per_session)]  # every speaker voices every emotion
+    extra = round(0.2 * per_session)
+    labels += [str(lab) for lab in rng.choice(DROPPED_LABELS, extra)]
+    sexes += ["FM"[i % 2] for i in range(extra)]
+    dialogs = [f"Ses0{session}{name}" for name in DIALOGS[:max(1, min(len(DIALOGS), len(labels) // 12))]]
+    turns = {d: [] for d in dialogs}
+    for sex in "FM":  # deal each speaker's turns round-robin so every dialog has both speakers
+        mine = [i for i in rng.permutation(len(labels)) if sexes[i] == sex]
+        for j, i in enumerate(mine):
+            turns[dialogs[j % len(dialogs)]].append(i)
+    plan = []
+    for d in dialogs:
+        counters = {"F": 0, "M": 0}
+        for i in rng.permutation(turns[d]):
+            sex = sexes[i]
+            uid = f"{d}_{sex}{counters[sex]:03d}"
+            counters[sex] += 1
+            seconds = min_seconds + (max_seconds - min_seconds) * rng.beta(2.0, 2.6)  # mean ~4 s for 1..8
+            plan.append((d, uid, labels[i], sex, seconds))
+    return plan
+
+
+def label_block(rng, uid, label, start, end):
+    v, a, d = (np.clip(x + rng.normal(0, 0.3), 1, 5) for x in VAD.get(label, (3, 3, 3)))
+    names = [ANNOTATOR_NAMES.get(label, "Frustration")] * 3
+    if label == "xxx":  # no majority
+        names = ["Frustration", "Anger", "Neutral"]
+    lines = [f"[{start:.4f} - {end:.4f}]\t{uid}\t{label}\t[{v:.4f}, {a:.4f}, {d:.4f}]"]
+    lines += [f"C-{who}:\t{name};\t()" for who, name in zip(("E2", "E3", "F1"), names)]
+    lines += [f"A-{who}:\tval {round(v)}; act {round(a)}; dom  {round(d)};\t()" for who in ("E1", "F1")]
+    return lines
+
+
+def prepare_out_dir(out_dir):
+    # Only ever replace what this generator wrote before (it leaves a marker file).
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if not os.path.isfile(os.path.join(out_dir, MARKER)):
+            raise DataError(f"{out_dir} exists and is not empty (and is not a synthetic corpus): choose a new folder")
+        for s in SESSIONS:
+            shutil.rmtree(os.path.join(out_dir, f"Session{s}"), ignore_errors=True)
+    os.makedirs(out_dir, exist_ok=True)
+
+
+def synthesize_iemocap(out_dir, utterances_per_session=40, seed=0, min_seconds=1.0, max_seconds=8.0):
+    """
+    Write a synthetic corpus with out_dir as the release root: utterances_per_session 4-class
+    utterances per session (plus ~20% labelled fru/sur/xxx/fea/oth/dis, which the reader drops),
+    two speakers per session, the release's label files, decoy annotator folders and "._*" files.
+    """
+    out_dir = os.fspath(out_dir)
+    if int(utterances_per_session) < 1:
+        raise DataError(f"utterances per session {utterances_per_session}, expected >= 1")
+    if not 0.05 < min_seconds <= max_seconds:
+        raise DataError(f"utterance durations {min_seconds}..{max_seconds} s, expected 0.05 < min <= max")
+    prepare_out_dir(out_dir)
+    for s in SESSIONS:
+        voices = {sex: speaker_voice(np.random.default_rng([seed, s, 1, j]), sex) for j, sex in enumerate("FM")}
+        noise_floor_db = np.random.default_rng([seed, s, 2]).uniform(-58, -48)
+        plan = plan_session(np.random.default_rng([seed, s, 3]), s, int(utterances_per_session), min_seconds,
+                            max_seconds)
+        emo_dir = os.path.join(out_dir, f"Session{s}", "dialog", "EmoEvaluation")
+        blocks, decoys, clock = {}, {}, {}
+        for j, (dialog, uid, label, sex, seconds) in enumerate(plan):
+            rng = np.random.default_rng([seed, s, 4, j])
+            style = EMOTION_STYLE.get(label) or EMOTION_STYLE[("neu", "ang", "sad", "hap")[rng.integers(4)]]
+            wav = synth_utterance(rng, voices[sex], style, seconds, noise_floor_db)
+            wav_dir = os.path.join(out_dir, f"Session{s}", "sentences", "wav", dialog)
+            os.makedirs(wav_dir, exist_ok=True)
+            sf.write(os.path.join(wav_dir, uid + ".wav"), wav, SAMPLE_RATE, subtype="PCM_16")
+            with open(os.path.join(wav_dir, f"._{uid}.wav"), "wb") as f:
+                f.write(APPLEDOUBLE)
+            start = clock.get(dialog, 0.0) + rng.uniform(0.3, 2.0)
+            clock[dialog] = start + len(wav) / SAMPLE_RATE
+            blocks.setdefault(dialog, []).append(label_block(rng, uid, label, start, clock[dialog]))
+            # Decoys would parse as label lines: a reader that wrongly walks the subfolders miscounts.
+            decoy = {"neu": "ang", "ang": "sad", "sad": "hap", "hap": "neu", "exc": "neu"}.get(label, "neu")
+            decoys.setdefault(dialog, []).append(f"[{start:.4f} - {clock[dialog]:.4f}]\t{uid}\t{decoy}\t"
+                                                 f"[3.0000, 3.0000, 3.0000]")
+        for dialog, dialog_blocks in blocks.items():
+            write_label_files(emo_dir, dialog, dialog_blocks, decoys[dialog])
+    with open(os.path.join(out_dir, MARKER), "w") as f:
+        json.dump({"generator": "data.py synthesize_iemocap", "utterances_per_session": utterances_per_session,
+                   "seed": seed, "min_seconds": min_seconds, "max_seconds": max_seconds}, f)
+        f.write("\n")
+
+
+def write_label_files(emo_dir, dialog, blocks, decoy_lines):
+    os.makedirs(emo_dir, exist_ok=True)
+    header = "% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n"
+    with open(os.path.join(emo_dir, dialog + ".txt"), "w") as f:
+        f.write(header + "".join("\n".join(block) + "\n\n" for block in blocks))
+    with open(os.path.join(emo_dir, f"._{dialog}.txt"), "wb") as f:
+        f.write(APPLEDOUBLE)
+    for folder, name in (("Categorical", f"{dialog}_e2_cat.txt"), ("Attribute", f"{dialog}_e2_atr.txt"),
+                         ("Self-evaluation", f"{dialog}.txt")):
+        os.makedirs(os.path.join(emo_dir, folder), exist_ok=True)
+        with open(os.path.join(emo_dir, folder, name), "w") as f:
+            f.write("\n".join(decoy_lines) + "\n")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def load_for_counts(data, wav_dir=None):
+    if os.path.isdir(data):
+        return load_iemocap(data)
+    if data.lower().endswith(".json") and os.path.isfile(data):
+        return load_label_json(data, wav_dir)
+    if data.lower().endswith(".csv") and os.path.isfile(data):
+        return load_manifest(data)
+    raise DataError(f"{data} not found (expected an IEMOCAP folder, a .json label file or a .csv manifest)")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Count an emotion corpus, or write a synthetic IEMOCAP-like one.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--data", default=None,
+                        help="IEMOCAP_full_release folder (or .json label file / .csv manifest) whose utterances "
+                             "to count per session (per split) and class")
+    action.add_argument("--synth", metavar="OUT", default=None,
+                        help="write a synthetic IEMOCAP-like corpus with OUT as the release root")
+    parser.add_argument("--json", action="store_true", help="with --data: print the counts as JSON")
+    parser.add_argument("--wav-dir", default=None,
+                        help="with a .json label file: folder its wav names are relative to (default: the json's)")
+    parser.add_argument("--per-session", type=int, default=40,
+                        help="with --synth: 4-class utterances per session (plus ~20%% with dropped labels)")
+    parser.add_argument("--seed", type=int, default=0, help="with --synth: random seed")
+    parser.add_argument("--min-seconds", type=float, default=1.0, help="with --synth: shortest utterance")
+    parser.add_argument("--max-seconds", type=float, default=8.0, help="with --synth: longest utterance")
+    args = parser.parse_args(argv)
+    warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"
+    try:
+        if args.synth is not None:
+            t0 = time.time()
+            synthesize_iemocap(args.synth, args.per_session, args.seed, args.min_seconds, args.max_seconds)
+            utterances = load_iemocap(args.synth)
+            hours = sum(u.num_samples for u in utterances) / SAMPLE_RATE / 3600
+            print(f"wrote {len(utterances)} 4-class utterances ({hours:.2f} h) to {args.synth} "
+                  f"in {time.time() - t0:.1f} s")
+            return 0
+        table = count_table(load_for_counts(args.data, args.wav_dir))
+        if args.json:
+            print(json.dumps(table, indent=2))
+        else:
+            print(format_count_table(table))
+            if os.path.isdir(args.data):
+                print(f"(the full IEMOCAP release: {sum(IEMOCAP_SESSION_SIZES.values())} = "
+                      + " + ".join(str(n) for n in IEMOCAP_SESSION_SIZES.values()) + ")")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

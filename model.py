@@ -1,0 +1,768 @@
+"""wav2vec 2.0 in plain PyTorch, loading fairseq checkpoints directly.
+
+Reads top to bottom: configuration, the modules (FeatureEncoder, PositionalConv, EncoderLayer,
+Encoder, Quantizer), the model, span masking, the emotion classifier, then checkpoint I/O
+(a safe unpickler, fairseq key mapping, the project's own format).
+Semantics follow fairseq's fairseq/models/wav2vec/wav2vec2.py; see ../shared/RECIPE.md "Backbone".
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import io
+import math
+import os
+import pickle
+import re
+import sys
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# fairseq's default conv stack: 7 layers, 320x downsampling, 25 ms receptive field (400 samples).
+BASE_CONV_LAYERS = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+
+
+@dataclass
+class Wav2Vec2Config:
+    # defaults are wav2vec_small.pt (RECIPE.md "Backbone"); fairseq's argument names in comments
+    conv_layers: list = field(default_factory=lambda: list(BASE_CONV_LAYERS))  # conv_feature_layers
+    extractor_mode: str = "default"    # "default": group norm on layer 0; "layer_norm": LN on every layer
+    conv_bias: bool = False
+    embed_dim: int = 768               # encoder_embed_dim
+    ffn_dim: int = 3072                # encoder_ffn_embed_dim
+    num_layers: int = 12               # encoder_layers
+    num_heads: int = 12                # encoder_attention_heads
+    layer_norm_first: bool = False     # pre-LN transformer (large models)
+    pos_conv_kernel: int = 128         # conv_pos
+    pos_conv_groups: int = 16          # conv_pos_groups
+    dropout: float = 0.1
+    attention_dropout: float = 0.1
+    activation_dropout: float = 0.0
+    dropout_input: float = 0.1         # on the projected features
+    dropout_features: float = 0.1      # on the unmasked features that feed the quantizer
+    layerdrop: float = 0.05            # encoder_layerdrop
+    feature_grad_mult: float = 0.1     # gradient scale into the conv encoder
+    normalize: bool = False            # task.normalize: zero-mean unit-variance waveform per utterance
+    has_quantizer: bool = True         # False for ASR fine-tuned checkpoints
+    final_dim: int = 256
+    latent_vars: int = 320
+    latent_groups: int = 2
+    latent_dim: int = 0                # 0: final_dim
+    latent_temp: tuple = (2.0, 0.5, 0.999995)  # (start, end, decay per update)
+    logit_temp: float = 0.1
+    num_negatives: int = 100
+
+    @property
+    def conv_dim(self):
+        return self.conv_layers[-1][0]
+
+
+# -----------------------------------------------------------------------------
+# modules
+
+class FeatureEncoder(nn.Module):
+    """Waveform -> 50 Hz conv features (B, C, F). Group norm on layer 0 is computed over each
+    utterance's valid frames only, so an utterance gives the same features whatever it is batched
+    with (fairseq normalises over the padding too; on unpadded input the two agree exactly)."""
+
+    def __init__(self, cfg: Wav2Vec2Config):
+        super().__init__()
+        self.mode = cfg.extractor_mode
+        self.kernels = [k for _, k, _ in cfg.conv_layers]
+        self.strides = [s for _, _, s in cfg.conv_layers]
+        in_dims = [1] + [d for d, _, _ in cfg.conv_layers[:-1]]
+        self.convs = nn.ModuleList(nn.Conv1d(i, d, k, s, bias=cfg.conv_bias)
+                                   for i, (d, k, s) in zip(in_dims, cfg.conv_layers))
+        if self.mode == "default":
+            d0 = cfg.conv_layers[0][0]
+            self.norms = nn.ModuleList([nn.GroupNorm(d0, d0)])
+        else:
+            self.norms = nn.ModuleList(nn.LayerNorm(d) for d, _, _ in cfg.conv_layers)
+
+    def output_lengths(self, lengths):
+        for k, s in zip(self.kernels, self.strides):
+            lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
+        return lengths
+
+    def forward(self, wav, lengths=None):
+        x = wav.unsqueeze(1)
+        for i, conv in enumerate(self.convs):
+            x = conv(x)
+            if lengths is not None:
+                lengths = torch.div(lengths - self.kernels[i], self.strides[i], rounding_mode="floor") + 1
+            if self.mode == "default" and i == 0:
+                x = masked_group_norm(x, lengths, self.norms[0])
+            elif self.mode == "layer_norm":
+                x = self.norms[i](x.transpose(1, 2).float()).transpose(1, 2).type_as(x)
+            x = F.gelu(x)
+        return x
+
+
+def masked_group_norm(x, lengths, norm: nn.GroupNorm):
+    """GroupNorm with one group per channel (fairseq's layer-0 norm), statistics over valid frames."""
+    if lengths is None or bool((lengths == x.shape[-1]).all()):
+        return norm(x.float()).type_as(x)
+    valid = (torch.arange(x.shape[-1], device=x.device) < lengths[:, None]).unsqueeze(1)  # (B, 1, F)
+    xf = x.float()
+    count = lengths.to(xf.dtype).view(-1, 1, 1)
+    mean = (xf * valid).sum(-1, keepdim=True) / count
+    var = (((xf - mean) * valid) ** 2).sum(-1, keepdim=True) / count
+    y = (xf - mean) * torch.rsqrt(var + norm.eps)
+    return (y * norm.weight[:, None] + norm.bias[:, None]).type_as(x)
+
+
+class PositionalConv(nn.Module):
+    """Relative position information: a wide grouped conv with weight norm over the kernel axis
+    (fairseq stores it as weight_g (1, 1, K) and weight_v (C, C/groups, K))."""
+
+    def __init__(self, cfg: Wav2Vec2Config):
+        super().__init__()
+        c, k, g = cfg.embed_dim, cfg.pos_conv_kernel, cfg.pos_conv_groups
+        std = math.sqrt(4 / (k * c))  # fairseq's init
+        self.weight_v = nn.Parameter(torch.randn(c, c // g, k) * std)
+        self.weight_g = nn.Parameter(self.weight_v.detach().norm(dim=(0, 1), keepdim=True))
+        self.bias = nn.Parameter(torch.zeros(c))
+        self.groups, self.kernel = g, k
+
+    def forward(self, x):  # (B, T, C), padded frames already zero
+        weight = self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True))
+        y = F.conv1d(x.transpose(1, 2), weight.to(x.dtype), self.bias.to(x.dtype),
+                     padding=self.kernel // 2, groups=self.groups)
+        if self.kernel % 2 == 0:  # "same" padding for an even kernel drops the last frame
+            y = y[..., :-1]
+        return F.gelu(y).transpose(1, 2)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: Wav2Vec2Config):
+        super().__init__()
+        c = cfg.embed_dim
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = (nn.Linear(c, c) for _ in range(4))
+        self.num_heads, self.dropout = cfg.num_heads, cfg.attention_dropout
+
+    def forward(self, x, attn_mask):  # attn_mask: (B, 1, 1, T) True = attend, or None
+        B, T, C = x.shape
+        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class EncoderLayer(nn.Module):
+    """fairseq's TransformerSentenceEncoderLayer: post-LN (base) or pre-LN (large)."""
+
+    def __init__(self, cfg: Wav2Vec2Config):
+        super().__init__()
+        self.self_attn = SelfAttention(cfg)
+        self.self_attn_layer_norm = nn.LayerNorm(cfg.embed_dim)
+        self.fc1 = nn.Linear(cfg.embed_dim, cfg.ffn_dim)
+        self.fc2 = nn.Linear(cfg.ffn_dim, cfg.embed_dim)
+        self.final_layer_norm = nn.LayerNorm(cfg.embed_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.activation_dropout = nn.Dropout(cfg.activation_dropout)
+        self.pre_ln = cfg.layer_norm_first
+
+    def feed_forward(self, x):
+        return self.dropout(self.fc2(self.activation_dropout(F.gelu(self.fc1(x)))))
+
+    def forward(self, x, attn_mask):
+        if self.pre_ln:
+            x = x + self.dropout(self.self_attn(self.self_attn_layer_norm(x), attn_mask))
+            return x + self.feed_forward(self.final_layer_norm(x))
+        x = self.self_attn_layer_norm(x + self.dropout(self.self_attn(x, attn_mask)))
+        return self.final_layer_norm(x + self.feed_forward(x))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: Wav2Vec2Config):
+        super().__init__()
+        self.pos_conv = PositionalConv(cfg)
+        self.layers = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.layer_norm = nn.LayerNorm(cfg.embed_dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.layer_norm_first, self.layerdrop = cfg.layer_norm_first, cfg.layerdrop
+
+    def forward(self, x, padding_mask=None, layer=None):
+        """layer=k returns the output of layer k (1-based) as fairseq does: for pre-LN models
+        without the final layer norm, which only the full stack's output gets."""
+        if padding_mask is not None:
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        x = x + self.pos_conv(x)
+        if not self.layer_norm_first:
+            x = self.layer_norm(x)
+        x = self.dropout(x)
+        attn_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
+        last = len(self.layers) if layer is None else layer
+        for i, block in enumerate(self.layers[:last]):
+            # layer drop as fairseq does it (never the requested layer's output itself)
+            if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop and i + 1 != layer:
+                continue
+            x = block(x, attn_mask)
+        if self.layer_norm_first and layer is None:
+            x = self.layer_norm(x)
+        return x
+
+
+class Quantizer(nn.Module):
+    """fairseq's GumbelVectorQuantizer: G groups of V codewords, straight-through hard Gumbel
+    softmax in training, argmax in eval. Returns the codewords and the softmax perplexity
+    (of the batch-averaged distribution, summed over groups) for the diversity loss."""
+
+    def __init__(self, cfg: Wav2Vec2Config):
+        super().__init__()
+        dim = (cfg.latent_dim or cfg.final_dim)
+        self.groups, self.num_vars = cfg.latent_groups, cfg.latent_vars
+        self.vars = nn.Parameter(torch.rand(1, self.groups * self.num_vars, dim // self.groups))
+        self.weight_proj = nn.Linear(cfg.conv_dim, self.groups * self.num_vars)
+        nn.init.normal_(self.weight_proj.weight, std=1.0)
+        nn.init.zeros_(self.weight_proj.bias)
+        self.max_temp, self.min_temp, self.temp_decay = cfg.latent_temp
+        self.temperature = self.max_temp
+
+    def set_num_updates(self, num_updates):
+        self.temperature = max(self.max_temp * self.temp_decay ** num_updates, self.min_temp)
+
+    def forward(self, x):  # (N, conv_dim) -> (N, dim), perplexity
+        N = x.shape[0]
+        logits = self.weight_proj(x).view(N * self.groups, self.num_vars)
+        avg_probs = logits.float().softmax(-1).view(N, self.groups, -1).mean(0)
+        perplexity = torch.exp(-(avg_probs * torch.log(avg_probs + 1e-7)).sum(-1)).sum()
+        if self.training:
+            onehot = F.gumbel_softmax(logits.float(), tau=self.temperature, hard=True).type_as(x)
+        else:
+            onehot = F.one_hot(logits.argmax(-1), self.num_vars).type_as(x)
+        onehot = onehot.view(N, self.groups, self.num_vars, 1)
+        codewords = self.vars.view(self.groups, self.num_vars, -1)
+        return (onehot * codewords).sum(2).reshape(N, -1), perplexity
+
+
+class GradScale(torch.autograd.Function):
+    """Identity forward, gradient scaled backward (fairseq's GradMultiply)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+@dataclass
+class Encoded:
+    hidden: torch.Tensor          # (B, F, embed_dim) transformer output (or layer k's)
+    frame_lengths: torch.Tensor   # (B,) valid frames per utterance
+    features: torch.Tensor        # (B, F, conv_dim) layer-normed conv features, unmasked (quantizer input)
+    feature_penalty: torch.Tensor  # mean of squared conv features (fairseq's features_pen)
+
+
+class Wav2Vec2(nn.Module):
+    MIN_SAMPLES = 400  # the conv stack's receptive field: shorter input gives no frame
+
+    def __init__(self, cfg: Wav2Vec2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.feature_encoder = FeatureEncoder(cfg)
+        self.layer_norm = nn.LayerNorm(cfg.conv_dim)
+        self.post_extract_proj = nn.Linear(cfg.conv_dim, cfg.embed_dim)
+        self.dropout_input = nn.Dropout(cfg.dropout_input)
+        self.dropout_features = nn.Dropout(cfg.dropout_features)
+        self.mask_emb = nn.Parameter(torch.empty(cfg.embed_dim).uniform_())
+        self.encoder = Encoder(cfg)
+        if cfg.has_quantizer:
+            self.quantizer = Quantizer(cfg)
+            self.project_q = nn.Linear(cfg.latent_dim or cfg.final_dim, cfg.final_dim)
+            self.final_proj = nn.Linear(cfg.embed_dim, cfg.final_dim)
+        self.feature_grad_mult = cfg.feature_grad_mult
+        self.freeze_feature_encoder = False  # V-FT / P-TAPT: conv encoder, its LN and projection run without grad
+
+    def frame_lengths(self, wav_lengths):
+        return self.feature_encoder.output_lengths(wav_lengths)
+
+    def check_input(self, wav, wav_lengths):
+        if not torch.is_tensor(wav) or wav.dim() != 2:
+            shape = tuple(wav.shape) if torch.is_tensor(wav) else type(wav).__name__
+            raise ValueError(f"wav must be a (batch, samples) tensor of mono 16 kHz audio, got {shape}; "
+                             "average the channels of stereo audio first")
+        if not wav.is_floating_point():
+            raise TypeError(f"wav must be floating point (float32 in [-1, 1]), got {wav.dtype}")
+        if wav_lengths is None:
+            wav_lengths = torch.full((wav.shape[0],), wav.shape[1], dtype=torch.long, device=wav.device)
+        wav_lengths = torch.as_tensor(wav_lengths, device=wav.device).long()
+        if wav_lengths.shape != (wav.shape[0],):
+            raise ValueError(f"wav_lengths must have shape ({wav.shape[0]},), got {tuple(wav_lengths.shape)}")
+        if int(wav_lengths.max()) > wav.shape[1]:
+            raise ValueError(f"wav_lengths exceed the padded length {wav.shape[1]}: max {int(wav_lengths.max())}")
+        if int(wav_lengths.min()) < self.MIN_SAMPLES:
+            raise ValueError(f"every utterance needs at least {self.MIN_SAMPLES} samples (25 ms at 16 kHz), "
+                             f"got {int(wav_lengths.min())}")
+        return wav_lengths
+
+    def encode(self, wav, wav_lengths=None, layer=None, time_mask=None, channel_mask=None) -> Encoded:
+        """time_mask (B, F) bool: frames replaced by the mask embedding; channel_mask (B, embed_dim)
+        bool: channels zeroed. Both act on the projected features, as in fairseq and the release."""
+        wav_lengths = self.check_input(wav, wav_lengths)
+        if layer is not None and not 1 <= layer <= len(self.encoder.layers):
+            raise ValueError(f"layer must be in 1..{len(self.encoder.layers)}, got {layer}")
+        if self.cfg.normalize:  # per utterance over its valid samples, as fairseq's dataset does
+            valid = torch.arange(wav.shape[1], device=wav.device) < wav_lengths[:, None]
+            n = wav_lengths[:, None].to(wav.dtype)
+            mean = (wav * valid).sum(1, keepdim=True) / n
+            var = (((wav - mean) * valid) ** 2).sum(1, keepdim=True) / n
+            wav = ((wav - mean) * torch.rsqrt(var + 1e-5)) * valid
+        frozen = self.freeze_feature_encoder
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            feats = self.feature_encoder(wav, wav_lengths)
+            if self.feature_grad_mult != 1.0 and not frozen and torch.is_grad_enabled():
+                feats = GradScale.apply(feats, self.feature_grad_mult)
+            penalty = feats.float().pow(2).mean()
+            feats = self.layer_norm(feats.transpose(1, 2))
+            x = self.post_extract_proj(feats)
+        frame_lengths = self.frame_lengths(wav_lengths)
+        F_ = x.shape[1]
+        padding_mask = torch.arange(F_, device=x.device) >= frame_lengths[:, None]
+        if not bool(padding_mask.any()):
+            padding_mask = None
+        x = self.dropout_input(x)
+        if time_mask is not None:
+            x = torch.where(time_mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
+        if channel_mask is not None:
+            x = x.masked_fill(channel_mask.unsqueeze(1), 0.0)
+        hidden = self.encoder(x, padding_mask, layer)
+        if padding_mask is not None:
+            hidden = hidden.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        return Encoded(hidden, frame_lengths, self.dropout_features(feats), penalty)
+
+    def forward(self, wav, wav_lengths=None, layer=None, time_mask=None, channel_mask=None):
+        e = self.encode(wav, wav_lengths, layer, time_mask, channel_mask)
+        return e.hidden, e.frame_lengths
+
+
+# -----------------------------------------------------------------------------
+# span masking (V-FT, TAPT, P-TAPT)
+
+def compute_span_mask(lengths, max_len, prob, span, min_spans, semantics="hf", generator=None):
+    """Boolean (B, max_len) mask of spans inside each utterance's valid frames.
+
+    semantics="hf": Hugging Face's _compute_mask_indices (what the release used): one U[0,1)
+      for the call; spans = max(min_spans, int(prob * length / span + u)); starts drawn without
+      replacement from [0, length - span].
+    semantics="fairseq": fairseq's compute_mask_indices with require_same_masks: a U[0,1) per
+      utterance, starts from [0, length - span - 1], then every utterance cut down (at random) to
+      the smallest number of masked frames in the batch, so masked counts are equal.
+    """
+    lengths = [int(n) for n in lengths]
+    g = generator
+    mask = torch.zeros(len(lengths), max_len, dtype=torch.bool)
+    u_call = float(torch.rand((), generator=g))
+    chosen = []
+    for i, n in enumerate(lengths):
+        if semantics == "hf":
+            def count(length):
+                k = max(min_spans, int(prob * length / span + u_call))
+                k = min(k, max_len // span)
+                return max(min(k, length - (span - 1)), 0)
+            k = count(n)
+            starts = torch.randperm(max(n - span + 1, 0), generator=g)[:k]
+        elif semantics == "fairseq":
+            k = max(min_spans, int(prob * n / span + float(torch.rand((), generator=g))))
+            room = n - span
+            if room <= k:
+                room = n - k - 1
+            starts = torch.randperm(max(room, 0), generator=g)[:k]
+        else:
+            raise ValueError(f"semantics must be 'hf' or 'fairseq', got {semantics!r}")
+        idx = (starts[:, None] + torch.arange(span)).flatten()
+        idx = idx[idx < n].unique()
+        chosen.append(idx)
+    if semantics == "fairseq" and chosen:
+        fewest = min(len(c) for c in chosen)
+        chosen = [c[torch.randperm(len(c), generator=g)[:fewest]] if len(c) > fewest else c for c in chosen]
+    for i, idx in enumerate(chosen):
+        mask[i, idx] = True
+    return mask
+
+
+# -----------------------------------------------------------------------------
+# emotion classifier (V-FT head, RECIPE.md "V-FT")
+
+class EmotionClassifier(nn.Module):
+    """ReLU on the transformer output, mean over valid frames, ReLU, Linear."""
+
+    def __init__(self, backbone: Wav2Vec2, classes):
+        super().__init__()
+        self.backbone, self.classes = backbone, list(classes)
+        self.head = nn.Linear(backbone.cfg.embed_dim, len(self.classes))
+
+    def forward(self, wav, wav_lengths=None, time_mask=None, channel_mask=None):
+        hidden, frame_lengths = self.backbone(wav, wav_lengths, time_mask=time_mask, channel_mask=channel_mask)
+        pooled = masked_mean(F.relu(hidden), frame_lengths)
+        return self.head(F.relu(pooled))
+
+
+def masked_mean(x, lengths):  # x (B, F, C): mean over each row's first lengths[b] frames
+    valid = (torch.arange(x.shape[1], device=x.device) < lengths[:, None]).unsqueeze(-1)
+    return (x * valid).sum(1) / lengths[:, None].to(x.dtype)
+
+
+# -----------------------------------------------------------------------------
+# checkpoint I/O
+
+class CheckpointError(Exception):
+    """A checkpoint file that cannot be used; the message names the file and what was found."""
+
+
+class Opaque:
+    """Inert stand-in for a class a checkpoint names but we do not import (omegaconf, fairseq,
+    numpy, enums): it records its constructor arguments and state, and runs no code."""
+    _module = _name = ""
+
+    def __init__(self, *args, **kwargs):
+        self._args = args
+
+    def __setstate__(self, state):
+        self._state = state
+
+    def __repr__(self):
+        return f"<{self._module}.{self._name}>"
+
+
+_OPAQUE_MODULES = ("omegaconf", "fairseq", "numpy", "typing", "enum", "pathlib", "collections", "copyreg")
+_ALLOWED = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("argparse", "Namespace"): argparse.Namespace,
+    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
+    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
+    ("torch", "Size"): torch.Size,
+}
+# plain builtin types (omegaconf records them as key and element types); calling them runs no user code
+for _mod in ("builtins", "__builtin__"):
+    for _t in (dict, list, tuple, set, frozenset, int, float, str, bool, bytes, complex, slice, object):
+        _ALLOWED[(_mod, _t.__name__)] = _t
+for _name in ("_rebuild_tensor_v3", "_rebuild_parameter_with_state"):
+    if hasattr(torch._utils, _name):
+        _ALLOWED[("torch._utils", _name)] = getattr(torch._utils, _name)
+_ALLOWED[("torch._tensor", "_rebuild_from_type_v2")] = torch._tensor._rebuild_from_type_v2
+_ALLOWED[("torch.nn.parameter", "Parameter")] = torch.nn.Parameter
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Allow-list unpickling: tensors, plain containers and argparse.Namespace are rebuilt;
+    classes of config libraries become Opaque records; anything else is refused."""
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if module.split(".")[0] in _OPAQUE_MODULES:
+            return type(name, (Opaque,), {"_module": module, "_name": name})
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not a tensor, container or config record")
+
+
+class _SafePickleModule:  # what torch.load expects of pickle_module
+    Unpickler = _SafeUnpickler
+    __name__ = "model._SafePickleModule"
+
+    @staticmethod
+    def load(f, **kwargs):
+        return _SafeUnpickler(f, **kwargs).load()
+
+
+def to_plain(obj, _depth=0):
+    """Opaque omegaconf containers -> dicts and lists; nodes and enums -> their values."""
+    if _depth > 50:
+        return None
+    if isinstance(obj, Opaque):
+        state = getattr(obj, "_state", None)
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[1], dict):
+            state = {**(state[0] or {}), **state[1]}  # (dict, slots) form
+        if isinstance(state, dict) and "_content" in state:
+            return to_plain(state["_content"], _depth + 1)
+        if isinstance(state, dict) and "_val" in state:
+            return to_plain(state["_val"], _depth + 1)
+        if len(obj._args) == 1:  # an enum member rebuilt from its value
+            return to_plain(obj._args[0], _depth + 1)
+        return repr(obj)
+    if isinstance(obj, argparse.Namespace):
+        return {k: to_plain(v, _depth + 1) for k, v in vars(obj).items()}
+    if isinstance(obj, dict):
+        return {k: to_plain(v, _depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_plain(v, _depth + 1) for v in obj)
+    return obj
+
+
+def read_checkpoint(path):
+    """Load a checkpoint without executing code from it (see _SafeUnpickler)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        return torch.load(path, map_location="cpu", pickle_module=_SafePickleModule, weights_only=False)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError, AttributeError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or another format?): "
+                              f"{type(e).__name__}: {str(e)[:200]}") from None
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, then rename: a crash never leaves a
+    half-written file under the final name."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _conv_layers_from_string(text):
+    """fairseq's conv_feature_layers is a Python expression such as
+    "[(512, 10, 5)] + [(512, 3, 2)] * 4"; evaluate it without eval()."""
+    def ev(node):
+        if isinstance(node, ast.Expression):
+            return ev(node.body)
+        if isinstance(node, (ast.List, ast.Tuple)):
+            items = [ev(e) for e in node.elts]
+            return items if isinstance(node, ast.List) else tuple(items)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return node.value
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
+            a, b = ev(node.left), ev(node.right)
+            return a + b if isinstance(node.op, ast.Add) else a * b
+        raise ValueError(f"unsupported expression in conv_feature_layers: {text!r}")
+    return [tuple(int(v) for v in layer) for layer in ev(ast.parse(text, mode="eval"))]
+
+
+def _as_temp(value):
+    if isinstance(value, str):
+        value = ast.literal_eval(value)
+    return tuple(float(v) for v in value)
+
+
+def config_from_fairseq(model_cfg: dict, normalize: bool, has_quantizer: bool) -> Wav2Vec2Config:
+    """Map fairseq's (args or cfg.model) names onto Wav2Vec2Config; unknown values keep defaults."""
+    c, d = model_cfg, Wav2Vec2Config()
+    layer_type = c.get("layer_type", "transformer")
+    if layer_type not in (None, "transformer"):
+        raise ValueError(f"layer_type={layer_type!r} (only the transformer encoder is supported)")
+    if int(c.get("pos_conv_depth", 1) or 1) != 1:
+        raise ValueError(f"pos_conv_depth={c['pos_conv_depth']} (data2vec-style; only depth 1 is supported)")
+    conv = c.get("conv_feature_layers", d.conv_layers)
+    return Wav2Vec2Config(
+        conv_layers=_conv_layers_from_string(conv) if isinstance(conv, str) else [tuple(x) for x in conv],
+        extractor_mode=c.get("extractor_mode", d.extractor_mode),
+        conv_bias=bool(c.get("conv_bias", d.conv_bias)),
+        embed_dim=int(c.get("encoder_embed_dim", d.embed_dim)),
+        ffn_dim=int(c.get("encoder_ffn_embed_dim", d.ffn_dim)),
+        num_layers=int(c.get("encoder_layers", d.num_layers)),
+        num_heads=int(c.get("encoder_attention_heads", d.num_heads)),
+        layer_norm_first=bool(c.get("layer_norm_first", d.layer_norm_first)),
+        pos_conv_kernel=int(c.get("conv_pos", d.pos_conv_kernel)),
+        pos_conv_groups=int(c.get("conv_pos_groups", d.pos_conv_groups)),
+        dropout=float(c.get("dropout", d.dropout)),
+        attention_dropout=float(c.get("attention_dropout", d.attention_dropout)),
+        activation_dropout=float(c.get("activation_dropout", d.activation_dropout)),
+        dropout_input=float(c.get("dropout_input", d.dropout_input)),
+        dropout_features=float(c.get("dropout_features", d.dropout_features)),
+        layerdrop=float(c.get("encoder_layerdrop", d.layerdrop)),
+        feature_grad_mult=float(c.get("feature_grad_mult", d.feature_grad_mult)),
+        normalize=bool(normalize),
+        has_quantizer=has_quantizer,
+        final_dim=int(c.get("final_dim", d.final_dim)) or int(c.get("encoder_embed_dim", d.embed_dim)),
+        latent_vars=int(c.get("latent_vars", d.latent_vars)),
+        latent_groups=int(c.get("latent_groups", d.latent_groups)),
+        latent_dim=int(c.get("latent_dim", d.latent_dim) or 0),
+        latent_temp=_as_temp(c.get("latent_temp", d.latent_temp)),
+        logit_temp=float(c.get("logit_temp", d.logit_temp)),
+        num_negatives=int(c.get("num_negatives", d.num_negatives)),
+    )
+
+
+def fairseq_key(key):
+    """fairseq parameter name -> this module's name (None: not part of the model)."""
+    m = re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.0\.(weight|bias)", key)
+    if m:
+        return f"feature_encoder.convs.{m[1]}.{m[2]}"
+    m = re.fullmatch(r"feature_extractor\.conv_layers\.0\.2\.(weight|bias)", key)
+    if m:  # group norm (extractor_mode "default")
+        return f"feature_encoder.norms.0.{m[1]}"
+    m = re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)", key)
+    if m:  # layer norm inside TransposeLast (extractor_mode "layer_norm")
+        return f"feature_encoder.norms.{m[1]}.{m[2]}"
+    m = re.fullmatch(r"encoder\.pos_conv\.0\.(bias|weight_g|weight_v)", key)
+    if m:
+        return f"encoder.pos_conv.{m[1]}"
+    m = re.fullmatch(r"encoder\.pos_conv\.0\.parametrizations\.weight\.original([01])", key)
+    if m:  # newer torch's weight-norm parametrization: original0 = g, original1 = v
+        return f"encoder.pos_conv.{'weight_g' if m[1] == '0' else 'weight_v'}"
+    m = re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.(.*)", key)
+    if m:
+        return f"encoder.layers.{m[1]}.self_attn.{m[2]}"
+    if re.fullmatch(r"(mask_emb|layer_norm\.(weight|bias)|post_extract_proj\.(weight|bias)|"
+                    r"encoder\.layer_norm\.(weight|bias)|encoder\.layers\.\d+\.\w+\.(weight|bias)|"
+                    r"quantizer\.(vars|weight_proj\.(weight|bias))|(project_q|final_proj)\.(weight|bias))", key):
+        return key
+    return None
+
+
+# parameters a fairseq file may hold that this model deliberately does not use
+FAIRSEQ_IGNORED = {"w2v_encoder.proj.weight", "w2v_encoder.proj.bias"}  # the ASR CTC head
+
+
+def _describe(obj):
+    if isinstance(obj, dict):
+        return f"a dict with keys {sorted(map(str, obj))[:8]}"
+    return f"a {type(obj).__name__}"
+
+
+def _model_kind(ckpt):
+    """Return ('project'|'pretrained'|'asr', model_cfg dict, normalize) or raise naming what was found."""
+    if ckpt.get("format") in ("w2v2-ser/wav2vec2", "w2v2-ser/classifier"):
+        return "project", ckpt["config"], ckpt["config"].get("normalize", False)
+    args, cfg = to_plain(ckpt.get("args")), to_plain(ckpt.get("cfg"))
+    if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
+        model_cfg, task = cfg["model"], cfg.get("task") or {}
+    elif isinstance(args, dict):
+        model_cfg, task = args, args
+    else:
+        raise ValueError("no fairseq configuration (neither 'cfg' nor 'args')")
+    name = model_cfg.get("_name") or model_cfg.get("arch") or ""
+    if name in ("wav2vec_ctc", "wav2vec_seq2seq") or "w2v_args" in model_cfg:
+        inner = to_plain(model_cfg.get("w2v_args"))
+        if isinstance(inner, dict) and isinstance(inner.get("model"), dict):
+            inner_model, inner_task = inner["model"], inner.get("task") or {}
+        elif isinstance(inner, dict):
+            inner_model, inner_task = inner, inner
+        else:
+            raise ValueError("an ASR fine-tuned checkpoint without 'w2v_args' (the pretraining configuration)")
+        inner_model = dict(inner_model)
+        for k in ("dropout", "attention_dropout", "activation_dropout", "dropout_input"):
+            if k in model_cfg:  # fine-tuning overrides these, as fairseq's Wav2VecEncoder does
+                inner_model[k] = model_cfg[k]
+        if "layerdrop" in model_cfg:
+            inner_model["encoder_layerdrop"] = model_cfg["layerdrop"]
+        normalize = task.get("normalize", inner_task.get("normalize", False))
+        return "asr", inner_model, normalize
+    if name and not name.startswith("wav2vec2"):
+        kind = {"hubert": "HuBERT", "data2vec_audio": "data2vec", "wav2vec": "wav2vec (v1)"}.get(name, name)
+        raise ValueError(f"holds a {kind} model ('{name}'), not wav2vec 2.0")
+    return "pretrained", model_cfg, task.get("normalize", False)
+
+
+def load_wav2vec2(path, strict_pretraining=False) -> Wav2Vec2:
+    """Build wav2vec 2.0 from a fairseq checkpoint (pretrained or ASR fine-tuned) or one of this
+    project's checkpoints. Returns the model in eval mode, float32, on CPU."""
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise CheckpointError(f"{path}: not a model checkpoint: found {_describe(ckpt)}")
+    try:
+        kind, model_cfg, normalize = _model_kind(ckpt)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    if kind == "project":
+        cfg = Wav2Vec2Config(**{f.name: model_cfg[f.name] for f in fields(Wav2Vec2Config) if f.name in model_cfg})
+        cfg.conv_layers = [tuple(x) for x in cfg.conv_layers]
+        cfg.latent_temp = tuple(cfg.latent_temp)
+        state = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in ckpt["model"].items()
+                 if not k.startswith("head.")}
+        unused = set()
+    else:
+        state, unused = _fairseq_state(path, ckpt["model"], kind)
+        has_q = any(k.startswith("quantizer.") for k in state)
+        try:
+            cfg = config_from_fairseq(model_cfg, normalize, has_quantizer=has_q)
+        except ValueError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        if unused:
+            print(f"{path}: not used by wav2vec 2.0: {sorted(unused)}", file=sys.stderr)
+    model = Wav2Vec2(cfg)
+    load_state(model, state, path)
+    return model.eval()
+
+
+def _fairseq_state(path, state, kind):
+    prefix = "w2v_encoder.w2v_model." if kind == "asr" else ""
+    mapped, unknown, unused = {}, [], set()
+    for key, value in state.items():
+        if key in FAIRSEQ_IGNORED:
+            unused.add(key)
+            continue
+        if not key.startswith(prefix):
+            unknown.append(key)
+            continue
+        name = fairseq_key(key[len(prefix):])
+        if name is None:
+            unknown.append(key)
+        else:
+            mapped[name] = value
+    if unknown:
+        hint = ""
+        if any("label_embs" in k for k in unknown):
+            hint = " (label_embs: this is a HuBERT checkpoint)"
+        elif any("feature_aggregator" in k for k in unknown):
+            hint = " (feature_aggregator: this is a wav2vec v1 checkpoint)"
+        raise CheckpointError(f"{path}: parameters this wav2vec 2.0 does not know{hint}: {sorted(unknown)[:10]}"
+                              + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
+    return mapped, unused
+
+
+def load_state(model, state, path="state dict"):
+    """load_state_dict with errors that name the keys and shapes."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(own[k].shape)}"
+             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing {missing[:10]}" + (f" (+{len(missing) - 10})" if len(missing) > 10 else ""))
+    if unexpected:
+        problems.append(f"unexpected {unexpected[:10]}" + (f" (+{len(unexpected) - 10})" if len(unexpected) > 10 else ""))
+    if wrong:
+        problems.append(f"shapes that do not fit the configuration: {wrong[:5]}")
+    if problems:
+        raise CheckpointError(f"{path}: " + "; ".join(problems))
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
+
+
+def config_dict(cfg: Wav2Vec2Config) -> dict:
+    d = asdict(cfg)
+    d["conv_layers"] = [list(x) for x in cfg.conv_layers]
+    d["latent_temp"] = list(cfg.latent_temp)
+    return d
+
+
+def save_wav2vec2(model: Wav2Vec2, path, meta=None):
+    """The project's own format: plain dicts and tensors, loadable with weights_only=True."""
+    save_atomic({"format": "w2v2-ser/wav2vec2", "version": 1, "config": config_dict(model.cfg),
+                 "model": model.state_dict(), "meta": meta or {}}, path)
+
+
+def save_classifier(clf: EmotionClassifier, path, meta=None):
+    save_atomic({"format": "w2v2-ser/classifier", "version": 1, "config": config_dict(clf.backbone.cfg),
+                 "classes": list(clf.classes), "model": clf.state_dict(), "meta": meta or {}}, path)
+
+
+def load_classifier(path) -> EmotionClassifier:
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "w2v2-ser/classifier":
+        raise CheckpointError(f"{path}: not a fine-tuned emotion classifier written by finetune.py "
+                              f"(found {_describe(ckpt)})")
+    clf = EmotionClassifier(load_wav2vec2(path), ckpt["classes"])
+    clf.head.load_state_dict({"weight": ckpt["model"]["head.weight"], "bias": ckpt["model"]["head.bias"]})
+    return clf.eval()
