@@ -81,13 +81,15 @@ def audio_num_samples(path):
 
 def read_audio(path):
     """Decode a file to a float32 (T,) mono tensor at 16 kHz (channels averaged)."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: audio file not found")
     try:
-        data, samplerate = sf.read(path, dtype="float32", always_2d=True)
+        samples, samplerate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:
         raise DataError(f"{path}: not a readable audio file ({_first_line(e)})") from None
-    if data.size == 0:
+    if samples.size == 0:
         raise DataError(f"{path}: empty audio file (0 samples)")
-    wav = torch.from_numpy(np.ascontiguousarray(data.mean(axis=1, dtype=np.float32)))
+    wav = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1, dtype=np.float32)))
     if not torch.isfinite(wav).all():
         raise DataError(f"{path}: audio contains NaN or infinite samples")
     if samplerate != SAMPLE_RATE:
@@ -121,21 +123,27 @@ LABEL_LINE = re.compile(
 def label_files(emo_dir):
     # Only the .txt files directly in EmoEvaluation: its subfolders (Categorical/, Attribute/,
     # Self-evaluation/) hold per-annotator files in other formats, and "._*" are macOS junk.
-    names = sorted(n for n in os.listdir(emo_dir) if n.endswith(".txt") and not n.startswith("."))
+    try:
+        names = sorted(n for n in os.listdir(emo_dir) if n.endswith(".txt") and not n.startswith("."))
+    except OSError as e:
+        raise DataError(f"{emo_dir}: cannot list the label files ({e.strerror or e})") from None
     return [os.path.join(emo_dir, n) for n in names if os.path.isfile(os.path.join(emo_dir, n))]
 
 
 def parse_label_file(path):
     """Returns ([(uid, label)], [(line_number, line)] of lines that look like labels but do not parse)."""
     labels, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, start=1):
-            line = line.rstrip("\r\n")
-            match = LABEL_LINE.match(line)
-            if match:
-                labels.append((match.group(1), match.group(2).lower()))
-            elif line.lstrip().startswith("["):
-                bad.append((number, line))
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read label file ({e.strerror or e})") from None
+    for number, line in enumerate(lines, start=1):
+        match = LABEL_LINE.match(line)
+        if match:
+            labels.append((match.group(1), match.group(2).lower()))
+        elif line.lstrip().startswith("["):
+            bad.append((number, line))
     return labels, bad
 
 
@@ -539,13 +547,13 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 # exponent of the syllable envelope (low = abrupt onsets); tilt: spectral slope (dB/octave,
 # low = bright, rich harmonics); breath: aspiration noise / harmonics; jitter: f0 perturbation.
 EMOTION_STYLE = {
-    "neu": dict(pitch=1.00, range=1.0, slope=-1.5, glide=0.0, rate=4.0, pause=1.0, level=-26.0,
+    "neu": dict(pitch=1.00, range=1.0, slope=-1.5, glide=0.0, rate=4.0, pause=1.0, level=-30.0,
                 stress=1.5, sharp=1.0, tilt=9.0, breath=0.10, jitter=0.003),
-    "ang": dict(pitch=1.22, range=2.0, slope=-3.0, glide=-1.0, rate=5.2, pause=0.7, level=-20.0,
+    "ang": dict(pitch=1.22, range=2.0, slope=-3.0, glide=-1.0, rate=5.2, pause=0.7, level=-24.0,
                 stress=3.0, sharp=0.4, tilt=4.5, breath=0.05, jitter=0.015),
-    "hap": dict(pitch=1.40, range=3.5, slope=1.5, glide=2.0, rate=4.6, pause=0.9, level=-23.0,
+    "hap": dict(pitch=1.40, range=3.5, slope=1.5, glide=2.0, rate=4.6, pause=0.9, level=-27.0,
                 stress=2.5, sharp=0.8, tilt=7.0, breath=0.12, jitter=0.004),
-    "sad": dict(pitch=0.86, range=0.6, slope=-2.5, glide=-0.5, rate=2.8, pause=1.8, level=-30.0,
+    "sad": dict(pitch=0.86, range=0.6, slope=-2.5, glide=-0.5, rate=2.8, pause=1.8, level=-34.0,
                 stress=1.0, sharp=2.0, tilt=12.0, breath=0.35, jitter=0.003),
 }
 EMOTION_STYLE["exc"] = EMOTION_STYLE["hap"]
@@ -635,7 +643,7 @@ def synth_utterance(rng, voice, style, seconds, noise_floor_db):
     x = amplitude * (voiced / _rms(voiced) + breath_ratio * breath / _rms(breath))
 
     level_db = style["level"] + voice["level"] + rng.normal(0, 2.5)  # speaker and recording gain vary too
-    x *= 10 ** (level_db / 20) / _rms(x[amplitude > 0.1])
+    x *= 10 ** (level_db / 20) / _rms(x[amplitude >= 0.1 * amplitude.max()])  # the level of the voiced part
     x += 10 ** (noise_floor_db / 20) * rng.standard_normal(n)
     peak = np.abs(x).max()
     return (x * (0.99 / peak) if peak > 0.99 else x).astype(np.float32)
@@ -698,6 +706,8 @@ def label_block(rng, uid, label, start, end):
 
 def prepare_out_dir(out_dir):
     # Only ever replace what this generator wrote before (it leaves a marker file).
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise DataError(f"{out_dir} exists and is not a folder")
     if os.path.isdir(out_dir) and os.listdir(out_dir):
         if not os.path.isfile(os.path.join(out_dir, MARKER)):
             raise DataError(f"{out_dir} exists and is not empty (and is not a synthetic corpus): choose a new folder")
@@ -717,36 +727,43 @@ def synthesize_iemocap(out_dir, utterances_per_session=40, seed=0, min_seconds=1
         raise DataError(f"utterances per session {utterances_per_session}, expected >= 1")
     if not 0.05 < min_seconds <= max_seconds:
         raise DataError(f"utterance durations {min_seconds}..{max_seconds} s, expected 0.05 < min <= max")
-    prepare_out_dir(out_dir)
-    for s in SESSIONS:
-        voices = {sex: speaker_voice(np.random.default_rng([seed, s, 1, j]), sex) for j, sex in enumerate("FM")}
-        noise_floor_db = np.random.default_rng([seed, s, 2]).uniform(-58, -48)
-        plan = plan_session(np.random.default_rng([seed, s, 3]), s, int(utterances_per_session), min_seconds,
-                            max_seconds)
-        emo_dir = os.path.join(out_dir, f"Session{s}", "dialog", "EmoEvaluation")
-        blocks, decoys, clock = {}, {}, {}
-        for j, (dialog, uid, label, sex, seconds) in enumerate(plan):
-            rng = np.random.default_rng([seed, s, 4, j])
-            style = EMOTION_STYLE.get(label) or EMOTION_STYLE[("neu", "ang", "sad", "hap")[rng.integers(4)]]
-            wav = synth_utterance(rng, voices[sex], style, seconds, noise_floor_db)
-            wav_dir = os.path.join(out_dir, f"Session{s}", "sentences", "wav", dialog)
-            os.makedirs(wav_dir, exist_ok=True)
-            sf.write(os.path.join(wav_dir, uid + ".wav"), wav, SAMPLE_RATE, subtype="PCM_16")
-            with open(os.path.join(wav_dir, f"._{uid}.wav"), "wb") as f:
-                f.write(APPLEDOUBLE)
-            start = clock.get(dialog, 0.0) + rng.uniform(0.3, 2.0)
-            clock[dialog] = start + len(wav) / SAMPLE_RATE
-            blocks.setdefault(dialog, []).append(label_block(rng, uid, label, start, clock[dialog]))
-            # Decoys would parse as label lines: a reader that wrongly walks the subfolders miscounts.
-            decoy = {"neu": "ang", "ang": "sad", "sad": "hap", "hap": "neu", "exc": "neu"}.get(label, "neu")
-            decoys.setdefault(dialog, []).append(f"[{start:.4f} - {clock[dialog]:.4f}]\t{uid}\t{decoy}\t"
-                                                 f"[3.0000, 3.0000, 3.0000]")
-        for dialog, dialog_blocks in blocks.items():
-            write_label_files(emo_dir, dialog, dialog_blocks, decoys[dialog])
-    with open(os.path.join(out_dir, MARKER), "w") as f:
-        json.dump({"generator": "data.py synthesize_iemocap", "utterances_per_session": utterances_per_session,
-                   "seed": seed, "min_seconds": min_seconds, "max_seconds": max_seconds}, f)
-        f.write("\n")
+    try:
+        prepare_out_dir(out_dir)
+        for s in SESSIONS:
+            synthesize_session(out_dir, s, int(utterances_per_session), seed, min_seconds, max_seconds)
+        with open(os.path.join(out_dir, MARKER), "w") as f:
+            json.dump({"generator": "data.py synthesize_iemocap", "utterances_per_session": utterances_per_session,
+                       "seed": seed, "min_seconds": min_seconds, "max_seconds": max_seconds}, f)
+            f.write("\n")
+    except OSError as e:
+        raise DataError(f"{out_dir}: cannot write the synthetic corpus ({e})") from None
+
+
+def synthesize_session(out_dir, s, utterances_per_session, seed, min_seconds, max_seconds):
+    """One session: two speakers, their dialogs' label files and wavs."""
+    voices = {sex: speaker_voice(np.random.default_rng([seed, s, 1, j]), sex) for j, sex in enumerate("FM")}
+    noise_floor_db = np.random.default_rng([seed, s, 2]).uniform(-58, -48)
+    plan = plan_session(np.random.default_rng([seed, s, 3]), s, utterances_per_session, min_seconds, max_seconds)
+    emo_dir = os.path.join(out_dir, f"Session{s}", "dialog", "EmoEvaluation")
+    blocks, decoys, clock = {}, {}, {}
+    for j, (dialog, uid, label, sex, seconds) in enumerate(plan):
+        rng = np.random.default_rng([seed, s, 4, j])
+        style = EMOTION_STYLE.get(label) or EMOTION_STYLE[("neu", "ang", "sad", "hap")[rng.integers(4)]]
+        wav = synth_utterance(rng, voices[sex], style, seconds, noise_floor_db)
+        wav_dir = os.path.join(out_dir, f"Session{s}", "sentences", "wav", dialog)
+        os.makedirs(wav_dir, exist_ok=True)
+        sf.write(os.path.join(wav_dir, uid + ".wav"), wav, SAMPLE_RATE, subtype="PCM_16")
+        with open(os.path.join(wav_dir, f"._{uid}.wav"), "wb") as f:
+            f.write(APPLEDOUBLE)
+        start = clock.get(dialog, 0.0) + rng.uniform(0.3, 2.0)
+        clock[dialog] = start + len(wav) / SAMPLE_RATE
+        blocks.setdefault(dialog, []).append(label_block(rng, uid, label, start, clock[dialog]))
+        # Decoys would parse as label lines: a reader that wrongly walks the subfolders miscounts.
+        decoy = {"neu": "ang", "ang": "sad", "sad": "hap", "hap": "neu", "exc": "neu"}.get(label, "neu")
+        decoys.setdefault(dialog, []).append(f"[{start:.4f} - {clock[dialog]:.4f}]\t{uid}\t{decoy}\t"
+                                             f"[3.0000, 3.0000, 3.0000]")
+    for dialog, dialog_blocks in blocks.items():
+        write_label_files(emo_dir, dialog, dialog_blocks, decoys[dialog])
 
 
 def write_label_files(emo_dir, dialog, blocks, decoy_lines):
@@ -788,14 +805,13 @@ def main(argv=None):
                         help="write a synthetic IEMOCAP-like corpus with OUT as the release root")
     parser.add_argument("--json", action="store_true", help="with --data: print the counts as JSON")
     parser.add_argument("--wav-dir", default=None,
-                        help="with a .json label file: folder its wav names are relative to (default: the json's)")
+                        help="with a .json label file: folder its wav names are relative to (None: the json's folder)")
     parser.add_argument("--per-session", type=int, default=40,
                         help="with --synth: 4-class utterances per session (plus ~20%% with dropped labels)")
     parser.add_argument("--seed", type=int, default=0, help="with --synth: random seed")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="with --synth: shortest utterance")
     parser.add_argument("--max-seconds", type=float, default=8.0, help="with --synth: longest utterance")
     args = parser.parse_args(argv)
-    warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"
     try:
         if args.synth is not None:
             t0 = time.time()
@@ -820,4 +836,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"  # no source line for users
     sys.exit(main())

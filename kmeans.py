@@ -20,11 +20,14 @@ Choices, so that they are written down somewhere:
   the features share a large offset, which transformer features with their outlier dimensions do.
 - init "k-means++" is scikit-learn's greedy variant (2 + ln K candidates per step, keep the one that
   lowers the potential most); "random" is the release's (faiss) init: K distinct random frames.
+  k-means++ makes K sequential passes over the frames: fine on a GPU, hours on a CPU for K = 4096
+  and a million frames, where "random" is the practical choice.
 - An empty cluster is re-seeded with the frame currently farthest from its centroid (taken out of
   its old cluster), as scikit-learn does; we keep the 256 farthest frames of each pass for that.
 """
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -66,6 +69,20 @@ def _all_reduce(t):
     return t
 
 
+def _full_fp32(fn):
+    # TF32 matmuls (if a training script allowed them) round x.c to 10 bits and blur close distances:
+    # k-means runs in full float32 whatever the global setting, which is restored afterwards.
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        old = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_float32_matmul_precision(old)
+    return wrapper
+
+
 def _check_features(features):
     if not isinstance(features, torch.Tensor) or features.dim() != 2:
         shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
@@ -75,64 +92,80 @@ def _check_features(features):
     return features
 
 
-def _chunks(feats, chunk_size, device, shift=None):
-    # Frames travel to the device one chunk at a time, in float32, so N x D never has to fit there.
-    for start in range(0, len(feats), chunk_size):
-        x = feats[start:start + chunk_size].to(device=device, dtype=torch.float32, non_blocking=True)
-        yield start, (x if shift is None else x - shift)  # not in place: x may be a view of feats
+class _Frames:
+    """The frames being clustered, translated by `shift`, served in float32 chunks on `device`.
 
+    Chunks travel to the device one at a time, so N x D never has to fit there; memory stays at
+    chunk_size x (D + K) whatever N is. ||x - shift||^2 is computed once per frame and kept (N floats).
+    """
 
-def _rows(feats, idx, device, shift):
-    return feats[idx.to(feats.device)].to(device=device, dtype=torch.float32) - shift
+    def __init__(self, feats, chunk_size, device, shift):
+        self.feats, self.chunk_size, self.device, self.shift = feats, chunk_size, device, shift
+        self.sq = torch.empty(len(feats), device=device)
+        for start, x, _ in self.chunks(with_sq=False):
+            self.sq[start:start + len(x)] = torch.einsum("nd,nd->n", x, x)  # einsum: no n x d temporary
+        if not torch.isfinite(self.sq).all():  # a NaN frame would poison its centroid without a sound
+            raise ValueError("features contain NaN or inf")
 
+    def __len__(self):
+        return len(self.feats)
 
-def _sq_dists(x, x_sq, c, c_sq):
-    # (n, P) squared distances; the matmul form keeps memory at n x P instead of n x P x D
-    return torch.addmm(c_sq, x, c.T, alpha=-2).add_(x_sq[:, None]).clamp_(min=0)
+    def chunks(self, with_sq=True):
+        buf = torch.empty(min(self.chunk_size, len(self.feats)), self.feats.shape[1], device=self.device)
+        for start in range(0, len(self.feats), self.chunk_size):
+            x = self.feats[start:start + self.chunk_size].to(self.device, non_blocking=True)
+            x = torch.sub(x, self.shift, out=buf[:len(x)])  # one reused buffer: also converts fp16 -> fp32
+            yield start, x, (self.sq[start:start + len(x)] if with_sq else None)
+
+    def rows(self, idx):
+        return self.feats[idx.to(self.feats.device)].to(self.device, torch.float32) - self.shift
 
 
 def _nearest(x, x_sq, c, c_sq):
-    d = torch.addmm(c_sq, x, c.T, alpha=-2)  # ||x||^2 is the same for every centroid: add it after the min
-    dmin, labels = d.min(1)
+    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2 with a matmul: memory n x K, not n x K x D. ||x||^2 is the
+    # same for every centroid, so it is added after the min; float32 rounding can go below 0: clamp.
+    dmin, labels = torch.addmm(c_sq, x, c.T, alpha=-2).min(1)
     return dmin.add_(x_sq).clamp_(min=0), labels
 
 
 # -----------------------------------------------------------------------------
 # initialisation
 
-def _kmeans_plusplus(feats, k, gen, chunk_size, device, shift):
+def _kmeans_plusplus(frames, k, gen):
     # Greedy k-means++ (Arthur & Vassilvitskii 2007, scikit-learn's variant): draw 2 + ln K candidates
-    # with probability ~ D^2 and keep the one that lowers the potential most.
-    n, trials = len(feats), 2 + int(math.log(k))
+    # with probability ~ D^2 and keep the one that lowers the potential most. K passes over the frames.
+    n, trials, device = len(frames), 2 + int(math.log(k)), frames.device
 
-    def dists_to(points):  # (n, P) squared distances of every frame to each point, chunk by chunk
+    def dists_to(points):  # (n, P) squared distances of every frame to each point
         p_sq = (points * points).sum(1)
         out = torch.empty(n, len(points), device=device)
-        for start, x in _chunks(feats, chunk_size, device, shift):
-            out[start:start + len(x)] = _sq_dists(x, (x * x).sum(1), points, p_sq)
+        for start, x, x_sq in frames.chunks():
+            d = torch.addmm(p_sq, x, points.T, alpha=-2, out=out[start:start + len(x)])
+            d.add_(x_sq[:, None]).clamp_(min=0)
         return out
 
     chosen = torch.empty(k, dtype=torch.long, device=device)
     chosen[0] = torch.randint(n, (1,), generator=gen)[0]
-    closest = dists_to(_rows(feats, chosen[:1], device, shift))[:, 0]
+    closest = dists_to(frames.rows(chosen[:1]))[:, 0]
     for i in range(1, k):
         cum = closest.cumsum(0, dtype=torch.float64)  # float64: a float32 cumsum over millions of frames drifts
         r = torch.rand(trials, generator=gen, dtype=torch.float64).to(device) * cum[-1]
         cand = torch.searchsorted(cum, r).clamp_(max=n - 1)
-        d = torch.minimum(dists_to(_rows(feats, cand, device, shift)), closest[:, None])
+        d = dists_to(frames.rows(cand))
+        d = torch.minimum(d, closest[:, None], out=d)
         best = d.sum(0, dtype=torch.float64).argmin().view(1)  # stays on the device: no sync per step
         closest = d.index_select(1, best)[:, 0]
         chosen[i] = cand[best][0]
-    return _rows(feats, chosen, device, shift)
+    return frames.rows(chosen)
 
 
-def _init_centroids(feats, k, init, seed, chunk_size, device, shift):
-    gen = torch.Generator().manual_seed(seed)  # CPU generator: same draws on every device
+def _init_centroids(frames, k, init, seed):
+    gen = torch.Generator().manual_seed(seed)  # CPU generator: the same draws on every device
     if isinstance(init, torch.Tensor):
-        return init.to(device=device, dtype=torch.float32) - shift
+        return init.to(frames.device, torch.float32) - frames.shift
     if init == "k-means++":
-        return _kmeans_plusplus(feats, k, gen, chunk_size, device, shift)
-    return _rows(feats, torch.randperm(len(feats), generator=gen)[:k], device, shift)  # "random"
+        return _kmeans_plusplus(frames, k, gen)
+    return frames.rows(torch.randperm(len(frames), generator=gen)[:k])  # "random"
 
 
 def _check_init(init, ks, dim):
@@ -158,10 +191,10 @@ def _check_init(init, ks, dim):
 
 @dataclass
 class _Stats:  # what one pass over the frames accumulates for one K
-    sums: torch.Tensor  # (K, D) float64
+    sums: torch.Tensor  # (K, D) float64: float32 would drift over millions of frames
     counts: torch.Tensor  # (K,) long
     inertia: torch.Tensor  # () float64
-    far_d: torch.Tensor  # (R,) distances of the farthest frames seen so far, -1 = none
+    far_d: torch.Tensor  # (R,) distances of the farthest frames seen so far, -1 = none yet
     far_x: torch.Tensor  # (R, D) those frames
     far_label: torch.Tensor  # (R,) their current cluster
 
@@ -174,35 +207,34 @@ class _Stats:  # what one pass over the frames accumulates for one K
                    torch.full((r,), -1.0, device=device), torch.zeros(r, dim, device=device),
                    torch.zeros(r, dtype=torch.long, device=device))
 
+    def add(self, x, dmin, labels):
+        k, dim = self.sums.shape
+        self.sums += torch.zeros(k, dim, device=x.device).index_add_(0, labels, x)  # float32 within a chunk
+        self.counts += torch.bincount(labels, minlength=k)
+        self.inertia += dmin.sum(dtype=torch.float64)
+        top = dmin.topk(min(len(self.far_d), len(dmin))).indices  # this chunk's farthest, then merge
+        self.keep_farthest(dmin[top], x[top], labels[top])
+
     def keep_farthest(self, d, x, labels):
-        r = len(self.far_d)
         d_all = torch.cat([self.far_d, d])
-        top = d_all.topk(min(r, len(d_all))).indices
+        top = d_all.topk(len(self.far_d)).indices
         self.far_d, self.far_x, self.far_label = (d_all[top], torch.cat([self.far_x, x])[top],
                                                   torch.cat([self.far_label, labels])[top])
 
 
-def _lloyd_pass(feats, cents, chunk_size, device, shift):
-    dim = feats.shape[1]
-    stats = {k: _Stats.zeros(k, dim, device) for k in cents}
+def _lloyd_pass(frames, cents):
+    stats = {k: _Stats.zeros(k, c.shape[1], frames.device) for k, c in cents.items()}
     c_sq = {k: (c * c).sum(1) for k, c in cents.items()}
-    for _, x in _chunks(feats, chunk_size, device, shift):  # each chunk read once, for every K
-        x_sq, x64 = (x * x).sum(1), x.double()  # float64 sums: float32 drifts over millions of frames
+    for _, x, x_sq in frames.chunks():  # each chunk is read once, for every K
         for k, c in cents.items():
-            dmin, labels = _nearest(x, x_sq, c, c_sq[k])
-            st = stats[k]
-            st.sums.index_add_(0, labels, x64)
-            st.counts += torch.bincount(labels, minlength=k)
-            st.inertia += dmin.sum(dtype=torch.float64)
-            top = dmin.topk(min(len(st.far_d), len(dmin))).indices  # shrink before merging
-            st.keep_farthest(dmin[top], x[top], labels[top])
+            stats[k].add(x, *_nearest(x, x_sq, c, c_sq[k]))
     for st in stats.values():
         _reduce_stats(st)
     return stats
 
 
 def _reduce_stats(st):
-    rank, world = _world()
+    world = _world()[1]
     if world == 1:
         return
     for t in (st.sums, st.counts, st.inertia):
@@ -221,8 +253,8 @@ def _update(c, st):
     sums, counts = st.sums.clone(), st.counts.clone()
     empty = (counts == 0).nonzero()[:, 0]
     if len(empty):
-        # Re-seed with the farthest frames (distinct frames, farthest first), moving each out of its
-        # old cluster so that the sums stay those of an actual assignment.
+        # Re-seed with the farthest frames (distinct frames, farthest first), each taken out of its
+        # old cluster so that sums and counts stay those of an actual assignment.
         m = min(len(empty), int((st.far_d > 0).sum()))
         empty, x, old = empty[:m], st.far_x[:m].double(), st.far_label[:m]
         sums.index_add_(0, old, -x)
@@ -232,11 +264,11 @@ def _update(c, st):
     return torch.where(counts[:, None] > 0, new, c.double()).float()  # a still-empty cluster stays put
 
 
-def _lloyd(feats, cents, iters, tol, chunk_size, device, shift, progress):
+def _lloyd(frames, cents, iters, tol, progress):
     history, counts, active = {k: [] for k in cents}, {}, list(cents)
     bar = tqdm(range(iters + 1), desc="k-means", disable=not progress or _world()[0] != 0)
     for it in bar:  # pass `it` measures the centroids after `it` updates, then updates them
-        stats = _lloyd_pass(feats, {k: cents[k] for k in active}, chunk_size, device, shift)
+        stats = _lloyd_pass(frames, {k: cents[k] for k in active})
         for k in active:
             history[k].append(stats[k].inertia.item())
             counts[k] = stats[k].counts
@@ -247,7 +279,7 @@ def _lloyd(feats, cents, iters, tol, chunk_size, device, shift, progress):
         for k in active:
             h = history[k]
             if tol > 0 and len(h) > 1 and (h[-2] - h[-1]) / max(h[-2], 1e-30) < tol:
-                continue  # converged: these centroids are final, their inertia is h[-1]
+                continue  # converged: these centroids are final and h[-1] is their inertia
             cents[k] = _update(cents[k], stats[k])
             still.append(k)
         active = still
@@ -275,7 +307,7 @@ def _sample(features, max_samples, seed, device):
 
 
 def _stage(feats, device):
-    # Lloyd reads the frames 21 times and k-means++ K times: keep them on the GPU when they fit easily.
+    # Lloyd reads the frames iters + 1 times and k-means++ K times: keep them on the GPU if they fit easily.
     if feats.device == device or device.type != "cuda":
         return feats
     free, _ = torch.cuda.mem_get_info(device)
@@ -283,9 +315,11 @@ def _stage(feats, device):
 
 
 def _frames_mean(feats, chunk_size, device):
+    # Distances are translation-invariant but ||x||^2 - 2 x.c + ||c||^2 loses precision when all
+    # frames share a large offset, as transformer features with their outlier dimensions do.
     total = torch.zeros(feats.shape[1], dtype=torch.float64, device=device)
-    for _, x in _chunks(feats, chunk_size, device):
-        total += x.sum(0, dtype=torch.float64)
+    for start in range(0, len(feats), chunk_size):
+        total += feats[start:start + chunk_size].to(device).sum(0, dtype=torch.float64)
     n = torch.tensor(float(len(feats)), dtype=torch.float64, device=device)
     mean = (_all_reduce(total) / _all_reduce(n)).float()
     if not torch.isfinite(mean).all():
@@ -293,6 +327,7 @@ def _frames_mean(feats, chunk_size, device):
     return mean
 
 
+@_full_fp32
 def fit_kmeans(features, ks=(64, 512, 4096), iters=20, init="k-means++", seed=0, tol=0.0, chunk_size=16384,
                max_samples=None, device=None, progress=True):
     """Fits one k-means per K in `ks` on the rows of `features` (N, D) and returns {K: KMeansResult}.
@@ -317,7 +352,6 @@ def fit_kmeans(features, ks=(64, 512, 4096), iters=20, init="k-means++", seed=0,
         raise ValueError(f"max_samples must be positive, got {max_samples}")
 
     feats = _stage(_sample(features, cap, seed, device), device)
-    shift = _frames_mean(feats, chunk_size, device)
     n0 = torch.tensor(len(feats), device=device)  # the init is drawn from rank 0's frames
     if world > 1:
         dist.broadcast(n0, 0)
@@ -325,30 +359,32 @@ def fit_kmeans(features, ks=(64, 512, 4096), iters=20, init="k-means++", seed=0,
         if k > n0.item():
             raise ValueError(f"cannot fit K={k} clusters to N={n0.item()} frames"
                              f"{' (after max_samples)' if cap < len(features) else ''}: K must be <= N")
+    frames = _Frames(feats, chunk_size, device, _frames_mean(feats, chunk_size, device))
 
     cents = {}
     for k in ks:
-        cents[k] = (_init_centroids(feats, k, init[k], seed, chunk_size, device, shift) if rank == 0
+        cents[k] = (_init_centroids(frames, k, init[k], seed) if rank == 0
                     else torch.empty(k, feats.shape[1], device=device))
         if world > 1:
             dist.broadcast(cents[k], 0)
-    history, counts = _lloyd(feats, cents, iters, tol, chunk_size, device, shift, progress)
-    return {k: KMeansResult((cents[k] + shift).cpu(), history[k], counts[k].cpu()) for k in ks}
+    history, counts = _lloyd(frames, cents, iters, tol, progress)
+    return {k: KMeansResult((cents[k] + frames.shift).cpu(), history[k], counts[k].cpu()) for k in ks}
 
 
+@_full_fp32
 def assign(features, centroids, chunk_size=16384, device=None):
     """Label (N,) long, on CPU, of the nearest centroid of every row of `features`."""
     features = _check_features(features)
     if centroids.dim() != 2 or centroids.shape[1] != features.shape[1]:
         raise ValueError(f"centroids {tuple(centroids.shape)} do not match features of dimension {features.shape[1]}")
     device = _default_device(device)
-    c = centroids.to(device=device, dtype=torch.float32)
-    shift = c.mean(0)  # distances do not change under translation; precision does
-    c = c - shift
+    c = centroids.to(device, torch.float32)
+    frames = _Frames(features, chunk_size, device, shift=c.mean(0))  # any shift works; a central one is precise
+    c = c - frames.shift
     c_sq = (c * c).sum(1)
     labels = torch.empty(len(features), dtype=torch.long)
-    for start, x in _chunks(features, chunk_size, device, shift):
-        labels[start:start + len(x)] = _nearest(x, (x * x).sum(1), c, c_sq)[1].cpu()
+    for start, x, x_sq in frames.chunks():
+        labels[start:start + len(x)] = _nearest(x, x_sq, c, c_sq)[1].cpu()
     return labels
 
 
@@ -401,11 +437,12 @@ def save_labels(path, uids, frame_counts, labels, meta):
     content = {
         "uids": [str(u) for u in uids],
         "frame_counts": torch.as_tensor(frame_counts, dtype=torch.long).cpu(),
-        "labels": {int(k): torch.as_tensor(v).cpu().to(torch.int16 if int(k) <= 32767 else torch.int32)
-                   for k, v in labels.items()},
+        "labels": {int(k): torch.as_tensor(v).cpu() for k, v in labels.items()},
         "meta": dict(meta),
     }
     _validate_labels(content, path)  # never write a file that load_labels would refuse
+    # int16 halves the file (and P-TAPT's memory) for every K up to 32767; checked above, so no overflow
+    content["labels"] = {k: v.to(torch.int16 if k <= 32767 else torch.int32) for k, v in content["labels"].items()}
     _atomic_save(content, path)
 
 
@@ -447,5 +484,185 @@ def load_centroids(path):
     cents = content.get("centroids") if isinstance(content, dict) else None
     if not isinstance(cents, dict) or not cents or not all(
             isinstance(c, torch.Tensor) and c.dim() == 2 and c.shape[0] == k for k, c in cents.items()):
-        raise ValueError(f"{path}: invalid centroids file: expected {{'centroids': {{K: (K, D) tensor}}, 'meta': {{}}}}")
+        raise ValueError(f"{path}: invalid centroids file: expected "
+                         f"{{'centroids': {{K: (K, D) tensor}}, 'meta': {{}}}}")
     return content
+
+
+# -----------------------------------------------------------------------------
+# teacher features (model.py, data.py)
+
+@torch.no_grad()
+def extract_features(model, utterances, layer, device, batch_seconds=200.0, progress=True, workers=2):
+    """Every valid frame of every utterance, concatenated in utterance order: ((N, D) float16 on CPU,
+    frame counts (U,) long). layer: a transformer layer 1..L, or None for the transformer output."""
+    from data import AudioDataset, BucketBatchSampler, collate  # here: data.py may import this file
+
+    dataset = AudioDataset(utterances, classes=())  # full length; the emotion labels are not needed
+    # Length-sorted batches of at most batch_seconds of padded audio: little padding, bounded memory.
+    sampler = BucketBatchSampler(dataset.lengths, batch_size=max(1, len(dataset)), max_batch_seconds=batch_seconds,
+                                 bucket=True, shuffle=False, drop_last=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                                         pin_memory=torch.device(device).type == "cuda")
+    model = model.to(device).eval()
+    frames = [None] * len(dataset)
+    for batch in tqdm(loader, desc=f"features (layer {layer or 'last'})", disable=not progress):
+        hidden, lengths = model(batch["wav"].to(device), batch["lengths"].to(device), layer=layer)
+        hidden, lengths = hidden.half().cpu(), lengths.tolist()  # float16: 1M frames x 768 = 1.5 GB
+        for row, i in enumerate(batch["indices"].tolist()):
+            frames[i] = hidden[row, :lengths[row]].clone()  # clone: do not keep the padded batch alive
+    counts = torch.tensor([len(f) for f in frames], dtype=torch.long)
+    return torch.cat(frames), counts
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+def _refuse_overwrite(paths, force):
+    for path in paths:
+        if os.path.exists(path) and not force:
+            raise FileExistsError(f"{path} exists; pass --force to overwrite it")
+
+
+def _resolve_device(name):
+    if name == "auto":
+        return _default_device()
+    try:
+        return _default_device(name)
+    except RuntimeError as e:
+        raise ValueError(f"--device {name!r}: {e}") from None
+
+
+def _features(args, checkpoint, layer, split, device):
+    from data import load_corpus
+    from model import load_wav2vec2
+
+    splits, _ = load_corpus(args.data, args.fold, args.wav_dir)
+    if split not in splits:
+        raise ValueError(f"{args.data} has no {split!r} split (it has {sorted(splits)})")
+    utterances = splits[split]
+    model = load_wav2vec2(checkpoint)
+    feats, counts = extract_features(model, utterances, layer, device, args.batch_seconds, args.progress, args.workers)
+    del model
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # leave the GPU to k-means
+    print(f"{len(utterances)} {split} utterances, {len(feats)} frames of dimension {feats.shape[1]}")
+    return [u.uid for u in utterances], feats, counts
+
+
+def cmd_fit(args):
+    centroids_path = args.out + ".centroids.pt"
+    _refuse_overwrite([args.out, centroids_path], args.force)  # before the expensive part
+    device = _resolve_device(args.device)
+    uids, feats, counts = _features(args, args.checkpoint, args.layer, "train", device)
+    results = fit_kmeans(feats, args.ks, args.iters, args.init, args.seed, args.tol, args.chunk_size,
+                         args.max_samples, device, args.progress)
+    labels = {k: assign(feats, r.centroids, args.chunk_size, device) for k, r in results.items()}
+    meta = {
+        "checkpoint": os.path.abspath(args.checkpoint), "layer": args.layer, "data": os.path.abspath(args.data),
+        "fold": args.fold, "split": "train", "ks": list(results), "iters": args.iters, "init": args.init,
+        "seed": args.seed, "tol": args.tol, "max_samples": args.max_samples, "num_frames": len(feats),
+        "num_fit_frames": int(next(iter(results.values())).counts.sum()),
+        "inertia": {k: r.inertia for k, r in results.items()},
+    }
+    save_centroids(centroids_path, {k: r.centroids for k, r in results.items()}, meta)
+    save_labels(args.out, uids, counts, labels, meta)
+    for k, r in results.items():
+        used = int((torch.bincount(labels[k], minlength=k) > 0).sum())
+        print(f"K={k}: inertia {r.inertia[0]:.5g} -> {r.inertia[-1]:.5g} after {len(r.inertia) - 1} iterations, "
+              f"{used}/{k} clusters used")
+    print(f"wrote {args.out} and {centroids_path}")
+
+
+def cmd_assign(args):
+    _refuse_overwrite([args.out], args.force)
+    content = load_centroids(args.centroids)
+    fitted = content.get("meta", {})
+    checkpoint = args.checkpoint or fitted.get("checkpoint")
+    layer = args.layer if args.layer is not None else fitted.get("layer")
+    if not checkpoint:
+        raise ValueError(f"{args.centroids} records no checkpoint: pass --checkpoint")
+    for name, used, recorded in (("checkpoint", os.path.abspath(checkpoint), fitted.get("checkpoint")),
+                                 ("layer", layer, fitted.get("layer"))):
+        if name in fitted and used != recorded:  # allowed (a moved file), but the labels would be off otherwise
+            print(f"warning: {name} {used} differs from the one the centroids were fitted on ({recorded})",
+                  file=sys.stderr)
+    device = _resolve_device(args.device)
+    uids, feats, counts = _features(args, checkpoint, layer, args.split, device)
+    for k, c in content["centroids"].items():
+        if c.shape[1] != feats.shape[1]:
+            raise ValueError(f"{args.centroids}: K={k} centroids have dimension {c.shape[1]}, "
+                             f"the features {feats.shape[1]}")
+    labels = {k: assign(feats, c, args.chunk_size, device) for k, c in content["centroids"].items()}
+    meta = {**fitted, "checkpoint": os.path.abspath(checkpoint), "layer": layer, "data": os.path.abspath(args.data),
+            "fold": args.fold, "split": args.split, "centroids": os.path.abspath(args.centroids),
+            "num_frames": len(feats)}
+    save_labels(args.out, uids, counts, labels, meta)
+    print(f"wrote {args.out}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fit = sub.add_parser("fit", formatter_class=fmt,
+                         help="extract the train split's features, fit k-means, label every frame")
+    asg = sub.add_parser("assign", formatter_class=fmt, help="label the frames of a split with centroids saved by fit")
+    fit.set_defaults(func=cmd_fit)
+    asg.set_defaults(func=cmd_assign)
+
+    fit.add_argument("--checkpoint", required=True,
+                     help="teacher: a wav2vec 2.0 checkpoint (fairseq, or this project's, e.g. a V-FT classifier)")
+    fit.add_argument("--layer", type=int, default=None,
+                     help="transformer layer 1..L whose output is clustered; None: the transformer's output")
+    fit.add_argument("--ks", type=int, nargs="+", default=[64, 512, 4096], help="numbers of clusters (RECIPE.md)")
+    fit.add_argument("--iters", type=int, default=20, help="Lloyd iterations (the release: 20)")
+    fit.add_argument("--init", choices=["k-means++", "random"], default="k-means++",
+                     help="k-means++ (greedy, as scikit-learn; K passes over the frames: use a GPU) "
+                          "or random frames (the release's faiss)")
+    fit.add_argument("--seed", type=int, default=0, help="seed of the init and of the frame subsample")
+    fit.add_argument("--tol", type=float, default=0.0, help="stop a K early once its inertia improves by less than "
+                                                            "this fraction (0: always run --iters)")
+    fit.add_argument("--max-samples", type=int, default=None,
+                     help="fit on at most this many randomly chosen frames; None: max(ks) x 1000 (the release)")
+    fit.add_argument("--out", required=True, help="pseudo-label file to write; centroids go to OUT.centroids.pt")
+
+    asg.add_argument("--centroids", required=True, help="OUT.centroids.pt written by 'fit'")
+    asg.add_argument("--checkpoint", default=None, help="teacher checkpoint; None: the one recorded by 'fit'")
+    asg.add_argument("--layer", type=int, default=None, help="None: the layer recorded by 'fit'")
+    asg.add_argument("--split", default="test", help="split of the corpus to label: train, val or test")
+    asg.add_argument("--out", required=True, help="pseudo-label file to write")
+
+    for q in (fit, asg):
+        q.add_argument("--data", required=True, help="IEMOCAP_full_release folder, a label .json or a .csv manifest")
+        q.add_argument("--fold", type=int, default=None, help="IEMOCAP test session 1-5; its train split is the "
+                                                              "other sessions (ignored for .json/.csv)")
+        q.add_argument("--wav-dir", default=None, help="folder of the wavs named in a label .json")
+        q.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+        q.add_argument("--batch-seconds", type=float, default=200.0, help="padded audio per feature batch")
+        q.add_argument("--workers", type=int, default=2, help="data loader processes")
+        q.add_argument("--chunk-size", type=int, default=16384,
+                       help="frames per k-means chunk: memory ~ chunk x (D + K) floats")
+        q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+        q.add_argument("--force", action="store_true", help="overwrite existing output files")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    errors = (ValueError, OSError)
+    try:  # the user-input errors of the other modules; imported here because data.py may import this file
+        from data import DataError
+        from model import CheckpointError
+        errors += (DataError, CheckpointError)
+    except ImportError:
+        pass
+    try:
+        args.func(args)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

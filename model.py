@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
-import io
 import math
 import os
 import pickle
@@ -324,10 +323,12 @@ class Wav2Vec2(nn.Module):
             feats = self.feature_encoder(wav, wav_lengths)
             if self.feature_grad_mult != 1.0 and not frozen and torch.is_grad_enabled():
                 feats = GradScale.apply(feats, self.feature_grad_mult)
-            penalty = feats.float().pow(2).mean()
+            frame_lengths = self.frame_lengths(wav_lengths)
+            valid = torch.arange(feats.shape[-1], device=feats.device) < frame_lengths[:, None]
+            # fairseq's features_pen, over valid frames only
+            penalty = (feats.float().pow(2) * valid.unsqueeze(1)).sum() / (frame_lengths.sum() * feats.shape[1])
             feats = self.layer_norm(feats.transpose(1, 2))
             x = self.post_extract_proj(feats)
-        frame_lengths = self.frame_lengths(wav_lengths)
         F_ = x.shape[1]
         padding_mask = torch.arange(F_, device=x.device) >= frame_lengths[:, None]
         if not bool(padding_mask.any()):

@@ -2,17 +2,23 @@
 (torchaudio's wav2vec 2.0 and fairseq key converter, scikit-learn's k-means, hand-computed
 metrics, loss references written from the formulas)."""
 import argparse
-import math
+import glob
+import json
 import os
-import pickle
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
+import torch.multiprocessing as mp
 
+import data
 import model as M
+import pretrain as P
+from kmeans import assign, fit_kmeans, labels_for, load_labels, save_labels
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -145,11 +151,12 @@ def test_matches_torchaudio(tmp_path, variant, style):
     for i, n in enumerate(lengths):
         wav[i, :n] = torch.randn(n, generator=g) * 0.1
     lens = torch.tensor(lengths)
+    refs = [torchaudio_layers(ta, cfg, wav[i:i + 1, :n]) for i, n in enumerate(lengths)]
     with torch.no_grad():
         for k in list(range(1, cfg.num_layers + 1)) + [None]:
             hidden, frames = ours(wav, lens, layer=k)
             for i, n in enumerate(lengths):
-                ta_layers, ta_final = torchaudio_layers(ta, cfg, wav[i:i + 1, :n])
+                ta_layers, ta_final = refs[i]
                 ref = ta_final[0] if k is None else ta_layers[k - 1][0]
                 assert frames[i] == ref.shape[0]
                 # batched (padded) and single unpadded utterances both match the reference
@@ -282,3 +289,767 @@ def test_quantizer_eval_is_argmax_and_temperature_schedule():
     assert q.temperature == pytest.approx(2.0 * 0.999995 ** 1000)
     q.set_num_updates(10 ** 7)
     assert q.temperature == 0.5
+
+
+# -----------------------------------------------------------------------------
+# masking, negatives and the wav2vec 2.0 loss (pretrain.py)
+
+
+
+@pytest.mark.parametrize("semantics", ["hf", "fairseq"])
+def test_span_mask_stays_in_valid_frames(semantics):
+    lengths = [200, 120, 37, 15]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        mask = M.compute_span_mask(lengths, 200, 0.08, 10, 2, semantics, g)
+        for i, n in enumerate(lengths):
+            assert not mask[i, n:].any()
+            assert mask[i, :n].sum() >= min(10, n - 1)  # at least one span fits in every row here
+        if semantics == "fairseq":  # require_same_masks: equal masked counts
+            assert len(set(mask.sum(1).tolist())) == 1
+
+
+def test_span_mask_hf_span_count():
+    """HF: spans = max(min, int(p * L / span + u)) with one u per call; spans never overlap here
+    (span 1), so the masked count is exactly the number of spans."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(30):
+        state = g.get_state()
+        u = float(torch.rand((), generator=g))
+        g.set_state(state)
+        mask = M.compute_span_mask([1000, 400], 1000, 0.05, 1, 2, "hf", g)
+        assert mask.sum(1).tolist() == [max(2, int(0.05 * 1000 + u)), max(2, int(0.05 * 400 + u))]
+
+
+def test_negatives_are_other_masked_frames_of_the_same_utterance():
+    mask = torch.zeros(3, 50, dtype=torch.bool)
+    mask[0, 5:20] = True
+    mask[1, 30:33] = True
+    mask[2, 0:40] = True
+    g = torch.Generator().manual_seed(0)
+    neg = P.sample_negatives(mask, 100, g)
+    rows = mask.nonzero()[:, 0]
+    assert neg.shape == (int(mask.sum()), 100)
+    idx = torch.arange(len(rows))[:, None].expand_as(neg)
+    assert (neg != idx).all()
+    assert (rows[neg] == rows[:, None]).all()
+    # uniform over the other frames: utterance 1 has 3 masked frames, so 2 candidates each ~50%
+    r1 = neg[rows == 1]
+    counts = torch.bincount(r1.flatten() - int((rows == 0).sum()), minlength=3).float()
+    assert counts.sum() == 300 and (counts / 200).max() < 1.0
+
+
+def reference_wav2vec2_loss(model, wav, lens, mask, negatives):
+    """The loss from RECIPE.md's formulas, one frame at a time, in float64."""
+    model = model.double().eval()
+    wav = wav.double()
+    enc = model.encode(wav, lens, time_mask=mask)
+    conv = model.feature_encoder(wav, lens)  # (B, C, F)
+    frames = model.frame_lengths(lens)
+    squares = [conv[b, :, :frames[b]].pow(2) for b in range(len(lens))]
+    penalty = sum(s.sum() for s in squares) / sum(s.numel() for s in squares)
+    q = model.quantizer
+    positions = mask.nonzero().tolist()
+    targets, probs = [], []
+    for b, t in positions:
+        logits = q.weight_proj(enc.features[b, t])
+        codes = []
+        for grp in range(q.groups):
+            lg = logits[grp * q.num_vars:(grp + 1) * q.num_vars]
+            codes.append(q.vars[0, grp * q.num_vars + int(lg.argmax())])
+            probs.append(torch.softmax(lg, 0))
+        targets.append(model.project_q(torch.cat(codes)))
+    ce = 0.0
+    for i, (b, t) in enumerate(positions):
+        context = model.final_proj(enc.hidden[b, t])
+        cands = [targets[i]] + [targets[j] for j in negatives[i].tolist()]
+        logits = []
+        for k, cand in enumerate(cands):
+            if k > 0 and torch.equal(cand, targets[i]):
+                logits.append(torch.tensor(float("-inf"), dtype=torch.float64))
+            else:
+                cos = torch.dot(context, cand) / (context.norm() * cand.norm())
+                logits.append(cos / model.cfg.logit_temp)
+        ce = ce - torch.log_softmax(torch.stack(logits), 0)[0]
+    n = len(positions)
+    ppl = 0.0
+    for grp in range(q.groups):
+        avg = torch.stack(probs[grp::q.groups]).mean(0)
+        ppl = ppl + torch.exp(-(avg * torch.log(avg + 1e-7)).sum())
+    gv = q.groups * q.num_vars
+    return {"contrastive": ce, "diversity": (gv - ppl) / gv * n, "feature_penalty": penalty * n}
+
+
+def test_wav2vec2_loss_matches_reference_from_formulas():
+    cfg = tiny_config(num_layers=2, latent_vars=8, num_negatives=5)
+    model = random_model(cfg, seed=5).double()
+    g = torch.Generator().manual_seed(0)
+    wav, lens = torch.randn(2, 9000, generator=g).double(), torch.tensor([9000, 6000])
+    frames = model.frame_lengths(lens)
+    mask = M.compute_span_mask(frames, int(frames.max()), 0.2, 3, 2, "hf", g)
+    negatives = P.sample_negatives(mask, 5, g)
+    # make two distractors equal to their target, so the -inf rule is exercised
+    first = mask.nonzero()[:, 0] == 0
+    negatives[0, 0] = 0  # impossible from the sampler, but a duplicate codeword acts the same
+    with torch.no_grad():
+        got = P.contrastive_loss(model, model.encode(wav, lens, time_mask=mask), mask, negatives)
+        ref = reference_wav2vec2_loss(model, wav, lens, mask, negatives)
+    assert got["n_masked"] == int(mask.sum()) and first.any()
+    for key in ("contrastive", "diversity", "feature_penalty"):
+        torch.testing.assert_close(got[key].double(), ref[key].double(), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(got["loss"].double(),
+                               (ref["contrastive"] + 0.1 * ref["diversity"] + 10 * ref["feature_penalty"]).double())
+
+
+# -----------------------------------------------------------------------------
+# data.py
+
+def write_wav(path, num_samples, samplerate=16000, channels=1, seed=0):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    x = 0.1 * np.random.default_rng(seed).standard_normal((num_samples, channels)).astype(np.float32)
+    sf.write(path, x, samplerate, subtype="PCM_16")
+    return path
+
+
+def write_release(root, utterances, extra_lines=()):
+    """A minimal IEMOCAP tree. utterances: (session, uid, label, audio) with audio = number of
+    samples, bytes (written as-is) or None (no file). extra_lines go into Session1's first label file."""
+    for s in data.SESSIONS:
+        os.makedirs(os.path.join(root, f"Session{s}", "dialog", "EmoEvaluation"), exist_ok=True)
+    files = {}
+    for j, (s, uid, label, audio) in enumerate(utterances):
+        dialog = uid.rsplit("_", 1)[0]
+        files.setdefault((s, dialog), []).append(f"[{j}.0000 - {j + 1}.0000]\t{uid}\t{label}\t[2.5000, 2.5000, 2.5000]")
+        wav = os.path.join(root, f"Session{s}", "sentences", "wav", dialog, uid + ".wav")
+        if isinstance(audio, int):
+            write_wav(wav, audio, seed=j)
+        elif isinstance(audio, bytes):
+            os.makedirs(os.path.dirname(wav), exist_ok=True)
+            with open(wav, "wb") as f:
+                f.write(audio)
+    for n, ((s, dialog), lines) in enumerate(sorted(files.items())):
+        if s == 1 and n == 0:
+            lines = lines + list(extra_lines)
+        path = os.path.join(root, f"Session{s}", "dialog", "EmoEvaluation", dialog + ".txt")
+        with open(path, "w") as f:
+            f.write("% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n" + "\n".join(lines) + "\n")
+    return root
+
+
+def one_per_session(label="neu", audio=8000):
+    return [(s, f"Ses0{s}F_impro01_F000", label, audio) for s in data.SESSIONS]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("synth") / "IEMOCAP_full_release")
+    data.synthesize_iemocap(root, utterances_per_session=8, seed=3, min_seconds=0.5, max_seconds=1.5)
+    return root
+
+
+def simple_parse(root):
+    """Independent reading of the top-level label files: uid -> (session, label)."""
+    labels = {}
+    for s in data.SESSIONS:
+        for path in glob.glob(os.path.join(root, f"Session{s}", "dialog", "EmoEvaluation", "Ses*.txt")):
+            for line in open(path):
+                fields = line.rstrip("\n").split("\t")
+                if line.startswith("[") and len(fields) == 4:
+                    labels[fields[1]] = (s, fields[2])
+    return labels
+
+
+def expected_counts(labels):
+    mapping = {"neu": "neu", "ang": "ang", "sad": "sad", "hap": "hap", "exc": "hap"}
+    table = {str(s): dict.fromkeys(data.CLASSES, 0) for s in data.SESSIONS}
+    for s, label in labels.values():
+        if label in mapping:
+            table[str(s)][mapping[label]] += 1
+    return table
+
+
+# ----------------------------------------------------------------------------- IEMOCAP reading
+
+def test_synthetic_round_trip(synth):
+    utterances = data.load_iemocap(synth)
+    labels = simple_parse(synth)
+    table = data.count_table(utterances)
+    assert table["sessions"] == expected_counts(labels)
+    assert table["total"] == 5 * 8 and all(sum(r.values()) == 8 for r in table["sessions"].values())
+    assert len(labels) > table["total"]  # the dropped labels (fru, sur, ...) are there, and not counted
+    assert {lab for _, lab in labels.values()} - set(data.IEMOCAP_LABELS)
+    assert [u.uid for u in utterances] == sorted(u.uid for u in utterances)
+    for u in utterances[:10]:
+        assert labels[u.uid][0] == u.session
+        assert u.label == data.IEMOCAP_LABELS[labels[u.uid][1]]
+        assert os.path.basename(u.path) == u.uid + ".wav" and not u.uid.startswith(".")
+        assert u.num_samples == len(data.read_audio(u.path))
+    assert {u.uid[-4] for u in utterances} == {"F", "M"}
+    text = data.format_count_table(table)
+    assert "total" in text and str(table["total"]) in text and len(text.splitlines()) == 2 + 5 + 1
+
+
+def test_synthetic_decoys_and_junk_are_not_counted(synth):
+    emo = os.path.join(synth, "Session1", "dialog", "EmoEvaluation")
+    decoys = glob.glob(os.path.join(emo, "*", "*.txt"))
+    assert {os.path.basename(os.path.dirname(p)) for p in decoys} == {"Categorical", "Attribute", "Self-evaluation"}
+    # The decoys do parse as label lines with other labels: a reader walking subfolders would miscount.
+    decoy_labels = {}
+    for path in decoys:
+        pairs, bad = data.parse_label_file(path)
+        assert pairs and not bad
+        decoy_labels.update(pairs)
+    real = {uid: lab for uid, (s, lab) in simple_parse(synth).items() if s == 1}
+    assert any(decoy_labels[uid] != real[uid] for uid in real)
+    assert glob.glob(os.path.join(emo, "._*.txt"))
+    junk = glob.glob(os.path.join(synth, "Session1", "sentences", "wav", "*", "._*.wav"))
+    assert junk and open(junk[0], "rb").read(4) == b"\x00\x05\x16\x07"
+    # Each Session's label files mix both speakers in every dialog.
+    for path in glob.glob(os.path.join(emo, "Ses*.txt")):
+        speakers = {uid[-4] for uid, _ in data.parse_label_file(path)[0]}
+        assert speakers == {"F", "M"}, path
+
+
+def test_synthesis_is_deterministic_and_realistic(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    for out in (a, b):
+        data.synthesize_iemocap(out, utterances_per_session=2, seed=7, min_seconds=1.0, max_seconds=2.0)
+    files = sorted(os.path.relpath(p, a) for p in glob.glob(os.path.join(a, "**", "*"), recursive=True))
+    assert files == sorted(os.path.relpath(p, b) for p in glob.glob(os.path.join(b, "**", "*"), recursive=True))
+    for rel in files:
+        if os.path.isfile(os.path.join(a, rel)):
+            assert open(os.path.join(a, rel), "rb").read() == open(os.path.join(b, rel), "rb").read(), rel
+    utterances = data.load_iemocap(a)
+    info = sf.info(utterances[0].path)
+    assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
+    assert all(1.0 * 16000 <= u.num_samples <= 2.0 * 16000 + 1 for u in utterances)
+    data.synthesize_iemocap(a, utterances_per_session=1, seed=7, min_seconds=1.0, max_seconds=2.0)  # rewrite: ok
+    assert data.count_table(data.load_iemocap(a))["total"] == 5
+    with pytest.raises(data.DataError, match="not empty"):
+        data.synthesize_iemocap(str(tmp_path), utterances_per_session=1)  # a folder it did not write
+
+
+def test_split_fold(synth):
+    utterances = data.load_iemocap(synth)
+    for fold in data.SESSIONS:
+        train, test = data.split_fold(utterances, fold)
+        assert {u.session for u in test} == {fold} and fold not in {u.session for u in train}
+        assert len(train) + len(test) == len(utterances)
+        assert not {u.path for u in train} & {u.path for u in test}
+        assert {u.uid[-4] for u in test} == {"F", "M"}  # both speakers of the session
+    for bad in (0, 6, None, "1"):
+        with pytest.raises(data.DataError, match="fold"):
+            data.split_fold(utterances, bad)
+
+
+def test_load_corpus_iemocap(synth):
+    splits, classes = data.load_corpus(synth, fold=2)
+    assert classes == data.CLASSES and set(splits) == {"train", "test"}
+    assert {u.session for u in splits["test"]} == {2}
+    with pytest.raises(data.DataError, match="fold"):
+        data.load_corpus(synth)
+
+
+def test_unparsable_label_line_is_skipped_and_counted(tmp_path):
+    root = write_release(str(tmp_path / "r"), one_per_session(), extra_lines=[
+        "[6.2901 - 8.2357]\tSes01F_impro01_F001 neu",  # looks like a label, does not parse
+        "[oops]",
+        "C-E2:\tNeutral;\t()", "A-E1:\tval 3; act 2; dom  2;\t()", "% a comment", ""])
+    with pytest.warns(data.DataWarning, match=r"skipped 2 label line.*Ses01F_impro01\.txt line \d+"):
+        utterances = data.load_iemocap(root)
+    assert len(utterances) == 5
+
+
+def test_missing_root_and_session(tmp_path):
+    with pytest.raises(data.DataError, match="nowhere"):
+        data.load_iemocap(str(tmp_path / "nowhere"))
+    root = write_release(str(tmp_path / "r"), one_per_session())
+    os.rename(os.path.join(root, "Session3"), os.path.join(root, "moved"))
+    with pytest.raises(data.DataError, match=r"Session3.*Session1\.\.Session5"):
+        data.load_iemocap(root)
+
+
+def test_bad_wavs_are_skipped_with_one_warning(tmp_path):
+    utterances = one_per_session() + [
+        (1, "Ses01F_impro01_F001", "ang", 0),  # a valid header with no samples
+        (1, "Ses01F_impro01_F002", "ang", 100),  # too short for one wav2vec frame
+        (1, "Ses01F_impro01_F003", "sad", b"RIFF\x00\x00garbage" * 10),
+        (2, "Ses02F_impro01_F001", "hap", None),  # missing
+        (2, "Ses02F_impro01_F002", "fru", None),  # dropped label: never looked at
+    ]
+    root = write_release(str(tmp_path / "r"), utterances)
+    with pytest.warns(data.DataWarning) as record:
+        loaded = data.load_iemocap(root)
+    messages = [str(w.message) for w in record]
+    assert len(messages) == 1 and "skipped 4 labelled" in messages[0] and "Ses01F_impro01_F001.wav" in messages[0]
+    assert [u.uid for u in loaded] == sorted(f"Ses0{s}F_impro01_F000" for s in data.SESSIONS)
+
+
+# ----------------------------------------------------------------------------- audio
+
+def test_read_audio_stereo_8k(tmp_path):
+    path = str(tmp_path / "stereo.wav")
+    t = np.arange(8000) / 8000
+    sine = np.sin(2 * np.pi * 440 * t)
+    sf.write(path, np.stack([0.5 * sine, 0.1 * sine], 1).astype(np.float32), 8000, subtype="FLOAT")
+    wav = data.read_audio(path)
+    assert wav.dtype == torch.float32 and wav.shape == (16000,)
+    assert wav.shape[0] == data.audio_num_samples(path)
+    peak = wav[1000:-1000].abs().max().item()
+    assert abs(peak - 0.3) < 0.02  # the average of the two channels
+    with pytest.raises(data.DataError, match="short.wav"):
+        data.read_audio(write_wav(str(tmp_path / "short.wav"), 100))
+    garbage = tmp_path / "garbage.wav"
+    garbage.write_bytes(b"not audio at all")
+    with pytest.raises(data.DataError, match="garbage.wav"):
+        data.read_audio(str(garbage))
+
+
+@pytest.mark.parametrize("samplerate,frames", [(8000, 8001), (22050, 22051), (44100, 44101), (48000, 48007)])
+def test_num_samples_matches_decoded_length(tmp_path, samplerate, frames):
+    path = write_wav(str(tmp_path / "x.wav"), frames, samplerate)
+    assert data.audio_num_samples(path) == len(data.read_audio(path))
+
+
+def test_label_json(tmp_path):
+    for name in ("a", "b", "c", "d", "e"):
+        write_wav(str(tmp_path / "wavs" / f"{name}.wav"), 4000)
+    spec = {"Train": {"a.wav": "ang", "b.wav": "neu", "c.wav": "sad"}, "Val": {"d.wav": "neu"}, "Test": {"e.wav": "ang"}}
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps(spec))
+    splits, classes = data.load_corpus(str(path), wav_dir=str(tmp_path / "wavs"))
+    assert classes == ("ang", "neu", "sad")
+    assert [u.uid for u in splits["train"]] == ["a", "b", "c"] and splits["val"][0].split == "val"
+    assert splits["test"][0].path == os.path.join(str(tmp_path / "wavs"), "e.wav")
+    spec["Test"]["e.wav"] = "hap"
+    path.write_text(json.dumps(spec))
+    with pytest.raises(data.DataError, match=r"'hap'.*e\.wav"):
+        data.load_corpus(str(path), wav_dir=str(tmp_path / "wavs"))
+    spec["Test"] = {"zz.wav": "ang"}
+    path.write_text(json.dumps(spec))
+    with pytest.raises(data.DataError, match="zz.wav"):
+        data.load_corpus(str(path), wav_dir=str(tmp_path / "wavs"))
+    del spec["Test"]
+    path.write_text(json.dumps(spec))
+    with pytest.raises(data.DataError, match="Test"):
+        data.load_label_json(str(path), str(tmp_path / "wavs"))
+    path.write_text("{not json")
+    with pytest.raises(data.DataError, match="labels.json"):
+        data.load_label_json(str(path))
+
+
+def test_manifest(tmp_path):
+    for name in ("a", "b", "c"):
+        write_wav(str(tmp_path / "audio" / f"{name}.wav"), 4000)
+    path = tmp_path / "corpus.csv"
+    path.write_text(f"path,label,split\naudio/a.wav,calm,train\n{tmp_path}/audio/b.wav,loud,train\naudio/c.wav,calm,test\n")
+    splits, classes = data.load_corpus(str(path))
+    assert classes == ("calm", "loud") and set(splits) == {"train", "test"}
+    assert splits["train"][0].path == os.path.join(str(tmp_path), "audio/a.wav")
+    assert splits["train"][0].num_samples == 4000
+    path.write_text("path,label,split\naudio/a.wav,calm,train\naudio/b.wav,loud,train\naudio/c.wav,angry,test\n")
+    with pytest.raises(data.DataError, match=r"'angry'.*c\.wav"):
+        data.load_corpus(str(path))
+    path.write_text("path,label,split\naudio/a.wav,calm,train\naudio/b.wav,loud,train\naudio/a.wav,calm,test\n")
+    with pytest.raises(data.DataError, match="both train and test"):
+        data.load_corpus(str(path))
+    path.write_text("path,label,split\naudio/a.wav,calm,training\n")
+    with pytest.raises(data.DataError, match="line 2.*'training'"):
+        data.load_manifest(str(path))
+    path.write_text("file,label\naudio/a.wav,calm\n")
+    with pytest.raises(data.DataError, match="path,label,split"):
+        data.load_manifest(str(path))
+    with pytest.raises(data.DataError, match="missing.csv"):
+        data.load_corpus(str(tmp_path / "missing.csv"))
+
+
+# ----------------------------------------------------------------------------- dataset and batching
+
+def test_dataset_crops_and_collate(tmp_path):
+    utterances = [data.Utterance(f"u{i}", write_wav(str(tmp_path / f"u{i}.wav"), n, seed=i), lab, n)
+                  for i, (n, lab) in enumerate([(20000, "ang"), (5000, "sad"), (40000, "xxx")])]
+    full = data.AudioDataset(utterances, ("ang", "sad"))
+    assert full.lengths == [20000, 5000, 40000] and [full[i]["label"] for i in range(3)] == [0, 1, -1]
+    head = data.AudioDataset(utterances, ("ang", "sad"), max_seconds=0.5)
+    assert head.lengths == [8000, 5000, 8000]
+    assert head[2]["offset"] == 0 and torch.equal(head[2]["wav"], full[2]["wav"][:8000])
+
+    ds = data.AudioDataset(utterances, ("ang", "sad"), max_seconds=0.5, crop="random", crop_align=320, seed=1)
+    offsets = {}
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        item = ds[2]
+        assert item["offset"] % 320 == 0 and len(item["wav"]) == 8000
+        assert torch.equal(item["wav"], full[2]["wav"][item["offset"]:item["offset"] + 8000])
+        assert ds[1]["offset"] == 0 and len(ds[1]["wav"]) == 5000
+        offsets[epoch] = item["offset"]
+    assert len(set(offsets.values())) > 1  # epochs differ
+    again = data.AudioDataset(utterances, ("ang", "sad"), max_seconds=0.5, crop="random", crop_align=320, seed=1)
+    again.set_epoch(4)
+    assert again[2]["offset"] == offsets[4]  # a function of (seed, epoch, index) only
+
+    batch = data.collate([head[0], head[1]])
+    assert batch["wav"].shape == (2, 8000) and batch["wav"].dtype == torch.float32
+    assert batch["lengths"].tolist() == [8000, 5000] and batch["labels"].tolist() == [0, 1]
+    assert batch["indices"].tolist() == [0, 1] and batch["offsets"].tolist() == [0, 0]
+    assert torch.all(batch["wav"][1, 5000:] == 0) and torch.equal(batch["wav"][1, :5000], head[1]["wav"])
+
+    sampler = data.BucketBatchSampler(head.lengths, batch_size=2, drop_last=False)
+    loader = torch.utils.data.DataLoader(head, batch_sampler=sampler, collate_fn=data.collate)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 2
+    assert sorted(i for b in batches for i in b["indices"].tolist()) == [0, 1, 2]
+
+    cached = data.AudioDataset(utterances, ("ang", "sad"), cache=True)
+    first = cached[0]["wav"]
+    os.remove(utterances[0].path)
+    assert torch.equal(cached[0]["wav"], first)  # served from memory
+    with pytest.raises(data.DataError, match="u0.wav.*not found"):
+        full[0]
+
+
+def varied_lengths(n=1000, seed=0):
+    return np.random.default_rng(seed).integers(16000, 8 * 16000, n).tolist()
+
+
+def test_sampler_covers_every_index_once():
+    lengths = varied_lengths(1003)
+    for kwargs in ({}, {"max_batch_seconds": 40}, {"bucket": False}, {"shuffle": False}):
+        sampler = data.BucketBatchSampler(lengths, batch_size=16, drop_last=False, **kwargs)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths))), kwargs
+    full = list(data.BucketBatchSampler(lengths, batch_size=16, drop_last=True))
+    assert all(len(b) == 16 for b in full) and len(full) == len(lengths) // 16
+    evaluation = list(data.BucketBatchSampler(lengths, batch_size=16, shuffle=False, drop_last=True))
+    flat = [i for b in evaluation for i in b]
+    assert sorted(flat) == list(range(len(lengths)))  # never drops
+    assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+
+
+def test_sampler_bucketing_reduces_padding():
+    lengths = varied_lengths(3200)
+    bucketed = data.BucketBatchSampler(lengths, batch_size=16).padding_fraction()
+    random = data.BucketBatchSampler(lengths, batch_size=16, bucket=False).padding_fraction()
+    assert bucketed < 0.05 and random > 0.3 and bucketed < random / 5
+
+
+def test_sampler_seeds_and_epochs():
+    lengths = varied_lengths()
+    a, b = data.BucketBatchSampler(lengths, 16, seed=5), data.BucketBatchSampler(lengths, 16, seed=5)
+    assert list(a) == list(b)
+    first = list(a)
+    a.set_epoch(1)
+    assert list(a) != first
+    assert list(data.BucketBatchSampler(lengths, 16, seed=6)) != first
+    a.set_epoch(1, start_batch=3)
+    b.set_epoch(1)
+    assert list(a) == list(b)[3:] and len(a) == len(b) - 3
+
+
+def test_sampler_max_batch_seconds():
+    lengths = varied_lengths()
+    sampler = data.BucketBatchSampler(lengths, batch_size=64, max_batch_seconds=30, drop_last=True)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # nothing dropped
+    assert all(len(b) * max(lengths[i] for i in b) <= 30 * 16000 for b in batches)
+    assert max(len(b) for b in batches) > 3  # and batches are not trivially small
+    huge = data.BucketBatchSampler([16000 * 60, 16000], batch_size=8, max_batch_seconds=30, drop_last=False)
+    assert sorted(map(len, huge)) == [1, 1]  # an utterance over the limit gets a batch of its own
+
+
+def test_sampler_distributed_shards():
+    lengths = varied_lengths(500)
+    for kwargs in ({"drop_last": True}, {"drop_last": False, "max_batch_seconds": 60}, {"shuffle": False}):
+        single = list(data.BucketBatchSampler(lengths, 16, seed=2, **kwargs))
+        ranks = [data.BucketBatchSampler(lengths, 16, seed=2, num_replicas=2, rank=r, **kwargs) for r in (0, 1)]
+        shards = [list(r) for r in ranks]
+        assert len(shards[0]) == len(shards[1]) == len(single)
+        for batch, s0, s1 in zip(single, *shards):
+            assert sorted(s0 + s1) == sorted(batch) and s0 and s1
+    # A batch smaller than the number of replicas: every rank still gets an utterance.
+    tiny = [list(data.BucketBatchSampler([16000] * 5, 4, drop_last=False, shuffle=False, num_replicas=3, rank=r))
+            for r in range(3)]
+    assert [len(t) for t in tiny] == [2, 2, 2] and all(len(b) >= 1 for t in tiny for b in t)
+    assert set(i for t in tiny for b in t for i in b) == set(range(5))
+
+
+# ----------------------------------------------------------------------------- command line
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "data.py"), *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli(tmp_path):
+    out = str(tmp_path / "IEMOCAP_full_release")
+    done = run_cli("--synth", out, "--per-session", "2", "--seed", "1", "--max-seconds", "2")
+    assert done.returncode == 0, done.stderr
+    done = run_cli("--data", out, "--json")
+    assert done.returncode == 0, done.stderr
+    table = json.loads(done.stdout)
+    assert table["total"] == 10 and list(table["sessions"]) == ["1", "2", "3", "4", "5"]
+    assert table == data.count_table(data.load_iemocap(out))
+    missing = str(tmp_path / "no_such_dir")
+    done = run_cli("--data", missing)
+    assert done.returncode == 2 and "no_such_dir" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_table_in_process(synth, capsys):
+    assert data.main(["--data", synth]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"\|\s+total\s+\|.*\|\s+40 \|", text)
+
+
+# -----------------------------------------------------------------------------
+# kmeans.py
+
+BIG = 10 ** 9  # max_samples that never subsamples
+
+
+@pytest.fixture
+def one_thread():
+    # These tensors are tiny: with 2 threads on a busy 2-core machine, OpenMP hand-offs cost ~20 ms per
+    # matmul and dominate; one thread runs the whole file several times faster.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def blobs(n=20000, dim=32, centers=50, seed=0):
+    from sklearn.datasets import make_blobs  # imported here: the spawned distributed workers need no sklearn
+    x, _ = make_blobs(n, dim, centers=centers, random_state=seed)
+    return x.astype(np.float32)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("k", [8, 64])
+def test_same_init_matches_sklearn(k):
+    from sklearn.cluster import KMeans
+    x = blobs()
+    init = x[np.random.default_rng(k).choice(len(x), k, replace=False)]
+    ours = fit_kmeans(torch.from_numpy(x), ks=(k,), iters=20, init=torch.from_numpy(init), max_samples=BIG,
+                      progress=False)[k]
+    sk = KMeans(k, init=init, n_init=1, max_iter=20, algorithm="lloyd", tol=0).fit(x)
+    assert abs(ours.inertia[-1] / sk.inertia_ - 1) < 1e-3
+    assert (assign(torch.from_numpy(x), ours.centroids).numpy() == sk.labels_).mean() > 0.999
+    # a frame on a boundary (a float32 tie) may go either way and move its two centroids a little
+    assert np.isclose(ours.centroids.numpy(), sk.cluster_centers_, atol=1e-3).all(1).mean() > 0.95
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_kmeanspp_as_good_as_sklearn():
+    # Each side's own k-means++; compare over a few seeds since one draw can be lucky either way.
+    from sklearn.cluster import KMeans
+    x = blobs(centers=64)
+    ours = sum(fit_kmeans(torch.from_numpy(x), ks=(64,), seed=s, max_samples=BIG, progress=False)[64].inertia[-1]
+               for s in range(3))
+    sk = sum(KMeans(64, n_init=1, max_iter=20, algorithm="lloyd", tol=0, random_state=s).fit(x).inertia_
+             for s in range(3))
+    assert ours <= 1.01 * sk
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_multi_k_one_pass_equals_single_k():
+    x = torch.from_numpy(blobs(5000))
+    for init in ("k-means++", "random"):
+        together = fit_kmeans(x, ks=(8, 64), iters=10, init=init, seed=3, max_samples=BIG, progress=False)
+        for k in (8, 64):
+            alone = fit_kmeans(x, ks=(k,), iters=10, init=init, seed=3, max_samples=BIG, progress=False)[k]
+            torch.testing.assert_close(together[k].centroids, alone.centroids)
+            assert together[k].inertia == pytest.approx(alone.inertia, rel=1e-9)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_chunk_size_does_not_matter():
+    x = torch.from_numpy(blobs(5000))
+    small = fit_kmeans(x, ks=(16,), iters=10, chunk_size=100, max_samples=BIG, progress=False)[16]
+    huge = fit_kmeans(x, ks=(16,), iters=10, chunk_size=10 ** 7, max_samples=BIG, progress=False)[16]
+    torch.testing.assert_close(small.centroids, huge.centroids, atol=1e-4, rtol=1e-5)
+    assert small.inertia == pytest.approx(huge.inertia, rel=1e-5)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_empty_cluster_is_reseeded():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(300, 4, generator=g) * 0.1 + m for m in (0.0, 5.0, 10.0)])
+    init = torch.tensor([[0.0] * 4, [5.0] * 4, [10.0] * 4, [1000.0] * 4])  # the last one attracts nobody
+    r = fit_kmeans(x, ks=(4,), iters=5, init=init, max_samples=BIG, progress=False)[4]
+    assert r.counts.min() > 0 and r.counts.sum() == len(x)
+    # duplicated frames: random init picks identical points, i.e. identical centroids, one of them empty
+    dup = torch.cat([torch.arange(5.0)[:, None].repeat(200, 3), torch.randn(50, 3, generator=g) * 10])
+    for seed in range(3):
+        r = fit_kmeans(dup, ks=(12,), iters=20, init="random", seed=seed, max_samples=BIG, progress=False)[12]
+        assert r.counts.min() > 0
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_inertia_never_increases():
+    x = torch.from_numpy(blobs(5000, centers=20))
+    for init in ("k-means++", "random"):
+        h = fit_kmeans(x, ks=(32,), iters=15, init=init, max_samples=BIG, progress=False)[32].inertia
+        assert len(h) == 16
+        assert all(b <= a * (1 + 1e-6) for a, b in zip(h, h[1:]))
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_tol_stops_early_and_float16_input():
+    x = torch.from_numpy(blobs(5000, centers=8)).half()
+    r = fit_kmeans(x, ks=(8,), iters=50, tol=1e-4, max_samples=BIG, progress=False)[8]
+    assert 2 <= len(r.inertia) < 51 and r.centroids.dtype == torch.float32
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_known_answer_four_tight_clusters():
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(400, 2, generator=g) * 0.01
+    noise -= noise.view(4, 100, 2).mean(1).repeat_interleave(100, 0)  # each cluster's mean is its centre exactly
+    x = centres.repeat_interleave(100, 0) + noise
+    for init in ("k-means++", "random"):
+        r = fit_kmeans(x, ks=(4,), iters=10, init=init, seed=0, max_samples=BIG, progress=False)[4]
+        got = sorted(map(tuple, r.centroids.tolist()))
+        np.testing.assert_allclose(got, sorted(map(tuple, centres.tolist())), atol=1e-5)
+        assert r.counts.tolist() == [100] * 4
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_subsampling_and_bad_input():
+    x = torch.randn(100, 3)
+    r = fit_kmeans(x, ks=(4,), max_samples=50, progress=False)[4]
+    assert r.counts.sum() == 50
+    with pytest.raises(ValueError, match=r"K=101.*N=100"):
+        fit_kmeans(x, ks=(4, 101), progress=False)
+    with pytest.raises(ValueError, match="2-D"):
+        fit_kmeans(torch.randn(2, 10, 3), ks=(4,), progress=False)
+    with pytest.raises(ValueError, match="init"):
+        fit_kmeans(x, ks=(4,), init="kmeans++", progress=False)
+    with pytest.raises(ValueError, match="shape"):
+        fit_kmeans(x, ks=(4,), init=torch.randn(5, 3), progress=False)
+    x[7, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        fit_kmeans(x, ks=(4,), progress=False)
+    with pytest.raises(ValueError, match="NaN"):
+        assign(x, r.centroids)
+
+
+def _label_file(tmp_path):
+    counts = [3, 0, 5]
+    labels = {4: torch.tensor([0, 1, 2, 3, 0, 1, 2, 3]), 40000: torch.arange(8) * 4000}
+    path = str(tmp_path / "labels.pt")
+    save_labels(path, ["a", "b", "c"], counts, labels, {"layer": 12, "inertia": {4: [1.0, 0.5]}})
+    return path, labels
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_label_file_round_trip(tmp_path):
+    path, labels = _label_file(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    assert raw["labels"][4].dtype == torch.int16 and raw["labels"][40000].dtype == torch.int32
+    lf = load_labels(path)
+    assert lf["meta"]["layer"] == 12 and lf["index"] == {"a": (0, 3), "b": (3, 0), "c": (3, 5)}
+    got = labels_for(lf, "c", 5)
+    assert got[4].dtype == torch.long and got[4].tolist() == labels[4][3:].tolist()
+    assert got[40000].tolist() == labels[40000][3:].tolist()
+    assert not os.path.exists(path + ".tmp")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_label_file_errors(tmp_path):
+    path, _ = _label_file(tmp_path)
+    lf = load_labels(path)
+    with pytest.raises(ValueError, match=r"utterance c has 5 pseudo-labels but 6 frames.*do not match the audio"):
+        labels_for(lf, "c", 6)
+    with pytest.raises(ValueError, match="no pseudo-labels for utterance zz"):
+        labels_for(lf, "zz", 1)
+    raw = torch.load(path, weights_only=True)
+    for corrupt, problem in [(lambda r: r["labels"].__setitem__(4, r["labels"][4][:-1]), "7 entries"),
+                             (lambda r: r["labels"][4].__setitem__(0, 4), r"outside \[0, 4\)"),
+                             (lambda r: r.__setitem__("uids", ["a", "b"]), "2 uids but 3 frame counts")]:
+        bad = {**raw, "labels": dict(raw["labels"]), "uids": list(raw["uids"])}
+        bad["labels"][4] = bad["labels"][4].clone()
+        corrupt(bad)
+        bad_path = str(tmp_path / "bad.pt")
+        torch.save(bad, bad_path)
+        with pytest.raises(ValueError, match="bad.pt.*" + problem):
+            load_labels(bad_path)
+    with open(bad_path, "wb") as f:
+        f.write(b"not a torch file")
+    with pytest.raises(ValueError, match="bad.pt"):
+        load_labels(bad_path)
+    with pytest.raises(ValueError, match="outside"):  # save refuses what load would refuse
+        save_labels(str(tmp_path / "x.pt"), ["a"], [2], {4: torch.tensor([0, 9])}, {})
+
+
+# -- distributed: 2 gloo processes, each with half the frames, must agree with one process --------
+
+def _dist_worker(rank, init_file, x, init, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        half = len(x) // 2
+        r = fit_kmeans(x[rank * half:(rank + 1) * half], ks=(8, 16), iters=8, init=init, max_samples=BIG,
+                       device="cpu", progress=False)
+        torch.save({k: (v.centroids, v.inertia, v.counts) for k, v in r.items()}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_distributed_matches_single_process(tmp_path):
+    x = torch.from_numpy(blobs(4000, dim=8, centers=10))
+    g = torch.Generator().manual_seed(0)
+    init = {k: x[torch.randperm(len(x), generator=g)[:k]].clone() for k in (8, 16)}
+    init[16][0] = 1e4  # an empty cluster: exercises the cross-rank re-seeding
+    single = fit_kmeans(x, ks=(8, 16), iters=8, init=init, max_samples=BIG, device="cpu", progress=False)
+    out = str(tmp_path / "res")
+    mp.spawn(_dist_worker, args=(str(tmp_path / "pg"), x, init, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        res = torch.load(f"{out}.{rank}", weights_only=True)
+        for k in (8, 16):
+            centroids, inertia, counts = res[k]
+            torch.testing.assert_close(centroids, single[k].centroids, atol=1e-5, rtol=0)
+            assert inertia == pytest.approx(single[k].inertia, rel=1e-5)
+            assert counts.tolist() == single[k].counts.tolist()
+
+
+# -- feature extraction and command line ----------------------------------------------------------
+
+class _FakeTeacher(torch.nn.Module):
+    # One frame per 320 samples; every frame of an utterance carries its first sample, so the test can
+    # tell whether frames come back in utterance order after length bucketing.
+    def forward(self, wav, wav_lengths, layer=None):
+        lengths = wav_lengths // 320
+        hidden = wav[:, :1, None].expand(-1, int(lengths.max()), 3).clone()
+        hidden[torch.arange(hidden.shape[1]) >= lengths[:, None]] = 99.0  # padding must never come out
+        return hidden, lengths
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_extract_features_order_and_counts(tmp_path):
+    sf = pytest.importorskip("soundfile")
+    data = pytest.importorskip("data")
+    from kmeans import extract_features
+    utterances = []
+    for i, seconds in enumerate([0.5, 2.0, 0.1, 1.3, 0.7]):
+        path = str(tmp_path / f"u{i}.wav")
+        n = int(seconds * 16000)
+        sf.write(path, np.full(n, i / 8, dtype=np.float32), 16000, subtype="FLOAT")
+        utterances.append(data.Utterance(f"u{i}", path, "neu", n))
+    feats, counts = extract_features(_FakeTeacher(), utterances, None, "cpu", batch_seconds=2.5, progress=False,
+                                     workers=0)
+    assert counts.tolist() == [u.num_samples // 320 for u in utterances]
+    assert feats.dtype == torch.float16 and feats.shape == (sum(counts.tolist()), 3)
+    expected = torch.cat([torch.full((c, 3), i / 8) for i, c in enumerate(counts.tolist())])
+    torch.testing.assert_close(feats.float(), expected)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_cli_refuses_to_overwrite(tmp_path, capsys):
+    from kmeans import main
+    out = tmp_path / "labels.pt"
+    out.write_bytes(b"old")
+    with pytest.raises(SystemExit) as e:
+        main(["fit", "--checkpoint", "x.pt", "--data", str(tmp_path), "--fold", "1", "--out", str(out)])
+    assert e.value.code == 2 and "--force" in capsys.readouterr().err and out.read_bytes() == b"old"

@@ -1,0 +1,201 @@
+"""Metrics, prediction and the results table (RECIPE.md "Metrics").
+
+    python evaluate.py runs/vft                                   # folds x runs -> the paper's table
+    python evaluate.py --checkpoint FT.pt --data DIR --fold 3     # re-test a fine-tuned model
+    python evaluate.py --checkpoint FT.pt --predict a.wav b.wav   # emotion of each file
+"""
+import argparse
+import csv
+import glob
+import json
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data import AudioDataset, BucketBatchSampler, DataError, collate, load_corpus, read_audio
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def confusion_matrix(y_true, y_pred, num_classes):
+    """Rows: true class, columns: predicted class."""
+    m = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(m, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
+    return m
+
+
+def compute_metrics(y_true, y_pred, classes):
+    """UA: mean recall over the classes present in the test set (a class with no test utterance
+    has no recall and is left out). WA: accuracy. Macro-F1: mean F1 over the classes present in
+    the test set or the predictions, F1 = 0 where a class is never predicted or never true."""
+    m = confusion_matrix(y_true, y_pred, len(classes))
+    support, predicted, hits = m.sum(1), m.sum(0), np.diag(m)
+    present = support > 0
+    recall = np.divide(hits, support, out=np.zeros(len(classes)), where=present)
+    precision = np.divide(hits, predicted, out=np.zeros(len(classes)), where=predicted > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(len(classes)), where=denom > 0)
+    seen = present | (predicted > 0)
+    return {
+        "ua": float(recall[present].mean()) if present.any() else float("nan"),
+        "wa": float(hits.sum() / m.sum()) if m.sum() else float("nan"),
+        "macro_f1": float(f1[seen].mean()) if seen.any() else float("nan"),
+        "confusion": m.tolist(),
+        "classes": list(classes),
+        "recall": {c: float(r) for c, r, p in zip(classes, recall, present) if p},
+        "n": int(m.sum()),
+    }
+
+
+# -----------------------------------------------------------------------------
+# prediction
+
+
+@torch.no_grad()
+def predict(clf, utterances, classes, device, dtype=None, batch_seconds=320.0, workers=0, progress=True):
+    """Class probabilities (N, C) for utterances at full length, in the given order. Batches of
+    similar lengths keep padding low; the result does not depend on batching."""
+    clf.eval()
+    dataset = AudioDataset(utterances, classes)
+    sampler = BucketBatchSampler(dataset.lengths, batch_size=64, max_batch_seconds=batch_seconds, shuffle=False,
+                                 drop_last=False)
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
+    probs = torch.zeros(len(utterances), len(classes))
+    for batch in tqdm(loader, desc="test", unit="batch", disable=not progress, leave=False):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            logits = clf(batch["wav"].to(device), batch["lengths"].to(device))
+        probs[batch["indices"]] = logits.float().softmax(-1).cpu()
+    return probs
+
+
+def write_predictions(path, utterances, probs, classes):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["uid", "path", "label", "prediction"] + [f"p_{c}" for c in classes])
+        for u, p in zip(utterances, probs.tolist()):
+            w.writerow([u.uid, u.path, u.label, classes[int(np.argmax(p))]] + [f"{x:.6f}" for x in p])
+    os.replace(tmp, path)
+
+
+def write_json(path, obj):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# the results table: runs/<name>/fold<k>/run<r>/metrics.json
+
+
+def aggregate(run_root):
+    """Per fold: mean and std (over runs, sample std) of UA and WA; average over folds; summed
+    confusion. Folds are test sessions for IEMOCAP."""
+    found = sorted(glob.glob(os.path.join(run_root, "fold*", "run*", "metrics.json")))
+    if not found:
+        raise DataError(f"{run_root}: no fold*/run*/metrics.json found (has finetune.py finished a run here?)")
+    folds, classes, confusion = {}, None, None
+    for path in found:
+        fold = int(re.search(r"fold(\d+)", path).group(1))
+        with open(path) as f:
+            m = json.load(f)
+        if classes is None:
+            classes, confusion = m["classes"], np.zeros_like(np.array(m["confusion"]))
+        if m["classes"] != classes:
+            raise DataError(f"{path}: classes {m['classes']} differ from {classes} of the other runs")
+        confusion = confusion + np.array(m["confusion"])
+        folds.setdefault(fold, []).append(m)
+    table = {}
+    for fold, runs in sorted(folds.items()):
+        row = {"runs": len(runs)}
+        for key in ("ua", "wa", "macro_f1"):
+            values = np.array([r[key] for r in runs], dtype=float)
+            row[key] = float(values.mean())
+            row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        table[str(fold)] = row
+    average = {key: float(np.mean([row[key] for row in table.values()])) for key in ("ua", "wa", "macro_f1")}
+    return {"folds": table, "average": average, "classes": classes, "confusion": confusion.tolist()}
+
+
+def format_table(result, name="run"):
+    folds = result["folds"]
+    head = "| method | " + " | ".join(f"Ses{f}" for f in folds) + " | Average |"
+    lines = [head, "|---" * (len(folds) + 2) + "|"]
+    for key in ("ua", "wa"):
+        cells = [f"{100 * r[key]:.1f} ± {100 * r[key + '_std']:.1f}" for r in folds.values()]
+        lines.append(f"| {name} {key.upper()} | " + " | ".join(cells) + f" | {100 * result['average'][key]:.1f} |")
+    lines.append("")
+    lines.append("runs per fold: " + ", ".join(f"Ses{f}: {r['runs']}" for f, r in folds.items()))
+    lines.append("confusion matrix summed over folds and runs (rows true, columns predicted):")
+    classes = result["classes"]
+    lines.append("| | " + " | ".join(classes) + " |")
+    lines.append("|---" * (len(classes) + 1) + "|")
+    for c, row in zip(classes, result["confusion"]):
+        lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", nargs="?", help="runs/<name>: aggregate fold*/run*/metrics.json into the table")
+    p.add_argument("--checkpoint", help="a fine-tuned classifier written by finetune.py (model.pt)")
+    p.add_argument("--data", help="IEMOCAP_full_release folder, label .json or .csv manifest (with --checkpoint)")
+    p.add_argument("--fold", type=int, help="test session 1-5 for IEMOCAP (with --checkpoint --data)")
+    p.add_argument("--wav-dir", help="folder of the wavs named in a label .json (default: the json's folder)")
+    p.add_argument("--predict", nargs="+", metavar="WAV", help="print the emotion of each audio file")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
+    p.add_argument("--out", help="where to write the JSON (default: <run_dir>/results.json)")
+    args = p.parse_args(argv)
+    try:
+        if args.run_dir:
+            result = aggregate(args.run_dir)
+            print(format_table(result, os.path.basename(os.path.normpath(args.run_dir))))
+            out = args.out or os.path.join(args.run_dir, "results.json")
+            write_json(out, result)
+            print(f"\nwritten: {out}")
+        elif args.checkpoint:
+            from model import CheckpointError, load_classifier
+            try:
+                clf = load_classifier(args.checkpoint).to(args.device)
+            except CheckpointError as e:
+                raise DataError(str(e)) from None
+            device = torch.device(args.device)
+            if args.predict:
+                for path in args.predict:
+                    wav = read_audio(path)
+                    with torch.no_grad():
+                        probs = clf(wav[None].to(device)).softmax(-1)[0].cpu()
+                    best = int(probs.argmax())
+                    print(f"{path}\t{clf.classes[best]}\t" + " ".join(
+                        f"{c}={float(x):.3f}" for c, x in zip(clf.classes, probs)))
+            elif args.data:
+                splits, classes = load_corpus(args.data, args.fold, args.wav_dir)
+                if list(classes) != clf.classes:
+                    raise DataError(f"{args.checkpoint} predicts {clf.classes}, the data has {list(classes)}")
+                test = splits["test"]
+                probs = predict(clf, test, classes, device)
+                metrics = compute_metrics([classes.index(u.label) for u in test], probs.argmax(-1).tolist(), classes)
+                print(json.dumps({k: metrics[k] for k in ("ua", "wa", "macro_f1", "n")}))
+                if args.out:
+                    write_json(args.out, metrics)
+            else:
+                p.error("--checkpoint needs --data (and --fold) or --predict")
+        else:
+            p.error("give a run folder, or --checkpoint with --data or --predict")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
