@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -347,7 +348,8 @@ def build_parser():
     a("--workers", type=int, default=2, help="data loader processes (default: %(default)s)")
     a("--cache", action="store_true", help="keep decoded audio in memory")
     a("--out", default="runs", help="(default: %(default)s)")
-    a("--name", default=None, help="run name: runs/<name>/fold<k>/run<r> (default: vft, or ft-<init file> with --init)")
+    a("--name", default=None, help="run name: runs/<name>/fold<k>/run<r> (default: vft; ft-<method> with "
+                                   "--init runs/<method>/fold<k>/pretrained.pt)")
     a("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars (default: %(default)s)")
     a("--quickstart", action="store_true",
       help="generate the synthetic corpus (data/synth) and fine-tune a tiny random wav2vec 2.0 on fold 1: "
@@ -356,9 +358,21 @@ def build_parser():
 
 
 # The quick start's tiny model: 96 channels instead of 768, so the channel-mask span shrinks in
-# proportion (64 / 768 * 96 = 8); small batches give a 160-utterance training set enough updates.
-QUICKSTART = dict(data="data/synth", checkpoint="random-tiny", fold="1", epochs=10, batch_size=8, lr=5e-4,
-                  channel_mask_span=8, name="quickstart", workers=0, cache=True)
+# proportion (64 / 768 * 96 = 8); small batches give a 160-utterance training set enough updates
+# (a random transformer needs ~150 before it starts to separate the classes); 4 s truncation halves
+# the CPU time of the synthetic 1-8 s utterances.
+QUICKSTART = dict(data="data/synth", checkpoint="random-tiny", fold="1", epochs=15, batch_size=8, lr=5e-4,
+                  max_seconds=4.0, channel_mask_span=8, name="quickstart", workers=0, cache=True)
+
+
+def default_run_name(init):
+    """vft, or ft-<method> for --init runs/<method>/fold{fold}/pretrained.pt (ft-<file stem> otherwise)."""
+    if not init:
+        return "vft"
+    folder, stem = os.path.split(os.path.dirname(init))[1], os.path.splitext(os.path.basename(init))[0]
+    if folder == "fold{fold}" or re.fullmatch(r"fold\d+", folder):
+        return "ft-" + os.path.basename(os.path.dirname(os.path.dirname(init)))
+    return "ft-" + stem
 
 
 def main(argv=None):
@@ -372,7 +386,7 @@ def main(argv=None):
             print(f"writing the synthetic corpus to {args.data}")
             synthesize_iemocap(args.data)
     if args.name is None:
-        args.name = "vft" if not args.init else "ft-" + os.path.splitext(os.path.basename(args.init))[0].replace("{fold}", "")
+        args.name = default_run_name(args.init)
     try:
         if not args.data:
             raise DataError("--data is required (IEMOCAP_full_release folder, label .json or .csv manifest)")

@@ -37,6 +37,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from model import save_atomic
+
 MAX_RESEEDS = 256  # farthest frames remembered per pass and per K, to re-seed empty clusters
 
 
@@ -391,13 +393,6 @@ def assign(features, centroids, chunk_size=16384, device=None):
 # -----------------------------------------------------------------------------
 # pseudo-label files: {"uids": [str], "frame_counts": (U,) long, "labels": {K: (sum counts,) int}, "meta": {}}
 
-def _atomic_save(obj, path):
-    path = str(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    torch.save(obj, path + ".tmp")
-    os.replace(path + ".tmp", path)  # a crash never leaves a half-written file under the real name
-
-
 def _validate_labels(content, path):
     # Returns {uid: (start, count)}; any inconsistency is a ValueError naming the file.
     def bad(problem):
@@ -443,7 +438,7 @@ def save_labels(path, uids, frame_counts, labels, meta):
     _validate_labels(content, path)  # never write a file that load_labels would refuse
     # int16 halves the file (and P-TAPT's memory) for every K up to 32767; checked above, so no overflow
     content["labels"] = {k: v.to(torch.int16 if k <= 32767 else torch.int32) for k, v in content["labels"].items()}
-    _atomic_save(content, path)
+    save_atomic(content, path)
 
 
 def load_labels(path):
@@ -470,8 +465,25 @@ def labels_for(label_file, uid, num_frames):
     return {k: v[start:start + count].long() for k, v in label_file["labels"].items()}
 
 
+def emotion_nmi(labels, frame_counts, utterance_labels):
+    """Normalised mutual information (arithmetic mean normalisation, as scikit-learn's default)
+    between frame pseudo-labels and the emotion of each frame's utterance: how much emotion the
+    clusters carry (0 = none, 1 = the clusters are the emotions)."""
+    emotion = torch.repeat_interleave(torch.as_tensor(utterance_labels), torch.as_tensor(frame_counts))
+    labels = torch.as_tensor(labels).long()
+    joint = torch.zeros(int(labels.max()) + 1, int(emotion.max()) + 1, dtype=torch.float64)
+    joint.index_put_((labels, emotion), torch.ones(len(labels), dtype=torch.float64), accumulate=True)
+    p = joint / joint.sum()
+    pa, pb = p.sum(1), p.sum(0)
+    nz = p > 0
+    mi = (p[nz] * torch.log(p[nz] / (pa[:, None] * pb[None, :])[nz])).sum()
+    entropy = lambda q: -(q[q > 0] * q[q > 0].log()).sum()
+    ha, hb = entropy(pa), entropy(pb)
+    return float(mi / ((ha + hb) / 2)) if ha + hb > 0 else 1.0
+
+
 def save_centroids(path, centroids, meta):
-    _atomic_save({"centroids": {int(k): c.float().cpu() for k, c in centroids.items()}, "meta": dict(meta)}, path)
+    save_atomic({"centroids": {int(k): c.float().cpu() for k, c in centroids.items()}, "meta": dict(meta)}, path)
 
 
 def load_centroids(path):
@@ -547,14 +559,15 @@ def _features(args, checkpoint, layer, split, device):
     if device.type == "cuda":
         torch.cuda.empty_cache()  # leave the GPU to k-means
     print(f"{len(utterances)} {split} utterances, {len(feats)} frames of dimension {feats.shape[1]}")
-    return [u.uid for u in utterances], feats, counts
+    return utterances, feats, counts
 
 
 def cmd_fit(args):
     centroids_path = args.out + ".centroids.pt"
     _refuse_overwrite([args.out, centroids_path], args.force)  # before the expensive part
     device = _resolve_device(args.device)
-    uids, feats, counts = _features(args, args.checkpoint, args.layer, "train", device)
+    utterances, feats, counts = _features(args, args.checkpoint, args.layer, "train", device)
+    uids = [u.uid for u in utterances]
     results = fit_kmeans(feats, args.ks, args.iters, args.init, args.seed, args.tol, args.chunk_size,
                          args.max_samples, device, args.progress)
     labels = {k: assign(feats, r.centroids, args.chunk_size, device) for k, r in results.items()}
@@ -569,8 +582,9 @@ def cmd_fit(args):
     save_labels(args.out, uids, counts, labels, meta)
     for k, r in results.items():
         used = int((torch.bincount(labels[k], minlength=k) > 0).sum())
+        nmi = emotion_nmi(labels[k], counts, [sorted({u.label for u in utterances}).index(u.label) for u in utterances])
         print(f"K={k}: inertia {r.inertia[0]:.5g} -> {r.inertia[-1]:.5g} after {len(r.inertia) - 1} iterations, "
-              f"{used}/{k} clusters used")
+              f"{used}/{k} clusters used, NMI with emotion {nmi:.4f}")
     print(f"wrote {args.out} and {centroids_path}")
 
 
@@ -588,7 +602,8 @@ def cmd_assign(args):
             print(f"warning: {name} {used} differs from the one the centroids were fitted on ({recorded})",
                   file=sys.stderr)
     device = _resolve_device(args.device)
-    uids, feats, counts = _features(args, checkpoint, layer, args.split, device)
+    utterances, feats, counts = _features(args, checkpoint, layer, args.split, device)
+    uids = [u.uid for u in utterances]
     for k, c in content["centroids"].items():
         if c.shape[1] != feats.shape[1]:
             raise ValueError(f"{args.centroids}: K={k} centroids have dimension {c.shape[1]}, "

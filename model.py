@@ -522,6 +522,7 @@ def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, then rename: a crash never leaves a
     half-written file under the final name."""
     path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save(obj, tmp)

@@ -127,6 +127,13 @@ def stage_common(args, device, desc, run_dir, name):
                 progress=args.progress, log_every_epoch=True)
 
 
+def finish_stage(run_dir, name):
+    """A finished stage's resume state is no longer needed (it holds the optimizer: 3x the model)."""
+    state = os.path.join(run_dir, f"{name}.state.pt")
+    if os.path.exists(state):
+        os.remove(state)
+
+
 def run_tapt(args, fold, train, classes, run_dir, device):
     out = os.path.join(run_dir, "pretrained.pt")
     model = load_backbone(args)
@@ -155,6 +162,7 @@ def run_tapt(args, fold, train, classes, run_dir, device):
                 total_updates=args.updates, schedule=schedule_for(args, args.warmup, args.updates),
                 on_update=model.quantizer.set_num_updates,
                 **stage_common(args, device, f"TAPT fold {fold}", run_dir, "tapt"))
+    finish_stage(run_dir, "tapt")
     save_wav2vec2(model, out, meta={"mode": "tapt", "fold": fold, "source": args.checkpoint, "updates": args.updates})
     return out
 
@@ -198,6 +206,7 @@ def run_teacher(args, fold, train, classes, run_dir, device):
     run_updates(model=teacher, params=params, loss_fn=loss_fn, dataset=dataset, sampler=sampler, total_updates=total,
                 schedule=schedule_for(args, warmup, total),
                 **stage_common(args, device, f"P-TAPT teacher fold {fold}", run_dir, "teacher"))
+    finish_stage(run_dir, "teacher")
     save_wav2vec2(backbone, out, meta={"mode": "ptapt-teacher", "fold": fold, "source": args.checkpoint})
     return out
 
@@ -215,6 +224,9 @@ def run_pseudo_labels(args, fold, splits, classes, run_dir, teacher_path, device
     fits = kmeans.fit_kmeans(feats, ks=args.ks, iters=args.kmeans_iters, init=args.kmeans_init, seed=args.seed,
                              device=device, progress=args.progress)
     labels = {k: kmeans.assign(feats, fit.centroids, device=device) for k, fit in fits.items()}
+    emotions = [classes.index(u.label) for u in splits["train"]]
+    for k in labels:  # the teacher's clusters should carry emotion (compare: kmeans.py fit on the checkpoint)
+        print(f"K={k}: NMI between pseudo-labels and emotion {kmeans.emotion_nmi(labels[k], counts, emotions):.4f}")
     kmeans.save_labels(out, [u.uid for u in splits["train"]], counts, labels,
                        meta={"teacher": teacher_path, "layer": layer, "fold": fold,
                              "inertia": {k: fit.inertia for k, fit in fits.items()}})
@@ -267,6 +279,7 @@ def run_pseudo_label_pretraining(args, fold, train, classes, run_dir, labels_pat
     run_updates(model=model, params=params, loss_fn=loss_fn, dataset=dataset, sampler=sampler,
                 total_updates=args.updates, schedule=schedule_for(args, args.warmup, args.updates),
                 **stage_common(args, device, f"P-TAPT fold {fold}", run_dir, "ptapt"))
+    finish_stage(run_dir, "ptapt")
     save_wav2vec2(backbone, out, meta={"mode": "ptapt", "fold": fold, "source": args.checkpoint, "labels": labels_path})
     return out
 

@@ -2,6 +2,7 @@
 (torchaudio's wav2vec 2.0 and fairseq key converter, scikit-learn's k-means, hand-computed
 metrics, loss references written from the formulas)."""
 import argparse
+import csv
 import glob
 import json
 import os
@@ -1053,3 +1054,216 @@ def test_cli_refuses_to_overwrite(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["fit", "--checkpoint", "x.pt", "--data", str(tmp_path), "--fold", "1", "--out", str(out)])
     assert e.value.code == 2 and "--force" in capsys.readouterr().err and out.read_bytes() == b"old"
+
+
+# -----------------------------------------------------------------------------
+# evaluate.py: metrics and the results table
+
+import evaluate as E
+
+
+def test_metrics_hand_computed():
+    # class 3 never occurs in the test set; class 2 is never predicted
+    y_true, y_pred = [0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 0, 0]
+    m = E.compute_metrics(y_true, y_pred, ["a", "b", "c", "d"])
+    assert m["confusion"] == [[1, 1, 0, 0], [0, 2, 0, 0], [2, 0, 0, 0], [0, 0, 0, 0]]
+    assert m["ua"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)   # recall over the 3 classes present
+    assert m["wa"] == pytest.approx(3 / 6)
+    # F1: a = 2(1/3)(1/2)/(1/3+1/2) = 0.4, b = 2(2/3)(1)/(2/3+1) = 0.8, c = 0 (never predicted)
+    assert m["macro_f1"] == pytest.approx((0.4 + 0.8 + 0.0) / 3)
+    assert m["recall"] == {"a": 0.5, "b": 1.0, "c": 0.0}
+    perfect = E.compute_metrics([0, 1, 2, 3], [0, 1, 2, 3], ["a", "b", "c", "d"])
+    assert perfect["ua"] == perfect["wa"] == perfect["macro_f1"] == 1.0
+
+
+def test_metrics_agree_with_sklearn():
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+    rng = np.random.default_rng(0)
+    y_true, y_pred = rng.integers(0, 4, 300), rng.integers(0, 4, 300)
+    m = E.compute_metrics(y_true, y_pred, list("abcd"))
+    assert m["ua"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
+
+
+def test_results_table(tmp_path):
+    def put(fold, run, ua, wa):
+        d = tmp_path / "vft" / f"fold{fold}" / f"run{run}"
+        d.mkdir(parents=True)
+        (d / "metrics.json").write_text(json.dumps({"ua": ua, "wa": wa, "macro_f1": ua, "classes": ["a", "b"],
+                                                    "confusion": [[run + 1, 0], [0, 1]]}))
+    put(1, 0, 0.70, 0.60)
+    put(1, 1, 0.80, 0.70)
+    put(2, 0, 0.50, 0.40)
+    result = E.aggregate(str(tmp_path / "vft"))
+    assert result["folds"]["1"]["ua"] == pytest.approx(0.75)
+    assert result["folds"]["1"]["ua_std"] == pytest.approx(np.std([0.7, 0.8], ddof=1))
+    assert result["average"]["ua"] == pytest.approx((0.75 + 0.5) / 2)
+    assert result["confusion"] == [[4, 0], [0, 3]]
+    out = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), str(tmp_path / "vft")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "| vft UA | 75.0 ± 7.1 | 50.0 ± 0.0 | 62.5 |" in out.stdout
+    assert json.loads((tmp_path / "vft" / "results.json").read_text())["average"]["wa"] == pytest.approx(0.525)
+    empty = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), str(tmp_path)], capture_output=True,
+                           text=True, timeout=120)
+    assert empty.returncode == 2 and "no fold*/run*/metrics.json" in empty.stderr
+
+
+# -----------------------------------------------------------------------------
+# finetune.py and pretrain.py on a small synthetic corpus, as a user runs them
+
+TINY_RUN = ["--checkpoint", "random-tiny", "--batch-size", "8", "--lr", "5e-4", "--channel-mask-span", "8",
+            "--workers", "0", "--cache", "--no-progress"]
+
+
+def script(name, *args, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(HERE, name), *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("corpus") / "IEMOCAP_full_release")
+    data.synthesize_iemocap(root, utterances_per_session=24, seed=1, min_seconds=1.0, max_seconds=3.0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def vft_run(corpus, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", out, "--epochs", 30, *TINY_RUN)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out / "vft" / "fold1" / "run0", r
+
+
+def test_vft_learns_the_held_out_session(vft_run):
+    """A tiny random wav2vec 2.0 fine-tuned on sessions 2-5 recognises session 1's emotions."""
+    run_dir, r = vft_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["n"] == 24 and metrics["classes"] == ["ang", "hap", "neu", "sad"]
+    assert metrics["ua"] >= 0.6, metrics  # chance is 0.25
+    assert f"UA {metrics['ua']:.4f}" in r.stdout
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 30 and log[-1]["loss"] < log[0]["loss"]
+    assert not (run_dir / "state.pt").exists()
+    with open(run_dir / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 24 and all(r["uid"].startswith("Ses01") for r in rows)
+    hits = sum(r["label"] == r["prediction"] for r in rows)
+    assert hits / 24 == pytest.approx(metrics["wa"])
+
+
+def test_finetuned_model_retests_and_predicts(vft_run, corpus):
+    run_dir, _ = vft_run
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    r = script("evaluate.py", "--checkpoint", run_dir / "model.pt", "--data", corpus, "--fold", 1)
+    assert r.returncode == 0, r.stderr
+    again = json.loads(r.stdout.strip().splitlines()[-1])
+    assert again["ua"] == pytest.approx(metrics["ua"]) and again["wa"] == pytest.approx(metrics["wa"])
+    wavs = sorted(glob.glob(os.path.join(corpus, "Session1", "sentences", "wav", "*", "Ses01*.wav")))[:2]
+    r = script("evaluate.py", "--checkpoint", run_dir / "model.pt", "--predict", *wavs)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2 and lines[0].split("\t")[1] in ("ang", "hap", "neu", "sad")
+    probs = [float(x.split("=")[1]) for x in lines[0].split("\t")[2].split()]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_finished_run_is_not_overwritten(vft_run, corpus):
+    run_dir, _ = vft_run
+    before = (run_dir / "metrics.json").stat().st_mtime_ns
+    out = run_dir.parent.parent.parent
+    r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", out, "--epochs", 30, *TINY_RUN)
+    assert r.returncode == 0 and "finished already" in r.stdout
+    assert (run_dir / "metrics.json").stat().st_mtime_ns == before
+    r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", out, "--epochs", 31, *TINY_RUN)
+    assert r.returncode == 2 and "other settings" in r.stderr and "epochs" in r.stderr
+
+
+def test_interrupted_finetuning_resumes_to_the_same_result(corpus, tmp_path):
+    """SIGKILL after the first epoch's checkpoint; the rerun ends where an uninterrupted run does."""
+    args = ["--fold", 2, "--data", corpus, "--epochs", 3, "--train-fraction", 0.5, *TINY_RUN]
+    r = script("finetune.py", *args, "--out", tmp_path / "straight")
+    assert r.returncode == 0, r.stderr[-2000:]
+    cmd = [sys.executable, os.path.join(HERE, "finetune.py"), *map(str, args), "--out", str(tmp_path / "killed")]
+    state = tmp_path / "killed" / "vft" / "fold2" / "run0" / "state.pt"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(1200):
+            if state.exists() or proc.poll() is not None:
+                break
+            import time
+            time.sleep(0.1)
+        proc.kill()
+    finally:
+        proc.wait()
+    assert state.exists(), "the run never wrote its first resume point"
+    r = script("finetune.py", *args, "--out", tmp_path / "killed")
+    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-2000:]
+    a = json.loads((tmp_path / "straight" / "vft" / "fold2" / "run0" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "killed" / "vft" / "fold2" / "run0" / "metrics.json").read_text())
+    assert a["confusion"] == b["confusion"] and a["ua"] == b["ua"]
+    wa = torch.load(tmp_path / "straight" / "vft" / "fold2" / "run0" / "model.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "killed" / "vft" / "fold2" / "run0" / "model.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_finetune_bad_input(corpus, tmp_path):
+    for fold in (0, 6):
+        r = script("finetune.py", "--fold", fold, "--data", corpus, "--out", tmp_path, *TINY_RUN)
+        assert r.returncode == 2 and "fold" in r.stderr and "Traceback" not in r.stderr
+    (tmp_path / "notckpt.pt").write_text("not a checkpoint")
+    r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", tmp_path, "--init", tmp_path / "notckpt.pt",
+               *TINY_RUN[2:])
+    assert r.returncode == 2 and "notckpt.pt" in r.stderr and "wav2vec 2.0" in r.stderr
+    r = script("finetune.py", "--fold", 1, "--data", tmp_path / "nowhere", "--out", tmp_path, *TINY_RUN)
+    assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_class_weights_and_stratified_fraction():
+    import finetune
+    w = finetune.class_weights([0, 0, 0, 1], 2)  # N / n_c = 4/3, 4 -> normalised 0.25, 0.75
+    torch.testing.assert_close(w, torch.tensor([0.25, 0.75]))
+    utts = [data.Utterance(f"u{i}", f"u{i}.wav", "ab"[i % 2], 16000) for i in range(40)]
+    half = finetune.stratified_fraction(utts, 0.25, seed=0)
+    assert sorted(u.label for u in half) == ["a"] * 5 + ["b"] * 5
+    assert finetune.stratified_fraction(utts, 0.25, seed=0) == half
+
+
+def test_tri_stage_schedule():
+    import finetune
+    lr = [finetune.tri_stage_lr(s, total=100, warmup=10, flat=5) for s in range(101)]
+    assert lr[0] == pytest.approx(0.1) and lr[9] == 1.0 and lr[14] == 1.0
+    assert lr[15] == pytest.approx(85 / 85) and lr[57] == pytest.approx(43 / 85) and lr[100] == 0.0
+    assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
+
+
+def test_tapt_and_ptapt_end_to_end(corpus, tmp_path):
+    """Both methods run on fold 1's training sessions only and feed finetune.py --init."""
+    common = ["--fold", 1, "--data", corpus, "--out", tmp_path, "--checkpoint", "random-tiny", "--batch-size", 8,
+              "--warmup", 2, "--lr", "5e-4", "--workers", 0, "--cache", "--no-progress"]
+    r = script("pretrain.py", "--mode", "tapt", "--updates", 6, *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = script("pretrain.py", "--mode", "ptapt", "--updates", 6, "--teacher-updates", 6, "--ks", 4, 16, *common)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "NMI between pseudo-labels and emotion" in r.stdout
+    fold = tmp_path / "ptapt" / "fold1"
+    labels = load_labels(fold / "labels.pt")
+    assert labels["uids"] and not any(u.startswith("Ses01") for u in labels["uids"])  # never the test session
+    assert sorted(int(k) for k in labels["labels"]) == [4, 16]
+    assert not list(fold.glob("*.state.pt"))
+    r = script("pretrain.py", "--mode", "ptapt", "--updates", 6, "--teacher-updates", 6, "--ks", 4, 16, *common)
+    assert r.returncode == 0 and "fold 1 done" in r.stdout
+    for mode in ("tapt", "ptapt"):
+        r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", tmp_path, "--epochs", 1,
+                   "--init", tmp_path / mode / "fold1" / "pretrained.pt", *TINY_RUN[2:])
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert (tmp_path / f"ft-{mode}" / "fold1" / "run0" / "metrics.json").exists()
+
+
+def test_tapt_refuses_a_checkpoint_without_quantizer(corpus, tmp_path):
+    net = random_model(tiny_config())
+    write_fairseq(tmp_path / "asr.pt", net, "asr")
+    r = script("pretrain.py", "--mode", "tapt", "--fold", 1, "--data", corpus, "--checkpoint", tmp_path / "asr.pt",
+               "--out", tmp_path, "--updates", 2, "--workers", 0, "--no-progress")
+    assert r.returncode == 2 and "quantizer" in r.stderr and "asr.pt" in r.stderr
