@@ -186,7 +186,7 @@ def check_run_config(run_dir, config):
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
-        ignore = {"resume_ok", "workers", "device", "progress"}
+        ignore = {"workers", "device", "progress", "name", "out", "cache"}  # where and how, not what
         diff = {k: (old.get(k), v) for k, v in config.items() if k not in ignore and old.get(k) != v}
         if diff:
             raise DataError(f"{run_dir} holds a run with other settings {diff} (old, new); "

@@ -632,26 +632,30 @@ def _describe(obj):
     return f"a {type(obj).__name__}"
 
 
+def _model_and_task(container):
+    """fairseq keeps the configuration as cfg = {"model": ..., "task": ...} (newer) or as one flat
+    argparse namespace (older); either way -> (model settings, task settings) or None."""
+    if isinstance(container, dict) and isinstance(container.get("model"), dict):
+        return container["model"], container.get("task") or {}
+    if isinstance(container, dict):
+        return container, container
+    return None
+
+
 def _model_kind(ckpt):
     """Return ('project'|'pretrained'|'asr', model_cfg dict, normalize) or raise naming what was found."""
     if ckpt.get("format") in ("w2v2-ser/wav2vec2", "w2v2-ser/classifier"):
         return "project", ckpt["config"], ckpt["config"].get("normalize", False)
-    args, cfg = to_plain(ckpt.get("args")), to_plain(ckpt.get("cfg"))
-    if isinstance(cfg, dict) and isinstance(cfg.get("model"), dict):
-        model_cfg, task = cfg["model"], cfg.get("task") or {}
-    elif isinstance(args, dict):
-        model_cfg, task = args, args
-    else:
+    found = _model_and_task(to_plain(ckpt.get("cfg"))) or _model_and_task(to_plain(ckpt.get("args")))
+    if found is None:
         raise ValueError("no fairseq configuration (neither 'cfg' nor 'args')")
+    model_cfg, task = found
     name = model_cfg.get("_name") or model_cfg.get("arch") or ""
     if name in ("wav2vec_ctc", "wav2vec_seq2seq") or "w2v_args" in model_cfg:
-        inner = to_plain(model_cfg.get("w2v_args"))
-        if isinstance(inner, dict) and isinstance(inner.get("model"), dict):
-            inner_model, inner_task = inner["model"], inner.get("task") or {}
-        elif isinstance(inner, dict):
-            inner_model, inner_task = inner, inner
-        else:
+        inner = _model_and_task(to_plain(model_cfg.get("w2v_args")))
+        if inner is None:
             raise ValueError("an ASR fine-tuned checkpoint without 'w2v_args' (the pretraining configuration)")
+        inner_model, inner_task = inner
         inner_model = dict(inner_model)
         for k in ("dropout", "attention_dropout", "activation_dropout", "dropout_input"):
             if k in model_cfg:  # fine-tuning overrides these, as fairseq's Wav2VecEncoder does

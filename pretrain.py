@@ -221,8 +221,11 @@ def run_pseudo_labels(args, fold, splits, classes, run_dir, teacher_path, device
     teacher = load_wav2vec2(teacher_path).to(device)
     layer = args.layer or teacher.cfg.num_layers
     feats, counts = kmeans.extract_features(teacher, splits["train"], layer, device, progress=args.progress)
-    fits = kmeans.fit_kmeans(feats, ks=args.ks, iters=args.kmeans_iters, init=args.kmeans_init, seed=args.seed,
-                             device=device, progress=args.progress)
+    try:
+        fits = kmeans.fit_kmeans(feats, ks=args.ks, iters=args.kmeans_iters, init=args.kmeans_init, seed=args.seed,
+                                 device=device, progress=args.progress)
+    except ValueError as e:  # e.g. K larger than the number of frames
+        raise DataError(f"k-means on fold {fold}'s {len(feats)} teacher frames: {e}") from None
     labels = {k: kmeans.assign(feats, fit.centroids, device=device) for k, fit in fits.items()}
     emotions = [classes.index(u.label) for u in splits["train"]]
     for k in labels:  # the teacher's clusters should carry emotion (compare: kmeans.py fit on the checkpoint)
@@ -236,7 +239,10 @@ def run_pseudo_labels(args, fold, splits, classes, run_dir, teacher_path, device
 def run_pseudo_label_pretraining(args, fold, train, classes, run_dir, labels_path, device):
     import kmeans
     out = os.path.join(run_dir, "pretrained.pt")
-    stored = kmeans.load_labels(labels_path)
+    try:
+        stored = kmeans.load_labels(labels_path)
+    except ValueError as e:
+        raise DataError(str(e)) from None
     ks = [int(k) for k in stored["labels"]]
     backbone = load_backbone(args)  # from the original checkpoint again, not from the teacher
     backbone.freeze_feature_encoder = True
@@ -249,6 +255,13 @@ def run_pseudo_label_pretraining(args, fold, train, classes, run_dir, labels_pat
     hop = math.prod(s for _, _, s in backbone.cfg.conv_layers)
     if hop != 320:
         raise DataError(f"the model's frame hop is {hop} samples; pseudo-label crops assume 320")
+
+    # every training utterance must have labels for exactly its frames: check now, not hours in
+    for u in train:
+        try:
+            kmeans.labels_for(stored, u.uid, int(backbone.frame_lengths(torch.tensor([u.num_samples]))[0]))
+        except ValueError as e:
+            raise DataError(str(e)) from None
 
     def frame_targets(batch, frames):
         """Each utterance's labels for the frames of its crop; -100 (ignored) on padding."""

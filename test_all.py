@@ -1254,6 +1254,22 @@ def test_tapt_and_ptapt_end_to_end(corpus, tmp_path):
     assert not list(fold.glob("*.state.pt"))
     r = script("pretrain.py", "--mode", "ptapt", "--updates", 6, "--teacher-updates", 6, "--ks", 4, 16, *common)
     assert r.returncode == 0 and "fold 1 done" in r.stdout
+    # pseudo-labels that do not match the audio: one frame moved from the first utterance to the second
+    import shutil
+    broken = tmp_path / "broken" / "fold1"
+    shutil.copytree(fold, broken)
+    (broken / "pretrained.pt").unlink()
+    stored = torch.load(broken / "labels.pt", weights_only=True)
+    stored["frame_counts"][0] -= 1
+    stored["frame_counts"][1] += 1
+    torch.save(stored, broken / "labels.pt")
+    r = script("pretrain.py", "--mode", "ptapt", "--name", "broken", "--updates", 6, "--teacher-updates", 6,
+               "--ks", 4, 16, *common)
+    assert r.returncode == 2 and stored["uids"][0] in r.stderr and "do not match the audio" in r.stderr
+    # K larger than the number of frames
+    r = script("pretrain.py", "--mode", "ptapt", "--name", "bigk", "--updates", 6, "--teacher-updates", 2,
+               "--ks", 10 ** 7, *common)
+    assert r.returncode == 2 and "10000000" in r.stderr and "Traceback" not in r.stderr
     for mode in ("tapt", "ptapt"):
         r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", tmp_path, "--epochs", 1,
                    "--init", tmp_path / mode / "fold1" / "pretrained.pt", *TINY_RUN[2:])
