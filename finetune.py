@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import AudioDataset, BucketBatchSampler, DataError, collate, load_corpus, synthesize_iemocap
+from data import (AudioDataset, BucketBatchSampler, DataError, collate, count_table, format_count_table, load_corpus,
+                  synthesize_iemocap)
 from evaluate import compute_metrics, predict, write_json, write_predictions
 from model import (CheckpointError, EmotionClassifier, Wav2Vec2, Wav2Vec2Config, compute_span_mask,
                    load_wav2vec2, save_atomic, save_classifier)
@@ -346,7 +347,9 @@ def build_parser():
       help="auto: bf16 on GPUs that have it, else fp16 with a grad scaler; fp32 on CPU (default: %(default)s)")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
     a("--workers", type=int, default=2, help="data loader processes (default: %(default)s)")
-    a("--cache", action="store_true", help="keep decoded audio in memory")
+    a("--cache", action="store_true",
+      help="keep decoded audio in memory after the first epoch; loads in the main process (implies --workers 0), "
+           "since worker processes would each rebuild their own copy every epoch")
     a("--out", default="runs", help="(default: %(default)s)")
     a("--name", default=None, help="run name: runs/<name>/fold<k>/run<r> (default: vft; ft-<method> with "
                                    "--init runs/<method>/fold<k>/pretrained.pt)")
@@ -387,6 +390,8 @@ def main(argv=None):
             synthesize_iemocap(args.data)
     if args.name is None:
         args.name = default_run_name(args.init)
+    if args.cache:
+        args.workers = 0
     try:
         if not args.data:
             raise DataError("--data is required (IEMOCAP_full_release folder, label .json or .csv manifest)")
@@ -401,6 +406,8 @@ def main(argv=None):
         results = []
         for fold in folds:
             splits, classes = load_corpus(args.data, fold, args.wav_dir)
+            if fold == folds[0]:
+                print(format_count_table(count_table([u for split in splits.values() for u in split])))
             args.init = template.replace("{fold}", str(fold)) if template else None
             for run in range(args.runs):
                 run_dir = os.path.join(args.out, args.name, f"fold{fold}", f"run{run}")

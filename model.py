@@ -102,16 +102,18 @@ class FeatureEncoder(nn.Module):
 
 
 def masked_group_norm(x, lengths, norm: nn.GroupNorm):
-    """GroupNorm with one group per channel (fairseq's layer-0 norm), statistics over valid frames."""
-    if lengths is None or bool((lengths == x.shape[-1]).all()):
+    """GroupNorm with one group per channel (fairseq's layer-0 norm), statistics over valid frames.
+    The masked sums are batched matmuls against the validity mask, so the large (B, C, T) tensor is
+    read a few times and never synchronises with the host."""
+    if lengths is None:
         return norm(x.float()).type_as(x)
-    valid = (torch.arange(x.shape[-1], device=x.device) < lengths[:, None]).unsqueeze(1)  # (B, 1, F)
     xf = x.float()
+    valid = (torch.arange(x.shape[-1], device=x.device) < lengths[:, None]).to(xf.dtype).unsqueeze(-1)  # (B, T, 1)
     count = lengths.to(xf.dtype).view(-1, 1, 1)
-    mean = (xf * valid).sum(-1, keepdim=True) / count
-    var = (((xf - mean) * valid) ** 2).sum(-1, keepdim=True) / count
-    y = (xf - mean) * torch.rsqrt(var + norm.eps)
-    return (y * norm.weight[:, None] + norm.bias[:, None]).type_as(x)
+    centered = xf - torch.bmm(xf, valid) / count
+    var = torch.bmm(centered * centered, valid) / count
+    scale = norm.weight[:, None] * torch.rsqrt(var + norm.eps)
+    return torch.addcmul(norm.bias[:, None], centered, scale).type_as(x)
 
 
 class PositionalConv(nn.Module):

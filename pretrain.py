@@ -340,7 +340,9 @@ def build_parser():
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto", help="(default: %(default)s)")
     a("--device", default="auto", help="(default: %(default)s)")
     a("--workers", type=int, default=2, help="(default: %(default)s)")
-    a("--cache", action="store_true", help="keep decoded audio in memory")
+    a("--cache", action="store_true",
+      help="keep decoded audio in memory after the first epoch; loads in the main process (implies --workers 0), "
+           "since worker processes would each rebuild their own copy every epoch")
     a("--progress", action=argparse.BooleanOptionalAction, default=True, help="(default: %(default)s)")
     return p
 
@@ -351,6 +353,8 @@ def main(argv=None):
         if getattr(args, k) is None:
             setattr(args, k, v)
     args.init = None
+    if args.cache:
+        args.workers = 0
     name = args.name or args.mode
     device = resolve_device(args.device)
     try:
