@@ -54,8 +54,8 @@ from pretrain import PseudoLabelHeads, contrastive_loss, sample_negatives
 SMALL_MODEL = dict(conv_layers=[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2, embed_dim=128, ffn_dim=512,
                    num_layers=3, num_heads=4, pos_conv_kernel=32, pos_conv_groups=4, final_dim=64, latent_vars=64)
 SCALES = {
-    "small": dict(model=SMALL_MODEL, batch_size=8, infer_batch=8, utterances=160, epoch_batch=16, epochs=2,
-                  warmup=2, repeats=5, kmeans_n=10000, kmeans_ks=[64, 512], kmeans_repeats=3,
+    "small": dict(model=SMALL_MODEL, batch_size=8, infer_batch=8, utterances=80, epoch_batch=8, epochs=3,
+                  warmup=1, repeats=5, kmeans_n=16384, kmeans_ks=[64, 512], kmeans_repeats=3,
                   scaling_seconds=[1, 5, 10, 20, 30], scaling_n=[10000, 30000, 100000], scaling_k=64, workers=0),
     "real": dict(model={}, batch_size=64, infer_batch=16, utterances=5531, epoch_batch=64, epochs=3,
                  warmup=3, repeats=10, kmeans_n=1_000_000, kmeans_ks=[64, 512, 4096], kmeans_repeats=3,
@@ -79,6 +79,10 @@ def model_config(scale):
 def channel_span(cfg):
     """The recipe's 64-channel span is for 768 channels; a smaller model gets the same fraction."""
     return max(1, round(VFT_MASK["channel_span"] * cfg.embed_dim / 768))
+
+
+def precision_name(dtype):
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def have(module):
@@ -123,39 +127,78 @@ def measure(fns, device, warmup, repeats):
                 "peak_mb": peak[n]} for n in names}
 
 
-class RssPeak:
-    """CPU only, approximate: the largest rise of this process's resident memory during the block,
-    sampled every millisecond (the allocator keeps freed memory, so run sizes in increasing order)."""
+class HeapPeak:
+    """CPU only: the largest rise of the bytes malloc has handed out (glibc mallinfo2: heap in use plus
+    mmapped blocks) during the block, polled every millisecond. Unlike resident memory it does not hide
+    reuse of memory the allocator kept; other threads' arenas are not counted. None where unavailable."""
+
+    def __init__(self):
+        import ctypes
+
+        class MallInfo2(ctypes.Structure):
+            _fields_ = [(name, ctypes.c_size_t) for name in
+                        ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                         "fordblks", "keepcost")]
+        try:
+            self.fn = ctypes.CDLL(None).mallinfo2
+            self.fn.restype = MallInfo2
+        except (OSError, AttributeError):
+            self.fn = None
+
+    def in_use(self):
+        info = self.fn()
+        return info.uordblks + info.hblkhd
 
     def __enter__(self):
-        self.base = self.peak = self.rss()
-        self.stop = False
-        self.thread = threading.Thread(target=self.poll, daemon=True)
-        self.thread.start()
+        if self.fn is not None:
+            self.base = self.peak = self.in_use()
+            self.stop = False
+            self.thread = threading.Thread(target=self.poll, daemon=True)
+            self.thread.start()
         return self
 
     def poll(self):
         while not self.stop:
-            self.peak = max(self.peak, self.rss())
+            self.peak = max(self.peak, self.in_use())
             time.sleep(0.001)
 
     def __exit__(self, *exc):
-        self.stop = True
-        self.thread.join()
-        self.peak = max(self.peak, self.rss())
-
-    @staticmethod
-    def rss():
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        if self.fn is not None:
+            self.stop = True
+            self.thread.join()
 
     @property
     def mb(self):
-        return (self.peak - self.base) / 2 ** 20
+        return None if self.fn is None else (self.peak - self.base) / 2 ** 20
 
 
 def load_note():
     return round(os.getloadavg()[0], 2)
+
+
+def busy_cores(window=2.0):
+    """CPU cores kept busy by anything over `window` seconds (Linux /proc/stat); call it while idle
+    yourself to see what other processes use. None where /proc/stat is missing."""
+    def sample():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+    try:
+        t0, i0 = sample()
+        time.sleep(window)
+        t1, i1 = sample()
+    except OSError:
+        return None
+    return (1 - (i1 - i0) / max(t1 - t0, 1)) * (os.cpu_count() or 1)
+
+
+def wait_for_idle(limit_s, threshold=0.5):
+    """Shared machines: wait up to limit_s seconds until other processes use fewer than `threshold`
+    cores, so that timings are not taken under contention. Returns the busy cores seen last."""
+    start, busy = time.perf_counter(), busy_cores()
+    while busy is not None and busy >= threshold and time.perf_counter() - start < limit_s:
+        busy = busy_cores()
+    return None if busy is None else round(busy, 2)
 
 
 def max_rss_mb():
@@ -347,12 +390,24 @@ def our_classifier(cfg, seed):
     return clf
 
 
+class full_fp32:
+    """Parity checks in true float32: no TF32 in cuDNN convolutions or matmuls (restored afterwards)."""
+
+    def __enter__(self):
+        self.saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    def __exit__(self, *exc):
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = self.saved
+
+
 @torch.no_grad()
 def parity(ours, theirs, wav):
     """Largest |difference| of the frame features of an unpadded batch, in eval mode, float32."""
     ours.eval(), theirs.eval()
-    a = ours(wav)[0]
-    b = theirs(wav)
+    with full_fp32():
+        a = ours(wav)[0]
+        b = theirs(wav)
     b = b.last_hidden_state if hasattr(b, "last_hidden_state") else b[0]
     return float((a - b).abs().max())
 
@@ -554,7 +609,7 @@ def case_epoch(args, scale, device, dtype):
             med = statistics.median(times[name])
             used = sum(sum(dataset.lengths[i] for i in b) for b in side["sampler"].batches()) / SAMPLE_RATE
             rows.append({"side": name, "epoch_s": med, "steps": side["steps"], "audio_s_per_s": used / med,
-                         "padded_frames": side["padding"], "precision": str(side["dtype"]).replace("torch.", ""),
+                         "padded_frames": side["padding"], "precision": precision_name(side["dtype"]),
                          "ratio": med / ours})
         return {"utterances": args.utterances, "audio_h": audio_s / 3600, "setup_s": setup_s,
                 "data": "in-memory noise through AudioDataset" if folder is None else "16-bit wav files in a temp dir",
@@ -602,6 +657,8 @@ def case_inference(args, scale, device, dtype):
                 fn()
         return run
     res = measure({k: wrap(f) for k, f in fns.items()}, device, args.warmup, args.repeats)
+    if args.profile:
+        profile_steps({k: wrap(f) for k, f in fns.items()}, device)
     ours = res["this project"]["median_s"]
     rows = [{"side": name, "batch_ms": r["median_s"] * 1e3, "audio_s_per_s": audio_s / r["median_s"],
              "peak_mb": r["peak_mb"], "ratio": r["median_s"] / ours} for name, r in res.items()]
@@ -710,6 +767,8 @@ def case_pretrain_steps(args, scale, device, dtype):
              "heads on masked frames only": lambda: (pnet.train(), pstep(
                  lambda: ours_ptapt_loss(pnet, heads, batch, targets, gen, masked_only=True)))}
     res_ptapt = measure(ptapt, device, args.warmup, args.repeats)
+    if args.profile:
+        profile_steps({**{f"TAPT {k}": f for k, f in tapt.items()}, **{f"P-TAPT {k}": f for k, f in ptapt.items()}}, device)
     rows = []
     for stage, res in (("TAPT", res_tapt), ("P-TAPT", res_ptapt)):
         ours = res["this project"]["median_s"]
@@ -724,28 +783,31 @@ def case_pretrain_steps(args, scale, device, dtype):
 def pretrain_parity(net, hf, wav):
     """Context projections and quantized targets (eval: argmax codewords) of an unpadded batch."""
     net.eval(), hf.eval()
-    e = net.encode(wav)
-    ctx = net.final_proj(e.hidden)
-    q, _ = net.quantizer(e.features.reshape(-1, e.features.shape[-1]))
-    q = net.project_q(q).view(*e.features.shape[:2], -1)
-    out = hf(wav)
+    with full_fp32():
+        e = net.encode(wav)
+        ctx = net.final_proj(e.hidden)
+        q, _ = net.quantizer(e.features.reshape(-1, e.features.shape[-1]))
+        q = net.project_q(q).view(*e.features.shape[:2], -1)
+        out = hf(wav)
     return max(float((ctx - out.projected_states).abs().max()), float((q - out.projected_quantized_states).abs().max()))
 
 
 # -----------------------------------------------------------------------------
 # case 5: k-means
 
-def synthetic_frames(n, dim, rng_seed):
-    """Frame-feature-like data: 256 Gaussian clusters of unequal sizes and spreads around a shared offset,
-    with a few large-valued 'outlier' dimensions as transformer features have."""
-    g = torch.Generator().manual_seed(rng_seed)
-    centers = torch.randn(256, dim, generator=g) * 2.0
+def synthetic_frames(n, dim, seed):
+    """Frame-feature-like data without clean clusters: a 48-dimensional latent (32 broad overlapping modes,
+    decaying variances) mapped linearly to `dim` dimensions, plus isotropic noise, a shared offset and
+    4 large-valued 'outlier' dimensions as transformer features have."""
+    g = torch.Generator().manual_seed(seed)
+    r = 48
+    modes = torch.randn(32, r, generator=g)
+    z = modes[torch.randint(32, (n,), generator=g)] + torch.randn(n, r, generator=g)
+    z = z * torch.linspace(2.0, 0.3, r)
+    w = torch.randn(r, dim, generator=g) / r ** 0.5
     offset = torch.randn(dim, generator=g) * 0.5
     offset[:4] += 20.0
-    weights = torch.rand(256, generator=g) + 0.1
-    z = torch.multinomial(weights, n, replacement=True, generator=g)
-    spread = (torch.rand(256, generator=g) + 0.5)[z, None]
-    x = torch.randn(n, dim, generator=g).mul_(spread).add_(centers[z]).add_(offset)
+    x = torch.randn(n, dim, generator=g).mul_(0.3).addmm_(z, w).add_(offset)
     return x.contiguous()
 
 
@@ -818,6 +880,8 @@ def case_kmeans(args, scale, device, dtype):
                 fns["faiss"] = fa
             else:
                 notes.append(skipped("faiss"))
+        if device.type == "cuda":  # warm-up (CUDA context, cuBLAS) on a slice: not worth a full fit
+            kmeans.fit_kmeans(x[:2 * k], ks=[k], iters=2, init=init, max_samples=2 * k, device=device, progress=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # scikit-learn: "explicit initial center position passed"
             res = measure(fns, device, 0, args.kmeans_repeats)
@@ -826,14 +890,15 @@ def case_kmeans(args, scale, device, dtype):
         for name, r in res.items():
             value = inertia(x, out[name], device)
             ref = value if name == "this project" else ref
-            rows.append({"K": k, "side": name, "fit_s": r["median_s"], "inertia": value,
+            its = out["sk_iters"] if name == "scikit-learn" else iters  # scikit-learn stops once labels settle
+            rows.append({"K": k, "side": name, "fit_s": r["median_s"], "iterations": its,
+                         "s_per_iter": r["median_s"] / max(its, 1), "inertia": value,
                          "inertia_vs_ours": value / ref - 1, "ratio": r["median_s"] / ours_s,
-                         "peak_mb": r["peak_mb"],
-                         "iterations": out.get("sk_iters", iters) if name == "scikit-learn" else iters})
+                         "ratio_per_iter": r["median_s"] / max(its, 1) / (ours_s / iters), "peak_mb": r["peak_mb"]})
         raw[k] = res
     if device.type == "cuda":
         notes.append("scikit-learn and faiss-cpu run on the CPU: not the same device as this project's GPU run")
-    return {"N": n, "D": dim, "iterations": iters, "data": "synthetic: 256 Gaussian clusters, shared offset, 4 outlier dims",
+    return {"N": n, "D": dim, "iterations": iters, "data": "synthetic (see synthetic_frames): low-rank latent with overlapping modes, noise, offset",
             "cpu_gflops_fp32": gflops, "rows": rows, "notes": notes, "raw": raw}
 
 
@@ -906,7 +971,7 @@ def case_mfu(args, scale, device, dtype):
         t = res[name]["median_s"]
         rows.append({"step": name, "step_ms": t * 1e3, "tflop_per_step": flops / 1e12, "achieved_tflops": flops / t / 1e12,
                      "peak_tflops_bf16_matmul": peak, "mfu": flops / t / 1e12 / peak,
-                     "precision": str(dtype).replace("torch.", "")})
+                     "precision": precision_name(dtype)})
     return {"batch": {"utterances": b, "padded_samples": s}, "rows": rows, "notes": [
         "FLOPs counted on the padded batch; peak = median of an 8192^3 bf16 matmul in this run"], "raw": res}
 
@@ -941,16 +1006,18 @@ def scaling(args, scale, device, dtype):
         for name, r in res.items():
             mem = r["peak_mb"]
             if device.type != "cuda":
-                with RssPeak() as rss:
+                with HeapPeak() as heap:
                     wrap(fns[name])()
-                mem = rss.mb
+                mem = heap.mb
             rows.append({"what": "forward", "side": name, "seconds": seconds, "time_ms": r["median_s"] * 1e3,
                          "mem_mb": mem})
     slopes = {}
     for side in {r["side"] for r in rows}:
         pts = [(r["seconds"], r["time_ms"]) for r in rows if r["side"] == side]
         slopes[f"forward time, {side}"] = loglog_slope(*zip(*pts))
-        slopes[f"forward time 10-30 s, {side}"] = loglog_slope(*zip(*[p for p in pts if p[0] >= 10]))
+        long = [p for p in pts if p[0] >= 10]
+        if len(long) >= 2:  # the long end, where attention's quadratic term shows first
+            slopes[f"forward time >= 10 s, {side}"] = loglog_slope(*zip(*long))
 
     k = args.scaling_k
     kpts = []
@@ -963,15 +1030,15 @@ def scaling(args, scale, device, dtype):
             r = measure({"k": fit}, device, 1, 3)["k"]
             t, mem = r["median_s"], r["peak_mb"]
         else:
-            with RssPeak() as rss:
+            with HeapPeak() as heap:
                 r = measure({"k": fit}, device, 0, 1)["k"]
-            t, mem = r["median_s"], rss.mb
+            t, mem = r["median_s"], heap.mb
         rows.append({"what": f"k-means K={k}", "side": "this project", "frames": n, "time_ms": t * 1e3, "mem_mb": mem})
         kpts.append((n, t))
         del x
     slopes[f"k-means time vs frames (K={k})"] = loglog_slope(*zip(*kpts))
     return {"rows": rows, "loglog_slopes": slopes, "notes": notes + (
-        ["CPU memory: approximate rise of resident memory during one call (sampled), sizes in increasing order"]
+        ["CPU memory: peak rise of malloc'd bytes during one call (mallinfo2, polled every ms)"]
         if device.type != "cuda" else ["CUDA memory: peak allocated during the call above what was allocated before"])}
 
 
@@ -990,7 +1057,7 @@ def targets(results, device):
     sdpa, eager = row("1", "transformers sdpa"), row("1", "transformers eager")
     if device.type == "cpu":
         if sdpa:
-            add("V-FT step vs transformers SDPA (CPU --small)", ">= 1.0x", sdpa["ratio"], sdpa["ratio"] >= 1.0)
+            add("V-FT step vs transformers SDPA (CPU)", ">= 1.0x", sdpa["ratio"], sdpa["ratio"] >= 1.0)
         for r in results.get("5", {}).get("rows", []):
             if r["side"] == "scikit-learn":
                 ok = r["ratio"] >= 5 and abs(r["inertia_vs_ours"]) <= 0.01
@@ -1040,7 +1107,8 @@ CASES = {
     "3": ("inference (frame features)", case_inference, ["side", "batch_ms", "audio_s_per_s", "peak_mb", "ratio"]),
     "4": ("TAPT / P-TAPT update steps", case_pretrain_steps,
           ["stage", "side", "step_ms", "audio_s_per_s", "peak_mb", "ratio"]),
-    "5": ("k-means", case_kmeans, ["K", "side", "fit_s", "iterations", "inertia", "inertia_vs_ours", "ratio", "peak_mb"]),
+    "5": ("k-means", case_kmeans, ["K", "side", "fit_s", "iterations", "s_per_iter", "inertia", "inertia_vs_ours",
+                                  "ratio", "ratio_per_iter", "peak_mb"]),
     "6": ("model FLOPs utilisation (GPU only)", case_mfu,
           ["step", "step_ms", "tflop_per_step", "achieved_tflops", "peak_tflops_bf16_matmul", "mfu", "precision"]),
 }
@@ -1075,12 +1143,15 @@ def build_parser():
     a("--kmeans-ks", type=int, nargs="+", default=None, help="cluster counts in case 5 " + both("kmeans_ks"))
     a("--kmeans-iters", type=int, default=20, help="Lloyd iterations (the release: 20) (default: %(default)s)")
     a("--kmeans-repeats", type=int, default=None, help="timed fits per implementation " + both("kmeans_repeats"))
-    a("--opponent-budget-s", type=float, default=300.0,
+    a("--opponent-budget-s", type=float, default=60.0,
       help="case 5: skip the CPU libraries for a K whose fit would take longer, roughly (default: %(default)s)")
     a("--scaling-seconds", type=float, nargs="+", default=None, help="utterance lengths " + both("scaling_seconds"))
     a("--scaling-n", type=int, nargs="+", default=None, help="k-means frame counts " + both("scaling_n"))
     a("--scaling-k", type=int, default=None, help="k-means K for scaling " + both("scaling_k"))
-    a("--profile", action="store_true", help="case 1: print a torch.profiler table of one step of each side")
+    a("--wait-idle", type=float, default=0.0,
+      help="shared machines: before each case wait up to this many seconds until other processes use < 0.5 "
+           "cores (0: do not wait) (default: %(default)s)")
+    a("--profile", action="store_true", help="cases 1, 3, 4: print a torch.profiler table of one call of each side")
     return p
 
 
@@ -1100,7 +1171,7 @@ def main(argv=None):
     meta = {"command": " ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])]),
             "scale": "small" if args.small else "real", "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "cpu_threads": torch.get_num_threads(), "precision": str(dtype).replace("torch.", "") if dtype else "fp32",
+            "cpu_threads": torch.get_num_threads(), "precision": precision_name(dtype),
             "torch": torch.__version__, "python": platform.python_version(),
             "libraries": {m: (__import__(m).__version__ if have(m) else None)
                           for m in ("transformers", "torchaudio", "sklearn", "faiss")},
@@ -1112,23 +1183,27 @@ def main(argv=None):
     t_start = time.perf_counter()
     for c in cases:
         title, fn, columns = CASES[c]
+        busy = wait_for_idle(args.wait_idle) if args.wait_idle > 0 else None
         load = load_note()
         t0 = time.perf_counter()
         res = fn(args, scale, device, dtype)
         res.update(load_before=load, load_after=load_note(), wall_s=round(time.perf_counter() - t0, 1),
-                   max_rss_mb=round(max_rss_mb()))
+                   max_rss_mb=round(max_rss_mb()), other_busy_cores_before=busy)
         results[c] = res
-        print_table(f"[{c}] {title}  (load {load} -> {res['load_after']}, {res['wall_s']} s)", res["rows"], columns)
+        print_table(f"[{c}] {title}  (load {load} -> {res['load_after']}"
+                    f"{'' if busy is None else f', other processes {busy} cores'}, {res['wall_s']} s)", res["rows"], columns)
         for key in ("batch", "parity_max_abs_diff"):
             if res.get(key):
                 print(f"  {key}: " + ", ".join(f"{k}={fmt(v)}" for k, v in res[key].items()))
         for note in res.get("notes", []):
             print(f"  {note}")
     if args.scaling:
+        busy = wait_for_idle(args.wait_idle) if args.wait_idle > 0 else None
         load = load_note()
         t0 = time.perf_counter()
         res = scaling(args, scale, device, dtype)
-        res.update(load_before=load, load_after=load_note(), wall_s=round(time.perf_counter() - t0, 1))
+        res.update(load_before=load, load_after=load_note(), wall_s=round(time.perf_counter() - t0, 1),
+                   other_busy_cores_before=busy)
         results["scaling"] = res
         print_table(f"[scaling] forward pass and k-means  (load {load} -> {res['load_after']}, {res['wall_s']} s)",
                     res["rows"], ["what", "side", "seconds", "frames", "time_ms", "mem_mb"])
