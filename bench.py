@@ -24,7 +24,6 @@ An opponent library that is not installed is skipped with a message; this projec
 import argparse
 import importlib.util
 import json
-import math
 import os
 import platform
 import resource
@@ -35,7 +34,6 @@ import tempfile
 import threading
 import time
 import warnings
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -322,35 +320,11 @@ def hf_backbone(net, attn, pretraining=False):
     return hf
 
 
-def to_fairseq_state(net):
-    """Our parameters under fairseq's names (the inverse of model.fairseq_key), for torchaudio's importer."""
-    out, ln_mode = {}, net.cfg.extractor_mode == "layer_norm"
-    for k, v in net.state_dict().items():
-        parts = k.split(".")
-        if k.startswith("feature_encoder.convs."):
-            k = f"feature_extractor.conv_layers.{parts[2]}.0.{parts[3]}"
-        elif k.startswith("feature_encoder.norms."):
-            k = f"feature_extractor.conv_layers.{parts[2]}.2{'.1' if ln_mode else ''}.{parts[3]}"
-        elif k.startswith("encoder.pos_conv."):
-            k = "encoder.pos_conv.0." + parts[-1]
-        out[k] = v.clone()
-    return out
-
-
 def torchaudio_backbone(net):
-    import torchaudio.models
-    from torchaudio.models.wav2vec2.utils.import_fairseq import _convert_state_dict
-    cfg = net.cfg
-    ta = torchaudio.models.wav2vec2_model(
-        extractor_mode="group_norm" if cfg.extractor_mode == "default" else "layer_norm",
-        extractor_conv_layer_config=[tuple(x) for x in cfg.conv_layers], extractor_conv_bias=cfg.conv_bias,
-        encoder_embed_dim=cfg.embed_dim, encoder_projection_dropout=0.0, encoder_pos_conv_kernel=cfg.pos_conv_kernel,
-        encoder_pos_conv_groups=cfg.pos_conv_groups, encoder_num_layers=cfg.num_layers,
-        encoder_num_heads=cfg.num_heads, encoder_attention_dropout=0.0, encoder_ff_interm_features=cfg.ffn_dim,
-        encoder_ff_interm_dropout=0.0, encoder_dropout=0.0, encoder_layer_norm_first=cfg.layer_norm_first,
-        encoder_layer_drop=0.0, aux_num_out=None)
-    ta.load_state_dict(_convert_state_dict(to_fairseq_state(net)))
-    return ta
+    """torchaudio's wav2vec 2.0 with `net`'s weights, through torchaudio's own fairseq converter
+    (the same construction the parity tests use)."""
+    from test_all import to_fairseq_state, torchaudio_model
+    return torchaudio_model(net.cfg, to_fairseq_state(net))
 
 
 class HFClassifier(nn.Module):
@@ -1024,7 +998,7 @@ def scaling(args, scale, device, dtype):
     for n in args.scaling_n:
         x = synthetic_frames(n, 768, args.seed)
         init = x[:k].clone()
-        fit = lambda: kmeans.fit_kmeans(x, ks=[k], iters=args.kmeans_iters, init=init, max_samples=n, device=device,
+        fit = lambda x=x, init=init, n=n: kmeans.fit_kmeans(x, ks=[k], iters=args.kmeans_iters, init=init, max_samples=n, device=device,
                                         progress=False)
         if device.type == "cuda":
             r = measure({"k": fit}, device, 1, 3)["k"]
