@@ -1283,3 +1283,25 @@ def test_tapt_refuses_a_checkpoint_without_quantizer(corpus, tmp_path):
     r = script("pretrain.py", "--mode", "tapt", "--fold", 1, "--data", corpus, "--checkpoint", tmp_path / "asr.pt",
                "--out", tmp_path, "--updates", 2, "--workers", 0, "--no-progress")
     assert r.returncode == 2 and "quantizer" in r.stderr and "asr.pt" in r.stderr
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_kmeans_on_real_model_features_matches_sklearn(synth):
+    """Frame features of a (random) wav2vec 2.0 on the synthetic corpus, not just blobs."""
+    from sklearn.cluster import KMeans
+    import kmeans
+    splits, _ = data.load_corpus(synth, 1)
+    net = random_model(tiny_config(), seed=2)
+    feats, counts = kmeans.extract_features(net, splits["train"], net.cfg.num_layers, torch.device("cpu"),
+                                            progress=False, workers=0)
+    assert int(counts.sum()) == len(feats) and len(counts) == len(splits["train"])
+    x = feats.float().numpy()
+    for k in (8, 32):
+        init = x[np.random.default_rng(k).choice(len(x), k, replace=False)]
+        ours = fit_kmeans(feats.float(), ks=(k,), iters=20, init=torch.from_numpy(init), max_samples=BIG,
+                          progress=False)[k]
+        sk = KMeans(k, init=init, n_init=1, max_iter=20, algorithm="lloyd", tol=0).fit(x)
+        assert abs(ours.inertia[-1] / sk.inertia_ - 1) < 0.01
+        own = fit_kmeans(feats.float(), ks=(k,), iters=20, max_samples=BIG, progress=False)[k]
+        sk_own = KMeans(k, n_init=1, max_iter=20, algorithm="lloyd", tol=0, random_state=0).fit(x)
+        assert own.inertia[-1] <= 1.01 * sk_own.inertia_
