@@ -87,6 +87,13 @@ def have(module):
     return importlib.util.find_spec(module) is not None
 
 
+def version(module):
+    try:
+        return __import__(module).__version__ if have(module) else None
+    except ImportError:
+        return None
+
+
 def skipped(module):
     return f"skipped: {module} not installed"
 
@@ -99,30 +106,89 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+class Others:
+    """Shared machines: the CPU cores that *other* processes kept busy while the block ran (Linux:
+    all busy time in /proc/stat minus this process's own, over the wall time; None elsewhere).
+    With --wait-idle, a timed call that ran beside more than THRESHOLD such cores is redone after
+    waiting for quiet, since two cores shared with a busy neighbour make every small op wait."""
+    wait_s, THRESHOLD, RETRIES = 0.0, 0.25, 3
+
+    @staticmethod
+    def jiffies():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+            with open("/proc/self/stat") as f:
+                mine = f.read().rsplit(")", 1)[1].split()
+            return sum(v) - v[3] - v[4], int(mine[11]) + int(mine[12])  # all busy; own utime + stime
+        except (OSError, IndexError, ValueError):
+            return None
+
+    def __enter__(self):
+        self.start, self.t0 = self.jiffies(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        end, dt = self.jiffies(), time.perf_counter() - self.t0
+        self.cores = None
+        if self.start and end and dt > 0:
+            others = (end[0] - self.start[0]) - (end[1] - self.start[1])
+            self.cores = max(0.0, others / os.sysconf("SC_CLK_TCK") / dt)
+
+    @classmethod
+    def timed(cls, fn, device, redo=True):
+        """(seconds, other cores, redos) of one call, redone (after waiting for quiet) if it ran beside
+        others. redo=False where this benchmark's own helper processes (data loader workers) count as others."""
+        for attempt in range(cls.RETRIES + 1):
+            sync(device)
+            with cls() as probe:
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                seconds = time.perf_counter() - t0
+            quiet = probe.cores is None or probe.cores < cls.THRESHOLD
+            if quiet or not redo or cls.wait_s <= 0 or attempt == cls.RETRIES:
+                return seconds, probe.cores, attempt
+            wait_for_idle(cls.wait_s)
+
+
 def measure(fns, device, warmup, repeats):
-    """fns: {name: callable}. Returns {name: {"median_s", "min_s", "times_s", "peak_mb"}}; peak_mb is the
-    CUDA memory allocated during the call above what was allocated before it (None on CPU)."""
+    """fns: {name: callable}. Returns {name: {"median_s", "min_s", "times_s", "peak_mb", "other_cores",
+    "redone"}}; peak_mb is the CUDA memory allocated during the call above what was allocated before it
+    (None on CPU); other_cores the most CPU cores other processes used during a kept call."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
             fns[name]()
     sync(device)
     times, peak = {n: [] for n in names}, {n: None for n in names}
+    others, redone = {n: [] for n in names}, {n: 0 for n in names}
     for r in range(repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 before = torch.cuda.memory_allocated(device)
-            sync(device)
-            t0 = time.perf_counter()
-            fns[name]()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
+            seconds, cores, retries = Others.timed(fns[name], device)
+            times[name].append(seconds)
+            redone[name] += retries
+            if cores is not None:
+                others[name].append(cores)
             if device.type == "cuda":
                 used = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 20
                 peak[name] = max(peak[name] or 0.0, used)
     return {n: {"median_s": statistics.median(times[n]), "min_s": min(times[n]), "times_s": times[n],
-                "peak_mb": peak[n]} for n in names}
+                "peak_mb": peak[n], "other_cores": max(others[n]) if others[n] else None, "redone": redone[n]}
+            for n in names}
+
+
+def contention_note(*results):
+    """One line on how quiet the machine was during a case's timed calls."""
+    kept = [r for res in results for r in res.values() if isinstance(r, dict) and "other_cores" in r]
+    cores = [r["other_cores"] for r in kept if r["other_cores"] is not None]
+    if not cores:
+        return None
+    return (f"other processes during timed calls: at most {max(cores):.2f} cores"
+            f"; calls redone after waiting for quiet: {sum(r['redone'] for r in kept)}")
 
 
 class HeapPeak:
@@ -462,9 +528,10 @@ def case_vft_step(args, scale, device, dtype):
              "peak_mb": r["peak_mb"], "ratio": r["median_s"] / ours} for name, r in res.items()]
     if args.profile:
         profile_steps({k: v for k, v in fns.items()}, device)
+    note = contention_note(res)
     return {"batch": {"utterances": args.batch_size, "audio_s": audio_s,
                       "padded_s": batch["wav"].numel() / SAMPLE_RATE},
-            "parity_max_abs_diff": checks, "rows": rows, "notes": notes, "raw": res}
+            "parity_max_abs_diff": checks, "rows": rows, "notes": notes + ([note] if note else []), "raw": res}
 
 
 def profile_steps(fns, device):
@@ -568,14 +635,17 @@ def case_epoch(args, scale, device, dtype):
             epoch(side, 10_000, limit=args.warmup)
         sync(device)
         times = {name: [] for name in sides}
+        probes = {name: {"other_cores": None, "redone": 0} for name in sides}
         names = list(sides)
         for r in range(args.epochs):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                t0 = time.perf_counter()
-                steps = epoch(sides[name], r)
-                sync(device)
-                times[name].append(time.perf_counter() - t0)
-                sides[name]["steps"] = steps
+                seconds, cores, retries = Others.timed(lambda: sides[name].update(steps=epoch(sides[name], r)), device,
+                                                       redo=args.workers == 0)
+                times[name].append(seconds)
+                probe = probes[name]
+                probe["redone"] += retries
+                if cores is not None:
+                    probe["other_cores"] = max(probe["other_cores"] or 0.0, cores)
         audio_s = sum(dataset.lengths) / SAMPLE_RATE  # what an epoch would see without dropping
         ours = statistics.median(times["this project"])
         rows = []
@@ -585,9 +655,10 @@ def case_epoch(args, scale, device, dtype):
             rows.append({"side": name, "epoch_s": med, "steps": side["steps"], "audio_s_per_s": used / med,
                          "padded_frames": side["padding"], "precision": precision_name(side["dtype"]),
                          "ratio": med / ours})
+        note = contention_note(probes)
         return {"utterances": args.utterances, "audio_h": audio_s / 3600, "setup_s": setup_s,
                 "data": "in-memory noise through AudioDataset" if folder is None else "16-bit wav files in a temp dir",
-                "workers": args.workers, "rows": rows, "notes": notes, "times_s": times}
+                "workers": args.workers, "rows": rows, "notes": notes + ([note] if note else []), "times_s": times}
     finally:
         if folder:
             shutil.rmtree(folder, ignore_errors=True)
@@ -614,12 +685,12 @@ def case_inference(args, scale, device, dtype):
             fns[f"transformers {attn}"] = lambda hf=hf, mask=mask: hf(wav, attention_mask=mask)
     else:
         notes.append(skipped("transformers"))
-    if have("torchaudio"):
+    try:  # torchaudio, and test_all's helpers that build its model (they import pytest)
         ta = torchaudio_backbone(net).to(device).eval()
         checks["torchaudio"] = parity(net, ta, probe)
         fns["torchaudio"] = lambda: ta(wav, lengths)
-    else:
-        notes.append(skipped("torchaudio"))
+    except ImportError as e:
+        notes.append(skipped(e.name or "torchaudio"))
     for name, d in checks.items():
         if d > 1e-4:
             notes.append(f"{name}: outputs differ by {d:.2e} > 1e-4; not timed")
@@ -636,8 +707,9 @@ def case_inference(args, scale, device, dtype):
     ours = res["this project"]["median_s"]
     rows = [{"side": name, "batch_ms": r["median_s"] * 1e3, "audio_s_per_s": audio_s / r["median_s"],
              "peak_mb": r["peak_mb"], "ratio": r["median_s"] / ours} for name, r in res.items()]
+    note = contention_note(res)
     return {"batch": {"utterances": args.infer_batch, "audio_s": audio_s, "padded_s": wav.numel() / SAMPLE_RATE},
-            "parity_max_abs_diff": checks, "rows": rows, "notes": notes, "raw": res}
+            "parity_max_abs_diff": checks, "rows": rows, "notes": notes + ([note] if note else []), "raw": res}
 
 
 # -----------------------------------------------------------------------------
@@ -748,8 +820,9 @@ def case_pretrain_steps(args, scale, device, dtype):
         ours = res["this project"]["median_s"]
         rows += [{"stage": stage, "side": name, "step_ms": r["median_s"] * 1e3, "audio_s_per_s": audio_s / r["median_s"],
                   "peak_mb": r["peak_mb"], "ratio": r["median_s"] / ours} for name, r in res.items()]
+    note = contention_note(res_tapt, res_ptapt)
     return {"batch": {"utterances": args.batch_size, "audio_s": audio_s, "padded_s": batch["wav"].numel() / SAMPLE_RATE},
-            "parity_max_abs_diff": checks, "rows": rows, "notes": notes,
+            "parity_max_abs_diff": checks, "rows": rows, "notes": notes + ([note] if note else []),
             "raw": {"TAPT": res_tapt, "P-TAPT": res_ptapt}}
 
 
@@ -872,6 +945,8 @@ def case_kmeans(args, scale, device, dtype):
         raw[k] = res
     if device.type == "cuda":
         notes.append("scikit-learn and faiss-cpu run on the CPU: not the same device as this project's GPU run")
+    note = contention_note(*raw.values())
+    notes += [note] if note else []
     return {"N": n, "D": dim, "iterations": iters, "data": "synthetic (see synthetic_frames): low-rank latent with overlapping modes, noise, offset",
             "cpu_gflops_fp32": gflops, "rows": rows, "notes": notes, "raw": raw}
 
@@ -964,7 +1039,7 @@ def scaling(args, scale, device, dtype):
     torch.manual_seed(args.seed)
     net = M.Wav2Vec2(cfg).to(device).eval()
     hf = hf_backbone(net, "sdpa").to(device).eval() if have("transformers") else None
-    rows, notes = [], [] if hf is not None else [skipped("transformers")]
+    rows, notes, measured = [], [] if hf is not None else [skipped("transformers")], []
     for seconds in args.scaling_seconds:
         wav = torch.randn(1, int(seconds * SAMPLE_RATE), device=device) * 0.1
         fns = {"this project": lambda: net(wav)}
@@ -977,6 +1052,7 @@ def scaling(args, scale, device, dtype):
                     fn()
             return run
         res = measure({k: wrap(f) for k, f in fns.items()}, device, 1, max(3, args.repeats // 2))
+        measured.append(res)
         for name, r in res.items():
             mem = r["peak_mb"]
             if device.type != "cuda":
@@ -998,19 +1074,22 @@ def scaling(args, scale, device, dtype):
     for n in args.scaling_n:
         x = synthetic_frames(n, 768, args.seed)
         init = x[:k].clone()
-        fit = lambda x=x, init=init, n=n: kmeans.fit_kmeans(x, ks=[k], iters=args.kmeans_iters, init=init, max_samples=n, device=device,
-                                        progress=False)
+        fit = lambda x=x, init=init, n=n: kmeans.fit_kmeans(x, ks=[k], iters=args.kmeans_iters, init=init,
+                                                            max_samples=n, device=device, progress=False)
         if device.type == "cuda":
-            r = measure({"k": fit}, device, 1, 3)["k"]
-            t, mem = r["median_s"], r["peak_mb"]
+            res = measure({"k": fit}, device, 1, 3)
+            t, mem = res["k"]["median_s"], res["k"]["peak_mb"]
         else:
             with HeapPeak() as heap:
-                r = measure({"k": fit}, device, 0, 1)["k"]
-            t, mem = r["median_s"], heap.mb
+                res = measure({"k": fit}, device, 0, 1)
+            t, mem = res["k"]["median_s"], heap.mb
+        measured.append(res)
         rows.append({"what": f"k-means K={k}", "side": "this project", "frames": n, "time_ms": t * 1e3, "mem_mb": mem})
         kpts.append((n, t))
         del x
     slopes[f"k-means time vs frames (K={k})"] = loglog_slope(*zip(*kpts))
+    note = contention_note(*measured)
+    notes += [note] if note else []
     return {"rows": rows, "loglog_slopes": slopes, "notes": notes + (
         ["CPU memory: peak rise of malloc'd bytes during one call (mallinfo2, polled every ms)"]
         if device.type != "cuda" else ["CUDA memory: peak allocated during the call above what was allocated before"])}
@@ -1123,8 +1202,9 @@ def build_parser():
     a("--scaling-n", type=int, nargs="+", default=None, help="k-means frame counts " + both("scaling_n"))
     a("--scaling-k", type=int, default=None, help="k-means K for scaling " + both("scaling_k"))
     a("--wait-idle", type=float, default=0.0,
-      help="shared machines: before each case wait up to this many seconds until other processes use < 0.5 "
-           "cores (0: do not wait) (default: %(default)s)")
+      help="shared machines: before each case, and before redoing a timed call that ran beside other busy "
+           "processes, wait up to this many seconds until they use < 0.5 cores (0: never wait or redo; "
+           "the tables still say how busy the machine was) (default: %(default)s)")
     a("--profile", action="store_true", help="cases 1, 3, 4: print a torch.profiler table of one call of each side")
     return p
 
@@ -1141,14 +1221,14 @@ def main(argv=None):
     unknown = [c for c in cases if c not in CASES]
     if unknown:
         sys.exit(f"error: unknown case(s) {unknown}; choose from {sorted(CASES)}")
+    Others.wait_s = args.wait_idle
     torch.manual_seed(args.seed)
     meta = {"command": " ".join(["python", "bench.py", *(argv if argv is not None else sys.argv[1:])]),
             "scale": "small" if args.small else "real", "device": str(device),
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
             "cpu_threads": torch.get_num_threads(), "precision": precision_name(dtype),
             "torch": torch.__version__, "python": platform.python_version(),
-            "libraries": {m: (__import__(m).__version__ if have(m) else None)
-                          for m in ("transformers", "torchaudio", "sklearn", "faiss")},
+            "libraries": {m: version(m) for m in ("transformers", "torchaudio", "sklearn", "faiss")},
             "model": M.config_dict(model_config(scale)), "date": time.strftime("%Y-%m-%d %H:%M"),
             "load_at_start": load_note()}
     print(f"bench: {meta['scale']} scale on {device} ({meta['device_name']}), precision {meta['precision']}, "
