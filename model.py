@@ -322,7 +322,9 @@ class Wav2Vec2(nn.Module):
             wav = ((wav - mean) * torch.rsqrt(var + 1e-5)) * valid
         frozen = self.freeze_feature_encoder
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            feats = self.feature_encoder(wav, wav_lengths)
+            # lengths only matter for the group norm when something is padded (check_input synced already)
+            padded = int(wav_lengths.min()) < wav.shape[1]
+            feats = self.feature_encoder(wav, wav_lengths if padded else None)
             if self.feature_grad_mult != 1.0 and not frozen and torch.is_grad_enabled():
                 feats = GradScale.apply(feats, self.feature_grad_mult)
             frame_lengths = self.frame_lengths(wav_lengths)
