@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from data import AudioDataset, BucketBatchSampler, DataError, collate, load_corpus, read_audio
@@ -59,18 +60,28 @@ def compute_metrics(y_true, y_pred, classes):
 @torch.no_grad()
 def predict(clf, utterances, classes, device, dtype=None, batch_seconds=320.0, workers=0, progress=True):
     """Class probabilities (N, C) for utterances at full length, in the given order. Batches of
-    similar lengths keep padding low; the result does not depend on batching."""
+    similar lengths keep padding low; the result does not depend on batching. Under torchrun each
+    rank predicts every world_size-th utterance and every rank gets all N rows back."""
     clf.eval()
-    dataset = AudioDataset(utterances, classes)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = list(range(rank, len(utterances), world_size))
+    dataset = AudioDataset([utterances[i] for i in mine], classes)
     sampler = BucketBatchSampler(dataset.lengths, batch_size=64, max_batch_seconds=batch_seconds, shuffle=False,
                                  drop_last=False)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers)
-    probs = torch.zeros(len(utterances), len(classes))
-    for batch in tqdm(loader, desc="test", unit="batch", disable=not progress, leave=False):
+    probs = torch.zeros(len(mine), len(classes))
+    for batch in tqdm(loader, desc="test", unit="batch", disable=not progress or rank != 0, leave=False):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             logits = clf(batch["wav"].to(device), batch["lengths"].to(device))
         probs[batch["indices"]] = logits.float().softmax(-1).cpu()
-    return probs
+    if world_size == 1:
+        return probs
+    shards = [None] * world_size
+    dist.all_gather_object(shards, probs)
+    full = torch.zeros(len(utterances), len(classes))
+    for r, shard in enumerate(shards):
+        full[r::world_size] = shard
+    return full
 
 
 def write_predictions(path, utterances, probs, classes):

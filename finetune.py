@@ -9,16 +9,19 @@ An interrupted run resumes from its last completed epoch; a finished run is skip
 The training plumbing (devices, precision, schedule, resumable state) lives here and pretrain.py imports it.
 """
 import argparse
+import glob
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -33,9 +36,11 @@ from model import (CheckpointError, EmotionClassifier, Wav2Vec2, Wav2Vec2Config,
 
 
 def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """'auto': the GPU when there is one. Under torchrun each process takes GPU LOCAL_RANK."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
 
 
 def autocast_dtype(device, precision):
@@ -78,15 +83,121 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_training_state(path):
-    """The resume point written by save_atomic; a damaged one is reported and ignored."""
-    if not os.path.exists(path):
-        return None
+# -----------------------------------------------------------------------------
+# several processes (torchrun): every rank trains on its shard of each global batch
+
+
+def init_distributed(device_name):
+    """Under torchrun (WORLD_SIZE > 1) join the process group: NCCL on GPUs, gloo on CPU."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or dist.is_initialized():
+        return
+    device = resolve_device(device_name)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
+def world():
+    """(rank, world size); (0, 1) in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main():
+    return world()[0] == 0
+
+
+def barrier():
+    """Wait until every rank is here (after rank 0 wrote a file the others read)."""
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def utterance_rng(seed, update, index):
+    """One generator per utterance per update for its masks, negatives and crops: they then depend
+    neither on the batch the utterance shares nor on the number of processes nor on a resume."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + update) * 1_000_003 + int(index)) % 2 ** 63)
+
+
+def utterance_span_masks(lengths, max_len, rngs, prob, span, min_spans):
+    """Hugging Face span masks (the release's) drawn per utterance: the U[0,1) in the span count is
+    drawn per utterance instead of once per batch, which leaves each utterance's distribution as it
+    was (and equal for utterances of at least two spans' length, where the batch length never caps)."""
+    mask = torch.zeros(len(lengths), max_len, dtype=torch.bool)
+    for row, (n, rng) in enumerate(zip(lengths, rngs)):
+        n = int(n)
+        mask[row, :n] = compute_span_mask([n], n, prob, span, min_spans, "hf", rng)[0]
+    return mask
+
+
+def train_sampler(lengths, args, seed):
+    """The length-bucketed training batches of args.batch_size utterances in all (the recipe's
+    batch), each rank taking its share."""
+    rank, world_size = world()
+    return BucketBatchSampler(lengths, batch_size=args.batch_size, max_batch_seconds=args.max_batch_seconds,
+                              bucket=getattr(args, "bucket", True), seed=seed, num_replicas=world_size, rank=rank)
+
+
+# -----------------------------------------------------------------------------
+# resume points and output folders
+
+
+def save_training_state(state, path):
+    """Atomic, and the previous resume point stays as <path>.prev until the new one is complete."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a file cut short by a crash: start over rather than die
-        print(f"warning: {path} is unreadable ({type(e).__name__}); starting this stage from scratch", file=sys.stderr)
-        return None
+        save_atomic(state, f"{path}.new")
+        if os.path.exists(path):
+            os.replace(path, f"{path}.prev")
+        os.replace(f"{path}.new", path)
+    except OSError as e:
+        raise DataError(f"could not write the resume point {path}: {e.strerror or e}; "
+                        f"the previous one ({path} or {path}.prev) is intact") from None
+
+
+def load_training_state(path):
+    """The newest readable resume point: a damaged file (a crash, a full disk) is reported and the
+    one before it used. Half-written files of a killed run are removed."""
+    for leftover in glob.glob(f"{glob.escape(path)}*.tmp*"):
+        os.remove(leftover)
+    for candidate in (f"{path}.new", path, f"{path}.prev"):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            return torch.load(candidate, map_location="cpu", weights_only=False)
+        except Exception as e:
+            print(f"warning: {candidate} is unreadable ({type(e).__name__}: {e}); trying the previous resume point",
+                  file=sys.stderr)
+    return None
+
+
+def remove_training_state(path):
+    for candidate in [path, f"{path}.new", f"{path}.prev"] + glob.glob(f"{glob.escape(path)}*.tmp*"):
+        if os.path.exists(candidate):
+            os.remove(candidate)
+
+
+def check_output_dir(path, need_bytes=0):
+    """Fail before any work when the output folder cannot be written or has too little room."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise DataError(f"cannot write to the output folder {path}: {e.strerror or e}") from None
+    free = shutil.disk_usage(path).free
+    if free < need_bytes:
+        raise DataError(f"{path}: {free / 2 ** 30:.2f} GiB free, but this run's checkpoints need about "
+                        f"{need_bytes / 2 ** 30:.2f} GiB; free some space or choose another --out")
+
+
+def checkpoint_bytes(model, params):
+    """Room a stage needs: two resume points (weights + Adam's two moments) and the final weights."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for p in params)
+    return 3 * weights + 2 * moments
 
 
 class StopRequested:
@@ -110,34 +221,83 @@ class StopRequested:
             signal.signal(sig, handler)
 
 
+def all_reduce_gradients(params):
+    """Sum every rank's gradients in one collective (a parameter without a gradient counts as zero,
+    so every rank sends the same layout)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
 def run_updates(*, model, params, loss_fn, dataset, sampler, total_updates, lr, schedule, device, dtype,
                 state_path, save_every, log_path, desc, workers=0, progress=True, on_update=None, log_every_epoch=True):
     """The training loop every stage shares: Adam, a schedule (factor of lr per update), mixed
-    precision, a resumable state (model, optimizer, schedule, scaler, RNG, position in the epoch)
-    saved atomically every `save_every` updates and on SIGTERM / Ctrl-C.
-    loss_fn(batch, update) returns (loss, audio_seconds)."""
+    precision, data parallel over torchrun's ranks, and a resumable state (model, optimizer,
+    schedule, scaler, every rank's RNG, position in the epoch) saved atomically every `save_every`
+    updates, at the end of every epoch and on SIGTERM / Ctrl-C.
+
+    loss_fn(batch, update) returns (terms, audio_seconds) with terms a list of (sum, count) pairs
+    over this rank's utterances; the update minimises sum over terms of (sum over all ranks of sum) /
+    (sum over all ranks of count), so N processes compute the single-process loss of the whole
+    batch, however its utterances are shared out (fairseq's sample-size normalisation)."""
+    rank, world_size = world()
     opt = torch.optim.Adam(params, lr=lr, weight_decay=0.0, **({"fused": True} if device.type == "cuda" else {}))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    update, epoch, batch_in_epoch = 0, 0, 0
-    state = load_training_state(state_path)
+    update, epoch, batch_in_epoch, partial = 0, 0, 0, (0.0, 0, 0.0)  # partial: loss sum, steps, audio of this epoch
+    if rank == 0:
+        check_output_dir(os.path.dirname(os.path.abspath(state_path)), checkpoint_bytes(model, params))
+    state = load_training_state(state_path) if rank == 0 else None
+    if world_size > 1:  # rank 0 reads (the others may not share its disk) and sends
+        shared = [state]
+        dist.broadcast_object_list(shared, src=0)
+        state = shared[0]
+        torch.manual_seed(torch.initial_seed() + rank)  # dropout differs between ranks, as their data do
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        update, epoch, batch_in_epoch = state["update"], state["epoch"], state["batch_in_epoch"]
-        print(f"{desc}: resuming at update {update} (epoch {epoch + 1}, batch {batch_in_epoch})")
+        if len(state["rng"]) == world_size:
+            set_rng_state(state["rng"][rank])
+        elif rank == 0:
+            print(f"warning: {state_path} was written by {len(state['rng'])} processes, this run has {world_size}: "
+                  "random streams (dropout) restart", file=sys.stderr)
+        update, epoch, batch_in_epoch, partial = state["update"], state["epoch"], state["batch_in_epoch"], state["partial"]
+        if rank == 0:
+            print(f"{desc}: resuming at update {update} (epoch {epoch + 1}, batch {batch_in_epoch})")
+    if world_size > 1:
+        for t in model.state_dict().values():  # every rank starts from rank 0's weights
+            dist.broadcast(t, 0)
+        # the stop flag travels on the CPU, so agreeing on it never waits for the GPU
+        control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
 
     def save():
-        save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rng_state(), "update": update, "epoch": epoch,
-                     "batch_in_epoch": batch_in_epoch}, state_path)
+        rngs = [None] * world_size
+        if world_size > 1:
+            dist.all_gather_object(rngs, rng_state())
+        else:
+            rngs = [rng_state()]
+        if rank == 0:
+            save_training_state({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                 "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,
+                                 "update": update, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                                 "partial": (epoch_loss.item(), steps, audio.item())}, state_path)
 
-    bar = tqdm(total=total_updates, initial=update, desc=desc, unit="update", disable=not progress)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=workers, pin_memory=device.type == "cuda")
+    def stop_everywhere():
+        if world_size == 1:
+            return stop.flag
+        flag = torch.tensor([float(stop.flag)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=control)
+        return bool(flag.item())
+
+    bar = tqdm(total=total_updates, initial=update, desc=desc, unit="update", disable=not progress or rank != 0)
+    # its own generator: starting an epoch then leaves the global random stream (dropout) alone, so a
+    # run resumed mid-epoch draws what the uninterrupted run draws
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                                         pin_memory=device.type == "cuda", generator=torch.Generator())
     with StopRequested() as stop:
         while update < total_updates:
             sampler.set_epoch(epoch, batch_in_epoch)
@@ -145,45 +305,65 @@ def run_updates(*, model, params, loss_fn, dataset, sampler, total_updates, lr, 
             if len(sampler) == 0 and batch_in_epoch == 0:
                 raise DataError(f"{desc}: the training data make no full batch (batch size {sampler.batch_size})")
             model.train()
-            t0, epoch_loss, steps, audio = time.time(), torch.zeros((), device=device), 0, 0.0
+            if batch_in_epoch == 0:
+                partial = (0.0, 0, 0.0)
+            # the epoch's running loss and audio, carried over a resume so the epoch's log line is whole
+            t0, epoch_loss, steps, audio = (time.time(), torch.tensor(partial[0], device=device), partial[1],
+                                            torch.tensor(partial[2], device=device))
+            stopping = False
             for batch in loader:
                 if on_update is not None:
                     on_update(update)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    loss, seconds = loss_fn(batch, update)
+                    terms, seconds = loss_fn(batch, update)
+                # one small collective: every rank's sums and counts, and the audio seconds
+                totals = torch.stack([torch.as_tensor(x, device=device).detach().float() for pair in terms for x in pair]
+                                     + [torch.tensor(float(seconds), device=device)])
+                if world_size > 1:
+                    dist.all_reduce(totals)
+                counts = totals[1:-1:2].clamp(min=1e-12)
+                loss = sum(total / count for (total, _), count in zip(terms, counts))
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                if world_size > 1:
+                    all_reduce_gradients(params)
                 scaler.step(opt)
                 scaler.update()
                 sched.step()
-                update, batch_in_epoch, steps, audio = update + 1, batch_in_epoch + 1, steps + 1, audio + seconds
-                epoch_loss += loss.detach().float()
+                update, batch_in_epoch, steps = update + 1, batch_in_epoch + 1, steps + 1
+                epoch_loss += (totals[0:-1:2] / counts).sum()
+                audio += totals[-1]
                 bar.update(1)
                 if steps % 10 == 0:  # .item() waits for the GPU: only now and then
-                    bar.set_postfix(loss=f"{epoch_loss.item() / steps:.3f}", audio_s_per_s=f"{audio / (time.time() - t0):.0f}")
-                if update == total_updates or stop.flag:
+                    bar.set_postfix(loss=f"{epoch_loss.item() / steps:.3f}",
+                                    audio_s_per_s=f"{audio.item() / (time.time() - t0):.0f}")
+                stopping = stop_everywhere()
+                if update == total_updates or stopping:
                     break
                 if update % save_every == 0:
                     save()
             else:
                 epoch, batch_in_epoch = epoch + 1, 0
-            if steps and (log_every_epoch or update == total_updates):
+            if rank == 0 and steps and (log_every_epoch or update == total_updates):
                 record = {"update": update, "epoch": epoch if batch_in_epoch == 0 else epoch + 1,
                           "loss": epoch_loss.item() / steps, "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 2),
-                          "audio_seconds_per_second": round(audio / (time.time() - t0), 1)}
+                          "audio_seconds_per_second": round(audio.item() / (time.time() - t0), 1)}
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             save()
-            if stop.flag:
+            if stopping:
                 bar.close()
-                print(f"{desc}: stopped at update {update}; run the same command again to resume", file=sys.stderr)
+                if rank == 0:
+                    print(f"{desc}: stopped at update {update}; run the same command again to resume", file=sys.stderr)
                 sys.exit(130)
     bar.close()
 
 
 def check_run_config(run_dir, config):
-    """Refuse to resume or skip into a folder made with different settings."""
+    """Refuse to resume or skip into a folder made with different settings; fail early on a folder
+    that cannot be written."""
     path = os.path.join(run_dir, "config.json")
+    barrier()  # every rank looks before rank 0 writes
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
@@ -192,9 +372,10 @@ def check_run_config(run_dir, config):
         if diff:
             raise DataError(f"{run_dir} holds a run with other settings {diff} (old, new); "
                             "use another --name or remove the folder")
-    else:
-        os.makedirs(run_dir, exist_ok=True)
+    elif is_main():
+        check_output_dir(run_dir)
         write_json(path, config)
+    barrier()
 
 
 def class_weights(labels, num_classes):
@@ -272,26 +453,27 @@ def finetune_run(args, fold, run, splits, classes, run_dir):
         p.requires_grad = True
     params = [p for p in clf.parameters() if p.requires_grad]
     dataset = AudioDataset(train, classes, max_seconds=args.max_seconds, crop="head", cache=args.cache)
-    sampler = BucketBatchSampler(dataset.lengths, batch_size=args.batch_size, max_batch_seconds=args.max_batch_seconds,
-                                 bucket=args.bucket, shuffle=True, drop_last=True, seed=seed)
+    sampler = train_sampler(dataset.lengths, args, seed)
     weights = class_weights(dataset.labels, len(classes)).to(device)
+    dim = backbone.cfg.embed_dim
 
     def loss_fn(batch, update):
         wav, lengths = batch["wav"].to(device, non_blocking=True), batch["lengths"].to(device, non_blocking=True)
+        labels = batch["labels"].to(device, non_blocking=True)
         frames = backbone.frame_lengths(batch["lengths"])
-        # SpecAugment-like masks, seeded by the update so a resumed run draws the same ones
-        rng = torch.Generator().manual_seed(seed * 1_000_003 + update)
+        # SpecAugment-like masks, drawn per utterance and update (the same after a resume, on any number of GPUs)
+        rngs = [utterance_rng(seed, update, i) for i in batch["indices"].tolist()]
         time_mask = channel_mask = None
         if args.time_mask_prob > 0:
-            time_mask = compute_span_mask(frames, int(frames.max()), args.time_mask_prob, args.time_mask_span,
-                                          args.time_mask_min, "hf", rng).to(device)
+            time_mask = utterance_span_masks(frames, int(frames.max()), rngs, args.time_mask_prob, args.time_mask_span,
+                                             args.time_mask_min).to(device, non_blocking=True)
         if args.channel_mask_prob > 0:
-            dim = backbone.cfg.embed_dim
-            channel_mask = compute_span_mask([dim] * len(frames), dim, args.channel_mask_prob, args.channel_mask_span,
-                                             args.channel_mask_min, "hf", rng).to(device)
+            channel_mask = utterance_span_masks([dim] * len(rngs), dim, rngs, args.channel_mask_prob,
+                                                args.channel_mask_span, args.channel_mask_min).to(device, non_blocking=True)
         logits = clf(wav, lengths, time_mask, channel_mask)
-        loss = F.cross_entropy(logits.float(), batch["labels"].to(device), weight=weights)
-        return loss, float(batch["lengths"].sum()) / 16000
+        # class-weighted CE = sum of w_y * CE / sum of w_y, kept as the pair so that ranks add up
+        loss_sum = F.cross_entropy(logits.float(), labels, weight=weights, reduction="sum")
+        return [(loss_sum, weights[labels].sum())], float(batch["lengths"].sum()) / 16000
 
     run_updates(model=clf, params=params, loss_fn=loss_fn, dataset=dataset, sampler=sampler,
                 total_updates=args.epochs * len(sampler), lr=args.lr, schedule=lambda update: 1.0,
@@ -303,13 +485,15 @@ def finetune_run(args, fold, run, splits, classes, run_dir):
     probs = predict(clf, test, classes, device, dtype, workers=args.workers, progress=args.progress)
     y_true = [classes.index(u.label) for u in test]
     metrics = compute_metrics(y_true, probs.argmax(-1).tolist(), classes)
-    save_classifier(clf, os.path.join(run_dir, "model.pt"),
-                    meta={"fold": fold, "run": run, "source": args.init or args.checkpoint})
-    write_predictions(os.path.join(run_dir, "predictions.csv"), test, probs, classes)
-    write_json(metrics_path, metrics)  # written last: its presence means the run is complete
-    os.remove(os.path.join(run_dir, "state.pt"))
-    print(f"fold {fold} run {run}: UA {metrics['ua']:.4f}  WA {metrics['wa']:.4f}  macro-F1 {metrics['macro_f1']:.4f}"
-          f"  ({len(test)} test utterances)")
+    if is_main():
+        save_classifier(clf, os.path.join(run_dir, "model.pt"),
+                        meta={"fold": fold, "run": run, "source": args.init or args.checkpoint})
+        write_predictions(os.path.join(run_dir, "predictions.csv"), test, probs, classes)
+        write_json(metrics_path, metrics)  # written last: its presence means the run is complete
+        remove_training_state(os.path.join(run_dir, "state.pt"))
+        print(f"fold {fold} run {run}: UA {metrics['ua']:.4f}  WA {metrics['wa']:.4f}  macro-F1 {metrics['macro_f1']:.4f}"
+              f"  ({len(test)} test utterances)")
+    barrier()
     return metrics
 
 
@@ -381,13 +565,15 @@ def default_run_name(init):
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    init_distributed(args.device)
     if args.quickstart:
         for k, v in QUICKSTART.items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
-        if not os.path.isdir(args.data):
+        if not os.path.isdir(args.data) and is_main():
             print(f"writing the synthetic corpus to {args.data}")
             synthesize_iemocap(args.data)
+        barrier()
     if args.name is None:
         args.name = default_run_name(args.init)
     if args.cache:
@@ -406,13 +592,13 @@ def main(argv=None):
         results = []
         for fold in folds:
             splits, classes = load_corpus(args.data, fold, args.wav_dir)
-            if fold == folds[0]:
+            if fold == folds[0] and is_main():
                 print(format_count_table(count_table([u for split in splits.values() for u in split])))
             args.init = template.replace("{fold}", str(fold)) if template else None
             for run in range(args.runs):
                 run_dir = os.path.join(args.out, args.name, f"fold{fold}", f"run{run}")
                 results.append(finetune_run(args, fold, run, splits, classes, run_dir))
-        if len(results) > 1:
+        if len(results) > 1 and is_main():
             print(f"mean over {len(results)} runs: UA {np.mean([r['ua'] for r in results]):.4f}  "
                   f"WA {np.mean([r['wa'] for r in results]):.4f}; table: python evaluate.py {os.path.join(args.out, args.name)}")
     except DataError as e:

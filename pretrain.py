@@ -14,12 +14,14 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data import AudioDataset, BucketBatchSampler, DataError, load_corpus
-from finetune import (autocast_dtype, check_run_config, class_weights, load_backbone, resolve_device, run_updates,
-                      seed_everything, tri_stage_lr)
+from data import AudioDataset, DataError, load_corpus
+from finetune import (autocast_dtype, barrier, check_run_config, class_weights, init_distributed, is_main, load_backbone,
+                      remove_training_state, resolve_device, run_updates, seed_everything, train_sampler, tri_stage_lr,
+                      utterance_rng, utterance_span_masks, world)
 from model import compute_span_mask, save_wav2vec2
 
 # -----------------------------------------------------------------------------
@@ -39,6 +41,25 @@ def sample_negatives(time_mask, num_negatives, generator=None):
     draw = draw + (draw >= local[:, None]).long()          # skip the frame itself
     draw = torch.where((n > 1)[:, None], draw, local[:, None])  # a lone masked frame has no distractor
     return (starts[row][:, None] + draw).to(time_mask.device)
+
+
+def utterance_negatives(time_mask, num_negatives, rngs):
+    """sample_negatives with one generator per utterance (independent of the batch it is in)."""
+    counts = time_mask.sum(1).tolist()
+    offsets = [sum(counts[:row]) for row in range(len(counts))]
+    parts = [sample_negatives(time_mask[row:row + 1].cpu(), num_negatives, rng) + offset
+             for row, (rng, offset) in enumerate(zip(rngs, offsets))]
+    return torch.cat(parts).to(time_mask.device)
+
+
+def pretraining_masks(frames, rngs, args):
+    """Time masks for TAPT / P-TAPT: Hugging Face semantics per utterance; fairseq's semantics make
+    every utterance of a batch (of a rank's share, as in fairseq's own multi-GPU runs) mask equally
+    many frames, so those are drawn for the batch."""
+    if args.mask_semantics == "hf":
+        return utterance_span_masks(frames, int(frames.max()), rngs, args.mask_prob, args.mask_span, args.mask_min)
+    return compute_span_mask(frames, int(frames.max()), args.mask_prob, args.mask_span, args.mask_min, "fairseq",
+                             rngs[0])
 
 
 def contrastive_loss(model, encoded, time_mask, negatives):
@@ -127,11 +148,13 @@ def stage_common(args, device, desc, run_dir, name):
                 progress=args.progress, log_every_epoch=True)
 
 
-def finish_stage(run_dir, name):
-    """A finished stage's resume state is no longer needed (it holds the optimizer: 3x the model)."""
-    state = os.path.join(run_dir, f"{name}.state.pt")
-    if os.path.exists(state):
-        os.remove(state)
+def finish_stage(run_dir, name, model, out, meta):
+    """Rank 0 writes the stage's output, then drops its resume state (it holds the optimizer: 3x
+    the model); the other ranks wait for the file."""
+    if is_main():
+        save_wav2vec2(model, out, meta=meta)
+        remove_training_state(os.path.join(run_dir, f"{name}.state.pt"))
+    barrier()
 
 
 def run_tapt(args, fold, train, classes, run_dir, device):
@@ -144,33 +167,36 @@ def run_tapt(args, fold, train, classes, run_dir, device):
     model.to(device)
     model.feature_grad_mult = args.feature_grad_mult
     dataset = AudioDataset(train, classes, max_seconds=args.max_seconds, crop="random", cache=args.cache, seed=args.seed)
-    sampler = BucketBatchSampler(dataset.lengths, batch_size=args.batch_size, max_batch_seconds=args.max_batch_seconds,
-                                 seed=args.seed)
+    sampler = train_sampler(dataset.lengths, args, args.seed)
 
     def loss_fn(batch, update):
         wav, lengths = batch["wav"].to(device, non_blocking=True), batch["lengths"].to(device, non_blocking=True)
         frames = model.frame_lengths(batch["lengths"])
-        rng = torch.Generator().manual_seed(args.seed * 1_000_003 + update)
-        mask = compute_span_mask(frames, int(frames.max()), args.mask_prob, args.mask_span, args.mask_min,
-                                 args.mask_semantics, rng).to(device)
-        negatives = sample_negatives(mask, model.cfg.num_negatives, rng)
+        rngs = [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()]
+        mask = pretraining_masks(frames, rngs, args)
+        negatives = utterance_negatives(mask, model.cfg.num_negatives, rngs)
+        mask = mask.to(device, non_blocking=True)
         terms = contrastive_loss(model, model.encode(wav, lengths, time_mask=mask), mask, negatives)
         # fairseq divides the gradient by the number of masked frames (its sample size)
-        return terms["loss"] / terms["n_masked"].clamp(min=1), float(batch["lengths"].sum()) / 16000
+        return [(terms["loss"], terms["n_masked"])], float(batch["lengths"].sum()) / 16000
 
     run_updates(model=model, params=list(model.parameters()), loss_fn=loss_fn, dataset=dataset, sampler=sampler,
                 total_updates=args.updates, schedule=schedule_for(args, args.warmup, args.updates),
                 on_update=model.quantizer.set_num_updates,
                 **stage_common(args, device, f"TAPT fold {fold}", run_dir, "tapt"))
-    finish_stage(run_dir, "tapt")
-    save_wav2vec2(model, out, meta={"mode": "tapt", "fold": fold, "source": args.checkpoint, "updates": args.updates})
+    finish_stage(run_dir, "tapt", model, out, {"mode": "tapt", "fold": fold, "source": args.checkpoint,
+                                               "updates": args.updates})
     return out
 
 
-def crop_to_shortest(batch, rng):
-    """The teacher's batches: every utterance randomly cropped to the shortest one (no padding)."""
-    n = int(batch["lengths"].min())
-    starts = [int(torch.randint(0, int(length) - n + 1, (), generator=rng)) for length in batch["lengths"]]
+def crop_to_shortest(batch, rngs):
+    """The teacher's batches: every utterance randomly cropped to the shortest one of the whole
+    batch, across ranks (no padding)."""
+    shortest = batch["lengths"].min().clone()
+    if world()[1] > 1:
+        dist.all_reduce(shortest, op=dist.ReduceOp.MIN)
+    n = int(shortest)
+    starts = [int(torch.randint(0, int(length) - n + 1, (), generator=rng)) for length, rng in zip(batch["lengths"], rngs)]
     wav = torch.stack([row[s:s + n] for row, s in zip(batch["wav"], starts)])
     return wav, torch.full((len(wav),), n, dtype=torch.long)
 
@@ -187,27 +213,27 @@ def run_teacher(args, fold, train, classes, run_dir, device):
               if not n.startswith(("backbone.feature_encoder", "backbone.layer_norm", "backbone.post_extract_proj",
                                    "backbone.quantizer", "backbone.project_q", "backbone.final_proj", "backbone.mask_emb"))]
     dataset = AudioDataset(train, classes, max_seconds=args.max_seconds, crop="random", cache=args.cache, seed=args.seed)
-    sampler = BucketBatchSampler(dataset.lengths, batch_size=args.batch_size, max_batch_seconds=args.max_batch_seconds,
-                                 seed=args.seed)
+    sampler = train_sampler(dataset.lengths, args, args.seed)
     weights = class_weights(dataset.labels, len(classes)).to(device)
 
     def loss_fn(batch, update):
-        rng = torch.Generator().manual_seed(args.seed * 1_000_003 + update)
-        wav, lengths = crop_to_shortest(batch, rng)
+        wav, lengths = crop_to_shortest(batch, [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()])
         frame_logits, utt_logits, _ = teacher(wav.to(device), lengths.to(device))
         labels = batch["labels"].to(device)
         frame_labels = labels[:, None].expand(-1, frame_logits.shape[1])
-        loss = (F.cross_entropy(frame_logits.flatten(0, 1).float(), frame_labels.flatten(), weight=weights)
-                + F.cross_entropy(utt_logits.float(), labels, weight=weights))
-        return loss, float(lengths.sum()) / 16000
+        # two class-weighted CE means (frames, utterances), each as (sum of w_y * CE, sum of w_y)
+        frame_ce = F.cross_entropy(frame_logits.flatten(0, 1).float(), frame_labels.flatten(), weight=weights,
+                                   reduction="sum")
+        utterance_ce = F.cross_entropy(utt_logits.float(), labels, weight=weights, reduction="sum")
+        return ([(frame_ce, weights[frame_labels].sum()), (utterance_ce, weights[labels].sum())],
+                float(lengths.sum()) / 16000)
 
     total = args.teacher_updates
     warmup = int(round(args.teacher_warmup_fraction * total))
     run_updates(model=teacher, params=params, loss_fn=loss_fn, dataset=dataset, sampler=sampler, total_updates=total,
                 schedule=schedule_for(args, warmup, total),
                 **stage_common(args, device, f"P-TAPT teacher fold {fold}", run_dir, "teacher"))
-    finish_stage(run_dir, "teacher")
-    save_wav2vec2(backbone, out, meta={"mode": "ptapt-teacher", "fold": fold, "source": args.checkpoint})
+    finish_stage(run_dir, "teacher", backbone, out, {"mode": "ptapt-teacher", "fold": fold, "source": args.checkpoint})
     return out
 
 
@@ -250,8 +276,7 @@ def run_pseudo_label_pretraining(args, fold, train, classes, run_dir, labels_pat
     params = list(backbone.encoder.parameters()) + list(model.heads.parameters())
     dataset = AudioDataset(train, classes, max_seconds=args.max_seconds, crop="random", crop_align=320,
                            cache=args.cache, seed=args.seed)
-    sampler = BucketBatchSampler(dataset.lengths, batch_size=args.batch_size, max_batch_seconds=args.max_batch_seconds,
-                                 seed=args.seed)
+    sampler = train_sampler(dataset.lengths, args, args.seed)
     hop = math.prod(s for _, _, s in backbone.cfg.conv_layers)
     if hop != 320:
         raise DataError(f"the model's frame hop is {hop} samples; pseudo-label crops assume 320")
@@ -279,21 +304,19 @@ def run_pseudo_label_pretraining(args, fold, train, classes, run_dir, labels_pat
     def loss_fn(batch, update):
         wav, lengths = batch["wav"].to(device, non_blocking=True), batch["lengths"].to(device, non_blocking=True)
         frames = backbone.frame_lengths(batch["lengths"])
-        rng = torch.Generator().manual_seed(args.seed * 1_000_003 + update)
-        mask = compute_span_mask(frames, int(frames.max()), args.mask_prob, args.mask_span, args.mask_min,
-                                 args.mask_semantics, rng)
-        hidden, _ = backbone(wav, lengths, time_mask=mask.to(device))
-        loss = 0.0
-        for logits, target in zip(model.heads(hidden), frame_targets(batch, frames)):
-            target = target.masked_fill(~mask, -100).to(device)  # CE on masked frames only
-            loss = loss + F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
-        return loss, float(batch["lengths"].sum()) / 16000
+        mask = pretraining_masks(frames, [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()], args)
+        hidden, _ = backbone(wav, lengths, time_mask=mask.to(device, non_blocking=True))
+        # CE on masked frames only (never padding): the heads run on those frames alone
+        masked_hidden, n_masked = hidden[mask.to(device)], mask.sum().to(device)
+        terms = [(F.cross_entropy(logits.float(), target[mask].to(device), reduction="sum"), n_masked)
+                 for logits, target in zip(model.heads(masked_hidden), frame_targets(batch, frames))]
+        return terms, float(batch["lengths"].sum()) / 16000
 
     run_updates(model=model, params=params, loss_fn=loss_fn, dataset=dataset, sampler=sampler,
                 total_updates=args.updates, schedule=schedule_for(args, args.warmup, args.updates),
                 **stage_common(args, device, f"P-TAPT fold {fold}", run_dir, "ptapt"))
-    finish_stage(run_dir, "ptapt")
-    save_wav2vec2(backbone, out, meta={"mode": "ptapt", "fold": fold, "source": args.checkpoint, "labels": labels_path})
+    finish_stage(run_dir, "ptapt", backbone, out, {"mode": "ptapt", "fold": fold, "source": args.checkpoint,
+                                                   "labels": labels_path})
     return out
 
 
@@ -356,6 +379,7 @@ def main(argv=None):
     if args.cache:
         args.workers = 0
     name = args.name or args.mode
+    init_distributed(args.device)
     device = resolve_device(args.device)
     try:
         if not args.data:
@@ -366,7 +390,8 @@ def main(argv=None):
             check_run_config(run_dir, {**vars(args), "fold": fold})
             out = os.path.join(run_dir, "pretrained.pt")
             if os.path.exists(out):
-                print(f"{out} exists: fold {fold} done (remove it to redo)")
+                if is_main():
+                    print(f"{out} exists: fold {fold} done (remove it to redo)")
                 continue
             seed_everything(args.seed + fold)
             if args.mode == "tapt":
@@ -375,7 +400,8 @@ def main(argv=None):
                 teacher = run_teacher(args, fold, splits["train"], classes, run_dir, device)
                 labels = run_pseudo_labels(args, fold, splits, classes, run_dir, teacher, device)
                 run_pseudo_label_pretraining(args, fold, splits["train"], classes, run_dir, labels, device)
-            print(f"fold {fold}: {out}\n  next: python finetune.py --fold {fold} --data {args.data} --init {out}")
+            if is_main():
+                print(f"fold {fold}: {out}\n  next: python finetune.py --fold {fold} --data {args.data} --init {out}")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

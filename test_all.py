@@ -1116,9 +1116,12 @@ TINY_RUN = ["--checkpoint", "random-tiny", "--batch-size", "8", "--lr", "5e-4", 
             "--workers", "0", "--cache", "--no-progress"]
 
 
-def script(name, *args, timeout=600):
+def script(name, *args, timeout=600, env=None):
     return subprocess.run([sys.executable, os.path.join(HERE, name), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=env)
+
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # CPU results bit for bit: several threads round scatter-adds differently
 
 
 @pytest.fixture(scope="module")
@@ -1181,31 +1184,21 @@ def test_finished_run_is_not_overwritten(vft_run, corpus):
 
 
 def test_interrupted_finetuning_resumes_to_the_same_result(corpus, tmp_path):
-    """SIGKILL after the first epoch's checkpoint; the rerun ends where an uninterrupted run does."""
+    """SIGKILL at a random moment after the first epoch's checkpoint; the rerun ends where an
+    uninterrupted run does."""
     args = ["--fold", 2, "--data", corpus, "--epochs", 3, "--train-fraction", 0.5, *TINY_RUN]
-    r = script("finetune.py", *args, "--out", tmp_path / "straight")
+    r = script("finetune.py", *args, "--out", tmp_path / "straight", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-2000:]
     cmd = [sys.executable, os.path.join(HERE, "finetune.py"), *map(str, args), "--out", str(tmp_path / "killed")]
-    state = tmp_path / "killed" / "vft" / "fold2" / "run0" / "state.pt"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        for _ in range(1200):
-            if state.exists() or proc.poll() is not None:
-                break
-            import time
-            time.sleep(0.1)
-        proc.kill()
-    finally:
-        proc.wait()
-    assert state.exists(), "the run never wrote its first resume point"
-    r = script("finetune.py", *args, "--out", tmp_path / "killed")
-    assert r.returncode == 0 and "resuming" in r.stdout, r.stderr[-2000:]
+    run = tmp_path / "killed" / "vft" / "fold2" / "run0"
+    r = run_killed_in_stages(cmd, [(run / "state.pt", run / "metrics.json")], np.random.default_rng())
+    assert "resuming" in r.stdout
     a = json.loads((tmp_path / "straight" / "vft" / "fold2" / "run0" / "metrics.json").read_text())
-    b = json.loads((tmp_path / "killed" / "vft" / "fold2" / "run0" / "metrics.json").read_text())
+    b = json.loads((run / "metrics.json").read_text())
     assert a["confusion"] == b["confusion"] and a["ua"] == b["ua"]
-    wa = torch.load(tmp_path / "straight" / "vft" / "fold2" / "run0" / "model.pt", weights_only=True)["model"]
-    wb = torch.load(tmp_path / "killed" / "vft" / "fold2" / "run0" / "model.pt", weights_only=True)["model"]
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_weights(tmp_path / "straight" / "vft" / "fold2" / "run0" / "model.pt", run / "model.pt", atol=0)
+    assert read_log(tmp_path / "straight" / "vft" / "fold2" / "run0" / "log.jsonl")[-1]["loss"] == read_log(
+        run / "log.jsonl")[-1]["loss"]
 
 
 def test_finetune_bad_input(corpus, tmp_path):
@@ -1305,3 +1298,182 @@ def test_kmeans_on_real_model_features_matches_sklearn(synth):
         own = fit_kmeans(feats.float(), ks=(k,), iters=20, max_samples=BIG, progress=False)[k]
         sk_own = KMeans(k, n_init=1, max_iter=20, algorithm="lloyd", tol=0, random_state=0).fit(x)
         assert own.inertia[-1] <= 1.01 * sk_own.inertia_
+
+
+# -----------------------------------------------------------------------------
+# torchrun: 2 gloo processes on CPU train exactly what one process trains
+
+
+def torchrun(name, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(HERE, name), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=ONE_THREAD)
+
+
+@pytest.fixture(scope="module")
+def deterministic_tiny(tmp_path_factory):
+    """The quick start's tiny model without dropout: a run is then a function of data, masks and
+    seed alone, so one process and two can be compared weight for weight."""
+    import finetune
+    cfg = finetune.tiny_random_config()
+    for k in ("dropout", "attention_dropout", "activation_dropout", "dropout_input", "dropout_features"):
+        setattr(cfg, k, 0.0)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-no-dropout.pt"
+    M.save_wav2vec2(M.Wav2Vec2(cfg), path)
+    return path
+
+
+def read_log(path):
+    return [json.loads(line) for line in open(path).read().splitlines()]
+
+
+def assert_same_weights(a, b, atol):
+    wa, wb = torch.load(a, weights_only=True)["model"], torch.load(b, weights_only=True)["model"]
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=atol, rtol=0, msg=k)
+
+
+def assert_same_logs(a, b):
+    la, lb = read_log(a), read_log(b)
+    assert [r["update"] for r in la] == [r["update"] for r in lb]
+    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], abs=1e-5)
+
+
+def test_torchrun_finetuning_equals_one_process(corpus, deterministic_tiny, tmp_path):
+    args = ["--fold", 1, "--data", corpus, "--checkpoint", deterministic_tiny, "--epochs", 2, "--train-fraction", 0.5,
+            "--batch-size", 8, "--lr", "5e-4", "--channel-mask-span", 8, "--workers", 0, "--no-progress",
+            "--device", "cpu"]
+    one = script("finetune.py", *args, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("finetune.py", *args, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = tmp_path / "one" / "vft" / "fold1" / "run0", tmp_path / "two" / "vft" / "fold1" / "run0"
+    assert [r["update"] for r in read_log(a / "log.jsonl")] == [6, 12]  # 48 utterances / batch 8, per epoch
+    assert_same_logs(a / "log.jsonl", b / "log.jsonl")
+    assert_same_weights(a / "model.pt", b / "model.pt", atol=1e-4)
+    assert (a / "predictions.csv").read_text().count("\n") == (b / "predictions.csv").read_text().count("\n") == 25
+    ma, mb = json.loads((a / "metrics.json").read_text()), json.loads((b / "metrics.json").read_text())
+    assert ma["confusion"] == mb["confusion"]
+    assert two.stdout.count("UA ") == 1  # rank 0 reports, once
+
+
+def test_torchrun_ptapt_equals_one_process(corpus, deterministic_tiny, tmp_path):
+    """Teacher, k-means (sharded extraction, all-reduced centroids) and pseudo-label pretraining.
+    The second torchrun run starts from the one-process teacher, so k-means sees identical features."""
+    import shutil
+    args = ["--mode", "ptapt", "--fold", 1, "--data", corpus, "--checkpoint", deterministic_tiny, "--updates", 4,
+            "--teacher-updates", 4, "--ks", 4, 8, "--batch-size", 8, "--warmup", 2, "--lr", "5e-4", "--workers", 0,
+            "--no-progress", "--device", "cpu"]
+    one = script("pretrain.py", *args, "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("pretrain.py", *args, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = tmp_path / "one" / "ptapt" / "fold1", tmp_path / "two" / "ptapt" / "fold1"
+    assert_same_weights(a / "teacher.pt", b / "teacher.pt", atol=1e-4)
+    assert_same_logs(a / "teacher.log.jsonl", b / "teacher.log.jsonl")
+    c = tmp_path / "three" / "ptapt" / "fold1"
+    c.mkdir(parents=True)
+    shutil.copy(a / "teacher.pt", c / "teacher.pt")
+    three = torchrun("pretrain.py", *args, "--out", tmp_path / "three")
+    assert three.returncode == 0, three.stderr[-3000:]
+    la, lc = load_labels(a / "labels.pt"), load_labels(c / "labels.pt")
+    assert la["uids"] == lc["uids"] and torch.equal(torch.as_tensor(la["frame_counts"]), torch.as_tensor(lc["frame_counts"]))
+    for k in la["labels"]:
+        assert torch.equal(la["labels"][k], lc["labels"][k])
+    assert_same_logs(a / "ptapt.log.jsonl", c / "ptapt.log.jsonl")
+    assert_same_weights(a / "pretrained.pt", c / "pretrained.pt", atol=1e-4)
+
+
+def test_torchrun_tapt_runs_the_same_updates(corpus, tmp_path):
+    """TAPT's Gumbel noise and per-process codebook perplexity (as in fairseq's multi-GPU runs) make
+    two processes differ from one; the run must still take the same updates and write one model."""
+    args = ["--mode", "tapt", "--fold", 1, "--data", corpus, "--checkpoint", "random-tiny", "--updates", 5,
+            "--batch-size", 8, "--warmup", 2, "--lr", "5e-4", "--workers", 0, "--no-progress", "--device", "cpu",
+            "--out", tmp_path]
+    two = torchrun("pretrain.py", *args)
+    assert two.returncode == 0, two.stderr[-3000:]
+    log = read_log(tmp_path / "tapt" / "fold1" / "tapt.log.jsonl")
+    assert log[-1]["update"] == 5 and all(np.isfinite(r["loss"]) for r in log)
+    assert M.load_wav2vec2(tmp_path / "tapt" / "fold1" / "pretrained.pt").cfg.has_quantizer
+
+
+# -----------------------------------------------------------------------------
+# killed runs lose nothing: SIGKILL inside every stage, rerun, same result as never killed
+
+
+def run_killed_in_stages(cmd, stages, rng):
+    """Start cmd; for each (ready, done) pair of paths, SIGKILL the run a random moment (up to 0.3 s)
+    after `ready` appears, before `done` does, then start it again; finally let it finish."""
+    import time
+    for ready, done in stages:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+        try:
+            while not ready.exists() and proc.poll() is None:
+                time.sleep(0.02)
+            time.sleep(float(rng.uniform(0.0, 0.3)))
+            proc.kill()
+        finally:
+            proc.wait()
+        assert ready.exists() and not done.exists(), f"not killed inside the stage: {proc.stderr.read()[-2000:]}"
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_killed_pretraining_stages_resume_to_the_same_result(corpus, tmp_path):
+    rng = np.random.default_rng()  # a different kill point every time the suite runs
+    common = ["--fold", 2, "--data", corpus, "--checkpoint", "random-tiny", "--batch-size", 8, "--warmup", 2,
+              "--lr", "5e-4", "--workers", 0, "--no-progress", "--save-every", 2, "--device", "cpu"]
+    ptapt = ["--mode", "ptapt", "--updates", 12, "--teacher-updates", 12, "--ks", 4, 8, *common]
+    tapt = ["--mode", "tapt", "--updates", 12, *common]
+    for mode, args in (("ptapt", ptapt), ("tapt", tapt)):
+        r = script("pretrain.py", *args, "--out", tmp_path / "straight", env=ONE_THREAD)
+        assert r.returncode == 0, r.stderr[-3000:]
+    cmd = lambda args: [sys.executable, os.path.join(HERE, "pretrain.py"), *map(str, args), "--out", str(tmp_path / "killed")]
+    fold = tmp_path / "killed" / "ptapt" / "fold2"
+    run_killed_in_stages(cmd(ptapt), [(fold / "teacher.state.pt", fold / "teacher.pt"),        # teacher
+                                      (fold / "teacher.pt", fold / "labels.pt"),                # k-means
+                                      (fold / "ptapt.state.pt", fold / "pretrained.pt")], rng)  # pseudo-labels
+    tfold = tmp_path / "killed" / "tapt" / "fold2"
+    r = run_killed_in_stages(cmd(tapt), [(tfold / "tapt.state.pt", tfold / "pretrained.pt")], rng)
+    straight = tmp_path / "straight"
+    for f in ("ptapt/fold2/teacher.pt", "ptapt/fold2/pretrained.pt", "tapt/fold2/pretrained.pt"):
+        assert_same_weights(straight / f, tmp_path / "killed" / f, atol=0)
+    a, b = load_labels(straight / "ptapt/fold2/labels.pt"), load_labels(fold / "labels.pt")
+    assert all(torch.equal(a["labels"][k], b["labels"][k]) for k in a["labels"])
+    for name in ("ptapt/fold2/teacher", "ptapt/fold2/ptapt", "tapt/fold2/tapt"):  # the last epoch's loss
+        assert read_log(straight / f"{name}.log.jsonl")[-1]["loss"] == read_log(
+            tmp_path / "killed" / f"{name}.log.jsonl")[-1]["loss"]
+    assert not list((tmp_path / "killed").rglob("*.state.pt*"))
+
+
+def test_damaged_resume_point_falls_back_to_the_previous_one(tmp_path, capsys):
+    import finetune
+    path = str(tmp_path / "state.pt")
+    finetune.save_training_state({"update": 1}, path)
+    finetune.save_training_state({"update": 2}, path)
+    assert finetune.load_training_state(path)["update"] == 2
+    with open(path, "r+b") as f:  # cut short, as by a crash or a full disk on a copy
+        f.truncate(100)
+    assert finetune.load_training_state(path)["update"] == 1
+    assert "state.pt is unreadable" in capsys.readouterr().err
+    finetune.remove_training_state(path)
+    assert finetune.load_training_state(path) is None and not os.listdir(tmp_path)
+
+
+def test_unwritable_or_full_output_folder_fails_before_training(corpus, tmp_path, monkeypatch, capsys):
+    import finetune
+    (tmp_path / "a-file").write_text("")
+    for out in (tmp_path / "a-file", "/proc/no-such-folder"):
+        r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", out, *TINY_RUN)
+        assert r.returncode == 2 and "cannot write to the output folder" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+    monkeypatch.setattr(finetune.shutil, "disk_usage", lambda path: argparse.Namespace(total=10 ** 6, used=0, free=1000))
+    with pytest.raises(SystemExit) as e:
+        finetune.main(list(map(str, ["--fold", 1, "--data", corpus, "--out", tmp_path / "full", *TINY_RUN])))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "GiB free" in err and "checkpoints need about" in err
+    assert not (tmp_path / "full" / "vft" / "fold1" / "run0" / "log.jsonl").exists()
