@@ -254,7 +254,8 @@ def run_updates(*, model, params, loss_fn, dataset, sampler, total_updates, lr, 
         shared = [state]
         dist.broadcast_object_list(shared, src=0)
         state = shared[0]
-        torch.manual_seed(torch.initial_seed() + rank)  # dropout differs between ranks, as their data do
+        if rank > 0:  # dropout differs between ranks, as their data do; rank 0 draws what one process draws
+            torch.manual_seed(torch.initial_seed() + rank)
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

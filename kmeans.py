@@ -5,6 +5,7 @@ The release clustered the teacher's frame features of the fold's training sessio
 (GPU, 20 Lloyd iterations, K = 64, 512 and 4096, at most max(K) x 1000 sampled frames) and gave
 every frame of every training utterance one label per K. This file does the same in plain PyTorch:
 
+    pseudo_label_stage(model, utterances, ...) -> P-TAPT's whole k-means stage, one process or torchrun
     fit_kmeans(features, ks)        -> {K: KMeansResult(centroids, inertia history, cluster sizes)}
     assign(features, centroids)     -> nearest-centroid label of every frame
     save_labels / load_labels / labels_for: the pseudo-label file P-TAPT reads
@@ -12,18 +13,25 @@ every frame of every training utterance one label per K. This file does the same
     python kmeans.py fit|assign ... -> the command line (python kmeans.py fit --help)
 
 Choices, so that they are written down somewhere:
-- All K are fitted together: each Lloyd iteration reads every chunk of frames once and updates the
-  accumulators of every K. Each K's init draws from its own generator seeded with `seed`, so fitting
-  a K alone or together with others gives the same centroids.
+- All K are fitted together: a plain Lloyd pass reads every chunk of frames once for every K. Each
+  K's init draws from its own generator seeded with `seed`, so fitting a K alone or together with
+  others gives the same centroids.
 - Distances are ||x||^2 - 2 x.c + ||c||^2 with a matmul, chunk by chunk, in float32; the frames are
   first translated by their mean (as scikit-learn does) because that formula loses precision when
   the features share a large offset, which transformer features with their outlier dimensions do.
+- Lloyd's result, computed with fewer distances (see "Lloyd iterations"): after the first pass, a
+  frame is only looked at when bounds (a 64-dimensional projection of frames and centroids, and
+  Yinyang k-means' bounds on how far the centroids moved) do not show that its centroid is still the
+  nearest. The labels, hence the centroids, are those of plain Lloyd up to float32 ties.
+- Under torch.distributed the frames of all ranks, concatenated in rank order, are clustered as one
+  process would cluster them: the subsample and the init draw global indices, cluster sums are
+  all-reduced, and every rank ends with the same centroids.
 - init "k-means++" is scikit-learn's greedy variant (2 + ln K candidates per step, keep the one that
   lowers the potential most); "random" is the release's (faiss) init: K distinct random frames.
   k-means++ makes K sequential passes over the frames: fine on a GPU, hours on a CPU for K = 4096
   and a million frames, where "random" is the practical choice.
 - An empty cluster is re-seeded with the frame currently farthest from its centroid (taken out of
-  its old cluster), as scikit-learn does; we keep the 256 farthest frames of each pass for that.
+  its old cluster), as scikit-learn does (at most 256 per pass and K).
 """
 
 import argparse
@@ -31,7 +39,7 @@ import functools
 import math
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -39,7 +47,13 @@ from tqdm import tqdm
 
 from model import save_atomic
 
-MAX_RESEEDS = 256  # farthest frames remembered per pass and per K, to re-seed empty clusters
+MAX_RESEEDS = 256  # at most this many empty clusters are re-seeded per pass and per K
+IN_MEMORY_BYTES = 4 << 30  # on the CPU, a centred float32 copy of the fitted frames is kept up to this size
+PROJ_DIMS = 64  # dimensions of the projection bound that prunes Lloyd's passes (_Projection)
+PROJ_MIN_DIM = 256  # ... used for features of at least this many dimensions
+GROUP_SIZE, MAX_GROUPS = 16, 64  # centroids per group of the Yinyang bounds (_Bounds), and most groups
+PAIRS_PER_ROW = 48  # exact distances frame by centroid pair, not by matmul, below K / PAIRS_PER_ROW pairs a frame
+PAIR_BATCH = 2048  # pairs at a time (a small gather: large fresh CPU buffers cost page faults)
 
 
 @dataclass
@@ -47,6 +61,7 @@ class KMeansResult:
     centroids: torch.Tensor  # (K, D) float32 on CPU
     inertia: list  # sum of squared distances to the nearest centroid: at init, then after every iteration
     counts: torch.Tensor  # (K,) long, cluster sizes under the final centroids (fitted frames only)
+    settled: list = field(default_factory=list)  # per pruned pass: fraction of frames settled without reading them
 
 
 # -----------------------------------------------------------------------------
@@ -69,6 +84,29 @@ def _all_reduce(t):
     if _world()[1] > 1:
         dist.all_reduce(t)
     return t
+
+
+def _rank_sizes(n, device):
+    # [n of rank 0, n of rank 1, ...]: the frames of all ranks in rank order form the global array
+    world = _world()[1]
+    if world == 1:
+        return [n]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=device))
+    return [int(t) for t in sizes]
+
+
+def _gather_cat(t, device):
+    """The 1-D tensors of all ranks concatenated in rank order, on every rank (on CPU)."""
+    world = _world()[1]
+    if world == 1:
+        return t.cpu()
+    sizes = _rank_sizes(len(t), device)
+    buf = torch.zeros(max(sizes), dtype=t.dtype, device=device)
+    buf[:len(t)] = t.to(device)
+    parts = [torch.empty_like(buf) for _ in range(world)]
+    dist.all_gather(parts, buf)
+    return torch.cat([p[:n].cpu() for p, n in zip(parts, sizes)])
 
 
 def _full_fp32(fn):
@@ -97,37 +135,111 @@ def _check_features(features):
 class _Frames:
     """The frames being clustered, translated by `shift`, served in float32 chunks on `device`.
 
-    Chunks travel to the device one at a time, so N x D never has to fit there; memory stays at
-    chunk_size x (D + K) whatever N is. ||x - shift||^2 is computed once per frame and kept (N floats).
+    When a centred float32 copy fits (IN_MEMORY_BYTES on the CPU, a third of the free memory on a GPU)
+    it is made once; otherwise chunks are converted and travel to the device one at a time, so N x D never
+    has to fit there and working memory stays at chunk_size x (D + K). Chunks come with a column of ones
+    appended ("augmented"), so that x.(-2c) + ||c||^2 is one matmul. ||x - shift||^2 is kept (N floats).
     """
 
     def __init__(self, feats, chunk_size, device, shift):
         self.feats, self.chunk_size, self.device, self.shift = feats, chunk_size, device, shift
-        self.sq = torch.empty(len(feats), device=device)
-        for start, x, _ in self.chunks(with_sq=False):
-            self.sq[start:start + len(x)] = torch.einsum("nd,nd->n", x, x)  # einsum: no n x d temporary
+        self.rank, self.world = _world()
+        sizes = _rank_sizes(len(feats), device)  # under torch.distributed: global index = offset + local index
+        self.offset, self.total = sum(sizes[:self.rank]), sum(sizes)
+        self.first_nonempty = next((r for r, m in enumerate(sizes) if m), 0)
+        self.dim = feats.shape[1]
+        nbytes = len(feats) * (self.dim + 1) * 4
+        limit = IN_MEMORY_BYTES if device.type != "cuda" else torch.cuda.mem_get_info(device)[0] // 3
+        self.xa, self.sq = None, torch.empty(len(feats), device=device)
+        centred = torch.empty(len(feats), self.dim + 1, device=device) if nbytes <= limit else None
+        for start, xa in self.chunks(aug=True):  # centre once, not at every pass
+            x = xa[:, :-1]
+            self.sq[start:start + len(x)] = torch.linalg.vector_norm(x, dim=1).square_()
+            if centred is not None:
+                centred[start:start + len(x)] = xa
+        self.xa = centred
         if not torch.isfinite(self.sq).all():  # a NaN frame would poison its centroid without a sound
             raise ValueError("features contain NaN or inf")
+        self.sq_total = _all_reduce(self.sq.sum(dtype=torch.float64))  # sum over all ranks' frames of ||x||^2
+        self.proj = None
 
     def __len__(self):
         return len(self.feats)
 
-    def chunks(self, with_sq=True):
-        buf = torch.empty(min(self.chunk_size, len(self.feats)), self.feats.shape[1], device=self.device)
+    def chunks(self, aug=False):
+        """(start, (n, D) or augmented (n, D + 1) centred float32 rows) for every chunk."""
+        if self.xa is not None:
+            for start in range(0, len(self.xa), self.chunk_size):
+                xa = self.xa[start:start + self.chunk_size]
+                yield start, (xa if aug else xa[:, :-1])
+            return
+        buf = torch.ones(min(self.chunk_size, len(self.feats)), self.dim + 1, device=self.device)
         for start in range(0, len(self.feats), self.chunk_size):
             x = self.feats[start:start + self.chunk_size].to(self.device, non_blocking=True)
-            x = torch.sub(x, self.shift, out=buf[:len(x)])  # one reused buffer: also converts fp16 -> fp32
-            yield start, x, (self.sq[start:start + len(x)] if with_sq else None)
+            xa = buf[:len(x)]
+            torch.sub(x, self.shift, out=xa[:, :-1])  # one reused buffer; fp16 -> fp32 too
+            yield start, (xa if aug else xa[:, :-1])
 
     def rows(self, idx):
+        if self.xa is not None:
+            return self.xa[idx.to(self.device), :-1]
         return self.feats[idx.to(self.feats.device)].to(self.device, torch.float32) - self.shift
 
+    def fetch(self, gidx):
+        """Rows of the frames of all ranks concatenated in rank order (global indices `gidx`), on every
+        rank: each rank fills the rows it holds, an all-reduce sums them (a row + zeros is exact)."""
+        gidx = gidx.to(self.device)
+        if self.world == 1:
+            return self.rows(gidx)
+        mine = (gidx >= self.offset) & (gidx < self.offset + len(self))
+        out = torch.zeros(len(gidx), self.dim, device=self.device)
+        out[mine] = self.rows(gidx[mine] - self.offset)
+        return _all_reduce(out)
 
-def _nearest(x, x_sq, c, c_sq):
-    # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2 with a matmul: memory n x K, not n x K x D. ||x||^2 is the
-    # same for every centroid, so it is added after the min; float32 rounding can go below 0: clamp.
-    dmin, labels = torch.addmm(c_sq, x, c.T, alpha=-2).min(1)
-    return dmin.add_(x_sq).clamp_(min=0), labels
+    def project(self, dims, seed):
+        """The exact pruning bound of _Projection (made once, for every K): needs dims well below D."""
+        if self.proj is None:
+            self.proj = _Projection(self, dims, seed)
+        return self.proj
+
+
+class _Projection:
+    """x = V z + residual with V (D, p) orthonormal: for every frame x and centroid c,
+        ||z - zc||^2 + (r - rc)^2  <=  ||x - c||^2  <=  ||z - zc||^2 + (r + rc)^2
+    (r, rc: residual norms), so a p-dimensional product bounds all K distances of a frame. V spans the
+    top principal directions of a seeded sample of frames (randomised SVD): the tighter the frames' spectrum,
+    the more frames the bounds settle. Frames they do not settle get exact distances, so the result is
+    Lloyd's whatever V is. Memory: N x (p + 4) floats."""
+
+    SAMPLE, OVERSAMPLE = 4096, 16
+
+    def __init__(self, frames, dims, seed):
+        device = frames.device
+        gen = torch.Generator().manual_seed(seed + 1)
+        pick = torch.randperm(frames.total, generator=gen)[:self.SAMPLE].sort().values
+        sample = frames.fetch(pick)  # the same sample, hence the same V, on every rank
+        omega = torch.randn(frames.dim, dims + self.OVERSAMPLE, generator=gen).to(device)
+        y = sample @ (sample.T @ (sample @ omega))  # one power iteration
+        q = torch.linalg.qr(y).Q
+        v = torch.linalg.svd(q.T @ sample, full_matrices=False).Vh[:dims].T
+        self.v = torch.linalg.qr(v).Q.contiguous()  # (D, p), orthonormal to float32 precision
+        n = len(frames)
+        self.z = torch.ones(n, dims + 2, device=device)  # [z, r, 1]: one matmul gives every bound (below)
+        for start, x in frames.chunks():
+            torch.mm(x, self.v, out=self.z[start:start + len(x), :dims])
+        z_sq = torch.linalg.vector_norm(self.z[:, :dims], dim=1).square_()
+        # r^2 = ||x||^2 - ||z||^2 in float32: its error, a few 1e-7 x ||x||^2, is below err_r2
+        self.err_r2 = frames.sq * 1e-5
+        self.z[:, dims] = (frames.sq - z_sq).clamp_(min=0).sqrt_()
+        self.zq = z_sq + self.z[:, dims] ** 2
+
+    def weights(self, c):
+        """(K, p + 2) W with [z, r, 1] . W_j = ||zc_j||^2 + rc_j^2 - 2 (z.zc_j + r rc_j): the lower bound
+        of ||x - c_j||^2 less ||z||^2 + r^2 (the same for every j); and rc (K,), computed directly."""
+        zc = c @ self.v
+        rc = torch.linalg.vector_norm(c - zc @ self.v.T, dim=1)
+        cq = torch.linalg.vector_norm(zc, dim=1).square_() + rc * rc
+        return torch.cat([-2 * zc, -2 * rc[:, None], cq[:, None]], 1), rc
 
 
 # -----------------------------------------------------------------------------
@@ -136,38 +248,66 @@ def _nearest(x, x_sq, c, c_sq):
 def _kmeans_plusplus(frames, k, gen):
     # Greedy k-means++ (Arthur & Vassilvitskii 2007, scikit-learn's variant): draw 2 + ln K candidates
     # with probability ~ D^2 and keep the one that lowers the potential most. K passes over the frames.
-    n, trials, device = len(frames), 2 + int(math.log(k)), frames.device
+    # Under torch.distributed every rank draws the same random numbers and holds its part of the global
+    # potential: the candidates (global indices) and their rows come from the ranks that hold them, so
+    # the result is the one-process result on the frames of all ranks (up to float64 summation order).
+    n, trials, device, world = len(frames), 2 + int(math.log(k)), frames.device, frames.world
 
-    def dists_to(points):  # (n, P) squared distances of every frame to each point
+    def dists_to(points):  # (n, P) squared distances of every local frame to each point
         p_sq = (points * points).sum(1)
         out = torch.empty(n, len(points), device=device)
-        for start, x, x_sq in frames.chunks():
+        for start, x in frames.chunks():
             d = torch.addmm(p_sq, x, points.T, alpha=-2, out=out[start:start + len(x)])
-            d.add_(x_sq[:, None]).clamp_(min=0)
+            d.add_(frames.sq[start:start + len(x), None]).clamp_(min=0)
         return out
 
-    chosen = torch.empty(k, dtype=torch.long, device=device)
-    chosen[0] = torch.randint(n, (1,), generator=gen)[0]
-    closest = dists_to(frames.rows(chosen[:1]))[:, 0]
+    chosen = torch.empty(k, frames.feats.shape[1], device=device)
+    chosen[0] = frames.fetch(torch.randint(frames.total, (1,), generator=gen))[0]
+    closest = dists_to(chosen[:1])[:, 0]
     for i in range(1, k):
         cum = closest.cumsum(0, dtype=torch.float64)  # float64: a float32 cumsum over millions of frames drifts
-        r = torch.rand(trials, generator=gen, dtype=torch.float64).to(device) * cum[-1]
-        cand = torch.searchsorted(cum, r).clamp_(max=n - 1)
-        d = dists_to(frames.rows(cand))
+        if world == 1:
+            r = torch.rand(trials, generator=gen, dtype=torch.float64).to(device) * cum[-1]
+            points = frames.rows(torch.searchsorted(cum, r).clamp_(max=n - 1))
+        else:  # the global cumulative sum: this rank's part starts where the lower ranks' parts end
+            mine = cum[-1:] if n else torch.zeros(1, dtype=torch.float64, device=device)
+            parts = [torch.empty_like(mine) for _ in range(world)]
+            dist.all_gather(parts, mine)
+            bounds = torch.cat(parts).cumsum(0)  # the same on every rank: each r has exactly one owner
+            r = torch.rand(trials, generator=gen, dtype=torch.float64).to(device) * bounds[-1]
+            lo = bounds[frames.rank - 1] if frames.rank else torch.zeros((), dtype=torch.float64, device=device)
+            here = (r <= bounds[frames.rank]) & ((r > lo) | (frames.rank == frames.first_nonempty))
+            if n == 0:
+                here[:] = False
+            local = torch.searchsorted(cum, r - lo).clamp_(min=0, max=max(n - 1, 0))
+            gidx = torch.where(here, local + frames.offset, torch.full_like(local, -1))
+            points = frames.fetch(_all_reduce_max(gidx))
+        d = dists_to(points)
         d = torch.minimum(d, closest[:, None], out=d)
-        best = d.sum(0, dtype=torch.float64).argmin().view(1)  # stays on the device: no sync per step
+        potential = _all_reduce(d.sum(0, dtype=torch.float64))
+        best = potential.argmin().view(1)  # stays on the device: no sync per step
         closest = d.index_select(1, best)[:, 0]
-        chosen[i] = cand[best][0]
-    return frames.rows(chosen)
+        chosen[i] = points[best][0]
+    return chosen
+
+
+def _all_reduce_max(t):
+    if _world()[1] > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
 
 
 def _init_centroids(frames, k, init, seed):
+    # Every rank calls this: the draws are global (the frames of all ranks in rank order).
     gen = torch.Generator().manual_seed(seed)  # CPU generator: the same draws on every device
     if isinstance(init, torch.Tensor):
-        return init.to(frames.device, torch.float32) - frames.shift
+        c = init.to(frames.device, torch.float32)
+        if frames.world > 1:
+            dist.broadcast(c, 0)  # rank 0's centroids, should the ranks have been given different ones
+        return c - frames.shift
     if init == "k-means++":
         return _kmeans_plusplus(frames, k, gen)
-    return frames.rows(torch.randperm(len(frames), generator=gen)[:k])  # "random"
+    return frames.fetch(torch.randperm(frames.total, generator=gen)[:k])  # "random"
 
 
 def _check_init(init, ks, dim):
@@ -190,90 +330,275 @@ def _check_init(init, ks, dim):
 
 # -----------------------------------------------------------------------------
 # Lloyd iterations
-
-@dataclass
-class _Stats:  # what one pass over the frames accumulates for one K
-    sums: torch.Tensor  # (K, D) float64: float32 would drift over millions of frames
-    counts: torch.Tensor  # (K,) long
-    inertia: torch.Tensor  # () float64
-    far_d: torch.Tensor  # (R,) distances of the farthest frames seen so far, -1 = none yet
-    far_x: torch.Tensor  # (R, D) those frames
-    far_label: torch.Tensor  # (R,) their current cluster
-
-    @classmethod
-    def zeros(cls, k, dim, device):
-        r = min(k, MAX_RESEEDS)
-        return cls(torch.zeros(k, dim, dtype=torch.float64, device=device),
-                   torch.zeros(k, dtype=torch.long, device=device),
-                   torch.zeros((), dtype=torch.float64, device=device),
-                   torch.full((r,), -1.0, device=device), torch.zeros(r, dim, device=device),
-                   torch.zeros(r, dtype=torch.long, device=device))
-
-    def add(self, x, dmin, labels):
-        k, dim = self.sums.shape
-        self.sums += torch.zeros(k, dim, device=x.device).index_add_(0, labels, x)  # float32 within a chunk
-        self.counts += torch.bincount(labels, minlength=k)
-        self.inertia += dmin.sum(dtype=torch.float64)
-        top = dmin.topk(min(len(self.far_d), len(dmin))).indices  # this chunk's farthest, then merge
-        self.keep_farthest(dmin[top], x[top], labels[top])
-
-    def keep_farthest(self, d, x, labels):
-        d_all = torch.cat([self.far_d, d])
-        top = d_all.topk(len(self.far_d)).indices
-        self.far_d, self.far_x, self.far_label = (d_all[top], torch.cat([self.far_x, x])[top],
-                                                  torch.cat([self.far_label, labels])[top])
+#
+# Every pass gives each frame its nearest centroid; then the centroids move to their clusters' means.
+# Cluster sums (float64) and sizes are kept per rank and all-reduced: under torch.distributed every
+# rank holds the same centroids. The inertia of a pass comes from the sums, not from the distances:
+#   sum_x ||x - c_a(x)||^2 = sum_x ||x||^2 - 2 sum_j S_j.c_j + sum_j n_j ||c_j||^2   (float64)
+# so a pass only needs each frame's label, and only frames whose label changed update the sums.
+# The first pass is plain (every distance, by matmul, every K per chunk). The next ones are pruned when
+# the features have PROJ_MIN_DIM dimensions or more (wav2vec 2.0's 768): a frame is skipped when its
+# Yinyang bounds (_Bounds) show that no centroid moved enough to beat its own; otherwise its bounds to
+# all K come from the 64-dimensional projection (_Projection, one small matmul), and only when another
+# centroid may be nearer are its D features read, for exact distances to the centroids still in play.
+# Every bound is widened by its float32 error, so the labels are plain Lloyd's up to float32 ties. If a
+# pruned pass has to read more than half of the frames, the next pass is plain again: data whose
+# spectrum is too flat for the projection costs little more than plain Lloyd.
 
 
-def _lloyd_pass(frames, cents):
-    stats = {k: _Stats.zeros(k, c.shape[1], frames.device) for k, c in cents.items()}
-    c_sq = {k: (c * c).sum(1) for k, c in cents.items()}
-    for _, x, x_sq in frames.chunks():  # each chunk is read once, for every K
-        for k, c in cents.items():
-            stats[k].add(x, *_nearest(x, x_sq, c, c_sq[k]))
-    for st in stats.values():
-        _reduce_stats(st)
-    return stats
+class _KState:
+    """Lloyd's state for one K: centroids (centred), this rank's labels, cluster sums and sizes."""
+
+    def __init__(self, k, c, n, device):
+        self.k, self.c = k, c
+        self.labels = torch.zeros(n, dtype=torch.long, device=device)
+        self.sums = torch.zeros(k, c.shape[1], dtype=torch.float64, device=device)
+        self.counts = torch.zeros(k, dtype=torch.long, device=device)
+        self.plain_next = True  # the first pass has no labels to keep: plain
+        self.settled = []  # fraction of frames settled by the bound, per pruned pass
+        self.buf = None  # (chunk, K) matmul output, reused: a fresh CPU buffer of this size costs page faults
+        self.bounds = None  # _Bounds, from the first pruned pass on
+
+    def scratch(self, n, chunk_size, device, width=None):
+        width = width or self.k
+        if self.buf is None or len(self.buf) < chunk_size * width:
+            self.buf = torch.empty(chunk_size * width, device=device)
+        return self.buf[:n * width].view(n, width)
+
+    def move(self, idx, old, new, x):
+        # frames idx (local) go from clusters old to new: x their rows (float32, centred)
+        delta = torch.zeros(self.sums.shape, device=x.device).index_add_(0, new, x).index_add_(0, old, x, alpha=-1)
+        self.sums += delta  # float32 within a move, float64 across
+        self.counts.index_add_(0, new, torch.ones_like(new)).index_add_(0, old, -torch.ones_like(old))
+        self.labels[idx] = new
+        if self.bounds is not None:
+            self.bounds.reset(idx)
 
 
-def _reduce_stats(st):
-    world = _world()[1]
-    if world == 1:
-        return
-    for t in (st.sums, st.counts, st.inertia):
-        dist.all_reduce(t)
-    if (st.counts == 0).any():  # counts are global now, so every rank takes this branch together
+def _weights(c):
+    # (K, D + 1): an augmented row [x, 1] times W_j is ||c_j||^2 - 2 x.c_j = ||x - c_j||^2 - ||x||^2
+    return torch.cat([-2 * c, (c * c).sum(1, keepdim=True)], 1)
+
+
+def _plain_pass(frames, states):
+    # every distance; each chunk is read once for every K
+    for st in states:
+        st.w = _weights(st.c).T
+        if st.bounds is not None:
+            st.bounds.reset()  # the labels change under them
+        st.sums.zero_()
+        st.counts.zero_()
+    for start, xa in frames.chunks(aug=True):
+        for st in states:
+            lab = torch.mm(xa, st.w, out=st.scratch(len(xa), frames.chunk_size, xa.device)).min(1).indices
+            st.labels[start:start + len(xa)] = lab
+            # float32 within a chunk; rows with their column of ones are contiguous (fast), and sum to counts
+            st.sums += torch.zeros(st.k, frames.dim + 1, device=xa.device).index_add_(0, lab, xa)[:, :-1]
+            st.counts += torch.bincount(lab, minlength=st.k)
+
+
+def _groups(c, count):
+    """`count` groups of nearby centroids of similar sizes (recursive halving along the principal
+    direction): (perm, width) with the ids of group g at perm[g * width:(g + 1) * width], -1 = padding."""
+    out = []
+
+    def split(ids, g):
+        if g == 1:
+            out.append(ids)
+            return
+        sub = c[ids] - c[ids].mean(0)
+        v = sub[(sub * sub).sum(1).argmax()].clone()
+        for _ in range(8):  # power iteration (a deterministic start): any direction would be correct
+            v = sub.T @ (sub @ v)
+            v /= v.norm().clamp(min=1e-30)
+        order = ids[(sub @ v).argsort(stable=True)]
+        n1 = round(len(ids) * (g // 2) / g)
+        split(order[:n1], g // 2)
+        split(order[n1:], g - g // 2)
+
+    split(torch.arange(len(c), device=c.device), count)
+    width = max(len(ids) for ids in out)
+    perm = torch.full((count * width,), -1, dtype=torch.long, device=c.device)
+    for g, ids in enumerate(out):
+        perm[g * width:g * width + len(ids)] = ids
+    return perm, width
+
+
+class _Bounds:
+    """Per frame (this rank's): u >= its distance to its centroid, lbg[:, g] <= its distance to every other
+    centroid of group g (Yinyang k-means, Ding et al. 2015; G = K / 16 groups, at most 64, of nearby
+    centroids). When centroids move by delta, u grows by its centroid's delta and lbg[:, g] shrinks by
+    group g's largest delta; a frame with u <= min_g lbg keeps its label without any work, the others get
+    fresh bounds from the projection. Memory: N x (G + 1) floats."""
+
+    def __init__(self, st, n, device):
+        k = st.k
+        self.groups = max(1, min(MAX_GROUPS, k // GROUP_SIZE))
+        self.perm, self.width = _groups(st.c, self.groups)
+        self.pos = torch.empty(k, dtype=torch.long, device=device)  # column of each centroid in group order
+        valid = self.perm >= 0
+        self.pos[self.perm[valid]] = valid.nonzero()[:, 0]
+        self.gid = self.pos // self.width
+        self.u = torch.full((n,), float("inf"), device=device)
+        self.lbg = torch.zeros(n, self.groups, device=device)
+        self.c_ref = st.c.clone()
+
+    def reset(self, idx=None):
+        if idx is None:
+            self.u.fill_(float("inf"))
+            self.lbg.zero_()
+        else:
+            self.u[idx] = float("inf")
+            self.lbg[idx] = 0
+
+    def drift(self, c, labels, pad):
+        delta = torch.linalg.vector_norm((c.double() - self.c_ref.double()), dim=1).float() * (1 + 1e-5) + pad
+        big = torch.zeros(self.groups, device=c.device).scatter_reduce_(0, self.gid, delta, "amax")
+        self.u.add_(delta[labels])
+        self.lbg.sub_(big)
+        self.c_ref = c.clone()
+
+    def ordered(self, w):
+        # rows of w in group order, padding rows give +inf (their last column multiplies the ones of [z, r, 1])
+        out = torch.zeros(len(self.perm), w.shape[1], device=w.device)
+        valid = self.perm >= 0
+        out[valid] = w[self.perm[valid]]
+        out[~valid, -1] = float("inf")
+        return out
+
+
+def _pruned_pass(frames, st, proj):
+    """Labels of this pass for one K from the previous pass's labels (see the notes above _KState).
+    Returns how many frames it read (the others were settled by the bounds)."""
+    c, device, k = st.c, frames.device, st.k
+    if st.bounds is None:
+        st.bounds = _Bounds(st, len(frames), device)
+    b = st.bounds
+    c_sq = (c * c).sum(1)
+    w, rc = proj.weights(c)
+    wp = b.ordered(w)  # (G x width, p + 2)
+    rc_max, csq_max = float(rc.max()), float(c_sq.max())
+    sq_max = float(frames.sq.max()) if len(frames) else 0.0
+    b.drift(c, st.labels, 1e-6 * math.sqrt(sq_max + csq_max))  # float32 rounding of the bounds
+    w_exact = None
+    read = 0
+    for start in range(0, len(frames), frames.chunk_size):
+        end = min(start + frames.chunk_size, len(frames))
+        u, lbg = b.u[start:end], b.lbg[start:end]
+        ev = (u > lbg.amin(1)).nonzero()[:, 0]  # the others: no centroid can be nearer than their own
+        if not len(ev):
+            continue
+        rows = ev + start
+        a, z, zq = st.labels[rows], proj.z[rows], proj.zq[rows]
+        r, e = z[:, -2], proj.err_r2[rows]
+        dr = torch.minimum(e.sqrt(), e / r.clamp(min=1e-30))  # |error of r| <= dr
+        margin = 4 * dr * (r + rc_max) + 2 * dr * dr + 1e-4 * (frames.sq[rows] + csq_max)  # float32 errors
+        # bounds of ||x - c||^2 less ||z||^2 + r^2: lower [z, r, 1].w, upper that + 4 r rc
+        thr = (z * w[a]).sum(1).addcmul_(r, rc[a], value=4).add_(margin)  # upper bound for the own centroid
+        u_new = (thr + zq).clamp_(min=0).sqrt_()
+        # bounds to every centroid (one matmul; the frames are few or most of their groups are in play)
+        lb = torch.mm(z, wp.T, out=st.scratch(len(ev), frames.chunk_size, device, len(wp)))
+        lb.scatter_(1, b.pos[a][:, None], float("inf"))
+        lbg_new = (lb.view(len(ev), b.groups, b.width).amin(2) + (zq - margin)[:, None]).clamp_(min=0).sqrt_()
+        pi, pj = (lb <= thr[:, None]).nonzero(as_tuple=True)
+        pj = b.perm[pj]
+        b.lbg[rows], b.u[rows] = lbg_new, u_new
+        if not len(pi):
+            continue
+        # frames with another centroid in play: exact distances to it and to their own centroid, or to
+        # all K (a matmul) when that is not much more work
+        open_, pi = torch.unique(pi, return_inverse=True)
+        read += len(open_)
+        x = frames.rows(rows[open_])
+        n_open, a_open = len(open_), a[open_]
+        if (len(pi) + n_open) * PAIRS_PER_ROW > n_open * k:
+            w_exact = _weights(c).T if w_exact is None else w_exact
+            d2, new = torch.addmm(w_exact[-1], x, w_exact[:-1]).min(1)
+        else:
+            pi = torch.cat([torch.arange(n_open, device=device), pi])
+            pj = torch.cat([a_open, pj])
+            d = torch.empty(len(pi), device=device)
+            for s in range(0, len(pi), PAIR_BATCH):  # ||c||^2 - 2 x.c, the matmul's formula, pair by pair
+                i, j = pi[s:s + PAIR_BATCH], pj[s:s + PAIR_BATCH]
+                d[s:s + len(i)] = c_sq[j] - 2 * (x.index_select(0, i) * c.index_select(0, j)).sum(1)
+            d2 = torch.full((n_open,), float("inf"), device=device).scatter_reduce_(0, pi, d, "amin")
+            hit = d == d2[pi]  # the first (lowest index) nearest centroid, as min() picks
+            new = torch.full((n_open,), k, dtype=torch.long, device=device).scatter_reduce_(0, pi[hit], pj[hit], "amin")
+        b.u[rows[open_]] = (d2 + frames.sq[rows[open_]] + margin[open_]).clamp_(min=0).sqrt_()
+        changed = (new != a_open).nonzero()[:, 0]
+        if len(changed):  # (their bounds are reset: they excluded the old centroid, not the new one)
+            st.move(rows[open_][changed], a_open[changed], new[changed], x[changed])
+    return read
+
+
+def _farthest(frames, st, count):
+    # this rank's `count` frames farthest from their centroid: (distance, row, label, global index)
+    device = frames.device
+    d = torch.empty(len(frames), device=device)
+    for start, x in frames.chunks():
+        lab = st.labels[start:start + len(x)]
+        d[start:start + len(x)] = ((x - st.c[lab]) ** 2).sum(1)
+    top = d.topk(min(count, len(d))).indices
+    pad = count - len(top)
+    out_d = torch.cat([d[top], torch.full((pad,), -1.0, device=device)])
+    out_x = torch.cat([frames.rows(top), torch.zeros(pad, frames.dim, device=device)])
+    out_l = torch.cat([st.labels[top], torch.zeros(pad, dtype=torch.long, device=device)])
+    out_i = torch.cat([top + frames.offset, torch.full((pad,), -1, dtype=torch.long, device=device)])
+    if frames.world > 1:
         gathered = []
-        for t in (st.far_d, st.far_x, st.far_label):
-            parts = [torch.empty_like(t) for _ in range(world)]
+        for t in (out_d, out_x, out_l, out_i):
+            parts = [torch.empty_like(t) for _ in range(frames.world)]
             dist.all_gather(parts, t)
             gathered.append(torch.cat(parts))
-        top = gathered[0].topk(len(st.far_d)).indices
-        st.far_d, st.far_x, st.far_label = (g[top] for g in gathered)
+        top = gathered[0].topk(count).indices
+        out_d, out_x, out_l, out_i = (g[top] for g in gathered)
+    return out_d, out_x, out_l, out_i
 
 
-def _update(c, st):
-    sums, counts = st.sums.clone(), st.counts.clone()
+def _update(frames, st, sums, counts):
+    """New centroids from the global sums and sizes. An empty cluster is re-seeded with the frame
+    farthest from its centroid (distinct frames, farthest first), taken out of its old cluster so that
+    sums and sizes stay those of an actual assignment; a still-empty cluster stays put."""
     empty = (counts == 0).nonzero()[:, 0]
     if len(empty):
-        # Re-seed with the farthest frames (distinct frames, farthest first), each taken out of its
-        # old cluster so that sums and counts stay those of an actual assignment.
-        m = min(len(empty), int((st.far_d > 0).sum()))
-        empty, x, old = empty[:m], st.far_x[:m].double(), st.far_label[:m]
-        sums.index_add_(0, old, -x)
+        far_d, far_x, far_label, far_idx = _farthest(frames, st, min(st.k, MAX_RESEEDS))
+        m = min(len(empty), int((far_d > 0).sum()))
+        empty, x, old, idx = empty[:m], far_x[:m], far_label[:m], far_idx[:m]
+        sums, counts = sums.clone(), counts.clone()
+        sums.index_add_(0, old, -x.double())
         counts.index_add_(0, old, -torch.ones_like(old))
-        sums[empty], counts[empty] = x, 1
+        sums[empty], counts[empty] = x.double(), 1
+        mine = (idx >= frames.offset) & (idx < frames.offset + len(frames))  # the owner moves its frames
+        if mine.any():
+            st.move(idx[mine] - frames.offset, old[mine], empty[mine], x[mine])
     new = sums / counts.clamp(min=1)[:, None]
-    return torch.where(counts[:, None] > 0, new, c.double()).float()  # a still-empty cluster stays put
+    st.c = torch.where(counts[:, None] > 0, new, st.c.double()).float()
 
 
-def _lloyd(frames, cents, iters, tol, progress):
+def _lloyd(frames, cents, iters, tol, progress, prune, seed):
+    states = {k: _KState(k, c, len(frames), frames.device) for k, c in cents.items()}
     history, counts, active = {k: [] for k in cents}, {}, list(cents)
+    proj = frames.project(prune, seed) if prune else None  # every rank at once (it gathers a sample)
     bar = tqdm(range(iters + 1), desc="k-means", disable=not progress or _world()[0] != 0)
     for it in bar:  # pass `it` measures the centroids after `it` updates, then updates them
-        stats = _lloyd_pass(frames, {k: cents[k] for k in active})
+        plain = [states[k] for k in active if states[k].plain_next or not prune]
+        if plain:
+            _plain_pass(frames, plain)
         for k in active:
-            history[k].append(stats[k].inertia.item())
-            counts[k] = stats[k].counts
+            st = states[k]
+            if st not in plain:
+                read = _all_reduce(torch.tensor(float(_pruned_pass(frames, st, proj)), device=frames.device))
+                st.settled.append(1 - float(read) / max(frames.total, 1))  # over all ranks: the same choice below
+                st.plain_next = st.settled[-1] < 0.5  # the bounds do not pay for this data (yet)
+            else:
+                st.plain_next = False
+        for k in active:
+            st = states[k]
+            sums, n = _all_reduce(st.sums.clone()), _all_reduce(st.counts.clone())
+            c = st.c.double()
+            inertia = frames.sq_total - 2 * (sums * c).sum() + (n * (c * c).sum(1)).sum()
+            history[k].append(max(float(inertia), 0.0))
+            counts[k], st.global_stats = n, (sums, n)
         bar.set_postfix({f"K{k}": f"{h[-1]:.5g}" for k, h in history.items()})
         if it == iters:
             break
@@ -282,30 +607,32 @@ def _lloyd(frames, cents, iters, tol, progress):
             h = history[k]
             if tol > 0 and len(h) > 1 and (h[-2] - h[-1]) / max(h[-2], 1e-30) < tol:
                 continue  # converged: these centroids are final and h[-1] is their inertia
-            cents[k] = _update(cents[k], stats[k])
+            _update(frames, states[k], *states[k].global_stats)
             still.append(k)
         active = still
         if not active:
             break
     bar.close()
-    return history, counts
+    for k, st in states.items():
+        cents[k] = st.c
+    return history, counts, {k: st.settled for k, st in states.items()}
 
 
 # -----------------------------------------------------------------------------
 # public API
 
 def _sample(features, max_samples, seed, device):
-    # Fit on at most max_samples frames (per rank in proportion to its share), a seeded random subset.
-    rank, world = _world()
-    n = len(features)
-    if world > 1:
-        total = _all_reduce(torch.tensor(float(n), dtype=torch.float64, device=device)).item()
-        max_samples = math.ceil(max_samples * n / max(total, 1))
-    if n <= max_samples:
-        return features
-    gen = torch.Generator().manual_seed(seed + rank)
-    idx = torch.randperm(n, generator=gen)[:max_samples].sort().values
-    return features[idx.to(features.device)]
+    # Fit on at most max_samples frames, a seeded random subset of the frames of all ranks in rank order
+    # (the same draw for every number of processes: the union of the ranks' subsets is the one-process subset).
+    # Returns (this rank's sampled frames, number of frames of all ranks before sampling).
+    rank = _world()[0]
+    sizes = _rank_sizes(len(features), device)
+    total, offset, n = sum(sizes), sum(sizes[:rank]), len(features)
+    if total <= max_samples:
+        return features, total
+    idx = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[:max_samples].sort().values
+    idx = idx[(idx >= offset) & (idx < offset + n)] - offset
+    return features[idx.to(features.device)], total
 
 
 def _stage(feats, device):
@@ -320,8 +647,8 @@ def _frames_mean(feats, chunk_size, device):
     # Distances are translation-invariant but ||x||^2 - 2 x.c + ||c||^2 loses precision when all
     # frames share a large offset, as transformer features with their outlier dimensions do.
     total = torch.zeros(feats.shape[1], dtype=torch.float64, device=device)
-    for start in range(0, len(feats), chunk_size):
-        total += feats[start:start + chunk_size].to(device).sum(0, dtype=torch.float64)
+    for start in range(0, len(feats), 1024):  # float64 sums of small blocks: fast, and the exact mean
+        total += feats[start:start + 1024].to(device).double().sum(0)
     n = torch.tensor(float(len(feats)), dtype=torch.float64, device=device)
     mean = (_all_reduce(total) / _all_reduce(n)).float()
     if not torch.isfinite(mean).all():
@@ -331,14 +658,17 @@ def _frames_mean(feats, chunk_size, device):
 
 @_full_fp32
 def fit_kmeans(features, ks=(64, 512, 4096), iters=20, init="k-means++", seed=0, tol=0.0, chunk_size=16384,
-               max_samples=None, device=None, progress=True):
+               max_samples=None, device=None, progress=True, prune_dims=None):
     """Fits one k-means per K in `ks` on the rows of `features` (N, D) and returns {K: KMeansResult}.
 
     init: "k-means++" (greedy, seeded), "random" (K distinct frames), or given centroids: a (K, D)
     tensor when there is one K, else {K: tensor}. tol > 0 stops a K once an iteration lowers its
     inertia by less than tol (relative). max_samples (default max(ks) x 1000): fit on a seeded random
-    subset of that many frames. Under torch.distributed every rank passes its own shard of frames;
-    rank 0 computes the init from its frames and all ranks return the same centroids.
+    subset of that many frames. Under torch.distributed every rank passes its own shard of frames: the
+    result is the one-process result on the shards concatenated in rank order (the same subsample, init
+    and centroids), returned on every rank. prune_dims: dimensions of the projection bound of the pruned
+    passes (None: 64 for features of at least 256 dimensions, else 0 = plain Lloyd); the result is the
+    same either way, up to float32 ties.
     """
     features = _check_features(features)
     ks = [int(k) for k in ks]
@@ -348,29 +678,27 @@ def fit_kmeans(features, ks=(64, 512, 4096), iters=20, init="k-means++", seed=0,
         raise ValueError(f"iters must be >= 0 and chunk_size >= 1, got {iters} and {chunk_size}")
     init = _check_init(init, ks, features.shape[1])
     device = _default_device(device)
-    rank, world = _world()
     cap = max(ks) * 1000 if max_samples is None else int(max_samples)
     if cap < 1:
         raise ValueError(f"max_samples must be positive, got {max_samples}")
 
-    feats = _stage(_sample(features, cap, seed, device), device)
-    n0 = torch.tensor(len(feats), device=device)  # the init is drawn from rank 0's frames
-    if world > 1:
-        dist.broadcast(n0, 0)
-    for k in ks:
-        if k > n0.item():
-            raise ValueError(f"cannot fit K={k} clusters to N={n0.item()} frames"
-                             f"{' (after max_samples)' if cap < len(features) else ''}: K must be <= N")
+    dim = features.shape[1]
+    if prune_dims is None:
+        prune_dims = PROJ_DIMS if dim >= PROJ_MIN_DIM and iters > 1 else 0
+    if not 0 <= prune_dims < dim:
+        raise ValueError(f"prune_dims must be in [0, {dim}), got {prune_dims}")
+    feats, total = _sample(features, cap, seed, device)
+    feats = _stage(feats, device)
     frames = _Frames(feats, chunk_size, device, _frames_mean(feats, chunk_size, device))
-
-    cents = {}
     for k in ks:
-        cents[k] = (_init_centroids(frames, k, init[k], seed) if rank == 0
-                    else torch.empty(k, feats.shape[1], device=device))
-        if world > 1:
-            dist.broadcast(cents[k], 0)
-    history, counts = _lloyd(frames, cents, iters, tol, progress)
-    return {k: KMeansResult((cents[k] + frames.shift).cpu(), history[k], counts[k].cpu()) for k in ks}
+        if k > frames.total:
+            raise ValueError(f"cannot fit K={k} clusters to N={frames.total} frames"
+                             f"{' (after max_samples)' if frames.total < total else ''}: K must be <= N")
+    cents = {k: _init_centroids(frames, k, init[k], seed) for k in ks}
+    if frames.total < 4 * (prune_dims + _Projection.OVERSAMPLE):
+        prune_dims = 0  # too few frames for the bounds to pay (or for the projection's sample)
+    history, counts, settled = _lloyd(frames, cents, iters, tol, progress, prune_dims, seed)
+    return {k: KMeansResult((cents[k] + frames.shift).cpu(), history[k], counts[k].cpu(), settled[k]) for k in ks}
 
 
 @_full_fp32
@@ -381,12 +709,18 @@ def assign(features, centroids, chunk_size=16384, device=None):
         raise ValueError(f"centroids {tuple(centroids.shape)} do not match features of dimension {features.shape[1]}")
     device = _default_device(device)
     c = centroids.to(device, torch.float32)
-    frames = _Frames(features, chunk_size, device, shift=c.mean(0))  # any shift works; a central one is precise
-    c = c - frames.shift
+    shift = c.mean(0)  # any shift works; a central one is precise
+    c = c - shift
     c_sq = (c * c).sum(1)
     labels = torch.empty(len(features), dtype=torch.long)
-    for start, x, x_sq in frames.chunks():
-        labels[start:start + len(x)] = _nearest(x, x_sq, c, c_sq)[1].cpu()
+    buf = torch.empty(min(chunk_size, len(features)), features.shape[1], device=device)
+    for start in range(0, len(features), chunk_size):  # one pass, one chunk in memory: fine for a memmap
+        x = features[start:start + chunk_size].to(device, non_blocking=True)
+        x = torch.sub(x, shift, out=buf[:len(x)])
+        dmin, lab = torch.addmm(c_sq, x, c.T, alpha=-2).min(1)  # ||x||^2 is the same for every centroid
+        if not torch.isfinite(dmin).all():
+            raise ValueError("features contain NaN or inf")
+        labels[start:start + len(x)] = lab.cpu()
     return labels
 
 
@@ -505,9 +839,14 @@ def load_centroids(path):
 # teacher features (model.py, data.py)
 
 @torch.no_grad()
-def extract_features(model, utterances, layer, device, batch_seconds=200.0, progress=True, workers=2):
+def extract_features(model, utterances, layer, device, batch_seconds=200.0, progress=True, workers=2, out=None):
     """Every valid frame of every utterance, concatenated in utterance order: ((N, D) float16 on CPU,
-    frame counts (U,) long). layer: a transformer layer 1..L, or None for the transformer output."""
+    frame counts (U,) long). layer: a transformer layer 1..L, or None for the transformer output.
+
+    out: a .npy path. The frames are then written there (float16, memory-mapped, each batch at its
+    utterances' place) as they are computed, so memory holds one batch, and the returned (N, D) tensor
+    reads that file. This needs model.frame_lengths (wav2vec 2.0 has it) to size the file beforehand."""
+    import numpy as np
     from data import AudioDataset, BucketBatchSampler, collate  # here: data.py may import this file
 
     dataset = AudioDataset(utterances, classes=())  # full length; the emotion labels are not needed
@@ -517,14 +856,111 @@ def extract_features(model, utterances, layer, device, batch_seconds=200.0, prog
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                          pin_memory=torch.device(device).type == "cuda")
     model = model.to(device).eval()
-    frames = [None] * len(dataset)
+    frames, mm, starts = [None] * len(dataset), None, None
+    if out is not None:
+        if not hasattr(model, "frame_lengths"):
+            raise ValueError("extract_features(out=...) needs model.frame_lengths to size the feature file")
+        expected = model.frame_lengths(torch.tensor([u.num_samples for u in utterances], dtype=torch.long))
+        expected = expected.cpu().long() if len(utterances) else torch.zeros(0, dtype=torch.long)
+        starts = (torch.cumsum(expected, 0) - expected).tolist()
+        dim = getattr(getattr(model, "cfg", None), "embed_dim", None)
+        if not len(utterances) and dim is not None:  # an empty shard still gets a (0, D) file
+            mm = np.lib.format.open_memmap(out, mode="w+", dtype=np.float16, shape=(0, dim))
     for batch in tqdm(loader, desc=f"features (layer {layer or 'last'})", disable=not progress):
         hidden, lengths = model(batch["wav"].to(device), batch["lengths"].to(device), layer=layer)
         hidden, lengths = hidden.half().cpu(), lengths.tolist()  # float16: 1M frames x 768 = 1.5 GB
+        if out is not None and mm is None:  # the feature dimension is known now
+            mm = np.lib.format.open_memmap(out, mode="w+", dtype=np.float16,
+                                           shape=(int(expected.sum()), hidden.shape[-1]))
         for row, i in enumerate(batch["indices"].tolist()):
-            frames[i] = hidden[row, :lengths[row]].clone()  # clone: do not keep the padded batch alive
-    counts = torch.tensor([len(f) for f in frames], dtype=torch.long)
-    return torch.cat(frames), counts
+            if out is None:
+                frames[i] = hidden[row, :lengths[row]].clone()  # clone: do not keep the padded batch alive
+                continue
+            if lengths[row] != expected[i]:
+                raise ValueError(f"{utterances[i].uid}: the model gave {lengths[row]} frames, "
+                                 f"frame_lengths says {int(expected[i])}")
+            mm[starts[i]:starts[i] + lengths[row]] = hidden[row, :lengths[row]].numpy()
+    if out is None:
+        counts = torch.tensor([len(f) for f in frames], dtype=torch.long)
+        return (torch.cat(frames) if frames else torch.zeros(0, 0, dtype=torch.float16)), counts
+    if mm is None:
+        raise ValueError("no utterances and no model.cfg.embed_dim: cannot size an empty feature file")
+    mm.flush()
+    del mm
+    return _open_features(out), expected
+
+
+def _open_features(path):
+    import warnings
+    import numpy as np
+    with warnings.catch_warnings():  # read-only memory map: torch warns that it is not writable; we never write
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.load(path, mmap_mode="r"))
+
+
+def _shard_bounds(lengths, rank, world):
+    """Contiguous utterance range [lo, hi) of `rank`, cut so that the ranks get similar amounts of audio."""
+    cum = torch.cumsum(torch.as_tensor(lengths, dtype=torch.float64), 0)
+    total = float(cum[-1]) if len(cum) else 0.0
+    cut = lambda r: 0 if r == 0 else len(lengths) if r == world else int(torch.searchsorted(cum, total * r / world))
+    return cut(rank), cut(rank + 1)
+
+
+def pseudo_label_stage(model, utterances, layer, ks, iters, init, seed, device, out_path, meta, progress=True,
+                       max_samples=None, feature_dir=None, batch_seconds=200.0, workers=2, chunk_size=16384):
+    """P-TAPT's k-means stage: teacher features of `utterances`, k-means for every K in `ks`, one label
+    per frame and K written to `out_path` (save_labels; the emotion NMI of each K printed), and returned
+    as {K: (frames of all utterances,) long} in utterance order.
+
+    One process, or torchrun (torch.distributed initialised by the caller): rank r extracts a contiguous
+    shard of the utterances (cut by audio length), the k-means fit is the one-process fit of all frames
+    (global sampling and init, all-reduced centroid sums), each rank labels its shard and the labels are
+    gathered in utterance order; rank 0 writes out_path, every rank returns the full labels.
+
+    feature_dir: write each rank's features to a float16 memory-mapped file there while extracting
+    (memory: one batch), fit on the sampled frames (at most max_samples, default max(ks) x 1000, read
+    into memory), label by streaming the file in chunks, and delete the file at the end. Without it the
+    features are kept in memory (float16: 1.5 GB per million 768-dimensional frames)."""
+    rank, world = _world()
+    device = _default_device(device)
+    ks = [int(k) for k in ks]
+    lo, hi = _shard_bounds([u.num_samples for u in utterances], rank, world)
+    path = os.path.join(feature_dir, f"kmeans-features.rank{rank}.npy") if feature_dir else None
+    feats = None
+    try:
+        feats, counts = extract_features(model, utterances[lo:hi], layer, device, batch_seconds,
+                                         progress=progress and rank == 0, workers=workers, out=path)
+        if world > 1:  # a rank with no utterance (more ranks than utterances) learns D from the others
+            dim = int(_all_reduce_max(torch.tensor([feats.shape[1]], device=device)))
+            if len(feats) == 0 and feats.shape[1] != dim:
+                feats = torch.zeros(0, dim, dtype=torch.float16)
+        counts = _gather_cat(counts, device)
+        fits = fit_kmeans(feats, ks, iters, init, seed, chunk_size=chunk_size, max_samples=max_samples,
+                          device=device, progress=progress)
+        labels = {k: _gather_cat(assign(feats, fit.centroids, chunk_size, device).int(), device).long()
+                  for k, fit in fits.items()}
+        if rank == 0:
+            nmi = {}
+            names = sorted({u.label for u in utterances if getattr(u, "label", None) is not None})
+            if names and all(getattr(u, "label", None) in names for u in utterances):
+                emotions = [names.index(u.label) for u in utterances]
+                for k in ks:  # the teacher's clusters should carry emotion
+                    nmi[k] = emotion_nmi(labels[k], counts, emotions)
+                    print(f"K={k}: NMI between pseudo-labels and emotion {nmi[k]:.4f}")
+            cap = max(ks) * 1000 if max_samples is None else int(max_samples)
+            save_labels(out_path, [u.uid for u in utterances], counts, labels, {
+                **meta, "ks": ks, "iters": iters, "init": init if isinstance(init, str) else "given",
+                "seed": seed, "max_samples": cap, "num_frames": int(counts.sum()),
+                "num_fit_frames": int(next(iter(fits.values())).counts.sum()),
+                "inertia": {k: fit.inertia for k, fit in fits.items()}, "nmi": nmi})
+        if world > 1:
+            dist.barrier()  # out_path exists on return, on every rank
+    finally:
+        if path is not None:
+            del feats  # the memory map, before its file goes
+            if os.path.exists(path):
+                os.remove(path)
+    return labels
 
 
 # -----------------------------------------------------------------------------

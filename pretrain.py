@@ -159,6 +159,7 @@ def finish_stage(run_dir, name, model, out, meta):
 
 def run_tapt(args, fold, train, classes, run_dir, device):
     out = os.path.join(run_dir, "pretrained.pt")
+    seed_everything(args.seed + fold)  # every stage starts from its own seed, whichever stages ran before
     model = load_backbone(args)
     if not model.cfg.has_quantizer:
         raise DataError(f"{args.checkpoint}: TAPT needs the pretraining modules (quantizer, project_q, final_proj); "
@@ -204,8 +205,10 @@ def crop_to_shortest(batch, rngs):
 def run_teacher(args, fold, train, classes, run_dir, device):
     out = os.path.join(run_dir, "teacher.pt")
     if os.path.exists(out):
-        print(f"{out} exists: teacher done")
+        if is_main():
+            print(f"{out} exists: teacher done")
         return out
+    seed_everything(args.seed + fold)
     backbone = load_backbone(args)
     backbone.freeze_feature_encoder = True  # the release froze the conv encoder
     teacher = Teacher(backbone, len(classes)).to(device)
@@ -238,27 +241,23 @@ def run_teacher(args, fold, train, classes, run_dir, device):
 
 
 def run_pseudo_labels(args, fold, splits, classes, run_dir, teacher_path, device):
+    """Teacher features of every training frame, k-means for each K, one label per frame and K
+    (kmeans.pseudo_label_stage: sharded over torchrun's ranks, features streamed through run_dir)."""
     import kmeans
     out = os.path.join(run_dir, "labels.pt")
     if os.path.exists(out):
-        print(f"{out} exists: k-means done")
+        if is_main():
+            print(f"{out} exists: k-means done")
         return out
     from model import load_wav2vec2
     teacher = load_wav2vec2(teacher_path).to(device)
     layer = args.layer or teacher.cfg.num_layers
-    feats, counts = kmeans.extract_features(teacher, splits["train"], layer, device, progress=args.progress)
     try:
-        fits = kmeans.fit_kmeans(feats, ks=args.ks, iters=args.kmeans_iters, init=args.kmeans_init, seed=args.seed,
-                                 device=device, progress=args.progress)
+        kmeans.pseudo_label_stage(teacher, splits["train"], layer, args.ks, args.kmeans_iters, args.kmeans_init,
+                                  args.seed, device, out, {"teacher": teacher_path, "layer": layer, "fold": fold},
+                                  progress=args.progress, feature_dir=run_dir, workers=args.workers)
     except ValueError as e:  # e.g. K larger than the number of frames
-        raise DataError(f"k-means on fold {fold}'s {len(feats)} teacher frames: {e}") from None
-    labels = {k: kmeans.assign(feats, fit.centroids, device=device) for k, fit in fits.items()}
-    emotions = [classes.index(u.label) for u in splits["train"]]
-    for k in labels:  # the teacher's clusters should carry emotion (compare: kmeans.py fit on the checkpoint)
-        print(f"K={k}: NMI between pseudo-labels and emotion {kmeans.emotion_nmi(labels[k], counts, emotions):.4f}")
-    kmeans.save_labels(out, [u.uid for u in splits["train"]], counts, labels,
-                       meta={"teacher": teacher_path, "layer": layer, "fold": fold,
-                             "inertia": {k: fit.inertia for k, fit in fits.items()}})
+        raise DataError(f"k-means on fold {fold}'s teacher frames: {e}") from None
     return out
 
 
@@ -270,6 +269,7 @@ def run_pseudo_label_pretraining(args, fold, train, classes, run_dir, labels_pat
     except ValueError as e:
         raise DataError(str(e)) from None
     ks = [int(k) for k in stored["labels"]]
+    seed_everything(args.seed + fold)
     backbone = load_backbone(args)  # from the original checkpoint again, not from the teacher
     backbone.freeze_feature_encoder = True
     model = WithHeads(backbone, PseudoLabelHeads(backbone.cfg.embed_dim, ks)).to(device)
@@ -393,7 +393,6 @@ def main(argv=None):
                 if is_main():
                     print(f"{out} exists: fold {fold} done (remove it to redo)")
                 continue
-            seed_everything(args.seed + fold)
             if args.mode == "tapt":
                 run_tapt(args, fold, splits["train"], classes, run_dir, device)
             else:

@@ -1015,6 +1015,180 @@ def test_distributed_matches_single_process(tmp_path):
             assert counts.tolist() == single[k].counts.tolist()
 
 
+# -- P-TAPT's k-means stage (pseudo_label_stage): 2 gloo processes = 1 process; memmap = in memory ----
+
+def _tiny_teacher():
+    from finetune import tiny_random_config
+    torch.manual_seed(0)
+    return M.Wav2Vec2(tiny_random_config()).eval()
+
+
+def _stage(utterances, out, feature_dir=None, max_samples=None, init="k-means++"):
+    from kmeans import pseudo_label_stage
+    return pseudo_label_stage(_tiny_teacher(), utterances, None, (4, 16), 6, init, 3, "cpu", str(out),
+                              {"fold": 1}, progress=False, max_samples=max_samples, feature_dir=feature_dir,
+                              workers=0, chunk_size=500)
+
+
+def frames_like(n, dim=320, seed=0, rank=24):
+    """Frame-feature-like data (as bench.py's): a low-rank latent with broad modes, noise, a shared offset
+    and a few large dimensions; Lloyd is still moving after 10 iterations."""
+    g = torch.Generator().manual_seed(seed)
+    modes = torch.randn(16, rank, generator=g)
+    z = (modes[torch.randint(16, (n,), generator=g)] + torch.randn(n, rank, generator=g)) * 2
+    offset = torch.randn(dim, generator=g) * 0.5
+    offset[:4] += 20.0
+    return torch.randn(n, dim, generator=g).mul_(0.3).addmm_(z, torch.randn(rank, dim, generator=g) / rank ** 0.5).add_(offset)
+
+
+def _stage_worker(rank, init_file, utterances, tmp, x, shard):
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        got = {}
+        feature_dir = os.path.join(tmp, "feat2")
+        got["memmap"] = _stage(utterances, os.path.join(tmp, "two.pt"), feature_dir=feature_dir)
+        got["left_in_feature_dir"] = sorted(os.listdir(feature_dir))
+        got["sampled"] = _stage(utterances, os.path.join(tmp, "two-sampled.pt"), max_samples=700, init="random")
+        part = x[:shard] if rank == 0 else x[shard:]  # unequal shards
+        for init in ("k-means++", "random"):
+            r = fit_kmeans(part, ks=(8, 16), iters=6, init=init, seed=5, max_samples=3000, device="cpu",
+                           progress=False)
+            got[init] = {k: (v.centroids, v.inertia, v.counts) for k, v in r.items()}
+        y = frames_like(3000)
+        r = fit_kmeans(y[:1000] if rank == 0 else y[1000:], ks=(8, 32), iters=8, init="random", seed=1,
+                       max_samples=BIG, device="cpu", progress=False)  # pruned passes (320 dimensions)
+        got["pruned"] = {k: (v.centroids, v.inertia, v.counts, v.settled) for k, v in r.items()}
+        torch.save(got, os.path.join(tmp, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_pseudo_label_stage_two_processes_equal_one(tmp_path):
+    root = tmp_path / "IEMOCAP_full_release"
+    data.synthesize_iemocap(str(root), utterances_per_session=4, seed=2, min_seconds=0.6, max_seconds=2.0)
+    train = data.load_corpus(str(root), 1)[0]["train"]
+    x = torch.from_numpy(blobs(5000, dim=8, centers=12))
+    os.makedirs(tmp_path / "feat1")
+    os.makedirs(tmp_path / "feat2")
+
+    one = _stage(train, tmp_path / "one.pt")  # in memory
+    memmap = _stage(train, tmp_path / "one-memmap.pt", feature_dir=str(tmp_path / "feat1"))
+    sampled = _stage(train, tmp_path / "one-sampled.pt", max_samples=700, init="random")
+    single = {init: fit_kmeans(x, ks=(8, 16), iters=6, init=init, seed=5, max_samples=3000, device="cpu",
+                               progress=False) for init in ("k-means++", "random")}
+    single["pruned"] = fit_kmeans(frames_like(3000), ks=(8, 32), iters=8, init="random", seed=1, max_samples=BIG,
+                                  device="cpu", progress=False)
+    mp.spawn(_stage_worker, args=(str(tmp_path / "pg"), train, str(tmp_path), x, 1234), nprocs=2, join=True)
+
+    a = load_labels(tmp_path / "one.pt")
+    n = int(a["frame_counts"].sum())
+    assert a["uids"] == [u.uid for u in train] and n > 700 and set(one) == {4, 16}
+    for k in one:
+        assert len(one[k]) == n and torch.equal(a["labels"][k].long(), one[k])
+        assert len(torch.unique(one[k])) == k
+        assert torch.equal(memmap[k], one[k])  # streamed through a float16 memmap: the same frames
+    assert os.listdir(tmp_path / "feat1") == []  # feature files removed after the labels were written
+    for name in ("one-memmap.pt", "two.pt", "two-sampled.pt", "one-sampled.pt"):
+        b = load_labels(tmp_path / name)
+        assert b["uids"] == a["uids"] and torch.equal(b["frame_counts"], a["frame_counts"])
+        assert b["meta"]["fold"] == 1 and b["meta"]["num_frames"] == n and set(b["meta"]["nmi"]) == {4, 16}
+    two, two_sampled = load_labels(tmp_path / "two.pt"), load_labels(tmp_path / "two-sampled.pt")
+    one_sampled = load_labels(tmp_path / "one-sampled.pt")
+    assert one_sampled["meta"]["num_fit_frames"] == two_sampled["meta"]["num_fit_frames"] == 700
+    for k in (4, 16):
+        assert torch.equal(two["labels"][k], a["labels"][k])  # 2 ranks, memmap, k-means++ = 1 process
+        assert two["meta"]["inertia"][k] == pytest.approx(a["meta"]["inertia"][k], rel=1e-5)
+        # max_samples below the number of frames: the same 700 frames are drawn whatever the world size
+        assert torch.equal(two_sampled["labels"][k], one_sampled["labels"][k])
+        assert torch.equal(one_sampled["labels"][k].long(), sampled[k])
+    assert sorted(set(os.listdir(tmp_path)) - {"pg"}) == sorted(["IEMOCAP_full_release", "feat1", "feat2", "one.pt",
+                                                    "one-memmap.pt", "one-sampled.pt", "two.pt", "two-sampled.pt",
+                                                    "rank0.pt", "rank1.pt"])  # rank 1 wrote no label file
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["left_in_feature_dir"] == []
+        for k in (4, 16):  # every rank returns the full labels
+            assert torch.equal(got["memmap"][k], one[k]) and torch.equal(got["sampled"][k], sampled[k])
+        # fit_kmeans under torch.distributed: k-means++ and random init, subsampling, unequal shards
+        for init in ("k-means++", "random"):
+            for k in (8, 16):
+                centroids, inertia, counts = got[init][k]
+                torch.testing.assert_close(centroids, single[init][k].centroids, atol=1e-5, rtol=0)
+                assert inertia == pytest.approx(single[init][k].inertia, rel=1e-5)
+                assert counts.tolist() == single[init][k].counts.tolist() and int(counts.sum()) == 3000
+        for k in (8, 32):
+            centroids, inertia, counts, settled = got["pruned"][k]
+            torch.testing.assert_close(centroids, single["pruned"][k].centroids, atol=1e-4, rtol=0)
+            assert inertia == pytest.approx(single["pruned"][k].inertia, rel=1e-6)
+            assert counts.tolist() == single["pruned"][k].counts.tolist()
+            assert settled == pytest.approx(single["pruned"][k].settled) and len(settled) >= 4
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_extract_features_to_memmap_matches_memory(tmp_path):
+    root = tmp_path / "IEMOCAP_full_release"
+    data.synthesize_iemocap(str(root), utterances_per_session=4, seed=4, min_seconds=0.5, max_seconds=1.5)
+    train = data.load_corpus(str(root), 2)[0]["train"]
+    from kmeans import extract_features
+    net = _tiny_teacher()
+    feats, counts = extract_features(net, train, 1, "cpu", batch_seconds=3.0, progress=False, workers=0)
+    path = str(tmp_path / "f.npy")
+    mm, mm_counts = extract_features(net, train, 1, "cpu", batch_seconds=3.0, progress=False, workers=0, out=path)
+    assert torch.equal(counts, mm_counts) and mm.dtype == torch.float16 and torch.equal(mm, feats)
+    assert np.load(path, mmap_mode="r").shape == tuple(feats.shape)
+    empty, empty_counts = extract_features(net, [], 1, "cpu", progress=False, workers=0, out=str(tmp_path / "e.npy"))
+    assert empty.shape == (0, net.cfg.embed_dim) and len(empty_counts) == 0
+
+
+# -- pruned Lloyd passes (projection + Yinyang bounds): exactly Lloyd's result -------------------------
+
+@pytest.mark.usefixtures("one_thread")
+def test_pruned_passes_equal_plain_lloyd():
+    from kmeans import assign
+    x = frames_like(6000, dim=384)
+    g = torch.Generator().manual_seed(0)
+    for k in (16, 100):
+        init = x[torch.randperm(len(x), generator=g)[:k]].clone()
+        plain = fit_kmeans(x, ks=(k,), iters=12, init=init, max_samples=BIG, prune_dims=0, progress=False)[k]
+        pruned = fit_kmeans(x, ks=(k,), iters=12, init=init, max_samples=BIG, progress=False)[k]  # 64 dims
+        assert plain.settled == [] and len(pruned.settled) >= 6 and max(pruned.settled) > 0.8  # it pruned
+        torch.testing.assert_close(pruned.centroids, plain.centroids, atol=1e-4, rtol=0)
+        assert pruned.inertia == pytest.approx(plain.inertia, rel=1e-6)
+        assert pruned.counts.tolist() == plain.counts.tolist()
+        assert torch.equal(assign(x, pruned.centroids), assign(x, plain.centroids))
+        # the inertia from the cluster sums is the one measured from the distances
+        c = pruned.centroids.double()
+        d = torch.cdist(x.double(), c).min(1).values
+        assert pruned.inertia[-1] == pytest.approx(float((d * d).sum()), rel=1e-6)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_pruned_passes_edge_cases():
+    g = torch.Generator().manual_seed(1)
+    # frames in a 6-dimensional subspace of 300 (residuals ~ 0), float16 input, several K at once
+    x = (torch.randn(3000, 6, generator=g) @ torch.randn(6, 300, generator=g)).half()
+    together = fit_kmeans(x, ks=(8, 40), iters=8, init="random", max_samples=BIG, progress=False)
+    for k in (8, 40):
+        plain = fit_kmeans(x, ks=(k,), iters=8, init="random", max_samples=BIG, prune_dims=0, progress=False)[k]
+        torch.testing.assert_close(together[k].centroids, plain.centroids, atol=1e-3, rtol=0)
+        assert together[k].counts.tolist() == plain.counts.tolist()
+    # an empty cluster (a centroid far from every frame) re-seeded, then pruned passes
+    y = frames_like(2000, dim=300, seed=2)
+    init = y[:12].clone()
+    init[3] = 1e4
+    plain, pruned = (fit_kmeans(y, ks=(12,), iters=10, init=init, max_samples=BIG, prune_dims=prune,
+                                progress=False)[12] for prune in (0, 32))
+    for r in (plain, pruned):
+        assert r.counts.min() > 0 and int(r.counts.sum()) == 2000
+    torch.testing.assert_close(pruned.centroids, plain.centroids, atol=1e-4, rtol=0)
+    assert pruned.inertia == pytest.approx(plain.inertia, rel=1e-6) and len(pruned.settled) == 10
+    with pytest.raises(ValueError, match="prune_dims"):
+        fit_kmeans(y, ks=(4,), prune_dims=300, progress=False)
+
+
 # -- feature extraction and command line ----------------------------------------------------------
 
 class _FakeTeacher(torch.nn.Module):
