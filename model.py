@@ -76,6 +76,8 @@ class FeatureEncoder(nn.Module):
         in_dims = [1] + [d for d, _, _ in cfg.conv_layers[:-1]]
         self.convs = nn.ModuleList(nn.Conv1d(i, d, k, s, bias=cfg.conv_bias)
                                    for i, (d, k, s) in zip(in_dims, cfg.conv_layers))
+        for conv in self.convs:  # fairseq's ConvFeatureExtractionModel (conv biases keep torch's default)
+            nn.init.kaiming_normal_(conv.weight)
         if self.mode == "default":
             d0 = cfg.conv_layers[0][0]
             self.norms = nn.ModuleList([nn.GroupNorm(d0, d0)])
@@ -101,12 +103,30 @@ class FeatureEncoder(nn.Module):
         return x
 
 
+def fp32_group_norm(x, norm: nn.GroupNorm):
+    """fairseq's Fp32GroupNorm: computed in float32 whatever the input and parameter dtypes."""
+    return F.group_norm(x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps).type_as(x)
+
+
 def masked_group_norm(x, lengths, norm: nn.GroupNorm):
     """GroupNorm with one group per channel (fairseq's layer-0 norm), statistics over valid frames.
-    The masked sums are batched matmuls against the validity mask, so the large (B, C, T) tensor is
-    read a few times and never synchronises with the host."""
+    x is a fresh conv output and may be overwritten. Padded frames come out as anything: no valid
+    frame of the next conv reads them."""
     if lengths is None:
-        return norm(x.float()).type_as(x)
+        return fp32_group_norm(x, norm)
+    if x.device.type == "cpu":
+        # PyTorch's own group norm on each utterance's valid slice: several times faster on CPU than
+        # the masked matmuls below, and the very computation an utterance gets alone (bitwise the
+        # same output). Without autograd (V-FT's frozen encoder, inference) the conv output x is
+        # overwritten in place, which saves writing a second (B, C, T) tensor.
+        if not x.requires_grad:
+            for i, n in enumerate(lengths.tolist()):
+                x[i, :, :n] = fp32_group_norm(x[i, None, :, :n], norm)[0]
+            return x
+        return torch.stack([F.pad(fp32_group_norm(row[None, :, :n], norm)[0], (0, x.shape[-1] - n))
+                            for row, n in zip(x.unbind(0), lengths.tolist())])
+    # elsewhere the masked sums are batched matmuls against the validity mask: no kernel per
+    # utterance and no host synchronisation for the lengths
     xf = x.float()
     valid = (torch.arange(x.shape[-1], device=x.device) < lengths[:, None]).to(xf.dtype).unsqueeze(-1)  # (B, T, 1)
     count = lengths.to(xf.dtype).view(-1, 1, 1)
@@ -123,7 +143,7 @@ class PositionalConv(nn.Module):
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
         c, k, g = cfg.embed_dim, cfg.pos_conv_kernel, cfg.pos_conv_groups
-        std = math.sqrt(4 / (k * c))  # fairseq's init
+        std = math.sqrt(4 / (k * c))  # fairseq's init: N(0, sqrt(4 (1 - dropout) / (K C))), its dropout fixed at 0
         self.weight_v = nn.Parameter(torch.randn(c, c // g, k) * std)
         self.weight_g = nn.Parameter(self.weight_v.detach().norm(dim=(0, 1), keepdim=True))
         self.bias = nn.Parameter(torch.zeros(c))
@@ -179,6 +199,15 @@ class EncoderLayer(nn.Module):
         return self.final_layer_norm(x + self.feed_forward(x))
 
 
+def init_bert_params(module):
+    """fairseq's init_bert_params (fairseq/modules/transformer_sentence_encoder.py), which its
+    wav2vec 2.0 TransformerEncoder applies to itself: every Linear N(0, 0.02) with zero bias.
+    (The attention projections are Linears here; LayerNorms and the positional conv keep theirs.)"""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        nn.init.zeros_(module.bias)
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
@@ -187,6 +216,7 @@ class Encoder(nn.Module):
         self.layer_norm = nn.LayerNorm(cfg.embed_dim)
         self.dropout = nn.Dropout(cfg.dropout)
         self.layer_norm_first, self.layerdrop = cfg.layer_norm_first, cfg.layerdrop
+        self.apply(init_bert_params)
 
     def forward(self, x, padding_mask=None, layer=None):
         """layer=k returns the output of layer k (1-based) as fairseq does: for pre-LN models
@@ -267,6 +297,9 @@ class Encoded:
 
 
 class Wav2Vec2(nn.Module):
+    """A fresh model is initialised as fairseq's Wav2Vec2Model (conv: Kaiming normal; transformer:
+    init_bert_params; positional conv, mask_emb and quantizer as in fairseq; post_extract_proj,
+    project_q, final_proj: torch's defaults, as fairseq leaves them). Loading a checkpoint replaces all of it."""
     MIN_SAMPLES = 400  # the conv stack's receptive field: shorter input gives no frame
 
     def __init__(self, cfg: Wav2Vec2Config):

@@ -5,6 +5,7 @@ import argparse
 import csv
 import glob
 import json
+import math
 import os
 import re
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 import soundfile as sf
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 import data
 import model as M
@@ -400,6 +402,115 @@ def test_wav2vec2_loss_matches_reference_from_formulas():
         torch.testing.assert_close(got[key].double(), ref[key].double(), rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(got["loss"].double(),
                                (ref["contrastive"] + 0.1 * ref["diversity"] + 10 * ref["feature_penalty"]).double())
+
+
+def test_fresh_model_initialised_as_fairseq():
+    """Wav2Vec2(cfg) draws its weights as fairseq's Wav2Vec2Model does (issue #4)."""
+    torch.manual_seed(0)
+    cfg = tiny_config(embed_dim=128, ffn_dim=256, num_layers=2)
+    net = M.Wav2Vec2(cfg)
+    for conv in net.feature_encoder.convs:  # kaiming_normal_: std sqrt(2 / fan_in)
+        fan_in = conv.weight.shape[1] * conv.weight.shape[2]
+        assert abs(conv.weight.std().item() / math.sqrt(2 / fan_in) - 1) < 0.1
+    linears = [m for m in net.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == cfg.num_layers * 6  # q, k, v, out, fc1, fc2
+    for lin in linears:  # init_bert_params: N(0, 0.02), zero bias
+        assert abs(lin.weight.std().item() / 0.02 - 1) < 0.1 and not lin.bias.any()
+    pos = net.encoder.pos_conv
+    k, c = cfg.pos_conv_kernel, cfg.embed_dim
+    assert abs(pos.weight_v.std().item() / math.sqrt(4 / (k * c)) - 1) < 0.1 and not pos.bias.any()
+    torch.testing.assert_close(pos.weight_g, pos.weight_v.norm(dim=(0, 1), keepdim=True))  # weight norm, dim=2
+    assert 0 <= net.mask_emb.min() and net.mask_emb.max() < 1  # uniform_
+    q = net.quantizer
+    assert 0 <= q.vars.min() and q.vars.max() < 1 and not q.weight_proj.bias.any()
+    assert abs(q.weight_proj.weight.std().item() - 1) < 0.1
+    # fairseq leaves these three at torch's default: U(+-1/sqrt(fan_in))
+    for lin in (net.post_extract_proj, net.project_q, net.final_proj):
+        assert lin.weight.abs().max() <= 1 / math.sqrt(lin.in_features)
+    for norm in list(net.encoder.modules()) + [net.layer_norm]:
+        if isinstance(norm, torch.nn.LayerNorm):
+            assert bool((norm.weight == 1).all()) and not norm.bias.any()
+
+
+def test_masked_group_norm_values_and_gradients_per_utterance():
+    """The layer-0 group norm of a padded batch gives each utterance the values and the gradients
+    (TAPT trains through it) of a float64 group norm over its valid frames alone (issue #5)."""
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.GroupNorm(16, 16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+        norm.bias.uniform_(-0.5, 0.5, generator=g)
+    x = (torch.randn(3, 16, 300, generator=g) * 2 + torch.randn(3, 16, 1, generator=g) * 3).requires_grad_()
+    lengths = torch.tensor([300, 120, 211])
+    dy = torch.randn(3, 16, 300, generator=g)
+    with torch.no_grad():  # the no-autograd path (V-FT's frozen encoder, inference) works in place
+        y_no_grad = M.masked_group_norm(x.detach().clone(), lengths, norm)
+    y = M.masked_group_norm(x, lengths, norm)
+    valid = (torch.arange(300) < lengths[:, None]).unsqueeze(1)
+    (y * dy * valid).sum().backward()
+    w, b = norm.weight.detach().double(), norm.bias.detach().double()
+    for i, n in enumerate(lengths.tolist()):
+        xi = x.detach()[i:i + 1, :, :n].double().requires_grad_()
+        ref = F.group_norm(xi, 16, w, b, norm.eps)
+        (ref * dy[i:i + 1, :, :n].double()).sum().backward()
+        torch.testing.assert_close(y[i, :, :n].double(), ref[0].detach(), atol=1e-5, rtol=1e-5)
+        assert torch.equal(y_no_grad[i, :, :n], y[i, :, :n].detach())
+        torch.testing.assert_close(x.grad[i, :, :n].double(), xi.grad[0], atol=1e-5, rtol=1e-5)
+        assert not x.grad[i, :, n:].any()  # padded frames feed nothing downstream
+
+
+def test_wav2vec2_objective_learns_on_a_tiny_model():
+    """TAPT's objective (pretrain.contrastive_loss with sample_negatives and compute_span_mask) can
+    learn: on four synthetic 1 s utterances a fresh tiny model's contrastive loss per masked frame
+    falls from chance, ln(1 + negatives), to below half of it within 100 updates, without the
+    quantizer collapsing (a collapsed codebook would lower the loss by making distractors equal to
+    their targets, which get -inf)."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    wav = torch.stack([torch.from_numpy(np.asarray(data.synth_utterance(
+        rng, data.speaker_voice(rng, "FM"[i % 2]), data.EMOTION_STYLE[("neu", "ang", "sad", "hap")[i]],
+        1.0, -50.0), dtype=np.float32)) for i in range(4)])
+    wav = 0.5 * wav / wav.abs().amax(1, keepdim=True)
+    lens = torch.full((4,), wav.shape[1])
+    num_negatives = 20
+    model = M.Wav2Vec2(tiny_config(num_layers=2, num_negatives=num_negatives))
+    frames = model.frame_lengths(lens)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    chance = math.log(1 + num_negatives)
+
+    g_eval = torch.Generator().manual_seed(123)
+    eval_mask = M.compute_span_mask(frames, int(frames.max()), 0.3, 5, 2, "hf", g_eval)
+    eval_negatives = P.sample_negatives(eval_mask, num_negatives, g_eval)
+
+    def evaluate():  # eval mode: argmax codewords, no dropout; fixed masks and distractors
+        model.eval()
+        with torch.no_grad():
+            enc = model.encode(wav, lens, time_mask=eval_mask)
+            terms = P.contrastive_loss(model, enc, eval_mask, eval_negatives)
+            targets, _ = model.quantizer(enc.features[eval_mask])
+            duplicates = (targets[eval_negatives] == targets[:, None]).all(-1).float().mean()
+        model.train()
+        return float(terms["contrastive"] / terms["n_masked"]), float(duplicates)
+
+    before, _ = evaluate()
+    g = torch.Generator().manual_seed(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors this small: one thread is faster, and immune to a busy machine
+    try:
+        for update in range(100):
+            mask = M.compute_span_mask(frames, int(frames.max()), 0.3, 5, 2, "hf", g)
+            terms = P.contrastive_loss(model, model.encode(wav, lens, time_mask=mask), mask,
+                                       P.sample_negatives(mask, num_negatives, g))
+            opt.zero_grad()
+            (terms["loss"] / terms["n_masked"]).backward()
+            opt.step()
+            model.quantizer.set_num_updates(update + 1)
+    finally:
+        torch.set_num_threads(threads)
+    after, duplicates = evaluate()
+    assert before > 0.9 * chance, (before, chance)
+    assert after < 0.5 * chance, (before, after, chance)
+    assert duplicates < 0.1, duplicates
 
 
 # -----------------------------------------------------------------------------
