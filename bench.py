@@ -13,6 +13,9 @@ Cases (see BENCHMARKS.md for the record of results):
   4  TAPT and P-TAPT update steps: pretrain.py's losses vs transformers' Wav2Vec2ForPreTraining (TAPT)
   5  k-means on frame features: kmeans.fit_kmeans vs scikit-learn vs faiss, same init, 20 iterations
   6  GPU only: model FLOPs utilisation of the V-FT and TAPT steps
+  7  the optimisations one at a time, each on vs off (ratio = off / on): frozen encoder without autograd,
+     SDPA vs eager attention, audio cache vs decoding, loss.item() every 10 steps vs every step,
+     torch.compile (with --compile); on GPUs also bf16 autocast, fused Adam, pinned non_blocking copies
   --scaling: forward time and memory vs utterance length; k-means time vs number of frames
 
 Every comparison runs all sides in this process on the same weights, batch, device and precision,
@@ -22,6 +25,7 @@ Results print as tables and go to --json (default bench.json). Targets are repor
 An opponent library that is not installed is skipped with a message; this project's side still runs.
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -1033,6 +1037,136 @@ def case_mfu(args, scale, device, dtype):
 
 
 # -----------------------------------------------------------------------------
+# case 7: the optimisations one at a time, each on and off on the same weights and batch
+
+def eager_attention_forward(self, x, attn_mask):
+    """model.SelfAttention.forward without SDPA: softmax(QK^T / sqrt(d) + mask) V, the additive mask
+    -inf on padded keys, dropout on the attention map."""
+    B, T, C = x.shape
+    q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+    scores = q @ k.transpose(-2, -1) * q.shape[-1] ** -0.5
+    if attn_mask is not None:
+        scores = scores + torch.zeros(attn_mask.shape, dtype=scores.dtype, device=x.device).masked_fill(
+            ~attn_mask, float("-inf"))
+    probs = F.dropout(scores.softmax(-1), self.dropout, self.training)
+    return self.out_proj((probs @ v).transpose(1, 2).reshape(B, T, C))
+
+
+@contextlib.contextmanager
+def eager_attention():
+    """Every model.SelfAttention computes attention the eager way inside the block."""
+    saved, M.SelfAttention.forward = M.SelfAttention.forward, eager_attention_forward
+    try:
+        yield
+    finally:
+        M.SelfAttention.forward = saved
+
+
+def case_optimisations(args, scale, device, dtype):
+    cfg, rng = model_config(scale), np.random.default_rng(args.seed)  # case 1's batch and weights
+    host = make_batch(iemocap_seconds(args.batch_size, rng), rng, MAX_SECONDS)
+    batch = to_device(host, device)
+    weights, span, gen = class_weight_tensor(device), channel_span(cfg), torch.Generator().manual_seed(args.seed)
+    clf = our_classifier(cfg, args.seed).to(device)
+    bb, cuda = clf.backbone, device.type == "cuda"
+    params = [p for p in clf.parameters() if p.requires_grad]
+    frozen_part = [p for m in (bb.feature_encoder, bb.layer_norm, bb.post_extract_proj) for p in m.parameters()]
+    step = trainer(params, device, dtype, cuda)
+    rows, raw, checks = [], {}, {}
+
+    def vft_step(autograd_frozen=False, model=clf, step=step):
+        """case 1's step; autograd_frozen: the frozen part's parameters require grad (left out of Adam),
+        and it runs with autograd, as an implementation that freezes only in the optimizer does."""
+        bb.freeze_feature_encoder = not autograd_frozen
+        for p in frozen_part:
+            p.requires_grad_(autograd_frozen)
+            p.grad = None
+        clf.train()
+        return step(lambda: ours_vft_loss(model, batch, gen, weights, span))
+
+    def pair(name, note, on, off, unit="ms/step", per=1, warmup=args.warmup, repeats=args.repeats):
+        res = raw[name] = measure({"with": on, "without": off}, device, warmup, repeats)
+        w, wo = (res[s]["median_s"] * (1e3 if unit.startswith("ms") else 1.0) / per for s in ("with", "without"))
+        rows.append({"optimisation": name, "with": w, "without": wo, "unit": unit, "ratio": wo / w, "note": note})
+
+    def not_run(name, why):
+        rows.append({"optimisation": name, "with": None, "without": None, "unit": None, "ratio": None, "note": why})
+
+    pair("frozen encoder without autograd", "conv encoder + LN + projection under no_grad (finetune.py) vs their "
+         "params requiring grad but left out of Adam: graph built, backward through the conv stack",
+         vft_step, lambda: vft_step(autograd_frozen=True))
+    with torch.no_grad(), full_fp32():
+        bb.eval()
+        a = bb(batch["wav"], batch["lengths"])[0]
+        with eager_attention():
+            b = bb(batch["wav"], batch["lengths"])[0]
+        checks["eager vs SDPA attention (padded batch)"] = d = float((a - b).abs().max())
+    if d < 1e-4:
+        def eager_step():
+            with eager_attention():
+                vft_step()
+        pair("SDPA attention", "F.scaled_dot_product_attention with model.py's (B,1,1,T) bool mask vs "
+             "softmax(QK^T/sqrt(d) + -inf mask) V written out (same dropout)", vft_step, eager_step)
+    else:
+        not_run("SDPA attention", f"not timed: outputs differ by {d:.2e} >= 1e-4")
+
+    folder = tempfile.mkdtemp(prefix="bench_wavs_", dir=args.tmp_dir)
+    try:  # case 2's wav files; --cache implies --workers 0 in finetune.py, so 0 workers on both sides
+        utterances = synthetic_corpus(args.utterances, np.random.default_rng(args.seed + 2), folder)
+        sets = [AudioDataset(utterances, CLASSES, max_seconds=MAX_SECONDS, crop="head", cache=c) for c in (True, False)]
+
+        def load_epoch(dataset):
+            sampler = BucketBatchSampler(dataset.lengths, batch_size=args.epoch_batch, shuffle=True, seed=args.seed)
+            for _ in torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=0):
+                pass
+        pair("in-memory audio cache", f"data.AudioDataset(cache=True) vs decoding {len(utterances)} 16-bit wav files "
+             "every epoch; one epoch of loading (bucketed batches, collate), no model, 0 workers",
+             lambda: load_epoch(sets[0]), lambda: load_epoch(sets[1]), unit="s/epoch", warmup=1, repeats=args.epochs)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+    k, done = (10 if cuda else 1), {1: 0, 10: 0}  # steps per timed call: a GPU needs several to run ahead
+
+    def steps_item_every(n):
+        for _ in range(k):
+            loss = vft_step()
+            done[n] += 1
+            if done[n] % n == 0:
+                loss.item()
+    pair("no per-step host sync", f"loss.item() every 10 steps (finetune.py) vs every step; {k} step(s) per timed "
+         "call, reported per step" + ("" if cuda else "; on CPU .item() waits for nothing: expect 1.00"),
+         lambda: steps_item_every(10), lambda: steps_item_every(1), per=k)
+    if args.compile:
+        compiled = torch.compile(clf)
+        pair("torch.compile", "torch.compile(classifier) vs eager, same step (compile time excluded: warm-up)",
+             lambda: vft_step(model=compiled), vft_step, warmup=max(args.warmup, 2))
+    else:
+        not_run("torch.compile", "not run (pass --compile)")
+
+    low = dtype or torch.bfloat16
+    gpu = [f"{precision_name(low)} autocast", "fused Adam", "pinned memory + non_blocking copies"]
+    if not cuda:
+        for name in gpu:
+            not_run(name, f"GPU only, not run on {device.type}")
+    else:
+        amp, fp32 = (trainer(params, device, t, True) for t in (low, None))
+        pair(gpu[0], f"V-FT step under {precision_name(low)} autocast vs fp32 (TF32 as torch's defaults leave it)",
+             lambda: vft_step(step=amp), lambda: vft_step(step=fp32))
+        fused, foreach = (trainer(params, device, dtype, f) for f in (True, False))
+        pair(gpu[1], "V-FT step with Adam(fused=True) vs Adam's default (foreach) on CUDA",
+             lambda: vft_step(step=fused), lambda: vft_step(step=foreach))
+        pinned = {key: v.pin_memory() for key, v in host.items()}
+        pair(gpu[2], "host->device copy of the batch from pinned memory, non_blocking, vs pageable memory "
+             "(copy time only; the overlap with compute it allows is not measured here)",
+             lambda: to_device(pinned, device), lambda: {key: v.to(device) for key, v in host.items()}, unit="ms/copy")
+    bb.freeze_feature_encoder = True
+    note = contention_note(*raw.values())
+    return {"batch": {"utterances": args.batch_size, "audio_s": float(host["lengths"].sum()) / SAMPLE_RATE,
+                      "padded_s": host["wav"].numel() / SAMPLE_RATE},
+            "parity_max_abs_diff": checks, "rows": rows, "notes": [note] if note else [], "raw": raw}
+
+
+# -----------------------------------------------------------------------------
 # --scaling: forward time and memory vs utterance length; k-means time vs frames
 
 def loglog_slope(xs, ys):
@@ -1171,6 +1305,8 @@ CASES = {
                                   "ratio", "ratio_per_iter", "peak_mb"]),
     "6": ("model FLOPs utilisation (GPU only)", case_mfu,
           ["step", "step_ms", "tflop_per_step", "achieved_tflops", "peak_tflops_bf16_matmul", "mfu", "precision"]),
+    "7": ("optimisations one at a time (ratio = without / with)", case_optimisations,
+          ["optimisation", "with", "without", "unit", "ratio", "note"]),
 }
 
 
@@ -1180,25 +1316,25 @@ def build_parser():
     s, r = SCALES["small"], SCALES["real"]
     both = lambda key: f"(default: --small {s[key]}, real scale {r[key]})"
     a("--small", action="store_true", help="tiny model and sizes for a 2-core CPU (under 3 minutes)")
-    a("--cases", default="1,2,3,4,5,6", help="comma-separated case numbers, or 'none' (default: %(default)s)")
+    a("--cases", default="1,2,3,4,5,6,7", help="comma-separated case numbers, or 'none' (default: %(default)s)")
     a("--scaling", action="store_true", help="also run the scaling measurements (length, frames)")
     a("--json", default="bench.json", help="where to write the results (default: %(default)s)")
     a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 (default: %(default)s)")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-      help="of every side in cases 1, 3-6: auto = bf16 on GPUs that have it (else fp16), fp32 on CPU; "
+      help="of every side in cases 1, 3-7: auto = bf16 on GPUs that have it (else fp16), fp32 on CPU; "
            "case 2's release side is always fp16 on GPU, fp32 on CPU (default: %(default)s)")
     a("--seed", type=int, default=0, help="(default: %(default)s)")
     a("--warmup", type=int, default=None, help="untimed calls of every side first " + both("warmup"))
     a("--repeats", type=int, default=None, help="timed rounds; medians are reported " + both("repeats"))
-    a("--batch-size", type=int, default=None, help="utterances per training batch, cases 1, 4, 6 " + both("batch_size"))
+    a("--batch-size", type=int, default=None, help="utterances per training batch, cases 1, 4, 6, 7 " + both("batch_size"))
     a("--infer-batch", type=int, default=None, help="utterances per inference batch, case 3 " + both("infer_batch"))
-    a("--utterances", type=int, default=None, help="case 2's synthetic corpus size " + both("utterances"))
-    a("--epoch-batch", type=int, default=None, help="case 2's batch size " + both("epoch_batch"))
-    a("--epochs", type=int, default=None, help="case 2's timed epochs per side " + both("epochs"))
+    a("--utterances", type=int, default=None, help="case 2's synthetic corpus size (and case 7's) " + both("utterances"))
+    a("--epoch-batch", type=int, default=None, help="case 2's batch size (and case 7's loading) " + both("epoch_batch"))
+    a("--epochs", type=int, default=None, help="case 2's timed epochs per side (and case 7's loading) " + both("epochs"))
     a("--workers", type=int, default=None, help="case 2's data loader processes " + both("workers"))
     a("--in-memory", action="store_true",
       help="case 2: feed noise tensors through AudioDataset and the samplers instead of writing wav files")
-    a("--tmp-dir", default=None, help="case 2: where the temporary wav files go (default: the system's)")
+    a("--tmp-dir", default=None, help="cases 2, 7: where the temporary wav files go (default: the system's)")
     a("--kmeans-n", type=int, default=None, help="frames to cluster in case 5 " + both("kmeans_n"))
     a("--kmeans-ks", type=int, nargs="+", default=None, help="cluster counts in case 5 " + both("kmeans_ks"))
     a("--kmeans-iters", type=int, default=20, help="Lloyd iterations (the release: 20) (default: %(default)s)")
@@ -1212,6 +1348,8 @@ def build_parser():
       help="shared machines: before each case, and before redoing a timed call that ran beside other busy "
            "processes, wait up to this many seconds until they use < 0.5 cores (0: never wait or redo; "
            "the tables still say how busy the machine was) (default: %(default)s)")
+    a("--compile", action="store_true",
+      help="case 7: also time torch.compile of the V-FT step's model (compiling takes minutes on a CPU)")
     a("--profile", action="store_true", help="cases 1, 3, 4: print a torch.profiler table of one call of each side")
     return p
 

@@ -62,11 +62,12 @@ def pretraining_masks(frames, rngs, args):
                              rngs[0])
 
 
-def contrastive_loss(model, encoded, time_mask, negatives):
+def contrastive_loss(model, encoded, time_mask, negatives, penalty_weight=10.0):
     """fairseq's wav2vec 2.0 loss for given masks and negatives. Returns its terms:
     contrastive = sum over masked frames of CE(cosine logits / logit_temp, target at index 0),
     diversity = (GV - perplexity) / GV * n_masked, feature_penalty = mean(features^2) * n_masked,
-    loss = contrastive + 0.1 * diversity + 10 * feature_penalty."""
+    loss = contrastive + 0.1 * diversity + penalty_weight * feature_penalty (RECIPE.md: 10, as fairseq;
+    0 is Hugging Face's Wav2Vec2ForPreTraining, which has no feature penalty)."""
     cfg = model.cfg
     targets, perplexity = model.quantizer(encoded.features[time_mask])  # the *unmasked* features at masked frames
     targets = model.project_q(targets)
@@ -81,7 +82,7 @@ def contrastive_loss(model, encoded, time_mask, negatives):
     gv = model.quantizer.groups * model.quantizer.num_vars
     diversity = (gv - perplexity) / gv * n
     penalty = encoded.feature_penalty * n
-    return {"loss": contrastive + 0.1 * diversity + 10 * penalty, "contrastive": contrastive,
+    return {"loss": contrastive + 0.1 * diversity + penalty_weight * penalty, "contrastive": contrastive,
             "diversity": diversity, "feature_penalty": penalty, "n_masked": n}
 
 
@@ -177,7 +178,8 @@ def run_tapt(args, fold, train, classes, run_dir, device):
         mask = pretraining_masks(frames, rngs, args)
         negatives = utterance_negatives(mask, model.cfg.num_negatives, rngs)
         mask = mask.to(device, non_blocking=True)
-        terms = contrastive_loss(model, model.encode(wav, lengths, time_mask=mask), mask, negatives)
+        terms = contrastive_loss(model, model.encode(wav, lengths, time_mask=mask), mask, negatives,
+                                 args.feature_penalty)
         # fairseq divides the gradient by the number of masked frames (its sample size)
         return [(terms["loss"], terms["n_masked"])], float(batch["lengths"].sum()) / 16000
 
@@ -353,6 +355,10 @@ def build_parser():
       help="span counting of Hugging Face (the release) or fairseq's own pretraining (default: %(default)s)")
     a("--feature-grad-mult", type=float, default=1.0,
       help="TAPT: gradient scale into the conv encoder; fairseq used 0.1, the release 1.0 (default: %(default)s)")
+    a("--feature-penalty", type=float, default=10.0,
+      help="TAPT: weight of the feature penalty mean(conv features^2) (RECIPE.md, fairseq); 0 = Hugging Face's "
+           "objective. A tiny model trained from scratch with 10 and 5%% masking collapses: README, Results "
+           "(default: %(default)s)")
     a("--teacher-updates", type=int, default=10000, help="P-TAPT teacher (default: %(default)s)")
     a("--teacher-warmup-fraction", type=float, default=0.05, help="(default: %(default)s)")
     a("--ks", type=int, nargs="+", default=[64, 512, 4096], help="k-means cluster counts (default: %(default)s)")

@@ -402,6 +402,10 @@ def test_wav2vec2_loss_matches_reference_from_formulas():
         torch.testing.assert_close(got[key].double(), ref[key].double(), rtol=1e-6, atol=1e-8)
     torch.testing.assert_close(got["loss"].double(),
                                (ref["contrastive"] + 0.1 * ref["diversity"] + 10 * ref["feature_penalty"]).double())
+    with torch.no_grad():  # --feature-penalty 0: Hugging Face's objective, the other terms unchanged
+        hf = P.contrastive_loss(model, model.encode(wav, lens, time_mask=mask), mask, negatives, penalty_weight=0.0)
+    assert ref["feature_penalty"] > 0
+    torch.testing.assert_close(hf["loss"].double(), (ref["contrastive"] + 0.1 * ref["diversity"]).double())
 
 
 def test_fresh_model_initialised_as_fairseq():
