@@ -2,7 +2,7 @@
 
     python finetune.py --fold 3 --data IEMOCAP_full_release --checkpoint wav2vec_small.pt
     python finetune.py --fold all --runs 5 --data ... --checkpoint ... --init runs/ptapt/fold{fold}/pretrained.pt
-    python finetune.py --quickstart          # synthetic corpus + tiny random model, a few minutes on a CPU
+    python finetune.py --quickstart          # synthetic corpus + tiny random model, under 2 minutes on a CPU
 
 Output: runs/<name>/fold<k>/run<r>/{config.json, log.jsonl, model.pt, predictions.csv, metrics.json}.
 An interrupted run resumes from its last completed epoch; a finished run is skipped, never overwritten.
@@ -360,14 +360,16 @@ def run_updates(*, model, params, loss_fn, dataset, sampler, total_updates, lr, 
     bar.close()
 
 
-def check_run_config(run_dir, config):
+def check_run_config(run_dir, config, parser):
     """Refuse to resume or skip into a folder made with different settings; fail early on a folder
-    that cannot be written."""
+    that cannot be written. A setting missing from an older folder's config.json (a flag added since)
+    counts as the parser's default, which is what that run used."""
     path = os.path.join(run_dir, "config.json")
     barrier()  # every rank looks before rank 0 writes
     if os.path.exists(path):
         with open(path) as f:
             old = json.load(f)
+        old = {**{k: parser.get_default(k) for k in config if k not in old}, **old}
         ignore = {"workers", "device", "progress", "name", "out", "cache"}  # where and how, not what
         diff = {k: (old.get(k), v) for k, v in config.items() if k not in ignore and old.get(k) != v}
         if diff:
@@ -434,7 +436,7 @@ def finetune_run(args, fold, run, splits, classes, run_dir):
     seed = args.seed + run
     config = {**{k: v for k, v in vars(args).items() if k not in ("fold", "runs")}, "fold": fold, "run": run,
               "seed_of_run": seed, "classes": list(classes)}
-    check_run_config(run_dir, config)
+    check_run_config(run_dir, config, build_parser())
     metrics_path = os.path.join(run_dir, "metrics.json")
     if os.path.exists(metrics_path):
         print(f"{run_dir}: finished already (metrics.json); skipping. Remove the folder to redo it.")
@@ -546,7 +548,7 @@ def build_parser():
 
 
 # The quick start's tiny model: 96 channels instead of 768, so the channel-mask span shrinks in
-# proportion (64 / 768 * 96 = 8); small batches give a 160-utterance training set enough updates
+# proportion (64 / 768 * 96 = 8); small batches give the 320-utterance training set enough updates
 # (a random transformer needs ~150 before it starts to separate the classes); 4 s truncation halves
 # the CPU time of the synthetic 1-8 s utterances.
 QUICKSTART = dict(data="data/synth", checkpoint="random-tiny", fold="1", epochs=15, batch_size=8, lr=5e-4,

@@ -377,7 +377,8 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     for k, v in MODE_DEFAULTS[args.mode].items():
         if getattr(args, k) is None:
             setattr(args, k, v)
@@ -393,7 +394,7 @@ def main(argv=None):
         for fold in [args.fold] if args.fold is not None else [1, 2, 3, 4, 5]:
             splits, classes = load_corpus(args.data, fold, args.wav_dir)
             run_dir = os.path.join(args.out, name, f"fold{fold}")
-            check_run_config(run_dir, {**vars(args), "fold": fold})
+            check_run_config(run_dir, {**vars(args), "fold": fold}, parser)
             out = os.path.join(run_dir, "pretrained.pt")
             if os.path.exists(out):
                 if is_main():

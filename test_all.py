@@ -1336,6 +1336,19 @@ def test_extract_features_order_and_counts(tmp_path):
 
 
 @pytest.mark.usefixtures("one_thread")
+def test_run_folder_from_before_a_new_flag_still_resumes(tmp_path):
+    """A config.json written before a flag existed matches a run that uses the flag's default, and
+    refuses one that does not (pretrain.py's --feature-penalty came after runs were made)."""
+    import finetune
+    parser = P.build_parser()
+    args = vars(parser.parse_args(["--mode", "tapt"]))
+    old = {k: v for k, v in args.items() if k != "feature_penalty"}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    finetune.check_run_config(str(tmp_path), args, parser)  # default 10: the old run's setting
+    with pytest.raises(data.DataError, match="feature_penalty"):
+        finetune.check_run_config(str(tmp_path), {**args, "feature_penalty": 0.0}, parser)
+
+
 def test_cli_refuses_to_overwrite(tmp_path, capsys):
     from kmeans import main
     out = tmp_path / "labels.pt"
