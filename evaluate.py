@@ -18,6 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import AudioDataset, BucketBatchSampler, DataError, collate, load_corpus, read_audio
+from model import world
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -63,7 +64,7 @@ def predict(clf, utterances, classes, device, dtype=None, batch_seconds=320.0, w
     similar lengths keep padding low; the result does not depend on batching. Under torchrun each
     rank predicts every world_size-th utterance and every rank gets all N rows back."""
     clf.eval()
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world_size = world()
     mine = list(range(rank, len(utterances), world_size))
     dataset = AudioDataset([utterances[i] for i in mine], classes)
     sampler = BucketBatchSampler(dataset.lengths, batch_size=64, max_batch_seconds=batch_seconds, shuffle=False,

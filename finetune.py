@@ -29,7 +29,7 @@ from data import (AudioDataset, BucketBatchSampler, DataError, collate, count_ta
                   synthesize_iemocap)
 from evaluate import compute_metrics, predict, write_json, write_predictions
 from model import (CheckpointError, EmotionClassifier, Wav2Vec2, Wav2Vec2Config, compute_span_mask,
-                   load_wav2vec2, save_atomic, save_classifier)
+                   load_wav2vec2, save_atomic, save_classifier, world)
 
 # -----------------------------------------------------------------------------
 # training plumbing (shared with pretrain.py)
@@ -95,13 +95,6 @@ def init_distributed(device_name):
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
-def world():
-    """(rank, world size); (0, 1) in a single process."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def is_main():

@@ -45,7 +45,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import save_atomic
+from model import save_atomic, world
 
 MAX_RESEEDS = 256  # at most this many empty clusters are re-seeded per pass and per K
 IN_MEMORY_BYTES = 4 << 30  # on the CPU, a centred float32 copy of the fitted frames is kept up to this size
@@ -74,37 +74,31 @@ def _default_device(device=None):
     return device
 
 
-def _world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _all_reduce(t):
-    if _world()[1] > 1:
+    if world()[1] > 1:
         dist.all_reduce(t)
     return t
 
 
 def _rank_sizes(n, device):
     # [n of rank 0, n of rank 1, ...]: the frames of all ranks in rank order form the global array
-    world = _world()[1]
-    if world == 1:
+    world_size = world()[1]
+    if world_size == 1:
         return [n]
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world)]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size)]
     dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=device))
     return [int(t) for t in sizes]
 
 
 def _gather_cat(t, device):
     """The 1-D tensors of all ranks concatenated in rank order, on every rank (on CPU)."""
-    world = _world()[1]
-    if world == 1:
+    world_size = world()[1]
+    if world_size == 1:
         return t.cpu()
     sizes = _rank_sizes(len(t), device)
     buf = torch.zeros(max(sizes), dtype=t.dtype, device=device)
     buf[:len(t)] = t.to(device)
-    parts = [torch.empty_like(buf) for _ in range(world)]
+    parts = [torch.empty_like(buf) for _ in range(world_size)]
     dist.all_gather(parts, buf)
     return torch.cat([p[:n].cpu() for p, n in zip(parts, sizes)])
 
@@ -143,7 +137,7 @@ class _Frames:
 
     def __init__(self, feats, chunk_size, device, shift):
         self.feats, self.chunk_size, self.device, self.shift = feats, chunk_size, device, shift
-        self.rank, self.world = _world()
+        self.rank, self.world = world()
         sizes = _rank_sizes(len(feats), device)  # under torch.distributed: global index = offset + local index
         self.offset, self.total = sum(sizes[:self.rank]), sum(sizes)
         self.first_nonempty = next((r for r, m in enumerate(sizes) if m), 0)
@@ -292,7 +286,7 @@ def _kmeans_plusplus(frames, k, gen):
 
 
 def _all_reduce_max(t):
-    if _world()[1] > 1:
+    if world()[1] > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t
 
@@ -579,7 +573,7 @@ def _lloyd(frames, cents, iters, tol, progress, prune, seed):
     states = {k: _KState(k, c, len(frames), frames.device) for k, c in cents.items()}
     history, counts, active = {k: [] for k in cents}, {}, list(cents)
     proj = frames.project(prune, seed) if prune else None  # every rank at once (it gathers a sample)
-    bar = tqdm(range(iters + 1), desc="k-means", disable=not progress or _world()[0] != 0)
+    bar = tqdm(range(iters + 1), desc="k-means", disable=not progress or world()[0] != 0)
     for it in bar:  # pass `it` measures the centroids after `it` updates, then updates them
         plain = [states[k] for k in active if states[k].plain_next or not prune]
         if plain:
@@ -625,7 +619,7 @@ def _sample(features, max_samples, seed, device):
     # Fit on at most max_samples frames, a seeded random subset of the frames of all ranks in rank order
     # (the same draw for every number of processes: the union of the ranks' subsets is the one-process subset).
     # Returns (this rank's sampled frames, number of frames of all ranks before sampling).
-    rank = _world()[0]
+    rank = world()[0]
     sizes = _rank_sizes(len(features), device)
     total, offset, n = sum(sizes), sum(sizes[:rank]), len(features)
     if total <= max_samples:
@@ -921,16 +915,16 @@ def pseudo_label_stage(model, utterances, layer, ks, iters, init, seed, device, 
     (memory: one batch), fit on the sampled frames (at most max_samples, default max(ks) x 1000, read
     into memory), label by streaming the file in chunks, and delete the file at the end. Without it the
     features are kept in memory (float16: 1.5 GB per million 768-dimensional frames)."""
-    rank, world = _world()
+    rank, world_size = world()
     device = _default_device(device)
     ks = [int(k) for k in ks]
-    lo, hi = _shard_bounds([u.num_samples for u in utterances], rank, world)
+    lo, hi = _shard_bounds([u.num_samples for u in utterances], rank, world_size)
     path = os.path.join(feature_dir, f"kmeans-features.rank{rank}.npy") if feature_dir else None
     feats = None
     try:
         feats, counts = extract_features(model, utterances[lo:hi], layer, device, batch_seconds,
                                          progress=progress and rank == 0, workers=workers, out=path)
-        if world > 1:  # a rank with no utterance (more ranks than utterances) learns D from the others
+        if world_size > 1:  # a rank with no utterance (more ranks than utterances) learns D from the others
             dim = int(_all_reduce_max(torch.tensor([feats.shape[1]], device=device)))
             if len(feats) == 0 and feats.shape[1] != dim:
                 feats = torch.zeros(0, dim, dtype=torch.float16)
@@ -953,7 +947,7 @@ def pseudo_label_stage(model, utterances, layer, ks, iters, init, seed, device, 
                 "seed": seed, "max_samples": cap, "num_frames": int(counts.sum()),
                 "num_fit_frames": int(next(iter(fits.values())).counts.sum()),
                 "inertia": {k: fit.inertia for k, fit in fits.items()}, "nmi": nmi})
-        if world > 1:
+        if world_size > 1:
             dist.barrier()  # out_path exists on return, on every rank
     finally:
         if path is not None:

@@ -569,6 +569,14 @@ def save_atomic(obj, path):
             os.remove(tmp)
 
 
+def world():
+    """(rank, world size) under torch.distributed (torchrun); (0, 1) in a single process. Lives here,
+    beside save_atomic, because every script imports model.py and several need it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def _conv_layers_from_string(text):
     """fairseq's conv_feature_layers is a Python expression such as
     "[(512, 10, 5)] + [(512, 3, 2)] * 4"; evaluate it without eval()."""
