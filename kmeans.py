@@ -47,8 +47,8 @@ from tqdm import tqdm
 
 from model import save_atomic, world
 
+CPU_BLOCK = 4096  # frames per chunk read on the CPU (at most chunk_size)
 MAX_RESEEDS = 256  # at most this many empty clusters are re-seeded per pass and per K
-IN_MEMORY_BYTES = 4 << 30  # on the CPU, a centred float32 copy of the fitted frames is kept up to this size
 PROJ_DIMS = 64  # dimensions of the projection bound that prunes Lloyd's passes (_Projection)
 PROJ_MIN_DIM = 256  # ... used for features of at least this many dimensions
 GROUP_SIZE, MAX_GROUPS = 16, 64  # centroids per group of the Yinyang bounds (_Bounds), and most groups
@@ -127,13 +127,12 @@ def _check_features(features):
 
 
 class _Frames:
-    """The frames being clustered, translated by `shift`, served in float32 chunks on `device`.
-
-    When a centred float32 copy fits (IN_MEMORY_BYTES on the CPU, a third of the free memory on a GPU)
-    it is made once; otherwise chunks are converted and travel to the device one at a time, so N x D never
-    has to fit there and working memory stays at chunk_size x (D + K). Chunks come with a column of ones
-    appended ("augmented"), so that x.(-2c) + ||c||^2 is one matmul. ||x - shift||^2 is kept (N floats).
-    """
+    """The frames being clustered, translated by `shift`. They stay as given (a float16 memmap, CPU frames
+    for a GPU fit...): every pass reads them in chunks (chunk_size rows, at most CPU_BLOCK on the CPU),
+    centred and converted to float32 in one reused buffer on `device`, so working memory stays at
+    chunk_size x (D + K) floats and no centred copy of N x D is made: re-centring a chunk costs less than
+    writing and re-reading such a copy. The chunks come with a column of ones appended ("augmented"), so
+    that x.(-2c) + ||c||^2 is one matmul. ||x - shift||^2 is kept (N floats)."""
 
     def __init__(self, feats, chunk_size, device, shift):
         self.feats, self.chunk_size, self.device, self.shift = feats, chunk_size, device, shift
@@ -142,16 +141,13 @@ class _Frames:
         self.offset, self.total = sum(sizes[:self.rank]), sum(sizes)
         self.first_nonempty = next((r for r, m in enumerate(sizes) if m), 0)
         self.dim = feats.shape[1]
-        nbytes = len(feats) * (self.dim + 1) * 4
-        limit = IN_MEMORY_BYTES if device.type != "cuda" else torch.cuda.mem_get_info(device)[0] // 3
-        self.xa, self.sq = None, torch.empty(len(feats), device=device)
-        centred = torch.empty(len(feats), self.dim + 1, device=device) if nbytes <= limit else None
-        for start, xa in self.chunks(aug=True):  # centre once, not at every pass
-            x = xa[:, :-1]
+        # rows per read: on the CPU a block that stays in cache and whose buffer malloc reuses (a fresh
+        # 50 MB buffer costs more in page faults than the pass it serves)
+        self.block = chunk_size if device.type == "cuda" else min(chunk_size, CPU_BLOCK)
+        self.buf = torch.ones(max(1, min(self.block, len(feats))), self.dim + 1, device=device)
+        self.sq = torch.empty(len(feats), device=device)
+        for start, x in self.chunks():
             self.sq[start:start + len(x)] = torch.linalg.vector_norm(x, dim=1).square_()
-            if centred is not None:
-                centred[start:start + len(x)] = xa
-        self.xa = centred
         if not torch.isfinite(self.sq).all():  # a NaN frame would poison its centroid without a sound
             raise ValueError("features contain NaN or inf")
         self.sq_total = _all_reduce(self.sq.sum(dtype=torch.float64))  # sum over all ranks' frames of ||x||^2
@@ -161,23 +157,17 @@ class _Frames:
         return len(self.feats)
 
     def chunks(self, aug=False):
-        """(start, (n, D) or augmented (n, D + 1) centred float32 rows) for every chunk."""
-        if self.xa is not None:
-            for start in range(0, len(self.xa), self.chunk_size):
-                xa = self.xa[start:start + self.chunk_size]
-                yield start, (xa if aug else xa[:, :-1])
-            return
-        buf = torch.ones(min(self.chunk_size, len(self.feats)), self.dim + 1, device=self.device)
-        for start in range(0, len(self.feats), self.chunk_size):
-            x = self.feats[start:start + self.chunk_size].to(self.device, non_blocking=True)
-            xa = buf[:len(x)]
-            torch.sub(x, self.shift, out=xa[:, :-1])  # one reused buffer; fp16 -> fp32 too
+        """(start, (n, D) or augmented (n, D + 1) centred float32 rows) for every chunk: a view of one
+        buffer, valid until the next chunk."""
+        for start in range(0, len(self.feats), self.block):
+            x = self.feats[start:start + self.block].to(self.device, non_blocking=True)
+            xa = self.buf[:len(x)]
+            torch.sub(x, self.shift, out=xa[:, :-1])  # fp16 -> fp32 too
             yield start, (xa if aug else xa[:, :-1])
 
     def rows(self, idx):
-        if self.xa is not None:
-            return self.xa[idx.to(self.device), :-1]
-        return self.feats[idx.to(self.feats.device)].to(self.device, torch.float32) - self.shift
+        # index_select: on the CPU several times faster than feats[idx] for a row gather
+        return self.feats.index_select(0, idx.to(self.feats.device)).to(self.device, torch.float32).sub_(self.shift)
 
     def fetch(self, gidx):
         """Rows of the frames of all ranks concatenated in rank order (global indices `gidx`), on every
@@ -205,7 +195,7 @@ class _Projection:
     the more frames the bounds settle. Frames they do not settle get exact distances, so the result is
     Lloyd's whatever V is. Memory: N x (p + 4) floats."""
 
-    SAMPLE, OVERSAMPLE = 4096, 16
+    SAMPLE, OVERSAMPLE = 2048, 16
 
     def __init__(self, frames, dims, seed):
         device = frames.device
@@ -428,11 +418,14 @@ class _Bounds:
     def __init__(self, st, n, device):
         k = st.k
         self.groups = max(1, min(MAX_GROUPS, k // GROUP_SIZE))
-        self.perm, self.width = _groups(st.c, self.groups)
-        self.pos = torch.empty(k, dtype=torch.long, device=device)  # column of each centroid in group order
+        perm, self.width = _groups(st.c, self.groups)
+        # columns interleaved, slot-major (column = slot x G + group): a group's minimum is then a min over
+        # the middle axis of a (n, width, G) view, which vectorises (over the last axis it does not)
+        self.perm = perm.view(self.groups, self.width).T.reshape(-1)
+        self.pos = torch.empty(k, dtype=torch.long, device=device)  # column of each centroid
         valid = self.perm >= 0
         self.pos[self.perm[valid]] = valid.nonzero()[:, 0]
-        self.gid = self.pos // self.width
+        self.gid = self.pos % self.groups
         self.u = torch.full((n,), float("inf"), device=device)
         self.lbg = torch.zeros(n, self.groups, device=device)
         self.c_ref = st.c.clone()
@@ -453,7 +446,7 @@ class _Bounds:
         self.c_ref = c.clone()
 
     def ordered(self, w):
-        # rows of w in group order, padding rows give +inf (their last column multiplies the ones of [z, r, 1])
+        # rows of w in column order, padding rows give +inf (their last column multiplies the ones of [z, r, 1])
         out = torch.zeros(len(self.perm), w.shape[1], device=w.device)
         valid = self.perm >= 0
         out[valid] = w[self.perm[valid]]
@@ -483,25 +476,26 @@ def _pruned_pass(frames, st, proj):
         if not len(ev):
             continue
         rows = ev + start
-        a, z, zq = st.labels[rows], proj.z[rows], proj.zq[rows]
-        r, e = z[:, -2], proj.err_r2[rows]
+        a, z, zq = st.labels.index_select(0, rows), proj.z.index_select(0, rows), proj.zq.index_select(0, rows)
+        r, e = z[:, -2], proj.err_r2.index_select(0, rows)
         dr = torch.minimum(e.sqrt(), e / r.clamp(min=1e-30))  # |error of r| <= dr
-        margin = 4 * dr * (r + rc_max) + 2 * dr * dr + 1e-4 * (frames.sq[rows] + csq_max)  # float32 errors
+        margin = 4 * dr * (r + rc_max) + 2 * dr * dr + 1e-4 * (frames.sq.index_select(0, rows) + csq_max)  # float32 errors
         # bounds of ||x - c||^2 less ||z||^2 + r^2: lower [z, r, 1].w, upper that + 4 r rc
-        thr = (z * w[a]).sum(1).addcmul_(r, rc[a], value=4).add_(margin)  # upper bound for the own centroid
+        thr = (z * w.index_select(0, a)).sum(1).addcmul_(r, rc.index_select(0, a), value=4).add_(margin)  # own upper bound
         u_new = (thr + zq).clamp_(min=0).sqrt_()
         # bounds to every centroid (one matmul; the frames are few or most of their groups are in play)
         lb = torch.mm(z, wp.T, out=st.scratch(len(ev), frames.chunk_size, device, len(wp)))
         lb.scatter_(1, b.pos[a][:, None], float("inf"))
-        lbg_new = (lb.view(len(ev), b.groups, b.width).amin(2) + (zq - margin)[:, None]).clamp_(min=0).sqrt_()
-        pi, pj = (lb <= thr[:, None]).nonzero(as_tuple=True)
-        pj = b.perm[pj]
-        b.lbg[rows], b.u[rows] = lbg_new, u_new
-        if not len(pi):
+        gmin = lb.view(len(ev), b.width, b.groups).amin(1)
+        open_ = (gmin.amin(1) <= thr).nonzero()[:, 0]  # frames with another centroid in play
+        b.lbg[rows] = (gmin + (zq - margin)[:, None]).clamp_(min=0).sqrt_()
+        b.u[rows] = u_new
+        if not len(open_):
             continue
-        # frames with another centroid in play: exact distances to it and to their own centroid, or to
-        # all K (a matmul) when that is not much more work
-        open_, pi = torch.unique(pi, return_inverse=True)
+        # exact distances to the centroids in play and to their own, or to all K (a matmul) when that is
+        # not much more work
+        pi, pj = (lb[open_] <= thr[open_, None]).nonzero(as_tuple=True)
+        pj = b.perm[pj]
         read += len(open_)
         x = frames.rows(rows[open_])
         n_open, a_open = len(open_), a[open_]
@@ -641,8 +635,8 @@ def _frames_mean(feats, chunk_size, device):
     # Distances are translation-invariant but ||x||^2 - 2 x.c + ||c||^2 loses precision when all
     # frames share a large offset, as transformer features with their outlier dimensions do.
     total = torch.zeros(feats.shape[1], dtype=torch.float64, device=device)
-    for start in range(0, len(feats), 1024):  # float64 sums of small blocks: fast, and the exact mean
-        total += feats[start:start + 1024].to(device).double().sum(0)
+    for start in range(0, len(feats), 4096):  # float32 sums of blocks added in float64: fast and precise
+        total += feats[start:start + 4096].to(device).sum(0, dtype=torch.float32)
     n = torch.tensor(float(len(feats)), dtype=torch.float64, device=device)
     mean = (_all_reduce(total) / _all_reduce(n)).float()
     if not torch.isfinite(mean).all():
