@@ -428,7 +428,7 @@ class _Bounds:
         self.gid = self.pos % self.groups
         self.u = torch.full((n,), float("inf"), device=device)
         self.lbg = torch.zeros(n, self.groups, device=device)
-        self.c_ref = st.c.clone()
+        self.c_ref = st.c.double()
 
     def reset(self, idx=None):
         if idx is None:
@@ -439,11 +439,12 @@ class _Bounds:
             self.lbg[idx] = 0
 
     def drift(self, c, labels, pad):
-        delta = torch.linalg.vector_norm((c.double() - self.c_ref.double()), dim=1).float() * (1 + 1e-5) + pad
+        c = c.double()
+        delta = torch.linalg.vector_norm(c - self.c_ref, dim=1).float() * (1 + 1e-5) + pad
         big = torch.zeros(self.groups, device=c.device).scatter_reduce_(0, self.gid, delta, "amax")
         self.u.add_(delta[labels])
         self.lbg.sub_(big)
-        self.c_ref = c.clone()
+        self.c_ref = c
 
     def ordered(self, w):
         # rows of w in column order, padding rows give +inf (their last column multiplies the ones of [z, r, 1])
@@ -480,12 +481,15 @@ def _pruned_pass(frames, st, proj):
         r, e = z[:, -2], proj.err_r2.index_select(0, rows)
         dr = torch.minimum(e.sqrt(), e / r.clamp(min=1e-30))  # |error of r| <= dr
         margin = 4 * dr * (r + rc_max) + 2 * dr * dr + 1e-4 * (frames.sq.index_select(0, rows) + csq_max)  # float32 errors
-        # bounds of ||x - c||^2 less ||z||^2 + r^2: lower [z, r, 1].w, upper that + 4 r rc
-        thr = (z * w.index_select(0, a)).sum(1).addcmul_(r, rc.index_select(0, a), value=4).add_(margin)  # own upper bound
-        u_new = (thr + zq).clamp_(min=0).sqrt_()
-        # bounds to every centroid (one matmul; the frames are few or most of their groups are in play)
+        # bounds of ||x - c||^2 less ||z||^2 + r^2 for every centroid (one matmul): lower [z, r, 1].w, upper
+        # that + 4 r rc
         lb = torch.mm(z, wp.T, out=st.scratch(len(ev), frames.chunk_size, device, len(wp)))
-        lb.scatter_(1, b.pos[a][:, None], float("inf"))
+        own = b.pos.index_select(0, a)[:, None]
+        upper = lb.gather(1, own)[:, 0].addcmul_(r, rc.index_select(0, a), value=4).add_(margin)
+        # the own centroid: that upper bound, or the last exact distance plus the moves since if tighter
+        u_new = torch.minimum(u.index_select(0, ev), (upper + zq).clamp_(min=0).sqrt_())
+        thr = u_new.square().sub_(zq).add_(margin)
+        lb.scatter_(1, own, float("inf"))
         gmin = lb.view(len(ev), b.width, b.groups).amin(1)
         open_ = (gmin.amin(1) <= thr).nonzero()[:, 0]  # frames with another centroid in play
         b.lbg[rows] = (gmin + (zq - margin)[:, None]).clamp_(min=0).sqrt_()
