@@ -1088,10 +1088,12 @@ def case_optimisations(args, scale, device, dtype):
     def pair(name, note, on, off, unit="ms/step", per=1, warmup=args.warmup, repeats=args.repeats):
         res = raw[name] = measure({"with": on, "without": off}, device, warmup, repeats)
         w, wo = (res[s]["median_s"] * (1e3 if unit.startswith("ms") else 1.0) / per for s in ("with", "without"))
-        rows.append({"optimisation": name, "with": w, "without": wo, "unit": unit, "ratio": wo / w, "note": note})
+        rows.append({"optimisation": name, "with": w, "without": wo, "unit": unit, "ratio": wo / w,
+                     "peak_mb_with": res["with"]["peak_mb"], "peak_mb_without": res["without"]["peak_mb"], "note": note})
 
     def not_run(name, why):
-        rows.append({"optimisation": name, "with": None, "without": None, "unit": None, "ratio": None, "note": why})
+        rows.append({"optimisation": name, "with": None, "without": None, "unit": None, "ratio": None,
+                     "peak_mb_with": None, "peak_mb_without": None, "note": why})
 
     pair("frozen encoder without autograd", "conv encoder + LN + projection under no_grad (finetune.py) vs their "
          "params requiring grad but left out of Adam: graph built, backward through the conv stack",
@@ -1310,7 +1312,7 @@ CASES = {
     "6": ("model FLOPs utilisation (GPU only)", case_mfu,
           ["step", "step_ms", "tflop_per_step", "achieved_tflops", "peak_tflops_bf16_matmul", "mfu", "precision"]),
     "7": ("optimisations one at a time (ratio = without / with)", case_optimisations,
-          ["optimisation", "with", "without", "unit", "ratio", "note"]),
+          ["optimisation", "with", "without", "unit", "ratio", "peak_mb_with", "peak_mb_without", "note"]),
 }
 
 

@@ -745,6 +745,15 @@ def synthesize_iemocap(out_dir, utterances_per_session=SYNTH_PER_SESSION, seed=0
         raise DataError(f"{out_dir}: cannot write the synthetic corpus ({e})") from None
 
 
+def synthetic_settings(root):
+    """The settings a synthetic corpus at `root` was written with (its marker file), or None."""
+    try:
+        with open(os.path.join(os.fspath(root), MARKER)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def synthesize_session(out_dir, s, utterances_per_session, seed, min_seconds, max_seconds):
     """One session: two speakers, their dialogs' label files and wavs."""
     voices = {sex: speaker_voice(np.random.default_rng([seed, s, 1, j]), sex) for j, sex in enumerate("FM")}

@@ -25,8 +25,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (AudioDataset, BucketBatchSampler, DataError, collate, count_table, format_count_table, load_corpus,
-                  synthesize_iemocap)
+from data import (SYNTH_PER_SESSION, AudioDataset, BucketBatchSampler, DataError, collate, count_table,
+                  format_count_table, load_corpus, synthesize_iemocap, synthetic_settings)
 from evaluate import compute_metrics, predict, write_json, write_predictions
 from model import (CheckpointError, EmotionClassifier, Wav2Vec2, Wav2Vec2Config, compute_span_mask,
                    load_wav2vec2, save_atomic, save_classifier, world)
@@ -569,6 +569,11 @@ def main(argv=None):
         if not os.path.isdir(args.data) and is_main():
             print(f"writing the synthetic corpus to {args.data}")
             synthesize_iemocap(args.data)
+        elif is_main():  # a corpus written before the default grew (or with --per-session) gives other figures
+            per_session = (synthetic_settings(args.data) or {}).get("utterances_per_session", SYNTH_PER_SESSION)
+            if per_session != SYNTH_PER_SESSION:
+                print(f"note: {args.data} holds {per_session} utterances per session, the quick start's figures are "
+                      f"for {SYNTH_PER_SESSION}: delete the folder to have it written anew")
         barrier()
     if args.name is None:
         args.name = default_run_name(args.init)

@@ -1515,6 +1515,20 @@ def test_finetune_bad_input(corpus, tmp_path):
     assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_quickstart_on_an_older_synthetic_corpus(corpus, tmp_path):
+    """--quickstart fills in its preset where no flag was given, and says when the corpus it finds is not
+    the size its figures are for (a corpus written before the default grew)."""
+    assert data.synthetic_settings(corpus)["utterances_per_session"] == 24
+    assert data.synthetic_settings(tmp_path) is None
+    r = script("finetune.py", "--quickstart", "--data", corpus, "--out", tmp_path, "--epochs", 1,
+               "--train-fraction", 0.25, "--no-progress")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"holds 24 utterances per session, the quick start's figures are for {data.SYNTH_PER_SESSION}" in r.stdout
+    config = json.loads((tmp_path / "quickstart" / "fold1" / "run0" / "config.json").read_text())
+    assert config["checkpoint"] == "random-tiny" and config["batch_size"] == 8 and config["epochs"] == 1
+    assert json.loads((tmp_path / "quickstart" / "fold1" / "run0" / "metrics.json").read_text())["n"] == 24
+
+
 def test_class_weights_and_stratified_fraction():
     import finetune
     w = finetune.class_weights([0, 0, 0, 1], 2)  # N / n_c = 4/3, 4 -> normalised 0.25, 0.75
@@ -1570,6 +1584,21 @@ def test_tapt_and_ptapt_end_to_end(corpus, tmp_path):
                    "--init", tmp_path / mode / "fold1" / "pretrained.pt", *TINY_RUN[2:])
         assert r.returncode == 0, r.stderr[-2000:]
         assert (tmp_path / f"ft-{mode}" / "fold1" / "run0" / "metrics.json").exists()
+
+
+def test_tapt_feature_penalty_flag_weights_the_penalty(corpus, tmp_path):
+    """--feature-penalty reaches TAPT's loss: the first update (same batch and masks, lr 0 in warm-up)
+    logs a loss linear in the weight, and the weight is recorded with the run."""
+    loss = {}
+    for weight in (0, 10, 20):
+        r = script("pretrain.py", "--mode", "tapt", "--fold", 1, "--data", corpus, "--out", tmp_path, "--name",
+                   f"w{weight}", "--checkpoint", "random-tiny", "--batch-size", 4, "--updates", 1, "--warmup", 1,
+                   "--workers", 0, "--no-progress", "--feature-penalty", weight, env=ONE_THREAD)
+        assert r.returncode == 0, r.stderr[-2000:]
+        loss[weight] = read_log(tmp_path / f"w{weight}" / "fold1" / "tapt.log.jsonl")[0]["loss"]
+        assert json.loads((tmp_path / f"w{weight}" / "fold1" / "config.json").read_text())["feature_penalty"] == weight
+    assert loss[10] - loss[0] > 0.01  # the penalty term is there, and weighted
+    assert loss[20] - loss[10] == pytest.approx(loss[10] - loss[0], rel=1e-4)
 
 
 def test_tapt_refuses_a_checkpoint_without_quantizer(corpus, tmp_path):
