@@ -125,15 +125,21 @@ def masked_group_norm(x, lengths, norm: nn.GroupNorm):
             return x
         return torch.stack([F.pad(fp32_group_norm(row[None, :, :n], norm)[0], (0, x.shape[-1] - n))
                             for row, n in zip(x.unbind(0), lengths.tolist())])
-    # elsewhere the masked sums are batched matmuls against the validity mask: no kernel per
-    # utterance and no host synchronisation for the lengths
-    xf = x.float()
-    valid = (torch.arange(x.shape[-1], device=x.device) < lengths[:, None]).to(xf.dtype).unsqueeze(-1)  # (B, T, 1)
-    count = lengths.to(xf.dtype).view(-1, 1, 1)
-    centered = xf - torch.bmm(xf, valid) / count
-    var = torch.bmm(centered * centered, valid) / count
-    scale = norm.weight[:, None] * torch.rsqrt(var + norm.eps)
-    return torch.addcmul(norm.bias[:, None], centered, scale).type_as(x)
+    return batched_masked_group_norm(x, lengths, norm)
+
+
+def batched_masked_group_norm(x, lengths, norm: nn.GroupNorm):
+    """masked_group_norm off the CPU: the masked sums are batched matmuls against the validity mask, with
+    no kernel per utterance and no host synchronisation for the lengths. In float32 under autocast too,
+    as fairseq's Fp32GroupNorm: bf16 matmuls would round the statistics (errors of 0.08 after the norm)."""
+    with torch.autocast(x.device.type, enabled=False):
+        xf = x.float()
+        valid = (torch.arange(x.shape[-1], device=x.device) < lengths[:, None]).to(xf.dtype).unsqueeze(-1)  # (B, T, 1)
+        count = lengths.to(xf.dtype).view(-1, 1, 1)
+        centered = xf - torch.bmm(xf, valid) / count
+        var = torch.bmm(centered * centered, valid) / count
+        scale = norm.weight.float()[:, None] * torch.rsqrt(var + norm.eps)
+        return torch.addcmul(norm.bias.float()[:, None], centered, scale).type_as(x)
 
 
 class PositionalConv(nn.Module):

@@ -463,6 +463,35 @@ def test_masked_group_norm_values_and_gradients_per_utterance():
         assert not x.grad[i, :, n:].any()  # padded frames feed nothing downstream
 
 
+def test_batched_group_norm_is_float32_under_autocast():
+    """The layer-0 group norm's batched form (what a GPU runs; called directly here on the CPU) gives each
+    utterance the values and gradients of a float64 group norm over its valid frames, under bf16 and fp16
+    autocast too (fairseq computes this norm in float32; bf16 matmuls left it 0.08 off)."""
+    g = torch.Generator().manual_seed(1)
+    norm = torch.nn.GroupNorm(16, 16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+        norm.bias.uniform_(-0.5, 0.5, generator=g)
+    x = torch.randn(3, 16, 300, generator=g) * 2 + torch.randn(3, 16, 1, generator=g) * 30
+    lengths = torch.tensor([300, 120, 211])
+    dy = torch.randn(3, 16, 300, generator=g)
+    w, b = norm.weight.detach().double(), norm.bias.detach().double()
+    for dtype in (None, torch.bfloat16, torch.float16):
+        xg = x.clone().requires_grad_()
+        norm.zero_grad()
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            y = M.batched_masked_group_norm(xg, lengths, norm)
+        assert y.dtype == torch.float32
+        valid = (torch.arange(300) < lengths[:, None]).unsqueeze(1)
+        (y * dy * valid).sum().backward()
+        for i, n in enumerate(lengths.tolist()):
+            xi = x[i:i + 1, :, :n].double().requires_grad_()
+            ref = F.group_norm(xi, 16, w, b, norm.eps)
+            (ref * dy[i:i + 1, :, :n].double()).sum().backward()
+            torch.testing.assert_close(y[i, :, :n].double(), ref[0].detach(), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(xg.grad[i, :, :n].double(), xi.grad[0], atol=1e-4, rtol=1e-4)
+
+
 def test_wav2vec2_objective_learns_on_a_tiny_model():
     """TAPT's objective (pretrain.contrastive_loss with sample_negatives and compute_span_mask) can
     learn: on four synthetic 1 s utterances a fresh tiny model's contrastive loss per masked frame
