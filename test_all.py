@@ -1630,6 +1630,22 @@ def test_tapt_feature_penalty_flag_weights_the_penalty(corpus, tmp_path):
     assert loss[20] - loss[10] == pytest.approx(loss[10] - loss[0], rel=1e-4)
 
 
+def test_mixed_precision_runs_on_the_cpu(corpus, tmp_path):
+    """The autocast paths a GPU takes (bf16; fp16 with its gradient scaler), run on the CPU's autocast:
+    V-FT and TAPT finish with finite losses."""
+    for precision in ("bf16", "fp16"):
+        out = tmp_path / precision
+        r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", out, "--epochs", 1, "--train-fraction", 0.25,
+                   "--precision", precision, *TINY_RUN)
+        assert r.returncode == 0, r.stderr[-2000:]
+        r = script("pretrain.py", "--mode", "tapt", "--fold", 1, "--data", corpus, "--out", out, "--checkpoint",
+                   "random-tiny", "--batch-size", 4, "--updates", 2, "--warmup", 1, "--workers", 0, "--no-progress",
+                   "--precision", precision)
+        assert r.returncode == 0, r.stderr[-2000:]
+        for log in (out / "vft" / "fold1" / "run0" / "log.jsonl", out / "tapt" / "fold1" / "tapt.log.jsonl"):
+            assert all(math.isfinite(row["loss"]) for row in read_log(log))
+
+
 def test_tapt_refuses_a_checkpoint_without_quantizer(corpus, tmp_path):
     net = random_model(tiny_config())
     write_fairseq(tmp_path / "asr.pt", net, "asr")
