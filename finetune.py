@@ -48,7 +48,8 @@ def autocast_dtype(device, precision):
     if precision == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # native bf16 from Ampere (8.0) on; is_bf16_supported() also says yes where it is only emulated
+        return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
@@ -68,10 +69,18 @@ def tri_stage_lr(step, total, warmup, flat):
     return max(0.0, (total - step) / max(1, total - warmup - flat))
 
 
+def as_device_scalar(x, device):
+    """A float32 scalar on `device`: a Python number goes there by a fill kernel, without the blocking
+    host-to-device copy (and GPU wait) that torch.tensor(x, device=...) makes."""
+    if torch.is_tensor(x):
+        return x.detach().to(device).float()
+    return torch.full((), float(x), device=device)
+
+
 def rng_state():
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()  # this process's GPU only: a resume may see other GPUs
     return state
 
 
@@ -79,8 +88,8 @@ def set_rng_state(state):
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if torch.is_tensor(state.get("cuda")) and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # -----------------------------------------------------------------------------
@@ -253,7 +262,8 @@ def run_updates(*, model, params, loss_fn, dataset, sampler, total_updates, lr, 
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved without fp16 (--precision auto may mean fp16 on another GPU)
+            scaler.load_state_dict(state["scaler"])
         if len(state["rng"]) == world_size:
             set_rng_state(state["rng"][rank])
         elif rank == 0:
@@ -311,8 +321,8 @@ def run_updates(*, model, params, loss_fn, dataset, sampler, total_updates, lr, 
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     terms, seconds = loss_fn(batch, update)
                 # one small collective: every rank's sums and counts, and the audio seconds
-                totals = torch.stack([torch.as_tensor(x, device=device).detach().float() for pair in terms for x in pair]
-                                     + [torch.tensor(float(seconds), device=device)])
+                totals = torch.stack([as_device_scalar(x, device) for pair in terms for x in pair]
+                                     + [as_device_scalar(seconds, device)])
                 if world_size > 1:
                     dist.all_reduce(totals)
                 counts = totals[1:-1:2].clamp(min=1e-12)

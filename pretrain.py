@@ -110,7 +110,9 @@ class Teacher(nn.Module):
     def forward(self, wav, lengths):
         hidden, frames = self.backbone(wav, lengths)
         frame_logits = self.frame_head(hidden)
-        pooled = self.lstm(hidden)[0].mean(1)  # batches are cropped to equal length: no padding
+        with torch.autocast(hidden.device.type, enabled=False):  # cuDNN's LSTM would run in fp16, unscaled,
+            pooled = self.lstm(hidden.float())[0].mean(1)        # even under bf16 autocast
+        # (batches are cropped to equal length: no padding to leave out of the mean)
         return frame_logits, self.utterance_head(F.relu(pooled)), frames
 
 
@@ -192,10 +194,10 @@ def run_tapt(args, fold, train, classes, run_dir, device):
     return out
 
 
-def crop_to_shortest(batch, rngs):
+def crop_to_shortest(batch, rngs, device):
     """The teacher's batches: every utterance randomly cropped to the shortest one of the whole
     batch, across ranks (no padding)."""
-    shortest = batch["lengths"].min().clone()
+    shortest = batch["lengths"].min().to(device)  # NCCL reduces device tensors only
     if world()[1] > 1:
         dist.all_reduce(shortest, op=dist.ReduceOp.MIN)
     n = int(shortest)
@@ -222,7 +224,8 @@ def run_teacher(args, fold, train, classes, run_dir, device):
     weights = class_weights(dataset.labels, len(classes)).to(device)
 
     def loss_fn(batch, update):
-        wav, lengths = crop_to_shortest(batch, [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()])
+        wav, lengths = crop_to_shortest(batch, [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()],
+                                        device)
         frame_logits, utt_logits, _ = teacher(wav.to(device), lengths.to(device))
         labels = batch["labels"].to(device)
         frame_labels = labels[:, None].expand(-1, frame_logits.shape[1])

@@ -1630,6 +1630,19 @@ def test_tapt_feature_penalty_flag_weights_the_penalty(corpus, tmp_path):
     assert loss[20] - loss[10] == pytest.approx(loss[10] - loss[0], rel=1e-4)
 
 
+def test_teacher_lstm_runs_in_float32_under_autocast():
+    """The teacher's BiLSTM leaves autocast: cuDNN would run it in fp16, without loss scaling, even under
+    bf16 autocast (the CPU's autocast would run it in bf16)."""
+    teacher = P.Teacher(random_model(tiny_config()), num_classes=4)
+    seen = []
+    teacher.lstm.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0].dtype, output[0].dtype)))
+    wav = torch.randn(2, 8000, generator=torch.Generator().manual_seed(0)) * 0.1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        frame_logits, utterance_logits, _ = teacher(wav, torch.tensor([8000, 8000]))
+    assert seen == [(torch.float32, torch.float32)]
+    assert torch.isfinite(utterance_logits.float()).all()
+
+
 def test_mixed_precision_runs_on_the_cpu(corpus, tmp_path):
     """The autocast paths a GPU takes (bf16; fp16 with its gradient scaler), run on the CPU's autocast:
     V-FT and TAPT finish with finite losses."""
@@ -1853,3 +1866,95 @@ def test_unwritable_or_full_output_folder_fails_before_training(corpus, tmp_path
     err = capsys.readouterr().err
     assert "GiB free" in err and "checkpoints need about" in err
     assert not (tmp_path / "full" / "vft" / "fold1" / "run0" / "log.jsonl").exists()
+
+
+# -----------------------------------------------------------------------------
+# On a CUDA GPU only, skipped elsewhere: `pytest test_all.py -k gpu` (about two minutes). The first checks
+# to run when a GPU is lent; BENCHMARKS.md says which of them have ever run.
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture
+def no_tf32():
+    # float32 comparisons against the CPU need full float32 matmuls and convolutions
+    old = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@needs_gpu
+@pytest.mark.usefixtures("no_tf32")
+def test_gpu_forward_matches_cpu():
+    """A padded batch on the GPU (batched group norm, CUDA attention kernels) gives the CPU's frame
+    features; under bf16 autocast they stay within a few percent."""
+    net = random_model(tiny_config(), seed=3)
+    wav = torch.randn(3, 16000, generator=torch.Generator().manual_seed(0)) * 0.1
+    lengths = torch.tensor([16000, 9000, 12345])
+    with torch.no_grad():
+        ref, ref_lengths = net(wav, lengths)
+        gpu = net.cuda()
+        out, out_lengths = gpu(wav.cuda(), lengths.cuda())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            low, _ = gpu(wav.cuda(), lengths.cuda())
+    assert torch.equal(out_lengths.cpu(), ref_lengths)
+    for i, n in enumerate(ref_lengths.tolist()):
+        torch.testing.assert_close(out[i, :n].cpu(), ref[i, :n], atol=1e-4, rtol=1e-4)
+        assert float((low[i, :n].float().cpu() - ref[i, :n]).abs().max()) < 0.05 * float(ref[i, :n].abs().max())
+
+
+@needs_gpu
+@pytest.mark.usefixtures("no_tf32")
+def test_gpu_kmeans_matches_cpu(monkeypatch):
+    """k-means on the GPU, with the frames staged there or streamed from the CPU in chunks, ends where
+    the CPU fit ends; labelling on the GPU gives the CPU's labels."""
+    import kmeans
+    x = frames_like(6000, dim=384)
+    init = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:32]].clone()
+    fit = lambda device: fit_kmeans(x, ks=(32,), iters=10, init=init, max_samples=BIG, device=device, progress=False)[32]
+    cpu, gpu = fit("cpu"), fit("cuda")
+    monkeypatch.setattr(kmeans, "_stage", lambda feats, device: feats)  # as when the frames do not fit
+    streamed = fit("cuda")
+    for r in (gpu, streamed):
+        torch.testing.assert_close(r.centroids, cpu.centroids, atol=1e-3, rtol=0)
+        assert r.inertia[-1] == pytest.approx(cpu.inertia[-1], rel=1e-5) and r.counts.sum() == len(x)
+    assert (assign(x, gpu.centroids, device="cuda") == assign(x, gpu.centroids, device="cpu")).float().mean() > 0.999
+
+
+@needs_gpu
+def test_gpu_training_scripts_run(corpus, tmp_path):
+    """V-FT (bf16 where the GPU has it, fused Adam, pinned memory), TAPT and P-TAPT on the GPU finish with
+    finite losses, and evaluate.py retests the fine-tuned model there."""
+    common = ["--fold", 1, "--data", corpus, "--out", tmp_path, "--device", "cuda"]
+    r = script("finetune.py", *common, "--epochs", 2, "--train-fraction", 0.5, *TINY_RUN)
+    assert r.returncode == 0, r.stderr[-3000:]
+    pre = [*common, "--checkpoint", "random-tiny", "--batch-size", 4, "--warmup", 1, "--workers", 0, "--no-progress"]
+    r = script("pretrain.py", "--mode", "tapt", "--updates", 3, *pre)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = script("pretrain.py", "--mode", "ptapt", "--updates", 3, "--teacher-updates", 3, "--ks", 4, 8, *pre)
+    assert r.returncode == 0, r.stderr[-3000:]
+    logs = [tmp_path / "vft" / "fold1" / "run0" / "log.jsonl", tmp_path / "tapt" / "fold1" / "tapt.log.jsonl",
+            tmp_path / "ptapt" / "fold1" / "teacher.log.jsonl", tmp_path / "ptapt" / "fold1" / "ptapt.log.jsonl"]
+    for log in logs:
+        assert all(math.isfinite(row["loss"]) for row in read_log(log)), log
+    run_dir = tmp_path / "vft" / "fold1" / "run0"
+    r = script("evaluate.py", "--checkpoint", run_dir / "model.pt", "--data", corpus, "--fold", 1, "--device", "cuda")
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads(r.stdout.strip().splitlines()[-1])
+    assert again["ua"] == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["ua"], abs=0.05)
+
+
+@needs_gpu
+def test_gpu_bench_small_runs(tmp_path):
+    """bench.py's GPU paths (CUDA timing and peak memory, bf16, fused Adam, pinned copies, MFU) run end
+    to end at the small scale; the numbers themselves belong in BENCHMARKS.md, not here."""
+    out = tmp_path / "bench.json"
+    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--small", "--device", "cuda", "--cases",
+                        "1,3,4,5,6,7", "--repeats", "2", "--warmup", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=480)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    mfu = [row["mfu"] for row in results["6"]["rows"]]
+    assert mfu and all(0 < m <= 1 for m in mfu)
+    assert all(row["peak_mb"] for row in results["1"]["rows"])
