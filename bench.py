@@ -1037,7 +1037,8 @@ def case_mfu(args, scale, device, dtype):
                      "peak_tflops_bf16_matmul": peak, "mfu": flops / t / 1e12 / peak,
                      "precision": precision_name(dtype)})
     return {"batch": {"utterances": b, "padded_samples": s}, "rows": rows, "notes": [
-        "FLOPs counted on the padded batch; peak = median of an 8192^3 bf16 matmul in this run"], "raw": res}
+        "FLOPs counted on the padded batch; peak = 8192^3 bf16 matmuls in this run (median over timed calls of 20)"],
+        "raw": res}
 
 
 # -----------------------------------------------------------------------------

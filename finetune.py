@@ -77,19 +77,22 @@ def as_device_scalar(x, device):
     return torch.full((), float(x), device=device)
 
 
-def rng_state():
+def rng_state(device):
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()  # this process's GPU only: a resume may see other GPUs
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)  # the training GPU's only: a resume may see other GPUs
     return state
 
 
-def set_rng_state(state):
+def set_rng_state(state, device):
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if torch.is_tensor(state.get("cuda")) and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # written by an earlier version: every visible GPU's, in index order
+        cuda = cuda[device.index or 0] if device.type == "cuda" and (device.index or 0) < len(cuda) else None
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
 
 
 # -----------------------------------------------------------------------------
@@ -265,7 +268,7 @@ def run_updates(*, model, params, loss_fn, dataset, sampler, total_updates, lr, 
         if state["scaler"]:  # empty when saved without fp16 (--precision auto may mean fp16 on another GPU)
             scaler.load_state_dict(state["scaler"])
         if len(state["rng"]) == world_size:
-            set_rng_state(state["rng"][rank])
+            set_rng_state(state["rng"][rank], device)
         elif rank == 0:
             print(f"warning: {state_path} was written by {len(state['rng'])} processes, this run has {world_size}: "
                   "random streams (dropout) restart", file=sys.stderr)
@@ -281,9 +284,9 @@ def run_updates(*, model, params, loss_fn, dataset, sampler, total_updates, lr, 
     def save():
         rngs = [None] * world_size
         if world_size > 1:
-            dist.all_gather_object(rngs, rng_state())
+            dist.all_gather_object(rngs, rng_state(device))
         else:
-            rngs = [rng_state()]
+            rngs = [rng_state(device)]
         if rank == 0:
             save_training_state({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                  "scheduler": sched.state_dict(), "scaler": scaler.state_dict(), "rng": rngs,

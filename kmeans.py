@@ -167,7 +167,10 @@ class _Frames:
 
     def rows(self, idx):
         # index_select: on the CPU several times faster than feats[idx] for a row gather
-        return self.feats.index_select(0, idx.to(self.feats.device)).to(self.device, torch.float32).sub_(self.shift)
+        x = self.feats.index_select(0, idx.to(self.feats.device)).to(self.device, non_blocking=True)  # a fresh copy
+        if x.dtype == torch.float32:
+            return x.sub_(self.shift)
+        return torch.sub(x, self.shift).float()  # centred at the input's precision, then rounded, as chunks() does
 
     def fetch(self, gidx):
         """Rows of the frames of all ranks concatenated in rank order (global indices `gidx`), on every

@@ -197,8 +197,9 @@ def run_tapt(args, fold, train, classes, run_dir, device):
 def crop_to_shortest(batch, rngs, device):
     """The teacher's batches: every utterance randomly cropped to the shortest one of the whole
     batch, across ranks (no padding)."""
-    shortest = batch["lengths"].min().to(device)  # NCCL reduces device tensors only
+    shortest = batch["lengths"].min()
     if world()[1] > 1:
+        shortest = shortest.to(device)  # NCCL reduces device tensors only
         dist.all_reduce(shortest, op=dist.ReduceOp.MIN)
     n = int(shortest)
     starts = [int(torch.randint(0, int(length) - n + 1, (), generator=rng)) for length, rng in zip(batch["lengths"], rngs)]

@@ -1329,6 +1329,15 @@ def test_pruned_passes_edge_cases():
         assert r.counts.min() > 0 and int(r.counts.sum()) == 2000
     torch.testing.assert_close(pruned.centroids, plain.centroids, atol=1e-4, rtol=0)
     assert pruned.inertia == pytest.approx(plain.inertia, rel=1e-6) and len(pruned.settled) == 10
+    # float64 frames far from the origin: exact distances of re-read frames centred at float64 first, as
+    # the plain passes centre them, or the pruned fit drifts from plain Lloyd
+    g = torch.Generator().manual_seed(0)
+    c = torch.randn(30, 256, generator=g) * 5
+    z = (c[torch.randint(30, (3000,), generator=g)] + torch.randn(3000, 256, generator=g)).double() + 1e6
+    pruned, plain = (fit_kmeans(z, ks=(33,), iters=10, init="random", max_samples=BIG, prune_dims=prune,
+                                progress=False)[33] for prune in (None, 0))
+    assert pruned.counts.tolist() == plain.counts.tolist()
+    assert pruned.inertia == pytest.approx(plain.inertia, rel=1e-7)
     with pytest.raises(ValueError, match="prune_dims"):
         fit_kmeans(y, ks=(4,), prune_dims=300, progress=False)
 
@@ -1655,8 +1664,9 @@ def test_mixed_precision_runs_on_the_cpu(corpus, tmp_path):
                    "random-tiny", "--batch-size", 4, "--updates", 2, "--warmup", 1, "--workers", 0, "--no-progress",
                    "--precision", precision)
         assert r.returncode == 0, r.stderr[-2000:]
-        for log in (out / "vft" / "fold1" / "run0" / "log.jsonl", out / "tapt" / "fold1" / "tapt.log.jsonl"):
-            assert all(math.isfinite(row["loss"]) for row in read_log(log))
+        for run in (out / "vft" / "fold1" / "run0", out / "tapt" / "fold1"):
+            assert json.loads((run / "config.json").read_text())["precision"] == precision
+            assert all(math.isfinite(row["loss"]) for row in read_log(next(run.glob("*log.jsonl"))))
 
 
 def test_tapt_refuses_a_checkpoint_without_quantizer(corpus, tmp_path):
@@ -1869,7 +1879,7 @@ def test_unwritable_or_full_output_folder_fails_before_training(corpus, tmp_path
 
 
 # -----------------------------------------------------------------------------
-# On a CUDA GPU only, skipped elsewhere: `pytest test_all.py -k gpu` (about two minutes). The first checks
+# On a CUDA GPU only, skipped elsewhere: `pytest test_all.py -k gpu` (two minutes, estimated). The first checks
 # to run when a GPU is lent; BENCHMARKS.md says which of them have ever run.
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -1942,7 +1952,8 @@ def test_gpu_training_scripts_run(corpus, tmp_path):
     r = script("evaluate.py", "--checkpoint", run_dir / "model.pt", "--data", corpus, "--fold", 1, "--device", "cuda")
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads(r.stdout.strip().splitlines()[-1])
-    assert again["ua"] == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["ua"], abs=0.05)
+    # (the run tested under bf16 autocast, evaluate.py in float32: a near-tie may flip, 1 of 24 is 0.042 of UA)
+    assert again["ua"] == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["ua"], abs=0.15)
 
 
 @needs_gpu
