@@ -110,9 +110,10 @@ class Teacher(nn.Module):
     def forward(self, wav, lengths):
         hidden, frames = self.backbone(wav, lengths)
         frame_logits = self.frame_head(hidden)
-        with torch.autocast(hidden.device.type, enabled=False):  # cuDNN's LSTM would run in fp16, unscaled,
-            pooled = self.lstm(hidden.float())[0].mean(1)        # even under bf16 autocast
-        # (batches are cropped to equal length: no padding to leave out of the mean)
+        # outside autocast: cuDNN's LSTM would run in fp16, without loss scaling, even under bf16 autocast;
+        # batches are cropped to equal length, so the mean over time has no padding to leave out
+        with torch.autocast(hidden.device.type, enabled=False):
+            pooled = self.lstm(hidden.float())[0].mean(1)
         return frame_logits, self.utterance_head(F.relu(pooled)), frames
 
 
