@@ -436,30 +436,46 @@ def test_fresh_model_initialised_as_fairseq():
             assert bool((norm.weight == 1).all()) and not norm.bias.any()
 
 
-def test_masked_group_norm_values_and_gradients_per_utterance():
-    """The layer-0 group norm of a padded batch gives each utterance the values and the gradients
-    (TAPT trains through it) of a float64 group norm over its valid frames alone (issue #5)."""
-    g = torch.Generator().manual_seed(0)
+def group_norm_case(seed, offset):
+    """A layer-0 group norm with non-trivial affine parameters, a padded batch (channel means around
+    `offset`) and an upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
     norm = torch.nn.GroupNorm(16, 16)
     with torch.no_grad():
         norm.weight.uniform_(0.5, 1.5, generator=g)
         norm.bias.uniform_(-0.5, 0.5, generator=g)
-    x = (torch.randn(3, 16, 300, generator=g) * 2 + torch.randn(3, 16, 1, generator=g) * 3).requires_grad_()
-    lengths = torch.tensor([300, 120, 211])
-    dy = torch.randn(3, 16, 300, generator=g)
-    with torch.no_grad():  # the no-autograd path (V-FT's frozen encoder, inference) works in place
-        y_no_grad = M.masked_group_norm(x.detach().clone(), lengths, norm)
-    y = M.masked_group_norm(x, lengths, norm)
-    valid = (torch.arange(300) < lengths[:, None]).unsqueeze(1)
+    x = torch.randn(3, 16, 300, generator=g) * 2 + torch.randn(3, 16, 1, generator=g) * offset
+    return norm, x, torch.tensor([300, 120, 211]), torch.randn(3, 16, 300, generator=g)
+
+
+def backward_over_valid_frames(y, lengths, dy):
+    valid = (torch.arange(y.shape[-1]) < lengths[:, None]).unsqueeze(1)
     (y * dy * valid).sum().backward()
+
+
+def assert_per_utterance_group_norm(y, grad, x, lengths, dy, norm, tol):
+    """y and the gradient into x are each utterance's float64 group norm over its valid frames alone."""
     w, b = norm.weight.detach().double(), norm.bias.detach().double()
     for i, n in enumerate(lengths.tolist()):
         xi = x.detach()[i:i + 1, :, :n].double().requires_grad_()
         ref = F.group_norm(xi, 16, w, b, norm.eps)
         (ref * dy[i:i + 1, :, :n].double()).sum().backward()
-        torch.testing.assert_close(y[i, :, :n].double(), ref[0].detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(y[i, :, :n].double(), ref[0].detach(), atol=tol, rtol=tol)
+        torch.testing.assert_close(grad[i, :, :n].double(), xi.grad[0], atol=tol, rtol=tol)
+
+
+def test_masked_group_norm_values_and_gradients_per_utterance():
+    """The layer-0 group norm of a padded batch gives each utterance the values and the gradients
+    (TAPT trains through it) of a float64 group norm over its valid frames alone (issue #5)."""
+    norm, x, lengths, dy = group_norm_case(seed=0, offset=3)
+    x.requires_grad_()
+    with torch.no_grad():  # the no-autograd path (V-FT's frozen encoder, inference) works in place
+        y_no_grad = M.masked_group_norm(x.detach().clone(), lengths, norm)
+    y = M.masked_group_norm(x, lengths, norm)
+    backward_over_valid_frames(y, lengths, dy)
+    assert_per_utterance_group_norm(y, x.grad, x, lengths, dy, norm, tol=1e-5)
+    for i, n in enumerate(lengths.tolist()):
         assert torch.equal(y_no_grad[i, :, :n], y[i, :, :n].detach())
-        torch.testing.assert_close(x.grad[i, :, :n].double(), xi.grad[0], atol=1e-5, rtol=1e-5)
         assert not x.grad[i, :, n:].any()  # padded frames feed nothing downstream
 
 
@@ -467,29 +483,14 @@ def test_batched_group_norm_is_float32_under_autocast():
     """The layer-0 group norm's batched form (what a GPU runs; called directly here on the CPU) gives each
     utterance the values and gradients of a float64 group norm over its valid frames, under bf16 and fp16
     autocast too (fairseq computes this norm in float32; bf16 matmuls left it 0.08 off)."""
-    g = torch.Generator().manual_seed(1)
-    norm = torch.nn.GroupNorm(16, 16)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5, generator=g)
-        norm.bias.uniform_(-0.5, 0.5, generator=g)
-    x = torch.randn(3, 16, 300, generator=g) * 2 + torch.randn(3, 16, 1, generator=g) * 30
-    lengths = torch.tensor([300, 120, 211])
-    dy = torch.randn(3, 16, 300, generator=g)
-    w, b = norm.weight.detach().double(), norm.bias.detach().double()
+    norm, x, lengths, dy = group_norm_case(seed=1, offset=30)
     for dtype in (None, torch.bfloat16, torch.float16):
         xg = x.clone().requires_grad_()
-        norm.zero_grad()
         with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             y = M.batched_masked_group_norm(xg, lengths, norm)
         assert y.dtype == torch.float32
-        valid = (torch.arange(300) < lengths[:, None]).unsqueeze(1)
-        (y * dy * valid).sum().backward()
-        for i, n in enumerate(lengths.tolist()):
-            xi = x[i:i + 1, :, :n].double().requires_grad_()
-            ref = F.group_norm(xi, 16, w, b, norm.eps)
-            (ref * dy[i:i + 1, :, :n].double()).sum().backward()
-            torch.testing.assert_close(y[i, :, :n].double(), ref[0].detach(), atol=1e-4, rtol=1e-4)
-            torch.testing.assert_close(xg.grad[i, :, :n].double(), xi.grad[0], atol=1e-4, rtol=1e-4)
+        backward_over_valid_frames(y, lengths, dy)
+        assert_per_utterance_group_norm(y, xg.grad, x, lengths, dy, norm, tol=1e-4)
 
 
 def test_wav2vec2_objective_learns_on_a_tiny_model():
