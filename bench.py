@@ -47,7 +47,8 @@ import torch.nn.functional as F
 import model as M
 from data import CLASSES, SAMPLE_RATE, AudioDataset, BucketBatchSampler, Utterance, collate
 from finetune import autocast_dtype, utterance_span_masks
-from pretrain import PseudoLabelHeads, contrastive_loss, utterance_negatives
+from finetune import to_device as tensor_to_device
+from pretrain import PseudoLabelHeads, contrastive_loss, masked_frames, utterance_negatives
 
 # -----------------------------------------------------------------------------
 # the two scales. --small: a 2-core CPU in under 3 minutes; default: the real shapes, for a GPU.
@@ -294,7 +295,9 @@ def make_batch(seconds, rng, max_seconds=None):
 
 
 def to_device(batch, device):
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """The batch on `device`, and its lengths kept on the host too, as the training scripts read them."""
+    moved = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    return {**moved, "host_lengths": batch["lengths"]}
 
 
 def sample_mask(lengths, max_len):
@@ -481,15 +484,16 @@ def utterance_rngs(n, gen):
 
 def ours_vft_loss(clf, batch, gen, weights, span):
     """finetune.py's loss_fn: per-utterance span masks, then the classifier."""
-    backbone = clf.backbone
-    frames = backbone.frame_lengths(batch["lengths"].cpu())
+    backbone, device = clf.backbone, batch["wav"].device
+    frames = backbone.frame_lengths(batch["host_lengths"])
     rngs = utterance_rngs(len(frames), gen)
     time_mask = utterance_span_masks(frames, int(frames.max()), rngs, VFT_MASK["time_prob"], VFT_MASK["time_span"],
-                                     VFT_MASK["time_min"]).to(batch["wav"].device)
+                                     VFT_MASK["time_min"])
     dim = backbone.cfg.embed_dim
     channel_mask = utterance_span_masks([dim] * len(frames), dim, rngs, VFT_MASK["channel_prob"], span,
-                                        VFT_MASK["channel_min"]).to(batch["wav"].device)
-    logits = clf(batch["wav"], batch["lengths"], time_mask, channel_mask)
+                                        VFT_MASK["channel_min"])
+    logits = clf(batch["wav"], batch["host_lengths"], tensor_to_device(time_mask, device),
+                 tensor_to_device(channel_mask, device))
     return F.cross_entropy(logits.float(), batch["labels"], weight=weights)
 
 
@@ -686,7 +690,7 @@ def case_inference(args, scale, device, dtype):
     audio_s = float(lengths.sum()) / SAMPLE_RATE
     probe = torch.from_numpy(rng.standard_normal((2, 2 * SAMPLE_RATE)).astype(np.float32) * 0.1).to(device)
     amp = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    fns, checks, notes = {"this project": lambda: net(wav, lengths)}, {}, []
+    fns, checks, notes = {"this project": lambda: net(wav, batch["host_lengths"])}, {}, []
     if have("transformers"):
         for attn in ("eager", "sdpa"):
             hf = hf_backbone(net, attn).to(device).eval()
@@ -727,12 +731,12 @@ def case_inference(args, scale, device, dtype):
 
 def ours_tapt_loss(net, batch, gen):
     """pretrain.py run_tapt's loss_fn."""
-    frames = net.frame_lengths(batch["lengths"].cpu())
+    frames = net.frame_lengths(batch["host_lengths"])
     rngs = utterance_rngs(len(frames), gen)
     mask = utterance_span_masks(frames, int(frames.max()), rngs, TAPT_MASK["prob"], TAPT_MASK["span"], TAPT_MASK["min"])
     negatives = utterance_negatives(mask, net.cfg.num_negatives, rngs)
-    mask = mask.to(batch["wav"].device)
-    terms = contrastive_loss(net, net.encode(batch["wav"], batch["lengths"], time_mask=mask), mask, negatives)
+    encoded = net.encode(batch["wav"], batch["host_lengths"], time_mask=tensor_to_device(mask, batch["wav"].device))
+    terms = contrastive_loss(net, encoded, mask, negatives)
     return terms["loss"] / terms["n_masked"].clamp(min=1)
 
 
@@ -753,31 +757,32 @@ def hf_tapt_loss(hf, batch):
 
 
 def ptapt_targets(net, batch, rng):
-    """Random pseudo-labels per K for every valid frame (-100 on padding), precomputed like a batch's labels."""
-    frames = net.frame_lengths(batch["lengths"].cpu())
+    """Random pseudo-labels per K for every valid frame (-100 on padding), on the host like a batch's labels."""
+    frames = net.frame_lengths(batch["host_lengths"])
     targets = []
     for k in PTAPT_KS:
         t = torch.from_numpy(rng.integers(0, k, (len(frames), int(frames.max()))))
         t[torch.arange(t.shape[1]) >= frames[:, None]] = -100
-        targets.append(t.to(batch["wav"].device))
+        targets.append(t)
     return targets
 
 
 def ours_ptapt_loss(net, heads, batch, targets, gen, masked_only=True):
     """pretrain.py run_pseudo_label_pretraining's loss_fn: the heads on the masked frames only
     (masked_only=True), or, as before BENCHMARKS.md run 3, on every frame with the rest ignored."""
-    frames = net.frame_lengths(batch["lengths"].cpu())
+    device = batch["wav"].device
+    frames = net.frame_lengths(batch["host_lengths"])
     mask = utterance_span_masks(frames, int(frames.max()), utterance_rngs(len(frames), gen), PTAPT_MASK["prob"],
                                 PTAPT_MASK["span"], PTAPT_MASK["min"])
-    dmask = mask.to(batch["wav"].device)
-    hidden, _ = net(batch["wav"], batch["lengths"], time_mask=dmask)
+    hidden, _ = net(batch["wav"], batch["host_lengths"], time_mask=tensor_to_device(mask, device))
     loss = 0.0
     if masked_only:
         for head, target in zip(heads.heads, targets):
-            loss = loss + F.cross_entropy(head(F.relu(hidden[dmask])).float(), target[dmask], ignore_index=-100)
+            loss = loss + F.cross_entropy(head(F.relu(masked_frames(hidden, mask))).float(),
+                                          tensor_to_device(target[mask], device), ignore_index=-100)
         return loss
     for logits, target in zip(heads(hidden), targets):
-        target = target.masked_fill(~dmask, -100)
+        target = tensor_to_device(target.masked_fill(~mask, -100), device)
         loss = loss + F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100)
     return loss
 

@@ -73,7 +73,7 @@ def predict(clf, utterances, classes, device, dtype=None, batch_seconds=320.0, w
     probs = torch.zeros(len(mine), len(classes))
     for batch in tqdm(loader, desc="test", unit="batch", disable=not progress or rank != 0, leave=False):
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            logits = clf(batch["wav"].to(device), batch["lengths"].to(device))
+            logits = clf(batch["wav"].to(device), batch["lengths"])  # lengths read on the host
         probs[batch["indices"]] = logits.float().softmax(-1).cpu()
     if world_size == 1:
         return probs

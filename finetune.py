@@ -69,11 +69,20 @@ def tri_stage_lr(step, total, warmup, flat):
     return max(0.0, (total - step) / max(1, total - warmup - flat))
 
 
+def to_device(t, device):
+    """A host tensor onto `device` without waiting for the GPU: a plain .to() copies from pageable
+    memory and then waits for the whole stream; from pinned memory (the data loader's batches already
+    are) the copy is queued and the host runs on. On the CPU it is the tensor itself."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()
+    return t.to(device, non_blocking=True)
+
+
 def as_device_scalar(x, device):
     """A float32 scalar on `device`: a Python number goes there by a fill kernel, without the blocking
     host-to-device copy (and GPU wait) that torch.tensor(x, device=...) makes."""
     if torch.is_tensor(x):
-        return x.detach().to(device).float()
+        return to_device(x.detach(), device).float()
     return torch.full((), float(x), device=device)
 
 
@@ -117,6 +126,20 @@ def barrier():
     """Wait until every rank is here (after rank 0 wrote a file the others read)."""
     if world()[1] > 1:
         dist.barrier()
+
+
+_host_groups = {}
+
+
+def host_group():
+    """A gloo group of every rank, made once (every rank must first ask at the same point): what is
+    agreed through it (a stop flag, a crop length) travels between the hosts and never waits for the
+    GPU, as reading back an NCCL result does. None when the default group is gloo already."""
+    if dist.get_backend() == "gloo":
+        return None
+    if "gloo" not in _host_groups:
+        _host_groups["gloo"] = dist.new_group(backend="gloo")
+    return _host_groups["gloo"]
 
 
 def utterance_rng(seed, update, index):
@@ -278,8 +301,7 @@ def run_updates(*, model, params, loss_fn, dataset, sampler, total_updates, lr, 
     if world_size > 1:
         for t in model.state_dict().values():  # every rank starts from rank 0's weights
             dist.broadcast(t, 0)
-        # the stop flag travels on the CPU, so agreeing on it never waits for the GPU
-        control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+        control = host_group()  # the stop flag is agreed on the host
 
     def save():
         rngs = [None] * world_size
@@ -466,20 +488,19 @@ def finetune_run(args, fold, run, splits, classes, run_dir):
     weights = class_weights(dataset.labels, len(classes)).to(device)
     dim = backbone.cfg.embed_dim
 
-    def loss_fn(batch, update):
-        wav, lengths = batch["wav"].to(device, non_blocking=True), batch["lengths"].to(device, non_blocking=True)
-        labels = batch["labels"].to(device, non_blocking=True)
+    def loss_fn(batch, update):  # nothing here waits for the GPU: masks and lengths are made and read on the CPU
+        wav, labels = to_device(batch["wav"], device), to_device(batch["labels"], device)
         frames = backbone.frame_lengths(batch["lengths"])
         # SpecAugment-like masks, drawn per utterance and update (the same after a resume, on any number of GPUs)
         rngs = [utterance_rng(seed, update, i) for i in batch["indices"].tolist()]
         time_mask = channel_mask = None
         if args.time_mask_prob > 0:
-            time_mask = utterance_span_masks(frames, int(frames.max()), rngs, args.time_mask_prob, args.time_mask_span,
-                                             args.time_mask_min).to(device, non_blocking=True)
+            time_mask = to_device(utterance_span_masks(frames, int(frames.max()), rngs, args.time_mask_prob,
+                                                       args.time_mask_span, args.time_mask_min), device)
         if args.channel_mask_prob > 0:
-            channel_mask = utterance_span_masks([dim] * len(rngs), dim, rngs, args.channel_mask_prob,
-                                                args.channel_mask_span, args.channel_mask_min).to(device, non_blocking=True)
-        logits = clf(wav, lengths, time_mask, channel_mask)
+            channel_mask = to_device(utterance_span_masks([dim] * len(rngs), dim, rngs, args.channel_mask_prob,
+                                                          args.channel_mask_span, args.channel_mask_min), device)
+        logits = clf(wav, batch["lengths"], time_mask, channel_mask)
         # class-weighted CE = sum of w_y * CE / sum of w_y, kept as the pair so that ranks add up
         loss_sum = F.cross_entropy(logits.float(), labels, weight=weights, reduction="sum")
         return [(loss_sum, weights[labels].sum())], float(batch["lengths"].sum()) / 16000

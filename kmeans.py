@@ -862,7 +862,7 @@ def extract_features(model, utterances, layer, device, batch_seconds=200.0, prog
         if not len(utterances) and dim is not None:  # an empty shard still gets a (0, D) file
             mm = np.lib.format.open_memmap(out, mode="w+", dtype=np.float16, shape=(0, dim))
     for batch in tqdm(loader, desc=f"features (layer {layer or 'last'})", disable=not progress):
-        hidden, lengths = model(batch["wav"].to(device), batch["lengths"].to(device), layer=layer)
+        hidden, lengths = model(batch["wav"].to(device), batch["lengths"], layer=layer)  # lengths read on the host
         hidden, lengths = hidden.half().cpu(), lengths.tolist()  # float16: 1M frames x 768 = 1.5 GB
         if out is not None and mm is None:  # the feature dimension is known now
             mm = np.lib.format.open_memmap(out, mode="w+", dtype=np.float16,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import contextlib
 import math
 import os
 import pickle
@@ -128,11 +129,18 @@ def masked_group_norm(x, lengths, norm: nn.GroupNorm):
     return batched_masked_group_norm(x, lengths, norm)
 
 
+def autocast_off(device):
+    """Autocast disabled on `device`; a device without autocast (meta) has none to disable."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
+
+
 def batched_masked_group_norm(x, lengths, norm: nn.GroupNorm):
     """masked_group_norm off the CPU: the masked sums are batched matmuls against the validity mask, with
     no kernel per utterance and no host synchronisation for the lengths. In float32 under autocast too,
     as fairseq's Fp32GroupNorm: bf16 matmuls would round the statistics (errors of 0.08 after the norm)."""
-    with torch.autocast(x.device.type, enabled=False):
+    with autocast_off(x.device):
         xf = x.float()
         valid = (torch.arange(x.shape[-1], device=x.device) < lengths[:, None]).to(xf.dtype).unsqueeze(-1)  # (B, T, 1)
         count = lengths.to(xf.dtype).view(-1, 1, 1)
@@ -335,9 +343,10 @@ class Wav2Vec2(nn.Module):
                              "average the channels of stereo audio first")
         if not wav.is_floating_point():
             raise TypeError(f"wav must be floating point (float32 in [-1, 1]), got {wav.dtype}")
+        # checked where they are: lengths on the CPU (as the training scripts pass them) cost no GPU wait
         if wav_lengths is None:
-            wav_lengths = torch.full((wav.shape[0],), wav.shape[1], dtype=torch.long, device=wav.device)
-        wav_lengths = torch.as_tensor(wav_lengths, device=wav.device).long()
+            wav_lengths = torch.full((wav.shape[0],), wav.shape[1], dtype=torch.long)
+        wav_lengths = torch.as_tensor(wav_lengths).long()
         if wav_lengths.shape != (wav.shape[0],):
             raise ValueError(f"wav_lengths must have shape ({wav.shape[0]},), got {tuple(wav_lengths.shape)}")
         if int(wav_lengths.max()) > wav.shape[1]:
@@ -349,8 +358,11 @@ class Wav2Vec2(nn.Module):
 
     def encode(self, wav, wav_lengths=None, layer=None, time_mask=None, channel_mask=None) -> Encoded:
         """time_mask (B, F) bool: frames replaced by the mask embedding; channel_mask (B, embed_dim)
-        bool: channels zeroed. Both act on the projected features, as in fairseq and the release."""
-        wav_lengths = self.check_input(wav, wav_lengths)
+        bool: channels zeroed. Both act on the projected features, as in fairseq and the release.
+        wav_lengths (B,): best on the CPU, where checking them and choosing the padded paths needs no
+        wait for the GPU (on the GPU each read of them is a host synchronisation)."""
+        host_lengths = self.check_input(wav, wav_lengths)
+        wav_lengths = host_lengths.to(wav.device, non_blocking=True)
         if layer is not None and not 1 <= layer <= len(self.encoder.layers):
             raise ValueError(f"layer must be in 1..{len(self.encoder.layers)}, got {layer}")
         if self.cfg.normalize:  # per utterance over its valid samples, as fairseq's dataset does
@@ -361,8 +373,8 @@ class Wav2Vec2(nn.Module):
             wav = ((wav - mean) * torch.rsqrt(var + 1e-5)) * valid
         frozen = self.freeze_feature_encoder
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            # lengths only matter for the group norm when something is padded (check_input synced already)
-            padded = int(wav_lengths.min()) < wav.shape[1]
+            # lengths only matter for the group norm when something is padded
+            padded = int(host_lengths.min()) < wav.shape[1]
             feats = self.feature_encoder(wav, wav_lengths if padded else None)
             if self.feature_grad_mult != 1.0 and not frozen and torch.is_grad_enabled():
                 feats = GradScale.apply(feats, self.feature_grad_mult)
@@ -373,9 +385,9 @@ class Wav2Vec2(nn.Module):
             feats = self.layer_norm(feats.transpose(1, 2))
             x = self.post_extract_proj(feats)
         F_ = x.shape[1]
-        padding_mask = torch.arange(F_, device=x.device) >= frame_lengths[:, None]
-        if not bool(padding_mask.any()):
-            padding_mask = None
+        padding_mask = None  # None keeps attention on its unmasked kernels
+        if int(self.frame_lengths(host_lengths).min()) < F_:
+            padding_mask = torch.arange(F_, device=x.device) >= frame_lengths[:, None]
         x = self.dropout_input(x)
         if time_mask is not None:
             x = torch.where(time_mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)

@@ -19,10 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import AudioDataset, DataError, load_corpus
-from finetune import (autocast_dtype, barrier, check_run_config, class_weights, init_distributed, is_main, load_backbone,
-                      remove_training_state, resolve_device, run_updates, seed_everything, train_sampler, tri_stage_lr,
-                      utterance_rng, utterance_span_masks, world)
-from model import compute_span_mask, save_wav2vec2
+from finetune import (autocast_dtype, barrier, check_run_config, class_weights, host_group, init_distributed, is_main,
+                      load_backbone, remove_training_state, resolve_device, run_updates, seed_everything, to_device,
+                      train_sampler, tri_stage_lr, utterance_rng, utterance_span_masks, world)
+from model import autocast_off, compute_span_mask, save_wav2vec2
 
 # -----------------------------------------------------------------------------
 # the wav2vec 2.0 objective (TAPT), as fairseq defines it
@@ -62,16 +62,26 @@ def pretraining_masks(frames, rngs, args):
                              rngs[0])
 
 
+def masked_frames(x, time_mask):
+    """x[time_mask] for x (B, F, C). With the mask on the CPU (as training makes it) the frames are
+    counted there and gathered on x's device: boolean indexing of a GPU tensor waits for the GPU to
+    count them."""
+    rows = time_mask.flatten().nonzero().squeeze(1)
+    return x.flatten(0, 1).index_select(0, to_device(rows, x.device))
+
+
 def contrastive_loss(model, encoded, time_mask, negatives, penalty_weight=10.0):
     """fairseq's wav2vec 2.0 loss for given masks and negatives. Returns its terms:
     contrastive = sum over masked frames of CE(cosine logits / logit_temp, target at index 0),
     diversity = (GV - perplexity) / GV * n_masked, feature_penalty = mean(features^2) * n_masked,
     loss = contrastive + 0.1 * diversity + penalty_weight * feature_penalty (RECIPE.md: 10, as fairseq;
-    0 is Hugging Face's Wav2Vec2ForPreTraining, which has no feature penalty)."""
+    0 is Hugging Face's Wav2Vec2ForPreTraining, which has no feature penalty). time_mask and negatives
+    may stay on the CPU (then nothing here waits for the GPU)."""
     cfg = model.cfg
-    targets, perplexity = model.quantizer(encoded.features[time_mask])  # the *unmasked* features at masked frames
+    targets, perplexity = model.quantizer(masked_frames(encoded.features, time_mask))  # the *unmasked* features
     targets = model.project_q(targets)
-    context = model.final_proj(encoded.hidden[time_mask])
+    context = model.final_proj(masked_frames(encoded.hidden, time_mask))
+    negatives = to_device(negatives, targets.device)
     candidates = torch.cat([targets.unsqueeze(1), targets[negatives]], 1)  # (N, 1 + K, D)
     logits = F.cosine_similarity(context.float().unsqueeze(1), candidates.float(), dim=-1) / cfg.logit_temp
     same = (targets[negatives] == targets.unsqueeze(1)).all(-1)  # a distractor equal to the target
@@ -112,7 +122,7 @@ class Teacher(nn.Module):
         frame_logits = self.frame_head(hidden)
         # outside autocast: cuDNN's LSTM would run in fp16, without loss scaling, even under bf16 autocast;
         # batches are cropped to equal length, so the mean over time has no padding to leave out
-        with torch.autocast(hidden.device.type, enabled=False):
+        with autocast_off(hidden.device):
             pooled = self.lstm(hidden.float())[0].mean(1)
         return frame_logits, self.utterance_head(F.relu(pooled)), frames
 
@@ -174,15 +184,13 @@ def run_tapt(args, fold, train, classes, run_dir, device):
     dataset = AudioDataset(train, classes, max_seconds=args.max_seconds, crop="random", cache=args.cache, seed=args.seed)
     sampler = train_sampler(dataset.lengths, args, args.seed)
 
-    def loss_fn(batch, update):
-        wav, lengths = batch["wav"].to(device, non_blocking=True), batch["lengths"].to(device, non_blocking=True)
+    def loss_fn(batch, update):  # masks, negatives and lengths made and read on the CPU: no wait for the GPU
         frames = model.frame_lengths(batch["lengths"])
         rngs = [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()]
         mask = pretraining_masks(frames, rngs, args)
         negatives = utterance_negatives(mask, model.cfg.num_negatives, rngs)
-        mask = mask.to(device, non_blocking=True)
-        terms = contrastive_loss(model, model.encode(wav, lengths, time_mask=mask), mask, negatives,
-                                 args.feature_penalty)
+        encoded = model.encode(to_device(batch["wav"], device), batch["lengths"], time_mask=to_device(mask, device))
+        terms = contrastive_loss(model, encoded, mask, negatives, args.feature_penalty)
         # fairseq divides the gradient by the number of masked frames (its sample size)
         return [(terms["loss"], terms["n_masked"])], float(batch["lengths"].sum()) / 16000
 
@@ -195,13 +203,12 @@ def run_tapt(args, fold, train, classes, run_dir, device):
     return out
 
 
-def crop_to_shortest(batch, rngs, device):
+def crop_to_shortest(batch, rngs):
     """The teacher's batches: every utterance randomly cropped to the shortest one of the whole
     batch, across ranks (no padding)."""
     shortest = batch["lengths"].min()
-    if world()[1] > 1:
-        shortest = shortest.to(device)  # NCCL reduces device tensors only
-        dist.all_reduce(shortest, op=dist.ReduceOp.MIN)
+    if world()[1] > 1:  # agreed on the host: an NCCL reduction would wait for the GPU to read it back
+        dist.all_reduce(shortest, op=dist.ReduceOp.MIN, group=host_group())
     n = int(shortest)
     starts = [int(torch.randint(0, int(length) - n + 1, (), generator=rng)) for length, rng in zip(batch["lengths"], rngs)]
     wav = torch.stack([row[s:s + n] for row, s in zip(batch["wav"], starts)])
@@ -225,11 +232,10 @@ def run_teacher(args, fold, train, classes, run_dir, device):
     sampler = train_sampler(dataset.lengths, args, args.seed)
     weights = class_weights(dataset.labels, len(classes)).to(device)
 
-    def loss_fn(batch, update):
-        wav, lengths = crop_to_shortest(batch, [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()],
-                                        device)
-        frame_logits, utt_logits, _ = teacher(wav.to(device), lengths.to(device))
-        labels = batch["labels"].to(device)
+    def loss_fn(batch, update):  # crops and lengths made and read on the CPU: no wait for the GPU
+        wav, lengths = crop_to_shortest(batch, [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()])
+        frame_logits, utt_logits, _ = teacher(to_device(wav, device), lengths)
+        labels = to_device(batch["labels"], device)
         frame_labels = labels[:, None].expand(-1, frame_logits.shape[1])
         # two class-weighted CE means (frames, utterances), each as (sum of w_y * CE, sum of w_y)
         frame_ce = F.cross_entropy(frame_logits.flatten(0, 1).float(), frame_labels.flatten(), weight=weights,
@@ -308,15 +314,13 @@ def run_pseudo_label_pretraining(args, fold, train, classes, run_dir, labels_pat
                 t[row, :n] = per_k[k][first:first + n].long()
         return targets
 
-    def loss_fn(batch, update):
-        wav, lengths = batch["wav"].to(device, non_blocking=True), batch["lengths"].to(device, non_blocking=True)
+    def loss_fn(batch, update):  # masks, targets and lengths made and read on the CPU: no wait for the GPU
         frames = backbone.frame_lengths(batch["lengths"])
         mask = pretraining_masks(frames, [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()], args)
-        hidden, _ = backbone(wav, lengths, time_mask=mask.to(device, non_blocking=True))
+        hidden, _ = backbone(to_device(batch["wav"], device), batch["lengths"], time_mask=to_device(mask, device))
         # CE on masked frames only (never padding): the heads run on those frames alone
-        masked_hidden, n_masked = hidden[mask.to(device)], mask.sum().to(device)
-        terms = [(F.cross_entropy(logits.float(), target[mask].to(device), reduction="sum"), n_masked)
-                 for logits, target in zip(model.heads(masked_hidden), frame_targets(batch, frames))]
+        terms = [(F.cross_entropy(logits.float(), to_device(target[mask], device), reduction="sum"), mask.sum())
+                 for logits, target in zip(model.heads(masked_frames(hidden, mask)), frame_targets(batch, frames))]
         return terms, float(batch["lengths"].sum()) / 16000
 
     run_updates(model=model, params=params, loss_fn=loss_fn, dataset=dataset, sampler=sampler,

@@ -1670,6 +1670,106 @@ def test_mixed_precision_runs_on_the_cpu(corpus, tmp_path):
             assert all(math.isfinite(row["loss"]) for row in read_log(next(run.glob("*log.jsonl"))))
 
 
+class DeviceWaits(torch.utils._python_dispatch.TorchDispatchMode):
+    """What would make the host wait for the GPU inside an update, found on the meta device: its tensors
+    have no values, so reading one (.item(), bool(), .tolist(), boolean indexing: a count of its True
+    values) raises there; this mode records the other two ways, a blocking copy onto the device and an
+    operator that mixes device tensors with host ones (copied over, blocking). A 0-dim host tensor is a
+    scalar to the kernel: no copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.found = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if torch.is_tensor(t)]
+        to_device = kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "meta"
+        if func is torch.ops.aten._to_copy.default and to_device and args[0].device.type == "cpu":
+            if not kwargs.get("non_blocking", False):
+                self.found.append(f"blocking copy of a {tuple(args[0].shape)} host tensor onto the device")
+        elif func is torch.ops.aten.copy_.default and args[0].is_meta and args[1].device.type == "cpu":
+            if not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False)):
+                self.found.append(f"blocking copy of a {tuple(args[1].shape)} host tensor onto the device")
+        elif any(t.is_meta for t in tensors) and any(t.device.type == "cpu" and t.dim() for t in tensors):
+            self.found.append(f"{func}: host tensors in a device operator")
+        return func(*args, **kwargs)
+
+
+class OneUpdate(Exception):
+    pass
+
+
+def one_watched_update(*, loss_fn, dataset, sampler, device, **_):
+    """run_updates' stand-in: the stage's own loss function on its first batch and the backward pass,
+    as run_updates assembles them, watched by DeviceWaits."""
+    import finetune as FT
+    sampler.set_epoch(0, 0)
+    dataset.set_epoch(0)
+    batch = data.collate([dataset[i] for i in next(iter(sampler))])
+    with DeviceWaits() as watch:
+        terms, seconds = loss_fn(batch, 0)
+        totals = torch.stack([FT.as_device_scalar(x, device) for pair in terms for x in pair]
+                             + [FT.as_device_scalar(seconds, device)])
+        loss = sum(total / count for (total, _), count in zip(terms, totals[1:-1:2]))
+        loss.backward()
+    assert loss.is_meta and device.type == "meta"
+    raise OneUpdate(watch.found)
+
+
+def test_device_waits_are_caught_on_the_meta_device():
+    """The watch of the next test can fail: each way of waiting for the GPU is caught."""
+    meta = torch.device("meta")
+    x = torch.randn(2, 5, 4, device=meta)
+    mask = torch.rand(2, 5) < 0.5
+    with DeviceWaits() as watch:
+        mask.to(meta)                                  # blocking copy
+        x[0].copy_(torch.zeros(5, 4))                  # blocking copy into a device tensor
+        x.flatten(0, 1)[torch.tensor([0, 3])]          # host indices into a device tensor
+        mask.to(meta, non_blocking=True), x * torch.tensor(2.0)  # neither waits
+    assert len(watch.found) == 3, watch.found
+    for read in (lambda: x[mask.to(meta, non_blocking=True)], lambda: int(x.sum()), lambda: x.max().item(),
+                 lambda: bool((x > 0).any()), lambda: x.sum(-1).tolist()):
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            read()
+
+
+def test_training_updates_never_wait_for_the_gpu(corpus, tmp_path, monkeypatch):
+    """No host synchronisation inside an update (issue 5): V-FT, TAPT, the P-TAPT teacher and P-TAPT's
+    pseudo-label pretraining, each from its own script's set-up and loss function, run forward and
+    backward on the meta device, where any read of a device value raises, and make no blocking copy.
+    (Fused Adam and the gradient scaler, the rest of the update, do not synchronise either.)"""
+    import finetune as FT
+    monkeypatch.setattr(FT, "run_updates", one_watched_update)
+    monkeypatch.setattr(P, "run_updates", one_watched_update)
+    common = ["--fold", "1", "--data", corpus, "--checkpoint", "random-tiny", "--batch-size", "4", "--workers", "0",
+              "--no-progress", "--device", "meta"]
+    runs = {"V-FT": lambda: FT.main([*common, "--out", str(tmp_path), "--channel-mask-span", "8"]),
+            "TAPT": lambda: P.main([*common, "--out", str(tmp_path), "--mode", "tapt"]),
+            "teacher": lambda: P.main([*common, "--out", str(tmp_path), "--mode", "ptapt"])}
+    args = P.build_parser().parse_args([*common, "--out", str(tmp_path), "--mode", "ptapt", "--ks", "4", "16"])
+    for k, v in P.MODE_DEFAULTS["ptapt"].items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    args.init = None
+    splits, classes = data.load_corpus(corpus, 1)
+    encoder = M.FeatureEncoder(FT.tiny_random_config())
+    frames = [int(encoder.output_lengths(torch.tensor(u.num_samples))) for u in splits["train"]]
+    gen = torch.Generator().manual_seed(0)
+    save_labels(str(tmp_path / "labels.pt"), [u.uid for u in splits["train"]], frames,
+                {k: torch.randint(0, k, (sum(frames),), generator=gen) for k in (4, 16)}, {"layer": 1})
+    runs["P-TAPT"] = lambda: P.run_pseudo_label_pretraining(args, 1, splits["train"], classes, str(tmp_path / "p"),
+                                                            str(tmp_path / "labels.pt"), torch.device("meta"))
+    waits = {}
+    for name, run in runs.items():
+        try:
+            run()
+        except OneUpdate as update:
+            waits[name] = update.args[0]
+        except (RuntimeError, NotImplementedError) as e:  # a device value read
+            waits[name] = [f"{type(e).__name__}: {str(e)[:200]}"]
+    assert waits == {name: [] for name in runs}
+
+
 def test_tapt_refuses_a_checkpoint_without_quantizer(corpus, tmp_path):
     net = random_model(tiny_config())
     write_fairseq(tmp_path / "asr.pt", net, "asr")
