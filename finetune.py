@@ -114,6 +114,11 @@ def init_distributed(device_name):
         return
     device = resolve_device(device_name)
     if device.type == "cuda":
+        if device.index is None:  # every process would take GPU 0
+            print(f"error: WORLD_SIZE={os.environ['WORLD_SIZE']} but no LOCAL_RANK to choose this process's GPU: "
+                  "start the processes with torchrun (it sets both), or give each its own --device cuda:N",
+                  file=sys.stderr)
+            sys.exit(2)
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 

@@ -1552,6 +1552,10 @@ def test_finetune_bad_input(corpus, tmp_path):
     assert r.returncode == 2 and "notckpt.pt" in r.stderr and "wav2vec 2.0" in r.stderr
     r = script("finetune.py", "--fold", 1, "--data", tmp_path / "nowhere", "--out", tmp_path, *TINY_RUN)
     assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
+    # several processes without torchrun's LOCAL_RANK would all take GPU 0
+    r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", tmp_path, *TINY_RUN, "--device", "cuda",
+               env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"})
+    assert r.returncode == 2 and "LOCAL_RANK" in r.stderr and "torchrun" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_quickstart_on_an_older_synthetic_corpus(corpus, tmp_path):
