@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import model as M
 from data import CLASSES, SAMPLE_RATE, AudioDataset, BucketBatchSampler, Utterance, collate
 from finetune import autocast_dtype, utterance_span_masks
-from finetune import to_device as tensor_to_device
+from model import to_device as tensor_to_device
 from pretrain import PseudoLabelHeads, contrastive_loss, masked_frames, utterance_negatives
 
 # -----------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from data import (SYNTH_PER_SESSION, AudioDataset, BucketBatchSampler, DataError
                   format_count_table, load_corpus, synthesize_iemocap, synthetic_settings)
 from evaluate import compute_metrics, predict, write_json, write_predictions
 from model import (CheckpointError, EmotionClassifier, Wav2Vec2, Wav2Vec2Config, compute_span_mask,
-                   load_wav2vec2, save_atomic, save_classifier, world)
+                   load_wav2vec2, save_atomic, save_classifier, to_device, world)
 
 # -----------------------------------------------------------------------------
 # training plumbing (shared with pretrain.py)
@@ -67,15 +67,6 @@ def tri_stage_lr(step, total, warmup, flat):
     if step < warmup + flat:
         return 1.0
     return max(0.0, (total - step) / max(1, total - warmup - flat))
-
-
-def to_device(t, device):
-    """A host tensor onto `device` without waiting for the GPU: a plain .to() copies from pageable
-    memory and then waits for the whole stream; from pinned memory (the data loader's batches already
-    are) the copy is queued and the host runs on. On the CPU it is the tensor itself."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        t = t.pin_memory()
-    return t.to(device, non_blocking=True)
 
 
 def as_device_scalar(x, device):
@@ -142,9 +133,9 @@ def host_group():
     GPU, as reading back an NCCL result does. None when the default group is gloo already."""
     if dist.get_backend() == "gloo":
         return None
-    if "gloo" not in _host_groups:
-        _host_groups["gloo"] = dist.new_group(backend="gloo")
-    return _host_groups["gloo"]
+    if dist.group.WORLD not in _host_groups:  # keyed by the default group: a new one after a re-init
+        _host_groups[dist.group.WORLD] = dist.new_group(backend="gloo")
+    return _host_groups[dist.group.WORLD]
 
 
 def utterance_rng(seed, update, index):

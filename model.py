@@ -136,6 +136,15 @@ def autocast_off(device):
     return torch.autocast(device.type, enabled=False)
 
 
+def to_device(t, device):
+    """A host tensor onto `device` without waiting for the GPU: .to() from pageable memory waits for the
+    stream (a blocking copy; the driver may also sync to stage a non_blocking one); from pinned memory
+    (the data loader's batches are) the copy is only queued. On the CPU it is the tensor itself."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        t = t.pin_memory()  # a no-op on pinned memory
+    return t.to(device, non_blocking=True)
+
+
 def batched_masked_group_norm(x, lengths, norm: nn.GroupNorm):
     """masked_group_norm off the CPU: the masked sums are batched matmuls against the validity mask, with
     no kernel per utterance and no host synchronisation for the lengths. In float32 under autocast too,
@@ -343,10 +352,11 @@ class Wav2Vec2(nn.Module):
                              "average the channels of stereo audio first")
         if not wav.is_floating_point():
             raise TypeError(f"wav must be floating point (float32 in [-1, 1]), got {wav.dtype}")
-        # checked where they are: lengths on the CPU (as the training scripts pass them) cost no GPU wait
+        # lengths are checked, and returned, on the host: given there (as the training scripts give them)
+        # nothing here waits for the GPU; lengths given on the GPU cost one wait, for the copy
         if wav_lengths is None:
             wav_lengths = torch.full((wav.shape[0],), wav.shape[1], dtype=torch.long)
-        wav_lengths = torch.as_tensor(wav_lengths).long()
+        wav_lengths = torch.as_tensor(wav_lengths).long().cpu()
         if wav_lengths.shape != (wav.shape[0],):
             raise ValueError(f"wav_lengths must have shape ({wav.shape[0]},), got {tuple(wav_lengths.shape)}")
         if int(wav_lengths.max()) > wav.shape[1]:
@@ -360,9 +370,9 @@ class Wav2Vec2(nn.Module):
         """time_mask (B, F) bool: frames replaced by the mask embedding; channel_mask (B, embed_dim)
         bool: channels zeroed. Both act on the projected features, as in fairseq and the release.
         wav_lengths (B,): best on the CPU, where checking them and choosing the padded paths needs no
-        wait for the GPU (on the GPU each read of them is a host synchronisation)."""
+        wait for the GPU (given on the GPU, they cost one wait: the copy back to the host)."""
         host_lengths = self.check_input(wav, wav_lengths)
-        wav_lengths = host_lengths.to(wav.device, non_blocking=True)
+        wav_lengths = to_device(host_lengths, wav.device)
         if layer is not None and not 1 <= layer <= len(self.encoder.layers):
             raise ValueError(f"layer must be in 1..{len(self.encoder.layers)}, got {layer}")
         if self.cfg.normalize:  # per utterance over its valid samples, as fairseq's dataset does

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 
 from data import AudioDataset, DataError, load_corpus
 from finetune import (autocast_dtype, barrier, check_run_config, class_weights, host_group, init_distributed, is_main,
-                      load_backbone, remove_training_state, resolve_device, run_updates, seed_everything, to_device,
+                      load_backbone, remove_training_state, resolve_device, run_updates, seed_everything,
                       train_sampler, tri_stage_lr, utterance_rng, utterance_span_masks, world)
-from model import autocast_off, compute_span_mask, save_wav2vec2
+from model import autocast_off, compute_span_mask, save_wav2vec2, to_device
 
 # -----------------------------------------------------------------------------
 # the wav2vec 2.0 objective (TAPT), as fairseq defines it

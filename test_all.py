@@ -2,6 +2,7 @@
 (torchaudio's wav2vec 2.0 and fairseq key converter, scikit-learn's k-means, hand-computed
 metrics, loss references written from the formulas)."""
 import argparse
+import contextlib
 import csv
 import glob
 import json
@@ -1675,83 +1676,101 @@ def test_mixed_precision_runs_on_the_cpu(corpus, tmp_path):
 
 
 class DeviceWaits(torch.utils._python_dispatch.TorchDispatchMode):
-    """What would make the host wait for the GPU inside an update, found on the meta device: its tensors
-    have no values, so reading one (.item(), bool(), .tolist(), boolean indexing: a count of its True
-    values) raises there; this mode records the other two ways, a blocking copy onto the device and an
-    operator that mixes device tensors with host ones (copied over, blocking). A 0-dim host tensor is a
-    scalar to the kernel: no copy."""
+    """Ways an update makes the host wait for the GPU, seen on any device type: a blocking copy of host
+    values onto the device, and an operator that mixes device tensors with host ones (they are copied
+    over, blocking; a 0-dim host tensor is a scalar to the kernel, no copy). On the meta device, whose
+    tensors have no values, the other way, reading a device value (.item(), bool(), .tolist(), boolean
+    indexing: a count of its True values), raises by itself."""
 
-    def __init__(self):
+    def __init__(self, device_type, found):
         super().__init__()
-        self.found = []
+        self.device_type, self.found = device_type, found
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        on_device = lambda t: t.device.type == self.device_type
         tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if torch.is_tensor(t)]
-        to_device = kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "meta"
-        if func is torch.ops.aten._to_copy.default and to_device and args[0].device.type == "cpu":
-            if not kwargs.get("non_blocking", False):
+        if func is torch.ops.aten._to_copy.default:
+            target = kwargs.get("device")
+            if target is not None and torch.device(target).type == self.device_type and args[0].device.type == "cpu" \
+                    and not kwargs.get("non_blocking", False):
                 self.found.append(f"blocking copy of a {tuple(args[0].shape)} host tensor onto the device")
-        elif func is torch.ops.aten.copy_.default and args[0].is_meta and args[1].device.type == "cpu":
-            if not (args[2] if len(args) > 2 else kwargs.get("non_blocking", False)):
+        elif func is torch.ops.aten.copy_.default:
+            if on_device(args[0]) and args[1].device.type == "cpu" and not (args[2] if len(args) > 2 else False):
                 self.found.append(f"blocking copy of a {tuple(args[1].shape)} host tensor onto the device")
-        elif any(t.is_meta for t in tensors) and any(t.device.type == "cpu" and t.dim() for t in tensors):
+        elif any(map(on_device, tensors)) and any(t.device.type == "cpu" and t.dim() for t in tensors):
             self.found.append(f"{func}: host tensors in a device operator")
         return func(*args, **kwargs)
+
+
+class HostValuesToDevice(torch.overrides.TorchFunctionMode):
+    """torch.tensor(values, device=...): host values copied over, blocking (on meta the tensor is just made,
+    so DeviceWaits would not see it)."""
+
+    def __init__(self, device_type, found):
+        super().__init__()
+        self.device_type, self.found = device_type, found
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in (torch.tensor, torch.as_tensor) and kwargs.get("device") is not None \
+                and torch.device(kwargs["device"]).type == self.device_type:
+            self.found.append(f"torch.{func.__name__} of host values onto the device")
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def device_waits(device_type):
+    found = []
+    with HostValuesToDevice(device_type, found), DeviceWaits(device_type, found):
+        yield found
 
 
 class OneUpdate(Exception):
     pass
 
 
-def one_watched_update(*, loss_fn, dataset, sampler, device, **_):
-    """run_updates' stand-in: the stage's own loss function on its first batch and the backward pass,
-    as run_updates assembles them, watched by DeviceWaits."""
+def one_watched_update(*, params, loss_fn, dataset, sampler, device, dtype, **_):
+    """run_updates' stand-in: the stage's own loss function on its first batch and the backward pass, as
+    run_updates assembles them (on a GPU: under its autocast, with fused Adam's step, and with PyTorch's
+    own sync check raising), watched by device_waits."""
     import finetune as FT
     sampler.set_epoch(0, 0)
     dataset.set_epoch(0)
     batch = data.collate([dataset[i] for i in next(iter(sampler))])
-    with DeviceWaits() as watch:
-        terms, seconds = loss_fn(batch, 0)
-        totals = torch.stack([FT.as_device_scalar(x, device) for pair in terms for x in pair]
-                             + [FT.as_device_scalar(seconds, device)])
-        loss = sum(total / count for (total, _), count in zip(terms, totals[1:-1:2]))
-        loss.backward()
-    assert loss.is_meta and device.type == "meta"
-    raise OneUpdate(watch.found)
+    cuda = device.type == "cuda"
+    opt = torch.optim.Adam(params, lr=1e-6, fused=True) if cuda else None
+    with device_waits(device.type) as found:
+        if cuda:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+                terms, seconds = loss_fn(batch, 0)
+            totals = torch.stack([FT.as_device_scalar(x, device) for pair in terms for x in pair]
+                                 + [FT.as_device_scalar(seconds, device)])
+            loss = sum(total / count for (total, _), count in zip(terms, totals[1:-1:2]))
+            loss.backward()
+            if opt is not None:
+                opt.step()
+        finally:
+            if cuda:
+                torch.cuda.set_sync_debug_mode(0)
+    assert loss.device.type == device.type
+    raise OneUpdate(found)
 
 
-def test_device_waits_are_caught_on_the_meta_device():
-    """The watch of the next test can fail: each way of waiting for the GPU is caught."""
-    meta = torch.device("meta")
-    x = torch.randn(2, 5, 4, device=meta)
-    mask = torch.rand(2, 5) < 0.5
-    with DeviceWaits() as watch:
-        mask.to(meta)                                  # blocking copy
-        x[0].copy_(torch.zeros(5, 4))                  # blocking copy into a device tensor
-        x.flatten(0, 1)[torch.tensor([0, 3])]          # host indices into a device tensor
-        mask.to(meta, non_blocking=True), x * torch.tensor(2.0)  # neither waits
-    assert len(watch.found) == 3, watch.found
-    for read in (lambda: x[mask.to(meta, non_blocking=True)], lambda: int(x.sum()), lambda: x.max().item(),
-                 lambda: bool((x > 0).any()), lambda: x.sum(-1).tolist()):
-        with pytest.raises((RuntimeError, NotImplementedError)):
-            read()
-
-
-def test_training_updates_never_wait_for_the_gpu(corpus, tmp_path, monkeypatch):
-    """No host synchronisation inside an update (issue 5): V-FT, TAPT, the P-TAPT teacher and P-TAPT's
-    pseudo-label pretraining, each from its own script's set-up and loss function, run forward and
-    backward on the meta device, where any read of a device value raises, and make no blocking copy.
-    (Fused Adam and the gradient scaler, the rest of the update, do not synchronise either.)"""
+def watch_every_stage(corpus, tmp_path, monkeypatch, device):
+    """{stage: the waits found in its first update}: V-FT, TAPT, the P-TAPT teacher and P-TAPT's pseudo-label
+    pretraining, each from its own script's set-up and loss function, on `device`."""
     import finetune as FT
     monkeypatch.setattr(FT, "run_updates", one_watched_update)
     monkeypatch.setattr(P, "run_updates", one_watched_update)
     common = ["--fold", "1", "--data", corpus, "--checkpoint", "random-tiny", "--batch-size", "4", "--workers", "0",
-              "--no-progress", "--device", "meta"]
-    runs = {"V-FT": lambda: FT.main([*common, "--out", str(tmp_path), "--channel-mask-span", "8"]),
-            "TAPT": lambda: P.main([*common, "--out", str(tmp_path), "--mode", "tapt"]),
-            "teacher": lambda: P.main([*common, "--out", str(tmp_path), "--mode", "ptapt"])}
-    args = P.build_parser().parse_args([*common, "--out", str(tmp_path), "--mode", "ptapt", "--ks", "4", "16"])
+              "--no-progress", "--device", device, "--out", str(tmp_path)]
+    runs = {"V-FT": lambda: FT.main([*common, "--channel-mask-span", "8"]),
+            "TAPT": lambda: P.main([*common, "--mode", "tapt"]),
+            "teacher": lambda: P.main([*common, "--mode", "ptapt"])}
+    args = P.build_parser().parse_args([*common, "--mode", "ptapt", "--ks", "4", "16"])
     for k, v in P.MODE_DEFAULTS["ptapt"].items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     args.init = None
@@ -1762,16 +1781,42 @@ def test_training_updates_never_wait_for_the_gpu(corpus, tmp_path, monkeypatch):
     save_labels(str(tmp_path / "labels.pt"), [u.uid for u in splits["train"]], frames,
                 {k: torch.randint(0, k, (sum(frames),), generator=gen) for k in (4, 16)}, {"layer": 1})
     runs["P-TAPT"] = lambda: P.run_pseudo_label_pretraining(args, 1, splits["train"], classes, str(tmp_path / "p"),
-                                                            str(tmp_path / "labels.pt"), torch.device("meta"))
+                                                            str(tmp_path / "labels.pt"), torch.device(device))
     waits = {}
     for name, run in runs.items():
         try:
             run()
         except OneUpdate as update:
             waits[name] = update.args[0]
-        except (RuntimeError, NotImplementedError) as e:  # a device value read
+        except (RuntimeError, NotImplementedError) as e:  # a device value read (meta), a sync (CUDA's check)
             waits[name] = [f"{type(e).__name__}: {str(e)[:200]}"]
-    assert waits == {name: [] for name in runs}
+    return waits
+
+
+def test_device_waits_are_caught_on_the_meta_device():
+    """The watch of the next test can fail: each way of waiting for the GPU is caught."""
+    meta = torch.device("meta")
+    x = torch.randn(2, 5, 4, device=meta)
+    mask = torch.rand(2, 5) < 0.5
+    with device_waits("meta") as found:
+        mask.to(meta)                                  # blocking copy
+        x[0].copy_(torch.zeros(5, 4))                  # blocking copy into a device tensor
+        x.flatten(0, 1)[torch.tensor([0, 3])]          # host indices into a device tensor
+        torch.tensor([1.0, 2.0], device=meta)          # host values onto the device
+        mask.to(meta, non_blocking=True), x * torch.tensor(2.0), torch.full((), 2.0, device=meta)  # no wait
+    assert len(found) == 4, found
+    for read in (lambda: x[mask.to(meta, non_blocking=True)], lambda: int(x.sum()), lambda: x.max().item(),
+                 lambda: bool((x > 0).any()), lambda: x.sum(-1).tolist()):
+        with pytest.raises((RuntimeError, NotImplementedError)):
+            read()
+
+
+def test_training_updates_never_wait_for_the_gpu(corpus, tmp_path, monkeypatch):
+    """No host synchronisation inside an update (issue 5), checked on the meta device, where any read of a
+    device value raises: every stage's forward and backward, and no blocking copy. (Fused Adam and the
+    gradient scaler, the rest of the update, do not synchronise; the GPU-only twin below runs them too.)"""
+    waits = watch_every_stage(corpus, tmp_path, monkeypatch, "meta")
+    assert waits == {name: [] for name in waits} and len(waits) == 4
 
 
 def test_tapt_refuses_a_checkpoint_without_quantizer(corpus, tmp_path):
@@ -1997,6 +2042,14 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
+
+
+@needs_gpu
+def test_gpu_training_updates_never_wait(corpus, tmp_path, monkeypatch):
+    """The meta-device test's twin on the GPU itself: each stage's first update under its autocast, with fused
+    Adam's step, with torch.cuda.set_sync_debug_mode("error") raising at any synchronisation PyTorch makes."""
+    waits = watch_every_stage(corpus, tmp_path, monkeypatch, "cuda")
+    assert waits == {name: [] for name in waits} and len(waits) == 4
 
 
 @needs_gpu
