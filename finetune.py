@@ -255,6 +255,18 @@ def all_reduce_gradients(params):
         p.grad = g.view_as(p)
 
 
+def update_loss(terms, seconds, device):
+    """One update's loss from loss_fn's (sum, count) terms: every rank's sums and counts, and the audio
+    seconds, in one small collective; then the sum over terms of all ranks' sum / all ranks' count.
+    Returns (loss, totals, counts)."""
+    totals = torch.stack([as_device_scalar(x, device) for pair in terms for x in pair]
+                         + [as_device_scalar(seconds, device)])
+    if world()[1] > 1:
+        dist.all_reduce(totals)
+    counts = totals[1:-1:2].clamp(min=1e-12)
+    return sum(total / count for (total, _), count in zip(terms, counts)), totals, counts
+
+
 def run_updates(*, model, params, loss_fn, dataset, sampler, total_updates, lr, schedule, device, dtype,
                 state_path, save_every, log_path, desc, workers=0, progress=True, on_update=None, log_every_epoch=True):
     """The training loop every stage shares: Adam, a schedule (factor of lr per update), mixed
@@ -341,13 +353,7 @@ def run_updates(*, model, params, loss_fn, dataset, sampler, total_updates, lr, 
                     on_update(update)
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     terms, seconds = loss_fn(batch, update)
-                # one small collective: every rank's sums and counts, and the audio seconds
-                totals = torch.stack([as_device_scalar(x, device) for pair in terms for x in pair]
-                                     + [as_device_scalar(seconds, device)])
-                if world_size > 1:
-                    dist.all_reduce(totals)
-                counts = totals[1:-1:2].clamp(min=1e-12)
-                loss = sum(total / count for (total, _), count in zip(terms, counts))
+                loss, totals, counts = update_loss(terms, seconds, device)
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if world_size > 1:

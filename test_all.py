@@ -1731,9 +1731,9 @@ class OneUpdate(Exception):
 
 
 def one_watched_update(*, params, loss_fn, dataset, sampler, device, dtype, **_):
-    """run_updates' stand-in: the stage's own loss function on its first batch and the backward pass, as
-    run_updates assembles them (on a GPU: under its autocast, with fused Adam's step, and with PyTorch's
-    own sync check raising), watched by device_waits."""
+    """run_updates' stand-in: the stage's own loss function on its first batch, run_updates' update_loss and
+    the backward pass (on a GPU also under its autocast, with fused Adam's step, and with PyTorch's own sync
+    check raising), watched by device_waits."""
     import finetune as FT
     sampler.set_epoch(0, 0)
     dataset.set_epoch(0)
@@ -1746,9 +1746,7 @@ def one_watched_update(*, params, loss_fn, dataset, sampler, device, dtype, **_)
         try:
             with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
                 terms, seconds = loss_fn(batch, 0)
-            totals = torch.stack([FT.as_device_scalar(x, device) for pair in terms for x in pair]
-                                 + [FT.as_device_scalar(seconds, device)])
-            loss = sum(total / count for (total, _), count in zip(terms, totals[1:-1:2]))
+            loss = FT.update_loss(terms, seconds, device)[0]
             loss.backward()
             if opt is not None:
                 opt.step()
