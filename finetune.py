@@ -345,8 +345,8 @@ def run_updates(*, model, params, loss_fn, dataset, sampler, total_updates, lr, 
             if batch_in_epoch == 0:
                 partial = (0.0, 0, 0.0)
             # the epoch's running loss and audio, carried over a resume so the epoch's log line is whole
-            t0, epoch_loss, steps, audio = (time.time(), torch.tensor(partial[0], device=device), partial[1],
-                                            torch.tensor(partial[2], device=device))
+            t0, epoch_loss, steps, audio = (time.time(), as_device_scalar(partial[0], device), partial[1],
+                                            as_device_scalar(partial[2], device))
             stopping = False
             for batch in loader:
                 if on_update is not None:

@@ -1678,7 +1678,8 @@ def test_mixed_precision_runs_on_the_cpu(corpus, tmp_path):
 class DeviceWaits(torch.utils._python_dispatch.TorchDispatchMode):
     """Ways an update makes the host wait for the GPU, seen on any device type: a blocking copy of host
     values onto the device, and an operator that mixes device tensors with host ones (they are copied
-    over, blocking; a 0-dim host tensor is a scalar to the kernel, no copy). On the meta device, whose
+    over, blocking; a 0-dim host tensor is a scalar to the kernel, no copy); on a GPU also a non-blocking
+    copy from pageable memory, which the driver stages and may wait for. On the meta device, whose
     tensors have no values, the other way, reading a device value (.item(), bool(), .tolist(), boolean
     indexing: a count of its True values), raises by itself."""
 
@@ -1690,14 +1691,18 @@ class DeviceWaits(torch.utils._python_dispatch.TorchDispatchMode):
         kwargs = kwargs or {}
         on_device = lambda t: t.device.type == self.device_type
         tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if torch.is_tensor(t)]
-        if func is torch.ops.aten._to_copy.default:
-            target = kwargs.get("device")
-            if target is not None and torch.device(target).type == self.device_type and args[0].device.type == "cpu" \
-                    and not kwargs.get("non_blocking", False):
-                self.found.append(f"blocking copy of a {tuple(args[0].shape)} host tensor onto the device")
-        elif func is torch.ops.aten.copy_.default:
-            if on_device(args[0]) and args[1].device.type == "cpu" and not (args[2] if len(args) > 2 else False):
-                self.found.append(f"blocking copy of a {tuple(args[1].shape)} host tensor onto the device")
+        copy = None  # (host source, non_blocking) of a copy onto the device
+        if func is torch.ops.aten._to_copy.default and kwargs.get("device") is not None \
+                and torch.device(kwargs["device"]).type == self.device_type and args[0].device.type == "cpu":
+            copy = args[0], kwargs.get("non_blocking", False)
+        elif func is torch.ops.aten.copy_.default and on_device(args[0]) and args[1].device.type == "cpu":
+            copy = args[1], args[2] if len(args) > 2 else False
+        if copy is not None:
+            source, non_blocking = copy
+            if not non_blocking:
+                self.found.append(f"blocking copy of a {tuple(source.shape)} host tensor onto the device")
+            elif self.device_type == "cuda" and not source.is_pinned():  # the driver stages it, and may wait
+                self.found.append(f"copy of a {tuple(source.shape)} host tensor from pageable memory")
         elif any(map(on_device, tensors)) and any(t.device.type == "cpu" and t.dim() for t in tensors):
             self.found.append(f"{func}: host tensors in a device operator")
         return func(*args, **kwargs)
@@ -1732,14 +1737,17 @@ class OneUpdate(Exception):
 
 def one_watched_update(*, params, loss_fn, dataset, sampler, device, dtype, **_):
     """run_updates' stand-in: the stage's own loss function on its first batch, run_updates' update_loss and
-    the backward pass (on a GPU also under its autocast, with fused Adam's step, and with PyTorch's own sync
-    check raising), watched by device_waits."""
+    the backward pass (on a GPU also under its autocast, with fused Adam's step through the gradient scaler,
+    and with PyTorch's own sync check raising), watched by device_waits."""
     import finetune as FT
     sampler.set_epoch(0, 0)
     dataset.set_epoch(0)
     batch = data.collate([dataset[i] for i in next(iter(sampler))])
     cuda = device.type == "cuda"
-    opt = torch.optim.Adam(params, lr=1e-6, fused=True) if cuda else None
+    if cuda:  # as run_updates makes them
+        opt = torch.optim.Adam(params, lr=1e-6, fused=True)
+        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        sync_mode = torch.cuda.get_sync_debug_mode()
     with device_waits(device.type) as found:
         if cuda:
             torch.cuda.set_sync_debug_mode("error")
@@ -1747,24 +1755,27 @@ def one_watched_update(*, params, loss_fn, dataset, sampler, device, dtype, **_)
             with torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
                 terms, seconds = loss_fn(batch, 0)
             loss = FT.update_loss(terms, seconds, device)[0]
-            loss.backward()
-            if opt is not None:
-                opt.step()
+            if cuda:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
         finally:
             if cuda:
-                torch.cuda.set_sync_debug_mode(0)
+                torch.cuda.set_sync_debug_mode(sync_mode)
     assert loss.device.type == device.type
     raise OneUpdate(found)
 
 
-def watch_every_stage(corpus, tmp_path, monkeypatch, device):
+def watch_every_stage(corpus, tmp_path, monkeypatch, device, precision="auto"):
     """{stage: the waits found in its first update}: V-FT, TAPT, the P-TAPT teacher and P-TAPT's pseudo-label
     pretraining, each from its own script's set-up and loss function, on `device`."""
     import finetune as FT
     monkeypatch.setattr(FT, "run_updates", one_watched_update)
     monkeypatch.setattr(P, "run_updates", one_watched_update)
     common = ["--fold", "1", "--data", corpus, "--checkpoint", "random-tiny", "--batch-size", "4", "--workers", "0",
-              "--no-progress", "--device", device, "--out", str(tmp_path)]
+              "--no-progress", "--device", device, "--precision", precision, "--out", str(tmp_path)]
     runs = {"V-FT": lambda: FT.main([*common, "--channel-mask-span", "8"]),
             "TAPT": lambda: P.main([*common, "--mode", "tapt"]),
             "teacher": lambda: P.main([*common, "--mode", "ptapt"])}
@@ -1811,8 +1822,9 @@ def test_device_waits_are_caught_on_the_meta_device():
 
 def test_training_updates_never_wait_for_the_gpu(corpus, tmp_path, monkeypatch):
     """No host synchronisation inside an update (issue 5), checked on the meta device, where any read of a
-    device value raises: every stage's forward and backward, and no blocking copy. (Fused Adam and the
-    gradient scaler, the rest of the update, do not synchronise; the GPU-only twin below runs them too.)"""
+    device value raises: every stage's forward and backward, and no blocking copy. (The rest of the update,
+    fused Adam's step through the gradient scaler, does not synchronise either: the GPU-only twin below
+    runs it.)"""
     waits = watch_every_stage(corpus, tmp_path, monkeypatch, "meta")
     assert waits == {name: [] for name in waits} and len(waits) == 4
 
@@ -2044,10 +2056,13 @@ def no_tf32():
 
 @needs_gpu
 def test_gpu_training_updates_never_wait(corpus, tmp_path, monkeypatch):
-    """The meta-device test's twin on the GPU itself: each stage's first update under its autocast, with fused
-    Adam's step, with torch.cuda.set_sync_debug_mode("error") raising at any synchronisation PyTorch makes."""
-    waits = watch_every_stage(corpus, tmp_path, monkeypatch, "cuda")
-    assert waits == {name: [] for name in waits} and len(waits) == 4
+    """The meta-device test's twin on the GPU itself: each stage's first update in bf16 and in fp16 (with the
+    gradient scaler) autocast, with fused Adam's step, under torch.cuda.set_sync_debug_mode("error"), which
+    raises at any synchronisation PyTorch makes, and with copies from pageable memory flagged."""
+    for precision in ("bf16", "fp16"):
+        (tmp_path / precision).mkdir()
+        waits = watch_every_stage(corpus, tmp_path / precision, monkeypatch, "cuda", precision)
+        assert waits == {name: [] for name in waits} and len(waits) == 4, precision
 
 
 @needs_gpu
