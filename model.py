@@ -388,7 +388,8 @@ class Wav2Vec2(nn.Module):
             feats = self.feature_encoder(wav, wav_lengths if padded else None)
             if self.feature_grad_mult != 1.0 and not frozen and torch.is_grad_enabled():
                 feats = GradScale.apply(feats, self.feature_grad_mult)
-            frame_lengths = self.frame_lengths(wav_lengths)
+            host_frames = self.frame_lengths(host_lengths)  # integer arithmetic: computed once, on the host
+            frame_lengths = to_device(host_frames, feats.device)
             valid = torch.arange(feats.shape[-1], device=feats.device) < frame_lengths[:, None]
             # fairseq's features_pen, over valid frames only
             penalty = (feats.float().pow(2) * valid.unsqueeze(1)).sum() / (frame_lengths.sum() * feats.shape[1])
@@ -396,7 +397,7 @@ class Wav2Vec2(nn.Module):
             x = self.post_extract_proj(feats)
         F_ = x.shape[1]
         padding_mask = None  # None keeps attention on its unmasked kernels
-        if int(self.frame_lengths(host_lengths).min()) < F_:
+        if int(host_frames.min()) < F_:
             padding_mask = torch.arange(F_, device=x.device) >= frame_lengths[:, None]
         x = self.dropout_input(x)
         if time_mask is not None:
