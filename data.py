@@ -1,7 +1,8 @@
 """
-Data for speech emotion recognition: IEMOCAP read from the release's own label files,
-custom corpora (the original release's label JSON, or a CSV manifest), audio loading,
-length-bucketed batching, and a synthetic IEMOCAP-like corpus for tests and the quick start.
+Data for speech emotion recognition, in this order: audio loading; IEMOCAP read from the
+release's own label files; custom corpora (the original release's label JSON, or a CSV
+manifest); the dataset and the length-bucketed batch sampler; a synthetic IEMOCAP-like corpus
+in the release's layout, for the quick start and the tests; the command line.
 
     python data.py --data /path/to/IEMOCAP_full_release          # per-session counts
     python data.py --synth synth/IEMOCAP_full_release            # write the synthetic corpus
@@ -25,15 +26,14 @@ import numpy as np
 import soundfile as sf
 import torch
 
-SAMPLE_RATE = 16000
+from model import MIN_SAMPLES, SAMPLE_RATE  # one definition, shared with the model
+
 # The release's label order is alphabetical over its label names; exc is merged into hap.
 CLASSES = ("ang", "hap", "neu", "sad")
 IEMOCAP_LABELS = {"neu": "neu", "ang": "ang", "sad": "sad", "hap": "hap", "exc": "hap"}  # the rest is dropped
 SESSIONS = (1, 2, 3, 4, 5)
 IEMOCAP_SESSION_SIZES = {1: 1085, 2: 1023, 3: 1151, 4: 1031, 5: 1241}  # 5531 in all, for reference
 SPLITS = ("train", "val", "test")
-# wav2vec 2.0's conv feature encoder needs 400 samples (25 ms) to emit a single frame.
-MIN_SAMPLES = 400
 
 
 class DataError(Exception):
@@ -439,6 +439,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     most max_batch_seconds of padded audio, drop the short batches (drop_last, only without
     max_batch_seconds), shuffle the batch order. shuffle=False: one pool, no shuffling, no dropping
     (evaluation). Batches are longest-first so an out-of-memory shows up at once.
+    batch_seconds: the release's dynamic batches instead (see dynamic_batches).
 
     Distributed: rank r keeps global_batch[r::num_replicas], so the ranks' shards of one step
     together are exactly the single-process batch and every rank takes the same number of steps.
@@ -447,7 +448,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, lengths, batch_size=64, max_batch_seconds=None, bucket=True, shuffle=True, drop_last=True,
-                 seed=0, num_replicas=1, rank=0, sample_rate=SAMPLE_RATE):
+                 seed=0, num_replicas=1, rank=0, sample_rate=SAMPLE_RATE, batch_seconds=None):
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size}, expected >= 1")
@@ -459,6 +460,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.batch_size, self.bucket, self.shuffle = int(batch_size), bucket, shuffle
         self.max_batch_samples = None if max_batch_seconds is None else max_batch_seconds * sample_rate
         self.drop_last = drop_last and shuffle
+        self.batch_samples = None if batch_seconds is None else batch_seconds * sample_rate
         self.seed, self.num_replicas, self.rank = int(seed), int(num_replicas), int(rank)
         self.epoch, self.start_batch = 0, 0
         self._cached_epoch, self._cached = None, None
@@ -471,6 +473,9 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         """The epoch's batches before sharding over ranks (the same on every rank)."""
         rng = np.random.default_rng([self.seed, epoch])
         n = len(self.lengths)
+        if self.batch_samples is not None:
+            batches = self.dynamic_batches(rng)
+            return [batches[j] for j in rng.permutation(len(batches))]
         if self.shuffle:
             order = rng.permutation(n)
             pool = self.batch_size * 50
@@ -486,6 +491,23 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             batches = [b for b in batches if len(b) == self.batch_size]
         if self.shuffle:
             batches = [batches[j] for j in rng.permutation(len(batches))]
+        return batches
+
+    def dynamic_batches(self, rng, buckets=50):
+        """The release's RandomBucketSampler(dynamic_batch=True) (pretrain/dataloader.py): utterances
+        sorted by length into 50 buckets of n // 50 (and one of the rest), each bucket shuffled, read
+        in ascending order and cut whenever a batch holds at least batch_seconds of audio (lengths as
+        cropped, padding not counted); the last, partial batch is dropped."""
+        order = np.argsort(self.lengths, kind="stable")
+        size = max(1, len(order) // buckets)
+        batches, batch, total = [], [], 0
+        for start in range(0, len(order), size):
+            for i in rng.permutation(order[start:start + size]).tolist():
+                batch.append(i)
+                total += int(self.lengths[i])
+                if total >= self.batch_samples:
+                    batches.append(batch)
+                    batch, total = [], 0
         return batches
 
     def cut(self, pool):
@@ -536,26 +558,22 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 
 # -----------------------------------------------------------------------------
-# A synthetic IEMOCAP-like corpus: the release's exact layout, and emotion carried by prosody
-# (pitch level and range, loudness, tempo, voice quality) relative to each speaker's voice.
+# A synthetic IEMOCAP-like corpus for the quick start and the tests: the release's exact layout, and emotion
+# carried by prosody relative to each speaker's voice. The quick start's published figures were measured on
+# it: the random draws and the arithmetic below, their order included, fix its bytes.
 
-# Each cue overlaps between some classes (ang and hap are both high and loud, neu and sad both
-# low and flat), and loudness varies by speaker and recording, so several cues are needed.
-# pitch: x the speaker's f0; range: sd of syllable accents (semitones); slope: pitch change
-# over a phrase (st); glide: pitch change over a syllable (st); rate: syllables/s; pause: x
-# phrase pauses; level: dBFS of the voiced part; stress: sd of syllable loudness (dB); sharp:
-# exponent of the syllable envelope (low = abrupt onsets); tilt: spectral slope (dB/octave,
-# low = bright, rich harmonics); breath: aspiration noise / harmonics; jitter: f0 perturbation.
-EMOTION_STYLE = {
-    "neu": dict(pitch=1.00, range=1.0, slope=-1.5, glide=0.0, rate=4.0, pause=1.0, level=-30.0,
-                stress=1.5, sharp=1.0, tilt=9.0, breath=0.10, jitter=0.003),
-    "ang": dict(pitch=1.22, range=2.0, slope=-3.0, glide=-1.0, rate=5.2, pause=0.7, level=-24.0,
-                stress=3.0, sharp=0.4, tilt=4.5, breath=0.05, jitter=0.015),
-    "hap": dict(pitch=1.40, range=3.5, slope=1.5, glide=2.0, rate=4.6, pause=0.9, level=-27.0,
-                stress=2.5, sharp=0.8, tilt=7.0, breath=0.12, jitter=0.004),
-    "sad": dict(pitch=0.86, range=0.6, slope=-2.5, glide=-0.5, rate=2.8, pause=1.8, level=-34.0,
-                stress=1.0, sharp=2.0, tilt=12.0, breath=0.35, jitter=0.003),
-}
+# Each cue overlaps between some classes (ang and hap both high and loud, neu and sad both low and flat) and
+# loudness varies by speaker and recording, so several cues are needed. pitch: x the speaker's f0; range: sd
+# of syllable accents (semitones); slope, glide: pitch change over a phrase, a syllable (st); rate:
+# syllables/s; pause: x phrase pauses; level: dBFS of the voiced part; stress: sd of syllable loudness (dB);
+# sharp: exponent of the syllable envelope (low: abrupt onsets); tilt: spectral slope (dB/octave, low:
+# bright); breath: aspiration noise / harmonics; jitter: f0 perturbation.
+CUES = ("pitch", "range", "slope", "glide", "rate", "pause", "level", "stress", "sharp", "tilt", "breath", "jitter")
+EMOTION_STYLE = {name: dict(zip(CUES, values)) for name, values in (
+    ("neu", (1.00, 1.0, -1.5, 0.0, 4.0, 1.0, -30.0, 1.5, 1.0, 9.0, 0.10, 0.003)),
+    ("ang", (1.22, 2.0, -3.0, -1.0, 5.2, 0.7, -24.0, 3.0, 0.4, 4.5, 0.05, 0.015)),
+    ("hap", (1.40, 3.5, 1.5, 2.0, 4.6, 0.9, -27.0, 2.5, 0.8, 7.0, 0.12, 0.004)),
+    ("sad", (0.86, 0.6, -2.5, -0.5, 2.8, 1.8, -34.0, 1.0, 2.0, 12.0, 0.35, 0.003)))}
 EMOTION_STYLE["exc"] = EMOTION_STYLE["hap"]
 DROPPED_LABELS = ("fru", "sur", "xxx", "fea", "oth", "dis")  # voiced in a random one of the four styles
 ANNOTATOR_NAMES = {"neu": "Neutral", "ang": "Anger", "sad": "Sadness", "hap": "Happiness", "exc": "Excited",
@@ -564,19 +582,19 @@ VAD = {"neu": (3, 2.5, 2.5), "ang": (1.5, 4, 4), "sad": (2, 2, 2), "hap": (4, 3.
 DIALOGS = ("F_impro01", "M_impro01", "F_script01_1", "M_script01_2", "F_impro02", "M_impro02",
            "F_script02_1", "M_script02_2")
 APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        " + bytes(56)  # what "._*" files start with
-MARKER = "SYNTHETIC_CORPUS.json"
+MARKER = "SYNTHETIC_CORPUS.json"  # marks a folder as this generator's, which it may replace
+# 80 per session: the quick start's test session then has 80 utterances (one is 1.25 points of UA)
+# and 320 to train on; over fine-tuning seeds 0-4 it reached UA 0.78-0.89, where 40 per session gave
+# 0.53-0.78 (the tiny random model needs the extra training utterances, the estimate the extra tests).
+SYNTH_PER_SESSION = 80
 
 
 def speaker_voice(rng, sex):
     female = sex == "F"
-    return dict(
-        f0=rng.uniform(195, 235) if female else rng.uniform(100, 125),
-        formants=np.array([620, 1500, 2650]) * (1.17 if female else 1.0) * rng.uniform(0.92, 1.08, 3),
-        tilt=rng.normal(0, 1.0) + (1.0 if female else 0.0),
-        level=rng.normal(0, 2.0),
-        rate=rng.uniform(0.9, 1.1),
-        breath=rng.uniform(0.7, 1.4),
-    )
+    return dict(f0=rng.uniform(195, 235) if female else rng.uniform(100, 125),
+                formants=np.array([620, 1500, 2650]) * (1.17 if female else 1.0) * rng.uniform(0.92, 1.08, 3),
+                tilt=rng.normal(0, 1.0) + (1.0 if female else 0.0), level=rng.normal(0, 2.0),
+                rate=rng.uniform(0.9, 1.1), breath=rng.uniform(0.7, 1.4))
 
 
 def syllables(rng, rate, pause, seconds):
@@ -612,7 +630,6 @@ def synth_utterance(rng, voice, style, seconds, noise_floor_db):
     frac = np.clip((tc - starts[k]) / (ends[k] - starts[k]), 0, 1)
     stress = 10 ** (rng.normal(0, style["stress"], len(starts)) / 20)
     envelope = np.where(inside, np.sin(np.pi * frac) ** style["sharp"], 0.0) * stress[k]
-
     accents = rng.normal(0, style["range"] * math.exp(rng.normal(0, 0.15)), len(starts))
     progress = np.clip((tc - phrase_starts[k]) / (phrase_ends[k] - phrase_starts[k] + 1e-9), 0, 1)
     semitones = accents[k] + style["slope"] * progress + style["glide"] * frac
@@ -631,7 +648,9 @@ def synth_utterance(rng, voice, style, seconds, noise_floor_db):
     pulses = np.where(ok, np.sin((harmonics + 0.5) * phase) / (2 * np.where(ok, half, 1.0)) - 0.5, harmonics)
 
     # Shape harmonics and breath noise in the frequency domain.
-    nfft = fast_fft_size(n)
+    # The smallest FFT size 2^a 3^b 5^c >= n: other sizes (large primes above all) are many times slower.
+    odd = [3 ** b * 5 ** c for b in range(n.bit_length() + 1) for c in range(n.bit_length() + 1)]
+    nfft = min(p << max(0, (-(-n // p) - 1).bit_length()) for p in odd)
     freqs = np.fft.rfftfreq(nfft, 1 / sr)
     octaves = np.log2(np.maximum(freqs, 100.0) / 100.0)
     formants = sum(12.0 * np.exp(-0.5 * ((freqs - f) / (60 + 0.06 * f)) ** 2) for f in voice["formants"])
@@ -647,20 +666,6 @@ def synth_utterance(rng, voice, style, seconds, noise_floor_db):
     x += 10 ** (noise_floor_db / 20) * rng.standard_normal(n)
     peak = np.abs(x).max()
     return (x * (0.99 / peak) if peak > 0.99 else x).astype(np.float32)
-
-
-def fast_fft_size(n):
-    # The smallest 2^a 3^b 5^c >= n: FFTs of arbitrary (prime) sizes are many times slower.
-    best = 1 << (n - 1).bit_length()
-    p5 = 1
-    while p5 < best:
-        p35 = p5
-        while p35 < best:
-            size = p35 << max(0, (-(-n // p35) - 1).bit_length())
-            best = min(best, size)
-            p35 *= 3
-        p5 *= 5
-    return best
 
 
 def _rms(x):
@@ -693,106 +698,85 @@ def plan_session(rng, session, per_session, min_seconds, max_seconds):
     return plan
 
 
-def label_block(rng, uid, label, start, end):
+def label_block(rng, uid, label, times):
+    """The release's block for one turn: the label line, then the evaluators' categories and attributes."""
     v, a, d = (np.clip(x + rng.normal(0, 0.3), 1, 5) for x in VAD.get(label, (3, 3, 3)))
-    names = [ANNOTATOR_NAMES.get(label, "Frustration")] * 3
-    if label == "xxx":  # no majority
-        names = ["Frustration", "Anger", "Neutral"]
-    lines = [f"[{start:.4f} - {end:.4f}]\t{uid}\t{label}\t[{v:.4f}, {a:.4f}, {d:.4f}]"]
+    names = ["Frustration", "Anger", "Neutral"] if label == "xxx" else [ANNOTATOR_NAMES[label]] * 3  # xxx: no majority
+    lines = [f"{times}\t{uid}\t{label}\t[{v:.4f}, {a:.4f}, {d:.4f}]"]
     lines += [f"C-{who}:\t{name};\t()" for who, name in zip(("E2", "E3", "F1"), names)]
     lines += [f"A-{who}:\tval {round(v)}; act {round(a)}; dom  {round(d)};\t()" for who in ("E1", "F1")]
-    return lines
+    return "\n".join(lines) + "\n\n"
 
 
-def prepare_out_dir(out_dir):
-    # Only ever replace what this generator wrote before (it leaves a marker file).
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise DataError(f"{out_dir} exists and is not a folder")
-    if os.path.isdir(out_dir) and os.listdir(out_dir):
-        if not os.path.isfile(os.path.join(out_dir, MARKER)):
-            raise DataError(f"{out_dir} exists and is not empty (and is not a synthetic corpus): choose a new folder")
-        for s in SESSIONS:
-            shutil.rmtree(os.path.join(out_dir, f"Session{s}"), ignore_errors=True)
-    os.makedirs(out_dir, exist_ok=True)
+def synthesize_session(root, s, per_session, seed, min_seconds, max_seconds):
+    """One session: two speakers' wavs, their dialogs' label files, decoys and "._*" junk."""
+    voices = {sex: speaker_voice(np.random.default_rng([seed, s, 1, j]), sex) for j, sex in enumerate("FM")}
+    noise_floor_db = np.random.default_rng([seed, s, 2]).uniform(-58, -48)
+    plan = plan_session(np.random.default_rng([seed, s, 3]), s, per_session, min_seconds, max_seconds)
+    texts, clock = {}, {}  # texts: file under EmoEvaluation -> its text
+    for j, (dialog, uid, label, sex, seconds) in enumerate(plan):
+        rng = np.random.default_rng([seed, s, 4, j])
+        style = EMOTION_STYLE.get(label) or EMOTION_STYLE[("neu", "ang", "sad", "hap")[rng.integers(4)]]
+        wav = synth_utterance(rng, voices[sex], style, seconds, noise_floor_db)
+        wav_dir = os.path.join(root, f"Session{s}", "sentences", "wav", dialog)
+        os.makedirs(wav_dir, exist_ok=True)
+        sf.write(os.path.join(wav_dir, uid + ".wav"), wav, SAMPLE_RATE, subtype="PCM_16")
+        write_file(os.path.join(wav_dir, f"._{uid}.wav"), APPLEDOUBLE)
+        start = clock.get(dialog, 0.0) + rng.uniform(0.3, 2.0)
+        clock[dialog] = start + len(wav) / SAMPLE_RATE
+        times = f"[{start:.4f} - {clock[dialog]:.4f}]"
+        label_file = texts.setdefault(dialog + ".txt", "% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n")
+        texts[dialog + ".txt"] = label_file + label_block(rng, uid, label, times)
+        texts[f"._{dialog}.txt"] = APPLEDOUBLE
+        # Decoys parse as label lines with other labels: a reader that wrongly walks the subfolders miscounts.
+        decoy = {"neu": "ang", "ang": "sad", "sad": "hap", "hap": "neu", "exc": "neu"}.get(label, "neu")
+        for name in (f"Categorical/{dialog}_e2_cat.txt", f"Attribute/{dialog}_e2_atr.txt",
+                     f"Self-evaluation/{dialog}.txt"):
+            texts[name] = texts.get(name, "") + f"{times}\t{uid}\t{decoy}\t[3.0000, 3.0000, 3.0000]\n"
+    for name, text in texts.items():
+        write_file(os.path.join(root, f"Session{s}", "dialog", "EmoEvaluation", name), text)
 
 
-# 80 per session: the quick start's test session then has 80 utterances (one is 1.25 points of UA)
-# and 320 to train on; over fine-tuning seeds 0-4 it reached UA 0.78-0.89, where 40 per session gave
-# 0.53-0.78 (the tiny random model needs the extra training utterances, the estimate the extra tests).
-SYNTH_PER_SESSION = 80
+def write_file(path, content):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb" if isinstance(content, bytes) else "w") as f:
+        f.write(content)
 
 
 def synthesize_iemocap(out_dir, utterances_per_session=SYNTH_PER_SESSION, seed=0, min_seconds=1.0, max_seconds=8.0):
-    """
-    Write a synthetic corpus with out_dir as the release root: utterances_per_session 4-class
-    utterances per session (plus ~20% labelled fru/sur/xxx/fea/oth/dis, which the reader drops),
-    two speakers per session, the release's label files, decoy annotator folders and "._*" files.
-    """
+    """A synthetic corpus with out_dir as the release root: per session, two speakers' utterances_per_session
+    4-class utterances (plus ~20% labelled fru/sur/xxx/fea/oth/dis, which the reader drops), the release's
+    label files, decoy annotator folders and "._*" files."""
     out_dir = os.fspath(out_dir)
     if int(utterances_per_session) < 1:
         raise DataError(f"utterances per session {utterances_per_session}, expected >= 1")
     if not 0.05 < min_seconds <= max_seconds:
         raise DataError(f"utterance durations {min_seconds}..{max_seconds} s, expected 0.05 < min <= max")
+    # Written beside out_dir and renamed when complete: an interrupted run leaves no half corpus. The marker
+    # goes in first, so a killed run's leftovers are recognised as this generator's and replaced.
+    partial = os.path.normpath(out_dir) + ".partial"
     try:
-        prepare_out_dir(out_dir)
-        for s in SESSIONS:
-            synthesize_session(out_dir, s, int(utterances_per_session), seed, min_seconds, max_seconds)
-        with open(os.path.join(out_dir, MARKER), "w") as f:
-            json.dump({"generator": "data.py synthesize_iemocap", "utterances_per_session": utterances_per_session,
-                       "seed": seed, "min_seconds": min_seconds, "max_seconds": max_seconds}, f)
-            f.write("\n")
-    except OSError as e:
+        for folder in (out_dir, partial):  # only ever replace an empty folder or what this generator wrote
+            if os.path.exists(folder) and not os.path.isdir(folder):
+                raise DataError(f"{folder} exists and is not a folder")
+            if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(os.path.join(folder, MARKER)):
+                raise DataError(f"{folder} exists and is not empty (and is not a synthetic corpus): "
+                                "choose a new folder")
+        shutil.rmtree(partial, ignore_errors=True)
+        try:
+            write_file(os.path.join(partial, MARKER), json.dumps(
+                {"generator": "data.py synthesize_iemocap", "utterances_per_session": utterances_per_session,
+                 "seed": seed, "min_seconds": min_seconds, "max_seconds": max_seconds}) + "\n")
+            for s in SESSIONS:
+                synthesize_session(partial, s, int(utterances_per_session), seed, min_seconds, max_seconds)
+            if os.path.isdir(out_dir):
+                shutil.rmtree(out_dir)
+            os.rename(partial, out_dir)
+        except BaseException:  # KeyboardInterrupt included
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+    except (OSError, sf.LibsndfileError) as e:
         raise DataError(f"{out_dir}: cannot write the synthetic corpus ({e})") from None
-
-
-def synthetic_settings(root):
-    """The settings a synthetic corpus at `root` was written with (its marker file), or None."""
-    try:
-        with open(os.path.join(os.fspath(root), MARKER)) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def synthesize_session(out_dir, s, utterances_per_session, seed, min_seconds, max_seconds):
-    """One session: two speakers, their dialogs' label files and wavs."""
-    voices = {sex: speaker_voice(np.random.default_rng([seed, s, 1, j]), sex) for j, sex in enumerate("FM")}
-    noise_floor_db = np.random.default_rng([seed, s, 2]).uniform(-58, -48)
-    plan = plan_session(np.random.default_rng([seed, s, 3]), s, utterances_per_session, min_seconds, max_seconds)
-    emo_dir = os.path.join(out_dir, f"Session{s}", "dialog", "EmoEvaluation")
-    blocks, decoys, clock = {}, {}, {}
-    for j, (dialog, uid, label, sex, seconds) in enumerate(plan):
-        rng = np.random.default_rng([seed, s, 4, j])
-        style = EMOTION_STYLE.get(label) or EMOTION_STYLE[("neu", "ang", "sad", "hap")[rng.integers(4)]]
-        wav = synth_utterance(rng, voices[sex], style, seconds, noise_floor_db)
-        wav_dir = os.path.join(out_dir, f"Session{s}", "sentences", "wav", dialog)
-        os.makedirs(wav_dir, exist_ok=True)
-        sf.write(os.path.join(wav_dir, uid + ".wav"), wav, SAMPLE_RATE, subtype="PCM_16")
-        with open(os.path.join(wav_dir, f"._{uid}.wav"), "wb") as f:
-            f.write(APPLEDOUBLE)
-        start = clock.get(dialog, 0.0) + rng.uniform(0.3, 2.0)
-        clock[dialog] = start + len(wav) / SAMPLE_RATE
-        blocks.setdefault(dialog, []).append(label_block(rng, uid, label, start, clock[dialog]))
-        # Decoys would parse as label lines: a reader that wrongly walks the subfolders miscounts.
-        decoy = {"neu": "ang", "ang": "sad", "sad": "hap", "hap": "neu", "exc": "neu"}.get(label, "neu")
-        decoys.setdefault(dialog, []).append(f"[{start:.4f} - {clock[dialog]:.4f}]\t{uid}\t{decoy}\t"
-                                             f"[3.0000, 3.0000, 3.0000]")
-    for dialog, dialog_blocks in blocks.items():
-        write_label_files(emo_dir, dialog, dialog_blocks, decoys[dialog])
-
-
-def write_label_files(emo_dir, dialog, blocks, decoy_lines):
-    os.makedirs(emo_dir, exist_ok=True)
-    header = "% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n"
-    with open(os.path.join(emo_dir, dialog + ".txt"), "w") as f:
-        f.write(header + "".join("\n".join(block) + "\n\n" for block in blocks))
-    with open(os.path.join(emo_dir, f"._{dialog}.txt"), "wb") as f:
-        f.write(APPLEDOUBLE)
-    for folder, name in (("Categorical", f"{dialog}_e2_cat.txt"), ("Attribute", f"{dialog}_e2_atr.txt"),
-                         ("Self-evaluation", f"{dialog}.txt")):
-        os.makedirs(os.path.join(emo_dir, folder), exist_ok=True)
-        with open(os.path.join(emo_dir, folder, name), "w") as f:
-            f.write("\n".join(decoy_lines) + "\n")
 
 
 # -----------------------------------------------------------------------------
@@ -809,7 +793,7 @@ def load_for_counts(data, wav_dir=None):
     raise DataError(f"{data} not found (expected an IEMOCAP folder, a .json label file or a .csv manifest)")
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description="Count an emotion corpus, or write a synthetic IEMOCAP-like one.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     action = parser.add_mutually_exclusive_group(required=True)
@@ -826,27 +810,42 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="with --synth: random seed")
     parser.add_argument("--min-seconds", type=float, default=1.0, help="with --synth: shortest utterance")
     parser.add_argument("--max-seconds", type=float, default=8.0, help="with --synth: longest utterance")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def report(args):
+    """What the command prints: the synthetic corpus written, or the corpus's counts."""
+    if args.synth is not None:
+        t0 = time.time()
+        synthesize_iemocap(args.synth, args.per_session, args.seed, args.min_seconds, args.max_seconds)
+        utterances = load_iemocap(args.synth)
+        hours = sum(u.num_samples for u in utterances) / SAMPLE_RATE / 3600
+        return f"wrote {len(utterances)} 4-class utterances ({hours:.2f} h) to {args.synth} in {time.time() - t0:.1f} s"
+    table = count_table(load_for_counts(args.data, args.wav_dir))
+    if args.json:
+        return json.dumps(table, indent=2)
+    text = format_count_table(table)
+    if os.path.isdir(args.data):
+        text += (f"\n(the full IEMOCAP release: {sum(IEMOCAP_SESSION_SIZES.values())} = "
+                 + " + ".join(str(n) for n in IEMOCAP_SESSION_SIZES.values()) + ")")
+    return text
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
-        if args.synth is not None:
-            t0 = time.time()
-            synthesize_iemocap(args.synth, args.per_session, args.seed, args.min_seconds, args.max_seconds)
-            utterances = load_iemocap(args.synth)
-            hours = sum(u.num_samples for u in utterances) / SAMPLE_RATE / 3600
-            print(f"wrote {len(utterances)} 4-class utterances ({hours:.2f} h) to {args.synth} "
-                  f"in {time.time() - t0:.1f} s")
-            return 0
-        table = count_table(load_for_counts(args.data, args.wav_dir))
-        if args.json:
-            print(json.dumps(table, indent=2))
-        else:
-            print(format_count_table(table))
-            if os.path.isdir(args.data):
-                print(f"(the full IEMOCAP release: {sum(IEMOCAP_SESSION_SIZES.values())} = "
-                      + " + ".join(str(n) for n in IEMOCAP_SESSION_SIZES.values()) + ")")
+        print(report(args))
+        sys.stdout.flush()  # here, so that a reader that stopped early (| head) is caught below
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # No traceback; stdout goes to devnull so that Python's own flush at exit fails no more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:  # a synthesis left nothing behind; 130 as for the other scripts
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

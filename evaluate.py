@@ -18,7 +18,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import AudioDataset, BucketBatchSampler, DataError, collate, load_corpus, read_audio
-from model import world
+from model import resolve_device, world
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -97,9 +97,12 @@ def write_predictions(path, utterances, probs, classes):
 
 def write_json(path, obj):
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise DataError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 # -----------------------------------------------------------------------------
@@ -107,7 +110,8 @@ def write_json(path, obj):
 
 
 def aggregate(run_root):
-    """Per fold: mean and std (over runs, sample std) of UA and WA; average over folds; summed
+    """Per fold: mean and std over runs of UA, WA and macro-F1 (the population std, ddof 0, as the
+    release's run_downstream_custom_multiple_fold.py reported it); average over folds; summed
     confusion. Folds are test sessions for IEMOCAP."""
     found = sorted(glob.glob(os.path.join(run_root, "fold*", "run*", "metrics.json")))
     if not found:
@@ -115,8 +119,12 @@ def aggregate(run_root):
     folds, classes, confusion = {}, None, None
     for path in found:
         fold = int(re.search(r"fold(\d+)", path).group(1))
-        with open(path) as f:
-            m = json.load(f)
+        try:
+            with open(path) as f:
+                m = json.load(f)
+            m["classes"], m["confusion"], m["ua"], m["wa"], m["macro_f1"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: not a metrics.json written by finetune.py ({type(e).__name__}: {e})") from None
         if classes is None:
             classes, confusion = m["classes"], np.zeros_like(np.array(m["confusion"]))
         if m["classes"] != classes:
@@ -129,10 +137,11 @@ def aggregate(run_root):
         for key in ("ua", "wa", "macro_f1"):
             values = np.array([r[key] for r in runs], dtype=float)
             row[key] = float(values.mean())
-            row[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            row[f"{key}_std"] = float(values.std(ddof=0))
         table[str(fold)] = row
     average = {key: float(np.mean([row[key] for row in table.values()])) for key in ("ua", "wa", "macro_f1")}
-    return {"folds": table, "average": average, "classes": classes, "confusion": confusion.tolist()}
+    return {"folds": table, "average": average, "std": "population (ddof 0), as the release", "classes": classes,
+            "confusion": confusion.tolist()}
 
 
 def format_table(result, name="run"):
@@ -143,7 +152,8 @@ def format_table(result, name="run"):
         cells = [f"{100 * r[key]:.1f} ± {100 * r[key + '_std']:.1f}" for r in folds.values()]
         lines.append(f"| {name} {key.upper()} | " + " | ".join(cells) + f" | {100 * result['average'][key]:.1f} |")
     lines.append("")
-    lines.append("runs per fold: " + ", ".join(f"Ses{f}: {r['runs']}" for f, r in folds.items()))
+    lines.append("mean ± population std (ddof 0, as the release) over runs per fold: "
+                 + ", ".join(f"Ses{f}: {r['runs']}" for f, r in folds.items()))
     lines.append("confusion matrix summed over folds and runs (rows true, columns predicted):")
     classes = result["classes"]
     lines.append("| | " + " | ".join(classes) + " |")
@@ -165,23 +175,23 @@ def main(argv=None):
     p.add_argument("--fold", type=int, help="test session 1-5 for IEMOCAP (with --checkpoint --data)")
     p.add_argument("--wav-dir", help="folder of the wavs named in a label .json (default: the json's folder)")
     p.add_argument("--predict", nargs="+", metavar="WAV", help="print the emotion of each audio file")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: %(default)s)")
+    p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--out", help="where to write the JSON (default: <run_dir>/results.json)")
     args = p.parse_args(argv)
     try:
         if args.run_dir:
             result = aggregate(args.run_dir)
-            print(format_table(result, os.path.basename(os.path.normpath(args.run_dir))))
             out = args.out or os.path.join(args.run_dir, "results.json")
-            write_json(out, result)
+            write_json(out, result)  # before printing: a reader that closes the pipe loses nothing
+            print(format_table(result, os.path.basename(os.path.normpath(args.run_dir))))
             print(f"\nwritten: {out}")
         elif args.checkpoint:
             from model import CheckpointError, load_classifier
+            device = resolve_device(args.device)
             try:
-                clf = load_classifier(args.checkpoint).to(args.device)
+                clf = load_classifier(args.checkpoint).to(device)
             except CheckpointError as e:
                 raise DataError(str(e)) from None
-            device = torch.device(args.device)
             if args.predict:
                 for path in args.predict:
                     wav = read_audio(path)
@@ -204,9 +214,11 @@ def main(argv=None):
                 p.error("--checkpoint needs --data (and --fold) or --predict")
         else:
             p.error("give a run folder, or --checkpoint with --data or --predict")
-    except DataError as e:
+    except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except BrokenPipeError:  # `python evaluate.py runs/x | head`: the files are written, the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

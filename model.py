@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
-import contextlib
 import math
 import os
 import pickle
@@ -22,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+SAMPLE_RATE = 16000  # wav2vec 2.0 takes 16 kHz mono audio
+MIN_SAMPLES = 400    # the conv stack's receptive field (25 ms): shorter input gives no frame
 # fairseq's default conv stack: 7 layers, 320x downsampling, 25 ms receptive field (400 samples).
 BASE_CONV_LAYERS = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
 
@@ -104,59 +105,21 @@ class FeatureEncoder(nn.Module):
         return x
 
 
-def fp32_group_norm(x, norm: nn.GroupNorm):
-    """fairseq's Fp32GroupNorm: computed in float32 whatever the input and parameter dtypes."""
-    return F.group_norm(x.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps).type_as(x)
-
-
 def masked_group_norm(x, lengths, norm: nn.GroupNorm):
-    """GroupNorm with one group per channel (fairseq's layer-0 norm), statistics over valid frames.
-    x is a fresh conv output and may be overwritten. Padded frames come out as anything: no valid
-    frame of the next conv reads them."""
+    """fairseq's layer-0 group norm (one group per channel, computed in float32 as its Fp32GroupNorm),
+    with the statistics of each utterance taken over its valid frames only (lengths None: over all
+    frames). Each utterance is normalised alone, so the result is exactly what it gets unbatched;
+    no valid frame of the next conv reads the padded frames, which are left as they come."""
+    def group_norm(y):
+        return F.group_norm(y.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps).type_as(y)
     if lengths is None:
-        return fp32_group_norm(x, norm)
-    if x.device.type == "cpu":
-        # PyTorch's own group norm on each utterance's valid slice: several times faster on CPU than
-        # the masked matmuls below, and the very computation an utterance gets alone (bitwise the
-        # same output). Without autograd (V-FT's frozen encoder, inference) the conv output x is
-        # overwritten in place, which saves writing a second (B, C, T) tensor.
-        if not x.requires_grad:
-            for i, n in enumerate(lengths.tolist()):
-                x[i, :, :n] = fp32_group_norm(x[i, None, :, :n], norm)[0]
-            return x
-        return torch.stack([F.pad(fp32_group_norm(row[None, :, :n], norm)[0], (0, x.shape[-1] - n))
-                            for row, n in zip(x.unbind(0), lengths.tolist())])
-    return batched_masked_group_norm(x, lengths, norm)
-
-
-def autocast_off(device):
-    """Autocast disabled on `device`; a device without autocast (meta) has none to disable."""
-    if not torch.amp.is_autocast_available(device.type):
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, enabled=False)
-
-
-def to_device(t, device):
-    """A host tensor onto `device` without waiting for the GPU: .to() from pageable memory waits for the
-    stream (a blocking copy; the driver may also sync to stage a non_blocking one); from pinned memory
-    (the data loader's batches are) the copy is only queued. On the CPU it is the tensor itself."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        t = t.pin_memory()  # a no-op on pinned memory
-    return t.to(device, non_blocking=True)
-
-
-def batched_masked_group_norm(x, lengths, norm: nn.GroupNorm):
-    """masked_group_norm off the CPU: the masked sums are batched matmuls against the validity mask, with
-    no kernel per utterance and no host synchronisation for the lengths. In float32 under autocast too,
-    as fairseq's Fp32GroupNorm: bf16 matmuls would round the statistics (errors of 0.08 after the norm)."""
-    with autocast_off(x.device):
-        xf = x.float()
-        valid = (torch.arange(x.shape[-1], device=x.device) < lengths[:, None]).to(xf.dtype).unsqueeze(-1)  # (B, T, 1)
-        count = lengths.to(xf.dtype).view(-1, 1, 1)
-        centered = xf - torch.bmm(xf, valid) / count
-        var = torch.bmm(centered * centered, valid) / count
-        scale = norm.weight.float()[:, None] * torch.rsqrt(var + norm.eps)
-        return torch.addcmul(norm.bias.float()[:, None], centered, scale).type_as(x)
+        return group_norm(x)
+    # Without autograd (V-FT's frozen encoder, inference) the fresh conv output is overwritten in place:
+    # 2-5x faster on the CPU than writing a second (B, C, T) tensor (BENCHMARKS.md, group norm).
+    out = torch.zeros_like(x) if x.requires_grad else x
+    for i, n in enumerate(lengths.tolist()):
+        out[i, :, :n] = group_norm(x[i, None, :, :n])[0]
+    return out
 
 
 class PositionalConv(nn.Module):
@@ -281,10 +244,11 @@ class Quantizer(nn.Module):
     def set_num_updates(self, num_updates):
         self.temperature = max(self.max_temp * self.temp_decay ** num_updates, self.min_temp)
 
-    def forward(self, x):  # (N, conv_dim) -> (N, dim), perplexity
+    def forward(self, x, rows=None):  # (N, conv_dim) -> (N, dim), perplexity (of the `rows` given, or all)
         N = x.shape[0]
         logits = self.weight_proj(x).view(N * self.groups, self.num_vars)
-        avg_probs = logits.float().softmax(-1).view(N, self.groups, -1).mean(0)
+        probs = logits.float().softmax(-1).view(N, self.groups, -1)
+        avg_probs = (probs if rows is None else probs[rows]).mean(0)
         perplexity = torch.exp(-(avg_probs * torch.log(avg_probs + 1e-7)).sum(-1)).sum()
         if self.training:
             onehot = F.gumbel_softmax(logits.float(), tau=self.temperature, hard=True).type_as(x)
@@ -323,7 +287,6 @@ class Wav2Vec2(nn.Module):
     """A fresh model is initialised as fairseq's Wav2Vec2Model (conv: Kaiming normal; transformer:
     init_bert_params; positional conv, mask_emb and quantizer as in fairseq; post_extract_proj,
     project_q, final_proj: torch's defaults, as fairseq leaves them). Loading a checkpoint replaces all of it."""
-    MIN_SAMPLES = 400  # the conv stack's receptive field: shorter input gives no frame
 
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
@@ -340,20 +303,31 @@ class Wav2Vec2(nn.Module):
             self.project_q = nn.Linear(cfg.latent_dim or cfg.final_dim, cfg.final_dim)
             self.final_proj = nn.Linear(cfg.embed_dim, cfg.final_dim)
         self.feature_grad_mult = cfg.feature_grad_mult
-        self.freeze_feature_encoder = False  # V-FT / P-TAPT: conv encoder, its LN and projection run without grad
+        self.features_frozen = False
+        # the release's training: the conv encoder's group norm sees the padded batch (it tested one
+        # utterance at a time, which is what per-utterance statistics give in eval mode)
+        self.norm_over_padding = False
+
+    def freeze_feature_encoder(self):
+        """V-FT, the P-TAPT teacher and P-TAPT (RECIPE.md): the conv encoder, its layer norm and the
+        projection run without grad; only the transformer trains (the mask embedding and the
+        pretraining heads stay as loaded). Returns the parameters left to train."""
+        self.features_frozen = True
+        self.requires_grad_(False)
+        self.encoder.requires_grad_(True)
+        return list(self.encoder.parameters())
 
     def frame_lengths(self, wav_lengths):
         return self.feature_encoder.output_lengths(wav_lengths)
 
     def check_input(self, wav, wav_lengths):
+        """Returns the lengths as a CPU tensor (given or the full width), after checking them."""
         if not torch.is_tensor(wav) or wav.dim() != 2:
             shape = tuple(wav.shape) if torch.is_tensor(wav) else type(wav).__name__
             raise ValueError(f"wav must be a (batch, samples) tensor of mono 16 kHz audio, got {shape}; "
                              "average the channels of stereo audio first")
         if not wav.is_floating_point():
             raise TypeError(f"wav must be floating point (float32 in [-1, 1]), got {wav.dtype}")
-        # lengths are checked, and returned, on the host: given there (as the training scripts give them)
-        # nothing here waits for the GPU; lengths given on the GPU cost one wait, for the copy
         if wav_lengths is None:
             wav_lengths = torch.full((wav.shape[0],), wav.shape[1], dtype=torch.long)
         wav_lengths = torch.as_tensor(wav_lengths).long().cpu()
@@ -361,44 +335,45 @@ class Wav2Vec2(nn.Module):
             raise ValueError(f"wav_lengths must have shape ({wav.shape[0]},), got {tuple(wav_lengths.shape)}")
         if int(wav_lengths.max()) > wav.shape[1]:
             raise ValueError(f"wav_lengths exceed the padded length {wav.shape[1]}: max {int(wav_lengths.max())}")
-        if int(wav_lengths.min()) < self.MIN_SAMPLES:
-            raise ValueError(f"every utterance needs at least {self.MIN_SAMPLES} samples (25 ms at 16 kHz), "
+        if int(wav_lengths.min()) < MIN_SAMPLES:
+            raise ValueError(f"every utterance needs at least {MIN_SAMPLES} samples (25 ms at 16 kHz), "
                              f"got {int(wav_lengths.min())}")
         return wav_lengths
 
-    def encode(self, wav, wav_lengths=None, layer=None, time_mask=None, channel_mask=None) -> Encoded:
-        """time_mask (B, F) bool: frames replaced by the mask embedding; channel_mask (B, embed_dim)
-        bool: channels zeroed. Both act on the projected features, as in fairseq and the release.
-        wav_lengths (B,): best on the CPU, where checking them and choosing the padded paths needs no
-        wait for the GPU (given on the GPU, they cost one wait: the copy back to the host)."""
-        host_lengths = self.check_input(wav, wav_lengths)
-        wav_lengths = to_device(host_lengths, wav.device)
-        if layer is not None and not 1 <= layer <= len(self.encoder.layers):
-            raise ValueError(f"layer must be in 1..{len(self.encoder.layers)}, got {layer}")
+    def features(self, wav, wav_lengths):
+        """Conv features (B, C, F) and their mean square over valid frames (fairseq's features_pen).
+        The group norm sees each utterance's valid samples only (see masked_group_norm)."""
         if self.cfg.normalize:  # per utterance over its valid samples, as fairseq's dataset does
-            valid = torch.arange(wav.shape[1], device=wav.device) < wav_lengths[:, None]
-            n = wav_lengths[:, None].to(wav.dtype)
+            valid = torch.arange(wav.shape[1], device=wav.device) < wav_lengths.to(wav.device)[:, None]
+            n = wav_lengths.to(wav.device)[:, None].to(wav.dtype)
             mean = (wav * valid).sum(1, keepdim=True) / n
             var = (((wav - mean) * valid) ** 2).sum(1, keepdim=True) / n
             wav = ((wav - mean) * torch.rsqrt(var + 1e-5)) * valid
-        frozen = self.freeze_feature_encoder
+        per_utterance = not (self.norm_over_padding and self.training) and int(wav_lengths.min()) < wav.shape[1]
+        feats = self.feature_encoder(wav, wav_lengths if per_utterance else None)
+        frames = self.frame_lengths(wav_lengths).to(feats.device)
+        valid = torch.arange(feats.shape[-1], device=feats.device) < frames[:, None]
+        penalty = (feats.float().pow(2) * valid.unsqueeze(1)).sum() / (frames.sum() * feats.shape[1])
+        return feats, penalty
+
+    def encode(self, wav, wav_lengths=None, layer=None, time_mask=None, channel_mask=None) -> Encoded:
+        """time_mask (B, F) bool: frames replaced by the mask embedding; channel_mask (B, embed_dim)
+        bool: channels zeroed. Both act on the projected features, as in fairseq and the release."""
+        wav_lengths = self.check_input(wav, wav_lengths)
+        if layer is not None and not 1 <= layer <= len(self.encoder.layers):
+            raise ValueError(f"layer must be in 1..{len(self.encoder.layers)}, got {layer}")
+        frozen = self.features_frozen
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            # lengths only matter for the group norm when something is padded
-            padded = int(host_lengths.min()) < wav.shape[1]
-            feats = self.feature_encoder(wav, wav_lengths if padded else None)
+            feats, penalty = self.features(wav, wav_lengths)
             if self.feature_grad_mult != 1.0 and not frozen and torch.is_grad_enabled():
                 feats = GradScale.apply(feats, self.feature_grad_mult)
-            host_frames = self.frame_lengths(host_lengths)  # integer arithmetic: computed once, on the host
-            frame_lengths = to_device(host_frames, feats.device)
-            valid = torch.arange(feats.shape[-1], device=feats.device) < frame_lengths[:, None]
-            # fairseq's features_pen, over valid frames only
-            penalty = (feats.float().pow(2) * valid.unsqueeze(1)).sum() / (frame_lengths.sum() * feats.shape[1])
             feats = self.layer_norm(feats.transpose(1, 2))
             x = self.post_extract_proj(feats)
-        F_ = x.shape[1]
+        frames = self.frame_lengths(wav_lengths)
         padding_mask = None  # None keeps attention on its unmasked kernels
-        if int(host_frames.min()) < F_:
-            padding_mask = torch.arange(F_, device=x.device) >= frame_lengths[:, None]
+        if int(frames.min()) < x.shape[1]:
+            padding_mask = torch.arange(x.shape[1]) >= frames[:, None]
+            padding_mask = padding_mask.to(x.device)
         x = self.dropout_input(x)
         if time_mask is not None:
             x = torch.where(time_mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
@@ -407,7 +382,7 @@ class Wav2Vec2(nn.Module):
         hidden = self.encoder(x, padding_mask, layer)
         if padding_mask is not None:
             hidden = hidden.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        return Encoded(hidden, frame_lengths, self.dropout_features(feats), penalty)
+        return Encoded(hidden, frames.to(x.device), self.dropout_features(feats), penalty)
 
     def forward(self, wav, wav_lengths=None, layer=None, time_mask=None, channel_mask=None):
         e = self.encode(wav, wav_lengths, layer, time_mask, channel_mask)
@@ -459,20 +434,64 @@ def compute_span_mask(lengths, max_len, prob, span, min_spans, semantics="hf", g
     return mask
 
 
+def utterance_span_masks(lengths, max_len, rngs, prob, span, min_spans):
+    """Hugging Face span masks drawn per utterance, each from its own generator: the U[0,1) in the
+    span count is drawn per utterance instead of once per batch (modern Hugging Face), so an
+    utterance's mask depends neither on its batch nor on the number of processes."""
+    mask = torch.zeros(len(lengths), max_len, dtype=torch.bool)
+    for row, (n, rng) in enumerate(zip(lengths, rngs)):
+        n = int(n)
+        mask[row, :n] = compute_span_mask([n], n, prob, span, min_spans, "hf", rng)[0]
+    return mask
+
+
+def batch_span_masks(lengths, max_len, batch_rng, rngs, prob, span, min_spans):
+    """transformers 4.10's _compute_mask_indices, which the release ran (RECIPE.md "What the release
+    actually computed"): ONE span count for the whole batch from its padded length T,
+    n = max(min_spans, int(prob * T / span + u)), u ~ U[0,1), cut to T // span when n * span > T;
+    every row's n starts uniform without replacement over 0..T - span (spans may overlap); only then
+    are the positions past each row's length cleared, so a short utterance in a long batch is masked
+    much less. u comes from batch_rng and each row's starts from its own generator."""
+    mask = torch.zeros(len(lengths), max_len, dtype=torch.bool)
+    if max_len < span:  # (4.10 raises here; no batch of the recipe is this short)
+        return mask
+    n = max(min_spans, int(prob * max_len / span + float(torch.rand((), generator=batch_rng))))
+    if n * span > max_len:
+        n = max_len // span
+    for row, (length, rng) in enumerate(zip(lengths, rngs)):
+        starts = torch.randperm(max_len - span + 1, generator=rng)[:n]
+        mask[row, (starts[:, None] + torch.arange(span)).flatten()] = True
+        mask[row, int(length):] = False
+    return mask
+
+
+def span_masks(semantics, lengths, max_len, rngs, batch_rng, prob, span, min_spans):
+    """(B, max_len) span masks inside each row's valid frames: semantics "batch" (the release,
+    batch_span_masks), "utterance" (modern Hugging Face, utterance_span_masks) or "fairseq"
+    (compute_span_mask, one draw for the batch)."""
+    if semantics == "batch":
+        return batch_span_masks(lengths, max_len, batch_rng, rngs, prob, span, min_spans)
+    if semantics == "utterance":
+        return utterance_span_masks(lengths, max_len, rngs, prob, span, min_spans)
+    return compute_span_mask(lengths, max_len, prob, span, min_spans, "fairseq", batch_rng)
+
+
 # -----------------------------------------------------------------------------
 # emotion classifier (V-FT head, RECIPE.md "V-FT")
 
 class EmotionClassifier(nn.Module):
-    """ReLU on the transformer output, mean over valid frames, ReLU, Linear."""
+    """ReLU on the transformer output, mean over valid frames, ReLU, Linear. skip_last_frame: the
+    release's mean leaves out each utterance's last frame (its PretrainedRNNHead sums frames
+    t < n - 1 and divides by n - 1; read from its code, not in RECIPE.md)."""
 
-    def __init__(self, backbone: Wav2Vec2, classes):
+    def __init__(self, backbone: Wav2Vec2, classes, skip_last_frame=False):
         super().__init__()
-        self.backbone, self.classes = backbone, list(classes)
+        self.backbone, self.classes, self.skip_last_frame = backbone, list(classes), skip_last_frame
         self.head = nn.Linear(backbone.cfg.embed_dim, len(self.classes))
 
     def forward(self, wav, wav_lengths=None, time_mask=None, channel_mask=None):
         hidden, frame_lengths = self.backbone(wav, wav_lengths, time_mask=time_mask, channel_mask=channel_mask)
-        pooled = masked_mean(F.relu(hidden), frame_lengths)
+        pooled = masked_mean(F.relu(hidden), (frame_lengths - 1).clamp(min=1) if self.skip_last_frame else frame_lengths)
         return self.head(F.relu(pooled))
 
 
@@ -598,14 +617,6 @@ def save_atomic(obj, path):
             os.remove(tmp)
 
 
-def world():
-    """(rank, world size) under torch.distributed (torchrun); (0, 1) in a single process. Lives here,
-    beside save_atomic, because every script imports model.py and several need it."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def _conv_layers_from_string(text):
     """fairseq's conv_feature_layers is a Python expression such as
     "[(512, 10, 5)] + [(512, 3, 2)] * 4"; evaluate it without eval()."""
@@ -624,75 +635,57 @@ def _conv_layers_from_string(text):
     return [tuple(int(v) for v in layer) for layer in ev(ast.parse(text, mode="eval"))]
 
 
-def _as_temp(value):
-    if isinstance(value, str):
-        value = ast.literal_eval(value)
-    return tuple(float(v) for v in value)
+# Wav2Vec2Config field -> fairseq's name for it (args or cfg.model)
+FAIRSEQ_NAMES = {"extractor_mode": "extractor_mode", "conv_bias": "conv_bias", "embed_dim": "encoder_embed_dim",
+                 "ffn_dim": "encoder_ffn_embed_dim", "num_layers": "encoder_layers",
+                 "num_heads": "encoder_attention_heads", "layer_norm_first": "layer_norm_first",
+                 "pos_conv_kernel": "conv_pos", "pos_conv_groups": "conv_pos_groups", "dropout": "dropout",
+                 "attention_dropout": "attention_dropout", "activation_dropout": "activation_dropout",
+                 "dropout_input": "dropout_input", "dropout_features": "dropout_features",
+                 "layerdrop": "encoder_layerdrop", "feature_grad_mult": "feature_grad_mult",
+                 "final_dim": "final_dim", "latent_vars": "latent_vars", "latent_groups": "latent_groups",
+                 "latent_dim": "latent_dim", "logit_temp": "logit_temp", "num_negatives": "num_negatives"}
 
 
 def config_from_fairseq(model_cfg: dict, normalize: bool, has_quantizer: bool) -> Wav2Vec2Config:
-    """Map fairseq's (args or cfg.model) names onto Wav2Vec2Config; unknown values keep defaults."""
+    """Map fairseq's settings onto Wav2Vec2Config; a setting the file does not have keeps its default."""
     c, d = model_cfg, Wav2Vec2Config()
     layer_type = c.get("layer_type", "transformer")
     if layer_type not in (None, "transformer"):
         raise ValueError(f"layer_type={layer_type!r} (only the transformer encoder is supported)")
     if int(c.get("pos_conv_depth", 1) or 1) != 1:
         raise ValueError(f"pos_conv_depth={c['pos_conv_depth']} (data2vec-style; only depth 1 is supported)")
+    values = {ours: type(getattr(d, ours))(c[theirs] or 0) for ours, theirs in FAIRSEQ_NAMES.items()
+              if c.get(theirs) is not None}
     conv = c.get("conv_feature_layers", d.conv_layers)
-    return Wav2Vec2Config(
-        conv_layers=_conv_layers_from_string(conv) if isinstance(conv, str) else [tuple(x) for x in conv],
-        extractor_mode=c.get("extractor_mode", d.extractor_mode),
-        conv_bias=bool(c.get("conv_bias", d.conv_bias)),
-        embed_dim=int(c.get("encoder_embed_dim", d.embed_dim)),
-        ffn_dim=int(c.get("encoder_ffn_embed_dim", d.ffn_dim)),
-        num_layers=int(c.get("encoder_layers", d.num_layers)),
-        num_heads=int(c.get("encoder_attention_heads", d.num_heads)),
-        layer_norm_first=bool(c.get("layer_norm_first", d.layer_norm_first)),
-        pos_conv_kernel=int(c.get("conv_pos", d.pos_conv_kernel)),
-        pos_conv_groups=int(c.get("conv_pos_groups", d.pos_conv_groups)),
-        dropout=float(c.get("dropout", d.dropout)),
-        attention_dropout=float(c.get("attention_dropout", d.attention_dropout)),
-        activation_dropout=float(c.get("activation_dropout", d.activation_dropout)),
-        dropout_input=float(c.get("dropout_input", d.dropout_input)),
-        dropout_features=float(c.get("dropout_features", d.dropout_features)),
-        layerdrop=float(c.get("encoder_layerdrop", d.layerdrop)),
-        feature_grad_mult=float(c.get("feature_grad_mult", d.feature_grad_mult)),
-        normalize=bool(normalize),
-        has_quantizer=has_quantizer,
-        final_dim=int(c.get("final_dim", d.final_dim)) or int(c.get("encoder_embed_dim", d.embed_dim)),
-        latent_vars=int(c.get("latent_vars", d.latent_vars)),
-        latent_groups=int(c.get("latent_groups", d.latent_groups)),
-        latent_dim=int(c.get("latent_dim", d.latent_dim) or 0),
-        latent_temp=_as_temp(c.get("latent_temp", d.latent_temp)),
-        logit_temp=float(c.get("logit_temp", d.logit_temp)),
-        num_negatives=int(c.get("num_negatives", d.num_negatives)),
-    )
+    temp = c.get("latent_temp", d.latent_temp)
+    temp = ast.literal_eval(temp) if isinstance(temp, str) else temp
+    return Wav2Vec2Config(**{**values, "final_dim": values.get("final_dim", d.final_dim) or values.get("embed_dim", d.embed_dim)},
+                          conv_layers=_conv_layers_from_string(conv) if isinstance(conv, str) else [tuple(x) for x in conv],
+                          latent_temp=tuple(float(v) for v in temp), normalize=bool(normalize),
+                          has_quantizer=has_quantizer)
+
+
+# fairseq parameter name -> this module's name
+FAIRSEQ_KEYS = [
+    (r"feature_extractor\.conv_layers\.(\d+)\.0\.(weight|bias)", r"feature_encoder.convs.\1.\2"),
+    (r"feature_extractor\.conv_layers\.0\.2\.(weight|bias)", r"feature_encoder.norms.0.\1"),  # group norm
+    (r"feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)", r"feature_encoder.norms.\1.\2"),  # layer norms
+    (r"encoder\.pos_conv\.0\.(bias|weight_g|weight_v)", r"encoder.pos_conv.\1"),
+    # newer torch's weight-norm parametrization: original0 = g, original1 = v
+    (r"encoder\.pos_conv\.0\.parametrizations\.weight\.original0", "encoder.pos_conv.weight_g"),
+    (r"encoder\.pos_conv\.0\.parametrizations\.weight\.original1", "encoder.pos_conv.weight_v"),
+    (r"(mask_emb|quantizer\.vars|(layer_norm|post_extract_proj|encoder\.layer_norm|quantizer\.weight_proj|project_q|"
+     r"final_proj|encoder\.layers\.\d+\.(self_attn\.)?\w+)\.(weight|bias))", r"\1"),
+]
 
 
 def fairseq_key(key):
     """fairseq parameter name -> this module's name (None: not part of the model)."""
-    m = re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.0\.(weight|bias)", key)
-    if m:
-        return f"feature_encoder.convs.{m[1]}.{m[2]}"
-    m = re.fullmatch(r"feature_extractor\.conv_layers\.0\.2\.(weight|bias)", key)
-    if m:  # group norm (extractor_mode "default")
-        return f"feature_encoder.norms.0.{m[1]}"
-    m = re.fullmatch(r"feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)", key)
-    if m:  # layer norm inside TransposeLast (extractor_mode "layer_norm")
-        return f"feature_encoder.norms.{m[1]}.{m[2]}"
-    m = re.fullmatch(r"encoder\.pos_conv\.0\.(bias|weight_g|weight_v)", key)
-    if m:
-        return f"encoder.pos_conv.{m[1]}"
-    m = re.fullmatch(r"encoder\.pos_conv\.0\.parametrizations\.weight\.original([01])", key)
-    if m:  # newer torch's weight-norm parametrization: original0 = g, original1 = v
-        return f"encoder.pos_conv.{'weight_g' if m[1] == '0' else 'weight_v'}"
-    m = re.fullmatch(r"encoder\.layers\.(\d+)\.self_attn\.(.*)", key)
-    if m:
-        return f"encoder.layers.{m[1]}.self_attn.{m[2]}"
-    if re.fullmatch(r"(mask_emb|layer_norm\.(weight|bias)|post_extract_proj\.(weight|bias)|"
-                    r"encoder\.layer_norm\.(weight|bias)|encoder\.layers\.\d+\.\w+\.(weight|bias)|"
-                    r"quantizer\.(vars|weight_proj\.(weight|bias))|(project_q|final_proj)\.(weight|bias))", key):
-        return key
+    for pattern, name in FAIRSEQ_KEYS:
+        match = re.fullmatch(pattern, key)
+        if match:
+            return match.expand(name)
     return None
 
 
@@ -744,7 +737,7 @@ def _model_kind(ckpt):
     return "pretrained", model_cfg, task.get("normalize", False)
 
 
-def load_wav2vec2(path, strict_pretraining=False) -> Wav2Vec2:
+def load_wav2vec2(path) -> Wav2Vec2:
     """Build wav2vec 2.0 from a fairseq checkpoint (pretrained or ASR fine-tuned) or one of this
     project's checkpoints. Returns the model in eval mode, float32, on CPU."""
     ckpt = read_checkpoint(path)
@@ -835,7 +828,8 @@ def save_wav2vec2(model: Wav2Vec2, path, meta=None):
 
 def save_classifier(clf: EmotionClassifier, path, meta=None):
     save_atomic({"format": "w2v2-ser/classifier", "version": 1, "config": config_dict(clf.backbone.cfg),
-                 "classes": list(clf.classes), "model": clf.state_dict(), "meta": meta or {}}, path)
+                 "classes": list(clf.classes), "skip_last_frame": clf.skip_last_frame, "model": clf.state_dict(),
+                 "meta": meta or {}}, path)
 
 
 def load_classifier(path) -> EmotionClassifier:
@@ -843,6 +837,30 @@ def load_classifier(path) -> EmotionClassifier:
     if not isinstance(ckpt, dict) or ckpt.get("format") != "w2v2-ser/classifier":
         raise CheckpointError(f"{path}: not a fine-tuned emotion classifier written by finetune.py "
                               f"(found {_describe(ckpt)})")
-    clf = EmotionClassifier(load_wav2vec2(path), ckpt["classes"])
+    clf = EmotionClassifier(load_wav2vec2(path), ckpt["classes"], bool(ckpt.get("skip_last_frame")))
     clf.head.load_state_dict({"weight": ckpt["model"]["head.weight"], "bias": ckpt["model"]["head.bias"]})
     return clf.eval()
+
+
+# -----------------------------------------------------------------------------
+# devices and processes (every script imports model.py)
+
+def resolve_device(name="auto"):
+    """'auto': the GPU when there is one. Under torchrun each process takes GPU LOCAL_RANK.
+    A device that is not there is a ValueError naming it."""
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError:
+        raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: no CUDA GPU is available here (use cpu or auto)")
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def world():
+    """(rank, world size) under torch.distributed (torchrun); (0, 1) in a single process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
