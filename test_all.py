@@ -1848,7 +1848,7 @@ def no_tf32():
 @needs_gpu
 @pytest.mark.usefixtures("no_tf32")
 def test_gpu_forward_matches_cpu():
-    """A padded batch on the GPU (batched group norm, CUDA attention kernels) gives the CPU's frame
+    """A padded batch on the GPU (per-utterance group norm, CUDA attention kernels) gives the CPU's frame
     features; under bf16 autocast they stay within a few percent."""
     net = random_model(tiny_config(), seed=3)
     wav = torch.randn(3, 16000, generator=torch.Generator().manual_seed(0)) * 0.1
@@ -1886,8 +1886,8 @@ def test_gpu_kmeans_matches_cpu(monkeypatch):
 
 @needs_gpu
 def test_gpu_training_scripts_run(corpus, tmp_path):
-    """V-FT (bf16 where the GPU has it, fused Adam, pinned memory), TAPT and P-TAPT on the GPU finish with
-    finite losses, and evaluate.py retests the fine-tuned model there."""
+    """V-FT (bf16 where the GPU has it), TAPT and P-TAPT on the GPU finish with finite losses, and evaluate.py
+    retests the fine-tuned model there."""
     common = ["--fold", 1, "--data", corpus, "--out", tmp_path, "--device", "cuda"]
     r = script("finetune.py", *common, "--epochs", 2, "--train-fraction", 0.5, *TINY_RUN)
     assert r.returncode == 0, r.stderr[-3000:]
