@@ -26,8 +26,8 @@ from kmeans import assign, fit_kmeans, labels_for, load_labels, save_labels
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-# -----------------------------------------------------------------------------
-# fairseq-format checkpoints written by the tests
+# =============================================================================
+# model: wav2vec 2.0 against torchaudio, checkpoints (fairseq-format files written by the tests)
 
 
 def tiny_config(**kw):
@@ -295,260 +295,8 @@ def test_quantizer_eval_is_argmax_and_temperature_schedule():
     assert q.temperature == 0.5
 
 
-# -----------------------------------------------------------------------------
-# masking, negatives and the wav2vec 2.0 loss (pretrain.py)
-
-
-
-@pytest.mark.parametrize("semantics", ["hf", "fairseq"])
-def test_span_mask_stays_in_valid_frames(semantics):
-    lengths = [200, 120, 37, 15]
-    g = torch.Generator().manual_seed(0)
-    for _ in range(50):
-        mask = M.compute_span_mask(lengths, 200, 0.08, 10, 2, semantics, g)
-        for i, n in enumerate(lengths):
-            assert not mask[i, n:].any()
-            assert mask[i, :n].sum() >= min(10, n - 1)  # at least one span fits in every row here
-        if semantics == "fairseq":  # require_same_masks: equal masked counts
-            assert len(set(mask.sum(1).tolist())) == 1
-
-
-def test_span_mask_hf_span_count():
-    """HF: spans = max(min, int(p * L / span + u)) with one u per call; spans never overlap here
-    (span 1), so the masked count is exactly the number of spans."""
-    g = torch.Generator().manual_seed(3)
-    for _ in range(30):
-        state = g.get_state()
-        u = float(torch.rand((), generator=g))
-        g.set_state(state)
-        mask = M.compute_span_mask([1000, 400], 1000, 0.05, 1, 2, "hf", g)
-        assert mask.sum(1).tolist() == [max(2, int(0.05 * 1000 + u)), max(2, int(0.05 * 400 + u))]
-
-
-def test_negatives_are_other_masked_frames_of_the_same_utterance():
-    mask = torch.zeros(3, 50, dtype=torch.bool)
-    mask[0, 5:20] = True
-    mask[1, 30:33] = True
-    mask[2, 0:40] = True
-    g = torch.Generator().manual_seed(0)
-    neg = P.sample_negatives(mask, 100, g)
-    rows = mask.nonzero()[:, 0]
-    assert neg.shape == (int(mask.sum()), 100)
-    idx = torch.arange(len(rows))[:, None].expand_as(neg)
-    assert (neg != idx).all()
-    assert (rows[neg] == rows[:, None]).all()
-    # uniform over the other frames: utterance 1 has 3 masked frames, so 2 candidates each ~50%
-    r1 = neg[rows == 1]
-    counts = torch.bincount(r1.flatten() - int((rows == 0).sum()), minlength=3).float()
-    assert counts.sum() == 300 and (counts / 200).max() < 1.0
-
-
-def reference_wav2vec2_loss(model, wav, lens, mask, negatives):
-    """The loss from RECIPE.md's formulas, one frame at a time, in float64."""
-    model = model.double().eval()
-    wav = wav.double()
-    enc = model.encode(wav, lens, time_mask=mask)
-    conv = model.feature_encoder(wav, lens)  # (B, C, F)
-    frames = model.frame_lengths(lens)
-    squares = [conv[b, :, :frames[b]].pow(2) for b in range(len(lens))]
-    penalty = sum(s.sum() for s in squares) / sum(s.numel() for s in squares)
-    q = model.quantizer
-    positions = mask.nonzero().tolist()
-    targets, probs = [], []
-    for b, t in positions:
-        logits = q.weight_proj(enc.features[b, t])
-        codes = []
-        for grp in range(q.groups):
-            lg = logits[grp * q.num_vars:(grp + 1) * q.num_vars]
-            codes.append(q.vars[0, grp * q.num_vars + int(lg.argmax())])
-            probs.append(torch.softmax(lg, 0))
-        targets.append(model.project_q(torch.cat(codes)))
-    ce = 0.0
-    for i, (b, t) in enumerate(positions):
-        context = model.final_proj(enc.hidden[b, t])
-        cands = [targets[i]] + [targets[j] for j in negatives[i].tolist()]
-        logits = []
-        for k, cand in enumerate(cands):
-            if k > 0 and torch.equal(cand, targets[i]):
-                logits.append(torch.tensor(float("-inf"), dtype=torch.float64))
-            else:
-                cos = torch.dot(context, cand) / (context.norm() * cand.norm())
-                logits.append(cos / model.cfg.logit_temp)
-        ce = ce - torch.log_softmax(torch.stack(logits), 0)[0]
-    n = len(positions)
-    ppl = 0.0
-    for grp in range(q.groups):
-        avg = torch.stack(probs[grp::q.groups]).mean(0)
-        ppl = ppl + torch.exp(-(avg * torch.log(avg + 1e-7)).sum())
-    gv = q.groups * q.num_vars
-    return {"contrastive": ce, "diversity": (gv - ppl) / gv * n, "feature_penalty": penalty * n}
-
-
-def test_wav2vec2_loss_matches_reference_from_formulas():
-    cfg = tiny_config(num_layers=2, latent_vars=8, num_negatives=5)
-    model = random_model(cfg, seed=5).double()
-    g = torch.Generator().manual_seed(0)
-    wav, lens = torch.randn(2, 9000, generator=g).double(), torch.tensor([9000, 6000])
-    frames = model.frame_lengths(lens)
-    mask = M.compute_span_mask(frames, int(frames.max()), 0.2, 3, 2, "hf", g)
-    negatives = P.sample_negatives(mask, 5, g)
-    # make two distractors equal to their target, so the -inf rule is exercised
-    first = mask.nonzero()[:, 0] == 0
-    negatives[0, 0] = 0  # impossible from the sampler, but a duplicate codeword acts the same
-    with torch.no_grad():
-        got = P.tapt_loss(model, model.encode(wav, lens, time_mask=mask), mask, negatives)
-        ref = reference_wav2vec2_loss(model, wav, lens, mask, negatives)
-    assert got["n_masked"] == int(mask.sum()) and first.any()
-    for key in ("contrastive", "diversity", "feature_penalty"):
-        torch.testing.assert_close(got[key].double(), ref[key].double(), rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(got["loss"].double(),
-                               (ref["contrastive"] + 0.1 * ref["diversity"] + 10 * ref["feature_penalty"]).double())
-    with torch.no_grad():  # --feature-penalty 0: Hugging Face's objective, the other terms unchanged
-        hf = P.tapt_loss(model, model.encode(wav, lens, time_mask=mask), mask, negatives, penalty_weight=0.0)
-    assert ref["feature_penalty"] > 0
-    torch.testing.assert_close(hf["loss"].double(), (ref["contrastive"] + 0.1 * ref["diversity"]).double())
-
-
-def test_fresh_model_initialised_as_fairseq():
-    """Wav2Vec2(cfg) draws its weights as fairseq's Wav2Vec2Model does (issue #4)."""
-    torch.manual_seed(0)
-    cfg = tiny_config(embed_dim=128, ffn_dim=256, num_layers=2)
-    net = M.Wav2Vec2(cfg)
-    for conv in net.feature_encoder.convs:  # kaiming_normal_: std sqrt(2 / fan_in)
-        fan_in = conv.weight.shape[1] * conv.weight.shape[2]
-        assert abs(conv.weight.std().item() / math.sqrt(2 / fan_in) - 1) < 0.1
-    linears = [m for m in net.encoder.modules() if isinstance(m, torch.nn.Linear)]
-    assert len(linears) == cfg.num_layers * 6  # q, k, v, out, fc1, fc2
-    for lin in linears:  # init_bert_params: N(0, 0.02), zero bias
-        assert abs(lin.weight.std().item() / 0.02 - 1) < 0.1 and not lin.bias.any()
-    pos = net.encoder.pos_conv
-    k, c = cfg.pos_conv_kernel, cfg.embed_dim
-    assert abs(pos.weight_v.std().item() / math.sqrt(4 / (k * c)) - 1) < 0.1 and not pos.bias.any()
-    torch.testing.assert_close(pos.weight_g, pos.weight_v.norm(dim=(0, 1), keepdim=True))  # weight norm, dim=2
-    assert 0 <= net.mask_emb.min() and net.mask_emb.max() < 1  # uniform_
-    q = net.quantizer
-    assert 0 <= q.vars.min() and q.vars.max() < 1 and not q.weight_proj.bias.any()
-    assert abs(q.weight_proj.weight.std().item() - 1) < 0.1
-    # fairseq leaves these three at torch's default: U(+-1/sqrt(fan_in))
-    for lin in (net.post_extract_proj, net.project_q, net.final_proj):
-        assert lin.weight.abs().max() <= 1 / math.sqrt(lin.in_features)
-    for norm in list(net.encoder.modules()) + [net.layer_norm]:
-        if isinstance(norm, torch.nn.LayerNorm):
-            assert bool((norm.weight == 1).all()) and not norm.bias.any()
-
-
-def group_norm_case(seed, offset):
-    """A layer-0 group norm with non-trivial affine parameters, a padded batch (channel means around
-    `offset`) and an upstream gradient."""
-    g = torch.Generator().manual_seed(seed)
-    norm = torch.nn.GroupNorm(16, 16)
-    with torch.no_grad():
-        norm.weight.uniform_(0.5, 1.5, generator=g)
-        norm.bias.uniform_(-0.5, 0.5, generator=g)
-    x = torch.randn(3, 16, 300, generator=g) * 2 + torch.randn(3, 16, 1, generator=g) * offset
-    return norm, x, torch.tensor([300, 120, 211]), torch.randn(3, 16, 300, generator=g)
-
-
-def backward_over_valid_frames(y, lengths, dy):
-    valid = (torch.arange(y.shape[-1]) < lengths[:, None]).unsqueeze(1)
-    (y * dy * valid).sum().backward()
-
-
-def assert_per_utterance_group_norm(y, grad, x, lengths, dy, norm, tol):
-    """y and the gradient into x are each utterance's float64 group norm over its valid frames alone."""
-    w, b = norm.weight.detach().double(), norm.bias.detach().double()
-    for i, n in enumerate(lengths.tolist()):
-        xi = x.detach()[i:i + 1, :, :n].double().requires_grad_()
-        ref = F.group_norm(xi, 16, w, b, norm.eps)
-        (ref * dy[i:i + 1, :, :n].double()).sum().backward()
-        torch.testing.assert_close(y[i, :, :n].double(), ref[0].detach(), atol=tol, rtol=tol)
-        torch.testing.assert_close(grad[i, :, :n].double(), xi.grad[0], atol=tol, rtol=tol)
-
-
-def test_masked_group_norm_values_and_gradients_per_utterance():
-    """The layer-0 group norm of a padded batch gives each utterance the values and the gradients
-    (TAPT trains through it) of a float64 group norm over its valid frames alone (issue #5)."""
-    norm, x, lengths, dy = group_norm_case(seed=0, offset=3)
-    x.requires_grad_()
-    with torch.no_grad():  # the no-autograd path (V-FT's frozen encoder, inference) works in place
-        y_no_grad = M.masked_group_norm(x.detach().clone(), lengths, norm)
-    y = M.masked_group_norm(x, lengths, norm)
-    backward_over_valid_frames(y, lengths, dy)
-    assert_per_utterance_group_norm(y, x.grad, x, lengths, dy, norm, tol=1e-5)
-    for i, n in enumerate(lengths.tolist()):
-        assert torch.equal(y_no_grad[i, :, :n], y[i, :, :n].detach())
-        assert not x.grad[i, :, n:].any()  # padded frames feed nothing downstream
-
-
-def test_group_norm_is_float32_under_autocast():
-    """The layer-0 group norm gives each utterance the values and gradients of a float64 group norm over its
-    valid frames under bf16 and fp16 autocast too (fairseq computes this norm in float32, its Fp32GroupNorm)."""
-    norm, x, lengths, dy = group_norm_case(seed=1, offset=30)
-    for dtype in (None, torch.bfloat16, torch.float16):
-        xg = x.clone().requires_grad_()
-        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            y = M.masked_group_norm(xg, lengths, norm)
-        assert y.dtype == torch.float32
-        backward_over_valid_frames(y, lengths, dy)
-        assert_per_utterance_group_norm(y, xg.grad, x, lengths, dy, norm, tol=1e-4)
-
-
-def test_wav2vec2_objective_learns_on_a_tiny_model():
-    """TAPT's objective (pretrain.tapt_loss with sample_negatives and compute_span_mask) can
-    learn: on four synthetic 1 s utterances a fresh tiny model's contrastive loss per masked frame
-    falls from chance, ln(1 + negatives), to below half of it within 100 updates, without the
-    quantizer collapsing (a collapsed codebook would lower the loss by making distractors equal to
-    their targets, which get -inf)."""
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    wav = torch.stack([torch.from_numpy(np.asarray(data.synth_utterance(
-        rng, data.speaker_voice(rng, "FM"[i % 2]), data.EMOTION_STYLE[("neu", "ang", "sad", "hap")[i]],
-        1.0, -50.0), dtype=np.float32)) for i in range(4)])
-    wav = 0.5 * wav / wav.abs().amax(1, keepdim=True)
-    lens = torch.full((4,), wav.shape[1])
-    num_negatives = 20
-    model = M.Wav2Vec2(tiny_config(num_layers=2, num_negatives=num_negatives))
-    frames = model.frame_lengths(lens)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    chance = math.log(1 + num_negatives)
-
-    g_eval = torch.Generator().manual_seed(123)
-    eval_mask = M.compute_span_mask(frames, int(frames.max()), 0.3, 5, 2, "hf", g_eval)
-    eval_negatives = P.sample_negatives(eval_mask, num_negatives, g_eval)
-
-    def evaluate():  # eval mode: argmax codewords, no dropout; fixed masks and distractors
-        model.eval()
-        with torch.no_grad():
-            enc = model.encode(wav, lens, time_mask=eval_mask)
-            terms = P.tapt_loss(model, enc, eval_mask, eval_negatives)
-            targets, _ = model.quantizer(enc.features[eval_mask])
-            duplicates = (targets[eval_negatives] == targets[:, None]).all(-1).float().mean()
-        model.train()
-        return float(terms["contrastive"] / terms["n_masked"]), float(duplicates)
-
-    before, _ = evaluate()
-    g = torch.Generator().manual_seed(1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors this small: one thread is faster, and immune to a busy machine
-    try:
-        for update in range(100):
-            mask = M.compute_span_mask(frames, int(frames.max()), 0.3, 5, 2, "hf", g)
-            terms = P.tapt_loss(model, model.encode(wav, lens, time_mask=mask), mask,
-                                       P.sample_negatives(mask, num_negatives, g))
-            opt.zero_grad()
-            (terms["loss"] / terms["n_masked"]).backward()
-            opt.step()
-            model.quantizer.set_num_updates(update + 1)
-    finally:
-        torch.set_num_threads(threads)
-    after, duplicates = evaluate()
-    assert before > 0.9 * chance, (before, chance)
-    assert after < 0.5 * chance, (before, after, chance)
-    assert duplicates < 0.1, duplicates
-
-
-# -----------------------------------------------------------------------------
-# data.py
+# =============================================================================
+# data: data.py
 
 def write_wav(path, num_samples, samplerate=16000, channels=1, seed=0):
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -947,8 +695,456 @@ def test_cli_table_in_process(synth, capsys):
     assert re.search(r"\|\s+total\s+\|.*\|\s+40 \|", text)
 
 
-# -----------------------------------------------------------------------------
-# kmeans.py
+# =============================================================================
+# losses: masking, negatives, every loss alone, the release recipe's pieces
+
+
+
+@pytest.mark.parametrize("semantics", ["hf", "fairseq"])
+def test_span_mask_stays_in_valid_frames(semantics):
+    lengths = [200, 120, 37, 15]
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        mask = M.compute_span_mask(lengths, 200, 0.08, 10, 2, semantics, g)
+        for i, n in enumerate(lengths):
+            assert not mask[i, n:].any()
+            assert mask[i, :n].sum() >= min(10, n - 1)  # at least one span fits in every row here
+        if semantics == "fairseq":  # require_same_masks: equal masked counts
+            assert len(set(mask.sum(1).tolist())) == 1
+
+
+def test_span_mask_hf_span_count():
+    """HF: spans = max(min, int(p * L / span + u)) with one u per call; spans never overlap here
+    (span 1), so the masked count is exactly the number of spans."""
+    g = torch.Generator().manual_seed(3)
+    for _ in range(30):
+        state = g.get_state()
+        u = float(torch.rand((), generator=g))
+        g.set_state(state)
+        mask = M.compute_span_mask([1000, 400], 1000, 0.05, 1, 2, "hf", g)
+        assert mask.sum(1).tolist() == [max(2, int(0.05 * 1000 + u)), max(2, int(0.05 * 400 + u))]
+
+
+def test_negatives_are_other_masked_frames_of_the_same_utterance():
+    mask = torch.zeros(3, 50, dtype=torch.bool)
+    mask[0, 5:20] = True
+    mask[1, 30:33] = True
+    mask[2, 0:40] = True
+    g = torch.Generator().manual_seed(0)
+    neg = P.sample_negatives(mask, 100, g)
+    rows = mask.nonzero()[:, 0]
+    assert neg.shape == (int(mask.sum()), 100)
+    idx = torch.arange(len(rows))[:, None].expand_as(neg)
+    assert (neg != idx).all()
+    assert (rows[neg] == rows[:, None]).all()
+    # uniform over the other frames: utterance 1 has 3 masked frames, so 2 candidates each ~50%
+    r1 = neg[rows == 1]
+    counts = torch.bincount(r1.flatten() - int((rows == 0).sum()), minlength=3).float()
+    assert counts.sum() == 300 and (counts / 200).max() < 1.0
+
+
+def reference_wav2vec2_loss(model, wav, lens, mask, negatives):
+    """The loss from RECIPE.md's formulas, one frame at a time, in float64."""
+    model = model.double().eval()
+    wav = wav.double()
+    enc = model.encode(wav, lens, time_mask=mask)
+    conv = model.feature_encoder(wav, lens)  # (B, C, F)
+    frames = model.frame_lengths(lens)
+    squares = [conv[b, :, :frames[b]].pow(2) for b in range(len(lens))]
+    penalty = sum(s.sum() for s in squares) / sum(s.numel() for s in squares)
+    q = model.quantizer
+    positions = mask.nonzero().tolist()
+    targets, probs = [], []
+    for b, t in positions:
+        logits = q.weight_proj(enc.features[b, t])
+        codes = []
+        for grp in range(q.groups):
+            lg = logits[grp * q.num_vars:(grp + 1) * q.num_vars]
+            codes.append(q.vars[0, grp * q.num_vars + int(lg.argmax())])
+            probs.append(torch.softmax(lg, 0))
+        targets.append(model.project_q(torch.cat(codes)))
+    ce = 0.0
+    for i, (b, t) in enumerate(positions):
+        context = model.final_proj(enc.hidden[b, t])
+        cands = [targets[i]] + [targets[j] for j in negatives[i].tolist()]
+        logits = []
+        for k, cand in enumerate(cands):
+            if k > 0 and torch.equal(cand, targets[i]):
+                logits.append(torch.tensor(float("-inf"), dtype=torch.float64))
+            else:
+                cos = torch.dot(context, cand) / (context.norm() * cand.norm())
+                logits.append(cos / model.cfg.logit_temp)
+        ce = ce - torch.log_softmax(torch.stack(logits), 0)[0]
+    n = len(positions)
+    ppl = 0.0
+    for grp in range(q.groups):
+        avg = torch.stack(probs[grp::q.groups]).mean(0)
+        ppl = ppl + torch.exp(-(avg * torch.log(avg + 1e-7)).sum())
+    gv = q.groups * q.num_vars
+    return {"contrastive": ce, "diversity": (gv - ppl) / gv * n, "feature_penalty": penalty * n}
+
+
+def test_wav2vec2_loss_matches_reference_from_formulas():
+    cfg = tiny_config(num_layers=2, latent_vars=8, num_negatives=5)
+    model = random_model(cfg, seed=5).double()
+    g = torch.Generator().manual_seed(0)
+    wav, lens = torch.randn(2, 9000, generator=g).double(), torch.tensor([9000, 6000])
+    frames = model.frame_lengths(lens)
+    mask = M.compute_span_mask(frames, int(frames.max()), 0.2, 3, 2, "hf", g)
+    negatives = P.sample_negatives(mask, 5, g)
+    # make two distractors equal to their target, so the -inf rule is exercised
+    first = mask.nonzero()[:, 0] == 0
+    negatives[0, 0] = 0  # impossible from the sampler, but a duplicate codeword acts the same
+    with torch.no_grad():
+        got = P.tapt_loss(model, model.encode(wav, lens, time_mask=mask), mask, negatives)
+        ref = reference_wav2vec2_loss(model, wav, lens, mask, negatives)
+    assert got["n_masked"] == int(mask.sum()) and first.any()
+    for key in ("contrastive", "diversity", "feature_penalty"):
+        torch.testing.assert_close(got[key].double(), ref[key].double(), rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(got["loss"].double(),
+                               (ref["contrastive"] + 0.1 * ref["diversity"] + 10 * ref["feature_penalty"]).double())
+    with torch.no_grad():  # --feature-penalty 0: Hugging Face's objective, the other terms unchanged
+        hf = P.tapt_loss(model, model.encode(wav, lens, time_mask=mask), mask, negatives, penalty_weight=0.0)
+    assert ref["feature_penalty"] > 0
+    torch.testing.assert_close(hf["loss"].double(), (ref["contrastive"] + 0.1 * ref["diversity"]).double())
+
+
+def test_fresh_model_initialised_as_fairseq():
+    """Wav2Vec2(cfg) draws its weights as fairseq's Wav2Vec2Model does (issue #4)."""
+    torch.manual_seed(0)
+    cfg = tiny_config(embed_dim=128, ffn_dim=256, num_layers=2)
+    net = M.Wav2Vec2(cfg)
+    for conv in net.feature_encoder.convs:  # kaiming_normal_: std sqrt(2 / fan_in)
+        fan_in = conv.weight.shape[1] * conv.weight.shape[2]
+        assert abs(conv.weight.std().item() / math.sqrt(2 / fan_in) - 1) < 0.1
+    linears = [m for m in net.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == cfg.num_layers * 6  # q, k, v, out, fc1, fc2
+    for lin in linears:  # init_bert_params: N(0, 0.02), zero bias
+        assert abs(lin.weight.std().item() / 0.02 - 1) < 0.1 and not lin.bias.any()
+    pos = net.encoder.pos_conv
+    k, c = cfg.pos_conv_kernel, cfg.embed_dim
+    assert abs(pos.weight_v.std().item() / math.sqrt(4 / (k * c)) - 1) < 0.1 and not pos.bias.any()
+    torch.testing.assert_close(pos.weight_g, pos.weight_v.norm(dim=(0, 1), keepdim=True))  # weight norm, dim=2
+    assert 0 <= net.mask_emb.min() and net.mask_emb.max() < 1  # uniform_
+    q = net.quantizer
+    assert 0 <= q.vars.min() and q.vars.max() < 1 and not q.weight_proj.bias.any()
+    assert abs(q.weight_proj.weight.std().item() - 1) < 0.1
+    # fairseq leaves these three at torch's default: U(+-1/sqrt(fan_in))
+    for lin in (net.post_extract_proj, net.project_q, net.final_proj):
+        assert lin.weight.abs().max() <= 1 / math.sqrt(lin.in_features)
+    for norm in list(net.encoder.modules()) + [net.layer_norm]:
+        if isinstance(norm, torch.nn.LayerNorm):
+            assert bool((norm.weight == 1).all()) and not norm.bias.any()
+
+
+def group_norm_case(seed, offset):
+    """A layer-0 group norm with non-trivial affine parameters, a padded batch (channel means around
+    `offset`) and an upstream gradient."""
+    g = torch.Generator().manual_seed(seed)
+    norm = torch.nn.GroupNorm(16, 16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5, generator=g)
+        norm.bias.uniform_(-0.5, 0.5, generator=g)
+    x = torch.randn(3, 16, 300, generator=g) * 2 + torch.randn(3, 16, 1, generator=g) * offset
+    return norm, x, torch.tensor([300, 120, 211]), torch.randn(3, 16, 300, generator=g)
+
+
+def backward_over_valid_frames(y, lengths, dy):
+    valid = (torch.arange(y.shape[-1]) < lengths[:, None]).unsqueeze(1)
+    (y * dy * valid).sum().backward()
+
+
+def assert_per_utterance_group_norm(y, grad, x, lengths, dy, norm, tol):
+    """y and the gradient into x are each utterance's float64 group norm over its valid frames alone."""
+    w, b = norm.weight.detach().double(), norm.bias.detach().double()
+    for i, n in enumerate(lengths.tolist()):
+        xi = x.detach()[i:i + 1, :, :n].double().requires_grad_()
+        ref = F.group_norm(xi, 16, w, b, norm.eps)
+        (ref * dy[i:i + 1, :, :n].double()).sum().backward()
+        torch.testing.assert_close(y[i, :, :n].double(), ref[0].detach(), atol=tol, rtol=tol)
+        torch.testing.assert_close(grad[i, :, :n].double(), xi.grad[0], atol=tol, rtol=tol)
+
+
+def test_masked_group_norm_values_and_gradients_per_utterance():
+    """The layer-0 group norm of a padded batch gives each utterance the values and the gradients
+    (TAPT trains through it) of a float64 group norm over its valid frames alone (issue #5)."""
+    norm, x, lengths, dy = group_norm_case(seed=0, offset=3)
+    x.requires_grad_()
+    with torch.no_grad():  # the no-autograd path (V-FT's frozen encoder, inference) works in place
+        y_no_grad = M.masked_group_norm(x.detach().clone(), lengths, norm)
+    y = M.masked_group_norm(x, lengths, norm)
+    backward_over_valid_frames(y, lengths, dy)
+    assert_per_utterance_group_norm(y, x.grad, x, lengths, dy, norm, tol=1e-5)
+    for i, n in enumerate(lengths.tolist()):
+        assert torch.equal(y_no_grad[i, :, :n], y[i, :, :n].detach())
+        assert not x.grad[i, :, n:].any()  # padded frames feed nothing downstream
+
+
+def test_group_norm_is_float32_under_autocast():
+    """The layer-0 group norm gives each utterance the values and gradients of a float64 group norm over its
+    valid frames under bf16 and fp16 autocast too (fairseq computes this norm in float32, its Fp32GroupNorm)."""
+    norm, x, lengths, dy = group_norm_case(seed=1, offset=30)
+    for dtype in (None, torch.bfloat16, torch.float16):
+        xg = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            y = M.masked_group_norm(xg, lengths, norm)
+        assert y.dtype == torch.float32
+        backward_over_valid_frames(y, lengths, dy)
+        assert_per_utterance_group_norm(y, xg.grad, x, lengths, dy, norm, tol=1e-4)
+
+
+def test_wav2vec2_objective_learns_on_a_tiny_model():
+    """TAPT's objective (pretrain.tapt_loss with sample_negatives and compute_span_mask) can
+    learn: on four synthetic 1 s utterances a fresh tiny model's contrastive loss per masked frame
+    falls from chance, ln(1 + negatives), to below half of it within 100 updates, without the
+    quantizer collapsing (a collapsed codebook would lower the loss by making distractors equal to
+    their targets, which get -inf)."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    wav = torch.stack([torch.from_numpy(np.asarray(data.synth_utterance(
+        rng, data.speaker_voice(rng, "FM"[i % 2]), data.EMOTION_STYLE[("neu", "ang", "sad", "hap")[i]],
+        1.0, -50.0), dtype=np.float32)) for i in range(4)])
+    wav = 0.5 * wav / wav.abs().amax(1, keepdim=True)
+    lens = torch.full((4,), wav.shape[1])
+    num_negatives = 20
+    model = M.Wav2Vec2(tiny_config(num_layers=2, num_negatives=num_negatives))
+    frames = model.frame_lengths(lens)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    chance = math.log(1 + num_negatives)
+
+    g_eval = torch.Generator().manual_seed(123)
+    eval_mask = M.compute_span_mask(frames, int(frames.max()), 0.3, 5, 2, "hf", g_eval)
+    eval_negatives = P.sample_negatives(eval_mask, num_negatives, g_eval)
+
+    def evaluate():  # eval mode: argmax codewords, no dropout; fixed masks and distractors
+        model.eval()
+        with torch.no_grad():
+            enc = model.encode(wav, lens, time_mask=eval_mask)
+            terms = P.tapt_loss(model, enc, eval_mask, eval_negatives)
+            targets, _ = model.quantizer(enc.features[eval_mask])
+            duplicates = (targets[eval_negatives] == targets[:, None]).all(-1).float().mean()
+        model.train()
+        return float(terms["contrastive"] / terms["n_masked"]), float(duplicates)
+
+    before, _ = evaluate()
+    g = torch.Generator().manual_seed(1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tensors this small: one thread is faster, and immune to a busy machine
+    try:
+        for update in range(100):
+            mask = M.compute_span_mask(frames, int(frames.max()), 0.3, 5, 2, "hf", g)
+            terms = P.tapt_loss(model, model.encode(wav, lens, time_mask=mask), mask,
+                                       P.sample_negatives(mask, num_negatives, g))
+            opt.zero_grad()
+            (terms["loss"] / terms["n_masked"]).backward()
+            opt.step()
+            model.quantizer.set_num_updates(update + 1)
+    finally:
+        torch.set_num_threads(threads)
+    after, duplicates = evaluate()
+    assert before > 0.9 * chance, (before, chance)
+    assert after < 0.5 * chance, (before, after, chance)
+    assert duplicates < 0.1, duplicates
+
+
+# ----------------------------------------------------------------------------- each loss alone
+
+
+def test_vft_loss_is_class_weighted_cross_entropy():
+    """vft_loss's pair, numerator / denominator, is sum_i w_{y_i} CE_i / sum_i w_{y_i}, written out in float64."""
+    import finetune
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(6, 4, generator=g), torch.tensor([0, 1, 1, 2, 3, 3])
+    weights = finetune.class_weights([0, 0, 1, 2, 2, 2, 3], 4)
+    total, count = finetune.vft_loss(logits, labels, weights)
+    log_p = logits.double().log_softmax(-1)
+    w = weights.double()[labels]
+    expected = -(w * log_p[torch.arange(6), labels]).sum() / w.sum()
+    assert float(total / count) == pytest.approx(float(expected), rel=1e-6)
+    assert float(count) == pytest.approx(float(w.sum()), rel=1e-6)
+
+
+def test_teacher_loss_labels_every_frame_with_its_utterance():
+    """teacher_loss: a class-weighted CE over every frame (each carrying its utterance's label) and one over
+    the utterances, each written out in float64."""
+    g = torch.Generator().manual_seed(1)
+    frame_logits, utterance_logits = torch.randn(3, 5, 4, generator=g), torch.randn(3, 4, generator=g)
+    labels, weights = torch.tensor([2, 0, 2]), torch.tensor([0.1, 0.2, 0.3, 0.4])
+    (fs, fc), (us, uc) = P.teacher_loss(frame_logits, utterance_logits, labels, weights)
+    w = weights.double()
+    frame = -sum(w[labels[u]] * frame_logits[u, t].double().log_softmax(-1)[labels[u]] for u in range(3) for t in range(5))
+    utterance = -sum(w[labels[u]] * utterance_logits[u].double().log_softmax(-1)[labels[u]] for u in range(3))
+    assert float(fs) == pytest.approx(float(frame), rel=1e-6) and float(fc) == pytest.approx(5 * float(w[labels].sum()))
+    assert float(us) == pytest.approx(float(utterance), rel=1e-6) and float(uc) == pytest.approx(float(w[labels].sum()))
+
+
+def test_pseudo_label_loss_one_term_per_k():
+    """pseudo_label_loss: for each K, the summed CE of the masked frames' clusters and the number of frames."""
+    g = torch.Generator().manual_seed(2)
+    logits = [torch.randn(7, 4, generator=g), torch.randn(7, 16, generator=g)]
+    targets = [torch.randint(0, 4, (7,), generator=g), torch.randint(0, 16, (7,), generator=g)]
+    terms = P.pseudo_label_loss(logits, targets)
+    assert len(terms) == 2
+    for (total, count), lk, tk in zip(terms, logits, targets):
+        expected = -lk.double().log_softmax(-1)[torch.arange(7), tk].sum()
+        assert count == 7 and float(total) == pytest.approx(float(expected), rel=1e-6)
+
+
+class RunsCommand:
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_resume_points_never_run_code(tmp_path, capsys):
+    """A resume file is read like a checkpoint: a pickle that would run a command is refused (and the
+    previous resume point used), never executed."""
+    import finetune
+    path = str(tmp_path / "state.pt")
+    finetune.save_training_state({"update": 1}, path)
+    marker = tmp_path / "ran"
+    torch.save({"update": RunsCommand(f"touch {marker}")}, f"{path}.new")  # a newer 'resume point' that runs code
+    assert finetune.load_training_state(path)["update"] == 1
+    assert not marker.exists() and "state.pt.new is unreadable" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- the release recipe
+
+
+def reference_release_tapt_loss(model, features, hidden, mask, negatives):
+    """transformers 4.10's Wav2Vec2ForPreTraining loss written out in float64 from its formulas (eval-mode
+    codes, so no Gumbel noise): every frame quantized; perplexity of the masked frames' mean softmax per group,
+    summed; CE over [target; distractors] of cos / logit_temp, a distractor equal to its target at -inf,
+    summed over masked frames; + 0.1 (G V - perplexity) / (G V), neither scaled by n_masked nor normalised."""
+    q = model.quantizer
+    B, T, C = features.shape
+    x = features.double().reshape(B * T, C)
+    logits = (x @ q.weight_proj.weight.double().T + q.weight_proj.bias.double()).view(B * T, q.groups, q.num_vars)
+    probs = logits.softmax(-1)[mask.flatten()].mean(0)
+    perplexity = torch.exp(-(probs * torch.log(probs + 1e-7)).sum(-1)).sum()
+    codes = logits.argmax(-1)  # (B T, G)
+    book = q.vars.double().view(q.groups, q.num_vars, -1)
+    quantized = torch.cat([book[g][codes[:, g]] for g in range(q.groups)], -1)
+    projected = quantized @ model.project_q.weight.double().T + model.project_q.bias.double()
+    context = hidden.double()[mask] @ model.final_proj.weight.double().T + model.final_proj.bias.double()
+    flat = mask.flatten().nonzero().squeeze(1)
+    total = 0.0
+    for i, frame in enumerate(flat.tolist()):
+        candidates = torch.cat([projected[frame][None], projected[negatives[i]]])
+        sims = torch.nn.functional.cosine_similarity(context[i][None], candidates, dim=-1) / model.cfg.logit_temp
+        sims[1:][(projected[negatives[i]] == projected[frame]).all(-1)] = float("-inf")
+        total = total - sims.log_softmax(0)[0]
+    gv = q.groups * q.num_vars
+    return total + 0.1 * (gv - perplexity) / gv
+
+
+def test_release_tapt_loss_matches_transformers_410_formulas():
+    """release_tapt_loss on a padded batch with one utterance much shorter than the other, run as the
+    release ran it (no attention mask: padding is audio), against the float64 reference; some distractors
+    fall on the padding."""
+    torch.manual_seed(0)
+    model = M.Wav2Vec2(tiny_config(dropout=0.0, attention_dropout=0.0, dropout_input=0.0, dropout_features=0.0)).eval()
+    wav = torch.randn(2, 16000, generator=torch.Generator().manual_seed(1)) * 0.1
+    lengths = torch.tensor([16000, 3200])
+    wav[1, 3200:] = 0.0
+    frames = model.frame_lengths(lengths)
+    T = int(frames.max())
+    g = lambda s: torch.Generator().manual_seed(s)
+    mask = M.batch_span_masks(frames, T, g(5), [g(6), g(7)], 0.2, 3, 2)
+    assert mask[1].any() and not mask[1, int(frames[1]):].any()
+    negatives = P.padded_negatives(mask, 20, [g(8), g(9)])
+    row1 = negatives[int(mask[0].sum()):] - T  # the short utterance's distractors, as frame indices of its row
+    assert (row1 >= int(frames[1])).any() and ((row1 >= 0) & (row1 < T)).all()
+    flat = mask.flatten().nonzero().squeeze(1)
+    assert not (negatives == flat[:, None]).any()  # never the frame itself
+    with torch.no_grad():
+        encoded = model.encode(wav, None, time_mask=mask)
+        terms = P.release_tapt_loss(model, encoded, mask, negatives)
+        expected = reference_release_tapt_loss(model, encoded.features, encoded.hidden, mask, negatives)
+    assert float(terms["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(terms["diversity"]) < 1 and int(terms["n_masked"]) == int(mask.sum())
+
+
+def covered_probability(length, span, n):
+    """P(a frame is masked) for each frame when n distinct span starts are drawn uniformly from 0..length - span."""
+    starts = length - span + 1
+    out = []
+    for j in range(length):
+        covering = min(j, starts - 1) - max(0, j - span + 1) + 1  # starts whose span covers frame j
+        out.append(1 - math.comb(starts - covering, n) / math.comb(starts, n))
+    return out
+
+
+def test_release_span_masks_follow_the_410_formula():
+    """One span count for the batch from its padded length (0.08 / 15 / min 2 at 499 frames: 2 spans with
+    probability 0.339, 3 with 0.661), starts over the padded length, padding cleared: a 1 s utterance (49
+    frames) in a 10 s batch is left unmasked about 75% of the time; per utterance it never is."""
+    g = lambda s: torch.Generator().manual_seed(s)
+    draws, frames, span = 3000, [499, 49], 15
+    short_unmasked, long_masked = 0, 0.0
+    for i in range(draws):
+        m = M.batch_span_masks(frames, 499, g(3 * i), [g(3 * i + 1), g(3 * i + 2)], 0.08, span, 2)
+        short_unmasked += int(not m[1].any())
+        long_masked += int(m[0].sum())
+        assert not m[1, 49:].any()
+    p2 = 1 - (0.08 * 499 / span - 2)  # P(int(2.661 + u) == 2)
+    expected_unmasked = p2 * math.comb(436, 2) / math.comb(485, 2) + (1 - p2) * math.comb(436, 3) / math.comb(485, 3)
+    assert short_unmasked / draws == pytest.approx(expected_unmasked, abs=0.025)
+    expected_long = p2 * sum(covered_probability(499, span, 2)) + (1 - p2) * sum(covered_probability(499, span, 3))
+    assert long_masked / draws == pytest.approx(expected_long, rel=0.02)
+    per_utterance = M.span_masks("utterance", frames, 499, [g(1), g(2)], g(0), 0.08, span, 2)
+    assert per_utterance[1].sum() >= span  # at least two spans inside its own 49 frames
+
+
+def test_release_vft_group_norm_sees_the_padding_and_the_transformer_does_not():
+    """The release's V-FT: in training, an utterance's features depend on how far its batch pads it (group norm
+    over the padded row), not on what else is in the batch (attention mask); eval (its one-utterance test)
+    and the clean recipe give each utterance its unbatched result."""
+    torch.manual_seed(0)
+    net = M.Wav2Vec2(tiny_config(dropout=0.0, attention_dropout=0.0, dropout_input=0.0, dropout_features=0.0,
+                                 layerdrop=0.0))
+    g = torch.Generator().manual_seed(2)
+    short, other_a, other_b = (torch.randn(n, generator=g) * 0.1 for n in (6000, 16000, 16000))
+    batch = lambda other: (torch.stack([torch.nn.functional.pad(short, (0, 10000)), other]), torch.tensor([6000, 16000]))
+    net.norm_over_padding = True
+    net.train()
+    with torch.no_grad():
+        alone, _ = net(short[None])
+        with_a, frames = net(*batch(other_a))
+        with_b, _ = net(*batch(other_b))
+        n = int(frames[0])
+        torch.testing.assert_close(with_a[0, :n], with_b[0, :n], atol=1e-6, rtol=0)  # the transformer: masked
+        assert (with_a[0, :n] - alone[0, :n]).abs().max() > 1e-3                    # the group norm: padded
+        net.eval()
+        torch.testing.assert_close(net(*batch(other_a))[0][0, :n], net(short[None])[0][0, :n], atol=1e-5, rtol=1e-5)
+        net.norm_over_padding = False
+        net.train()
+        torch.testing.assert_close(net(*batch(other_a))[0][0, :n], alone[0, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_release_dynamic_batches():
+    """The release's RandomBucketSampler: 50 length buckets read in ascending order, shuffled inside, cut when a
+    batch holds at least the budget of audio, last partial batch dropped; the batch order shuffled."""
+    rng = np.random.default_rng(0)
+    lengths = (rng.uniform(1, 12, 1000) * 16000).clip(max=160000).astype(int)
+    sampler = data.BucketBatchSampler(lengths, batch_seconds=250, seed=3)
+    batches = sampler.global_batches(0)
+    seconds = [lengths[b].sum() / 16000 for b in batches]
+    assert all(250 <= s < 250 + 10 for s in seconds)
+    used = [i for b in batches for i in b]
+    assert len(used) == len(set(used)) and len(lengths) - len(used) < 250 * 16000 / lengths.min()
+    order = np.argsort(lengths, kind="stable")
+    bucket_of = np.empty(len(lengths), int)
+    bucket_of[order] = np.arange(len(lengths)) // (len(lengths) // 50)
+    assert all(np.ptp(bucket_of[b]) <= len(b) // 20 + 1 for b in batches)  # neighbouring buckets of 20 only
+    assert batches != sorted(batches, key=lambda b: bucket_of[b].min())  # the batch order is shuffled
+    assert sampler.global_batches(1) != batches and data.BucketBatchSampler(lengths, batch_seconds=250, seed=3).global_batches(0) == batches
+
+
+# =============================================================================
+# k-means: kmeans.py
 
 BIG = 10 ** 9  # max_samples that never subsamples
 
@@ -1340,8 +1536,8 @@ def test_cli_refuses_to_overwrite(tmp_path, capsys):
     assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
 
 
-# -----------------------------------------------------------------------------
-# evaluate.py: metrics and the results table
+# =============================================================================
+# metrics: evaluate.py and the results table
 
 import evaluate as E
 
@@ -1393,8 +1589,8 @@ def test_results_table(tmp_path):
     assert empty.returncode == 2 and "no fold*/run*/metrics.json" in empty.stderr
 
 
-# -----------------------------------------------------------------------------
-# finetune.py and pretrain.py on a small synthetic corpus, as a user runs them
+# =============================================================================
+# training: finetune.py and pretrain.py on a small synthetic corpus, as a user runs them
 
 TINY_RUN = ["--checkpoint", "random-tiny", "--batch-size", "8", "--lr", "5e-4", "--channel-mask-span", "8",
             "--workers", "0", "--cache", "--no-progress"]
@@ -1645,8 +1841,89 @@ def test_kmeans_on_real_model_features_matches_sklearn(synth):
         assert own.inertia[-1] <= 1.01 * sk_own.inertia_
 
 
-# -----------------------------------------------------------------------------
-# torchrun: 2 gloo processes on CPU train exactly what one process trains
+# =============================================================================
+# faults: killed runs lose nothing (SIGKILL inside every stage, rerun, same result as never killed)
+
+
+def run_killed_in_stages(cmd, stages, rng):
+    """Start cmd; for each (ready, done) pair of paths, SIGKILL the run a random moment (up to 0.3 s)
+    after `ready` appears, before `done` does, then start it again; finally let it finish."""
+    import time
+    for ready, done in stages:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+        try:
+            while not ready.exists() and proc.poll() is None:
+                time.sleep(0.02)
+            time.sleep(float(rng.uniform(0.0, 0.3)))
+            proc.kill()
+        finally:
+            proc.wait()
+        assert ready.exists() and not done.exists(), f"not killed inside the stage: {proc.stderr.read()[-2000:]}"
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.mark.parametrize("recipe", ["release", "clean"])
+def test_killed_pretraining_stages_resume_to_the_same_result(corpus, tmp_path, recipe):
+    rng = np.random.default_rng()  # a different kill point every time the suite runs
+    common = ["--fold", 2, "--data", corpus, "--checkpoint", "random-tiny", "--batch-size", 8, "--warmup", 2,
+              "--lr", "5e-4", "--workers", 0, "--no-progress", "--save-every", 2, "--device", "cpu", "--recipe", recipe]
+    ptapt = ["--mode", "ptapt", "--updates", 12, "--teacher-updates", 12, "--ks", 4, 8, *common]
+    tapt = ["--mode", "tapt", "--updates", 12, *common]
+    for mode, args in (("ptapt", ptapt), ("tapt", tapt)):
+        r = script("pretrain.py", *args, "--out", tmp_path / "straight", env=ONE_THREAD)
+        assert r.returncode == 0, r.stderr[-3000:]
+    cmd = lambda args: [sys.executable, os.path.join(HERE, "pretrain.py"), *map(str, args), "--out", str(tmp_path / "killed")]
+    fold = tmp_path / "killed" / "ptapt" / "fold2"
+    run_killed_in_stages(cmd(ptapt), [(fold / "teacher.state.pt", fold / "teacher.pt"),        # teacher
+                                      (fold / "teacher.pt", fold / "labels.pt"),                # k-means
+                                      (fold / "ptapt.state.pt", fold / "pretrained.pt")], rng)  # pseudo-labels
+    tfold = tmp_path / "killed" / "tapt" / "fold2"
+    r = run_killed_in_stages(cmd(tapt), [(tfold / "tapt.state.pt", tfold / "pretrained.pt")], rng)
+    straight = tmp_path / "straight"
+    for f in ("ptapt/fold2/teacher.pt", "ptapt/fold2/pretrained.pt", "tapt/fold2/pretrained.pt"):
+        assert_same_weights(straight / f, tmp_path / "killed" / f, atol=0)
+    a, b = load_labels(straight / "ptapt/fold2/labels.pt"), load_labels(fold / "labels.pt")
+    assert all(torch.equal(a["labels"][k], b["labels"][k]) for k in a["labels"])
+    for name in ("ptapt/fold2/teacher", "ptapt/fold2/ptapt", "tapt/fold2/tapt"):  # the last epoch's loss
+        assert read_log(straight / f"{name}.log.jsonl")[-1]["loss"] == read_log(
+            tmp_path / "killed" / f"{name}.log.jsonl")[-1]["loss"]
+    assert not list((tmp_path / "killed").rglob("*.state.pt*"))
+
+
+def test_damaged_resume_point_falls_back_to_the_previous_one(tmp_path, capsys):
+    import finetune
+    path = str(tmp_path / "state.pt")
+    finetune.save_training_state({"update": 1}, path)
+    finetune.save_training_state({"update": 2}, path)
+    assert finetune.load_training_state(path)["update"] == 2
+    with open(path, "r+b") as f:  # cut short, as by a crash or a full disk on a copy
+        f.truncate(100)
+    assert finetune.load_training_state(path)["update"] == 1
+    assert "state.pt is unreadable" in capsys.readouterr().err
+    finetune.remove_training_state(path)
+    assert finetune.load_training_state(path) is None and not os.listdir(tmp_path)
+
+
+def test_unwritable_or_full_output_folder_fails_before_training(corpus, tmp_path, monkeypatch, capsys):
+    import finetune
+    (tmp_path / "a-file").write_text("")
+    for out in (tmp_path / "a-file", "/proc/no-such-folder"):
+        r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", out, *TINY_RUN)
+        assert r.returncode == 2 and "cannot write to the output folder" in r.stderr, r.stderr[-2000:]
+        assert "Traceback" not in r.stderr
+    monkeypatch.setattr(finetune.shutil, "disk_usage", lambda path: argparse.Namespace(total=10 ** 6, used=0, free=1000))
+    with pytest.raises(SystemExit) as e:
+        finetune.main(list(map(str, ["--fold", 1, "--data", corpus, "--out", tmp_path / "full", *TINY_RUN])))
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "GiB free" in err and "checkpoints need about" in err
+    assert not (tmp_path / "full" / "vft" / "fold1" / "run0" / "log.jsonl").exists()
+
+
+# =============================================================================
+# distributed: torchrun, 2 gloo processes on CPU train exactly what one process trains
 
 
 def torchrun(name, *args, timeout=300):
@@ -1748,89 +2025,8 @@ def test_torchrun_tapt_runs_the_same_updates(corpus, tmp_path):
     assert M.load_wav2vec2(tmp_path / "tapt" / "fold1" / "pretrained.pt").cfg.has_quantizer
 
 
-# -----------------------------------------------------------------------------
-# killed runs lose nothing: SIGKILL inside every stage, rerun, same result as never killed
-
-
-def run_killed_in_stages(cmd, stages, rng):
-    """Start cmd; for each (ready, done) pair of paths, SIGKILL the run a random moment (up to 0.3 s)
-    after `ready` appears, before `done` does, then start it again; finally let it finish."""
-    import time
-    for ready, done in stages:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
-        try:
-            while not ready.exists() and proc.poll() is None:
-                time.sleep(0.02)
-            time.sleep(float(rng.uniform(0.0, 0.3)))
-            proc.kill()
-        finally:
-            proc.wait()
-        assert ready.exists() and not done.exists(), f"not killed inside the stage: {proc.stderr.read()[-2000:]}"
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-@pytest.mark.parametrize("recipe", ["release", "clean"])
-def test_killed_pretraining_stages_resume_to_the_same_result(corpus, tmp_path, recipe):
-    rng = np.random.default_rng()  # a different kill point every time the suite runs
-    common = ["--fold", 2, "--data", corpus, "--checkpoint", "random-tiny", "--batch-size", 8, "--warmup", 2,
-              "--lr", "5e-4", "--workers", 0, "--no-progress", "--save-every", 2, "--device", "cpu", "--recipe", recipe]
-    ptapt = ["--mode", "ptapt", "--updates", 12, "--teacher-updates", 12, "--ks", 4, 8, *common]
-    tapt = ["--mode", "tapt", "--updates", 12, *common]
-    for mode, args in (("ptapt", ptapt), ("tapt", tapt)):
-        r = script("pretrain.py", *args, "--out", tmp_path / "straight", env=ONE_THREAD)
-        assert r.returncode == 0, r.stderr[-3000:]
-    cmd = lambda args: [sys.executable, os.path.join(HERE, "pretrain.py"), *map(str, args), "--out", str(tmp_path / "killed")]
-    fold = tmp_path / "killed" / "ptapt" / "fold2"
-    run_killed_in_stages(cmd(ptapt), [(fold / "teacher.state.pt", fold / "teacher.pt"),        # teacher
-                                      (fold / "teacher.pt", fold / "labels.pt"),                # k-means
-                                      (fold / "ptapt.state.pt", fold / "pretrained.pt")], rng)  # pseudo-labels
-    tfold = tmp_path / "killed" / "tapt" / "fold2"
-    r = run_killed_in_stages(cmd(tapt), [(tfold / "tapt.state.pt", tfold / "pretrained.pt")], rng)
-    straight = tmp_path / "straight"
-    for f in ("ptapt/fold2/teacher.pt", "ptapt/fold2/pretrained.pt", "tapt/fold2/pretrained.pt"):
-        assert_same_weights(straight / f, tmp_path / "killed" / f, atol=0)
-    a, b = load_labels(straight / "ptapt/fold2/labels.pt"), load_labels(fold / "labels.pt")
-    assert all(torch.equal(a["labels"][k], b["labels"][k]) for k in a["labels"])
-    for name in ("ptapt/fold2/teacher", "ptapt/fold2/ptapt", "tapt/fold2/tapt"):  # the last epoch's loss
-        assert read_log(straight / f"{name}.log.jsonl")[-1]["loss"] == read_log(
-            tmp_path / "killed" / f"{name}.log.jsonl")[-1]["loss"]
-    assert not list((tmp_path / "killed").rglob("*.state.pt*"))
-
-
-def test_damaged_resume_point_falls_back_to_the_previous_one(tmp_path, capsys):
-    import finetune
-    path = str(tmp_path / "state.pt")
-    finetune.save_training_state({"update": 1}, path)
-    finetune.save_training_state({"update": 2}, path)
-    assert finetune.load_training_state(path)["update"] == 2
-    with open(path, "r+b") as f:  # cut short, as by a crash or a full disk on a copy
-        f.truncate(100)
-    assert finetune.load_training_state(path)["update"] == 1
-    assert "state.pt is unreadable" in capsys.readouterr().err
-    finetune.remove_training_state(path)
-    assert finetune.load_training_state(path) is None and not os.listdir(tmp_path)
-
-
-def test_unwritable_or_full_output_folder_fails_before_training(corpus, tmp_path, monkeypatch, capsys):
-    import finetune
-    (tmp_path / "a-file").write_text("")
-    for out in (tmp_path / "a-file", "/proc/no-such-folder"):
-        r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", out, *TINY_RUN)
-        assert r.returncode == 2 and "cannot write to the output folder" in r.stderr, r.stderr[-2000:]
-        assert "Traceback" not in r.stderr
-    monkeypatch.setattr(finetune.shutil, "disk_usage", lambda path: argparse.Namespace(total=10 ** 6, used=0, free=1000))
-    with pytest.raises(SystemExit) as e:
-        finetune.main(list(map(str, ["--fold", 1, "--data", corpus, "--out", tmp_path / "full", *TINY_RUN])))
-    assert e.value.code == 2
-    err = capsys.readouterr().err
-    assert "GiB free" in err and "checkpoints need about" in err
-    assert not (tmp_path / "full" / "vft" / "fold1" / "run0" / "log.jsonl").exists()
-
-
-# -----------------------------------------------------------------------------
-# On a CUDA GPU only, skipped elsewhere: `pytest test_all.py -k gpu` (two minutes, estimated). The first checks
+# =============================================================================
+# GPU: on a CUDA GPU only, skipped elsewhere: `pytest test_all.py -k gpu` (two minutes, estimated). The first checks
 # to run when a GPU is lent; BENCHMARKS.md says which of them have ever run.
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -1921,199 +2117,3 @@ def test_gpu_bench_small_runs(tmp_path):
     mfu = [row["mfu"] for row in results["6"]["rows"]]
     assert mfu and all(0 < m <= 1 for m in mfu)
     assert all(row["peak_mb"] for row in results["1"]["rows"])
-
-
-# ----------------------------------------------------------------------------- each loss alone
-
-
-def test_vft_loss_is_class_weighted_cross_entropy():
-    """vft_loss's pair, numerator / denominator, is sum_i w_{y_i} CE_i / sum_i w_{y_i}, written out in float64."""
-    import finetune
-    g = torch.Generator().manual_seed(0)
-    logits, labels = torch.randn(6, 4, generator=g), torch.tensor([0, 1, 1, 2, 3, 3])
-    weights = finetune.class_weights([0, 0, 1, 2, 2, 2, 3], 4)
-    total, count = finetune.vft_loss(logits, labels, weights)
-    log_p = logits.double().log_softmax(-1)
-    w = weights.double()[labels]
-    expected = -(w * log_p[torch.arange(6), labels]).sum() / w.sum()
-    assert float(total / count) == pytest.approx(float(expected), rel=1e-6)
-    assert float(count) == pytest.approx(float(w.sum()), rel=1e-6)
-
-
-def test_teacher_loss_labels_every_frame_with_its_utterance():
-    """teacher_loss: a class-weighted CE over every frame (each carrying its utterance's label) and one over
-    the utterances, each written out in float64."""
-    g = torch.Generator().manual_seed(1)
-    frame_logits, utterance_logits = torch.randn(3, 5, 4, generator=g), torch.randn(3, 4, generator=g)
-    labels, weights = torch.tensor([2, 0, 2]), torch.tensor([0.1, 0.2, 0.3, 0.4])
-    (fs, fc), (us, uc) = P.teacher_loss(frame_logits, utterance_logits, labels, weights)
-    w = weights.double()
-    frame = -sum(w[labels[u]] * frame_logits[u, t].double().log_softmax(-1)[labels[u]] for u in range(3) for t in range(5))
-    utterance = -sum(w[labels[u]] * utterance_logits[u].double().log_softmax(-1)[labels[u]] for u in range(3))
-    assert float(fs) == pytest.approx(float(frame), rel=1e-6) and float(fc) == pytest.approx(5 * float(w[labels].sum()))
-    assert float(us) == pytest.approx(float(utterance), rel=1e-6) and float(uc) == pytest.approx(float(w[labels].sum()))
-
-
-def test_pseudo_label_loss_one_term_per_k():
-    """pseudo_label_loss: for each K, the summed CE of the masked frames' clusters and the number of frames."""
-    g = torch.Generator().manual_seed(2)
-    logits = [torch.randn(7, 4, generator=g), torch.randn(7, 16, generator=g)]
-    targets = [torch.randint(0, 4, (7,), generator=g), torch.randint(0, 16, (7,), generator=g)]
-    terms = P.pseudo_label_loss(logits, targets)
-    assert len(terms) == 2
-    for (total, count), lk, tk in zip(terms, logits, targets):
-        expected = -lk.double().log_softmax(-1)[torch.arange(7), tk].sum()
-        assert count == 7 and float(total) == pytest.approx(float(expected), rel=1e-6)
-
-
-class RunsCommand:
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
-
-
-def test_resume_points_never_run_code(tmp_path, capsys):
-    """A resume file is read like a checkpoint: a pickle that would run a command is refused (and the
-    previous resume point used), never executed."""
-    import finetune
-    path = str(tmp_path / "state.pt")
-    finetune.save_training_state({"update": 1}, path)
-    marker = tmp_path / "ran"
-    torch.save({"update": RunsCommand(f"touch {marker}")}, f"{path}.new")  # a newer 'resume point' that runs code
-    assert finetune.load_training_state(path)["update"] == 1
-    assert not marker.exists() and "state.pt.new is unreadable" in capsys.readouterr().err
-
-
-# ----------------------------------------------------------------------------- the release recipe
-
-
-def reference_release_tapt_loss(model, features, hidden, mask, negatives):
-    """transformers 4.10's Wav2Vec2ForPreTraining loss written out in float64 from its formulas (eval-mode
-    codes, so no Gumbel noise): every frame quantized; perplexity of the masked frames' mean softmax per group,
-    summed; CE over [target; distractors] of cos / logit_temp, a distractor equal to its target at -inf,
-    summed over masked frames; + 0.1 (G V - perplexity) / (G V), neither scaled by n_masked nor normalised."""
-    q = model.quantizer
-    B, T, C = features.shape
-    x = features.double().reshape(B * T, C)
-    logits = (x @ q.weight_proj.weight.double().T + q.weight_proj.bias.double()).view(B * T, q.groups, q.num_vars)
-    probs = logits.softmax(-1)[mask.flatten()].mean(0)
-    perplexity = torch.exp(-(probs * torch.log(probs + 1e-7)).sum(-1)).sum()
-    codes = logits.argmax(-1)  # (B T, G)
-    book = q.vars.double().view(q.groups, q.num_vars, -1)
-    quantized = torch.cat([book[g][codes[:, g]] for g in range(q.groups)], -1)
-    projected = quantized @ model.project_q.weight.double().T + model.project_q.bias.double()
-    context = hidden.double()[mask] @ model.final_proj.weight.double().T + model.final_proj.bias.double()
-    flat = mask.flatten().nonzero().squeeze(1)
-    total = 0.0
-    for i, frame in enumerate(flat.tolist()):
-        candidates = torch.cat([projected[frame][None], projected[negatives[i]]])
-        sims = torch.nn.functional.cosine_similarity(context[i][None], candidates, dim=-1) / model.cfg.logit_temp
-        sims[1:][(projected[negatives[i]] == projected[frame]).all(-1)] = float("-inf")
-        total = total - sims.log_softmax(0)[0]
-    gv = q.groups * q.num_vars
-    return total + 0.1 * (gv - perplexity) / gv
-
-
-def test_release_tapt_loss_matches_transformers_410_formulas():
-    """release_tapt_loss on a padded batch with one utterance much shorter than the other, run as the
-    release ran it (no attention mask: padding is audio), against the float64 reference; some distractors
-    fall on the padding."""
-    torch.manual_seed(0)
-    model = M.Wav2Vec2(tiny_config(dropout=0.0, attention_dropout=0.0, dropout_input=0.0, dropout_features=0.0)).eval()
-    wav = torch.randn(2, 16000, generator=torch.Generator().manual_seed(1)) * 0.1
-    lengths = torch.tensor([16000, 3200])
-    wav[1, 3200:] = 0.0
-    frames = model.frame_lengths(lengths)
-    T = int(frames.max())
-    g = lambda s: torch.Generator().manual_seed(s)
-    mask = M.batch_span_masks(frames, T, g(5), [g(6), g(7)], 0.2, 3, 2)
-    assert mask[1].any() and not mask[1, int(frames[1]):].any()
-    negatives = P.padded_negatives(mask, 20, [g(8), g(9)])
-    row1 = negatives[int(mask[0].sum()):] - T  # the short utterance's distractors, as frame indices of its row
-    assert (row1 >= int(frames[1])).any() and ((row1 >= 0) & (row1 < T)).all()
-    flat = mask.flatten().nonzero().squeeze(1)
-    assert not (negatives == flat[:, None]).any()  # never the frame itself
-    with torch.no_grad():
-        encoded = model.encode(wav, None, time_mask=mask)
-        terms = P.release_tapt_loss(model, encoded, mask, negatives)
-        expected = reference_release_tapt_loss(model, encoded.features, encoded.hidden, mask, negatives)
-    assert float(terms["loss"]) == pytest.approx(float(expected), rel=1e-5)
-    assert float(terms["diversity"]) < 1 and int(terms["n_masked"]) == int(mask.sum())
-
-
-def covered_probability(length, span, n):
-    """P(a frame is masked) for each frame when n distinct span starts are drawn uniformly from 0..length - span."""
-    starts = length - span + 1
-    out = []
-    for j in range(length):
-        covering = min(j, starts - 1) - max(0, j - span + 1) + 1  # starts whose span covers frame j
-        out.append(1 - math.comb(starts - covering, n) / math.comb(starts, n))
-    return out
-
-
-def test_release_span_masks_follow_the_410_formula():
-    """One span count for the batch from its padded length (0.08 / 15 / min 2 at 499 frames: 2 spans with
-    probability 0.339, 3 with 0.661), starts over the padded length, padding cleared: a 1 s utterance (49
-    frames) in a 10 s batch is left unmasked about 75% of the time; per utterance it never is."""
-    g = lambda s: torch.Generator().manual_seed(s)
-    draws, frames, span = 3000, [499, 49], 15
-    short_unmasked, long_masked = 0, 0.0
-    for i in range(draws):
-        m = M.batch_span_masks(frames, 499, g(3 * i), [g(3 * i + 1), g(3 * i + 2)], 0.08, span, 2)
-        short_unmasked += int(not m[1].any())
-        long_masked += int(m[0].sum())
-        assert not m[1, 49:].any()
-    p2 = 1 - (0.08 * 499 / span - 2)  # P(int(2.661 + u) == 2)
-    expected_unmasked = p2 * math.comb(436, 2) / math.comb(485, 2) + (1 - p2) * math.comb(436, 3) / math.comb(485, 3)
-    assert short_unmasked / draws == pytest.approx(expected_unmasked, abs=0.025)
-    expected_long = p2 * sum(covered_probability(499, span, 2)) + (1 - p2) * sum(covered_probability(499, span, 3))
-    assert long_masked / draws == pytest.approx(expected_long, rel=0.02)
-    per_utterance = M.span_masks("utterance", frames, 499, [g(1), g(2)], g(0), 0.08, span, 2)
-    assert per_utterance[1].sum() >= span  # at least two spans inside its own 49 frames
-
-
-def test_release_vft_group_norm_sees_the_padding_and_the_transformer_does_not():
-    """The release's V-FT: in training, an utterance's features depend on how far its batch pads it (group norm
-    over the padded row), not on what else is in the batch (attention mask); eval (its one-utterance test)
-    and the clean recipe give each utterance its unbatched result."""
-    torch.manual_seed(0)
-    net = M.Wav2Vec2(tiny_config(dropout=0.0, attention_dropout=0.0, dropout_input=0.0, dropout_features=0.0,
-                                 layerdrop=0.0))
-    g = torch.Generator().manual_seed(2)
-    short, other_a, other_b = (torch.randn(n, generator=g) * 0.1 for n in (6000, 16000, 16000))
-    batch = lambda other: (torch.stack([torch.nn.functional.pad(short, (0, 10000)), other]), torch.tensor([6000, 16000]))
-    net.norm_over_padding = True
-    net.train()
-    with torch.no_grad():
-        alone, _ = net(short[None])
-        with_a, frames = net(*batch(other_a))
-        with_b, _ = net(*batch(other_b))
-        n = int(frames[0])
-        torch.testing.assert_close(with_a[0, :n], with_b[0, :n], atol=1e-6, rtol=0)  # the transformer: masked
-        assert (with_a[0, :n] - alone[0, :n]).abs().max() > 1e-3                    # the group norm: padded
-        net.eval()
-        torch.testing.assert_close(net(*batch(other_a))[0][0, :n], net(short[None])[0][0, :n], atol=1e-5, rtol=1e-5)
-        net.norm_over_padding = False
-        net.train()
-        torch.testing.assert_close(net(*batch(other_a))[0][0, :n], alone[0, :n], atol=1e-5, rtol=1e-5)
-
-
-def test_release_dynamic_batches():
-    """The release's RandomBucketSampler: 50 length buckets read in ascending order, shuffled inside, cut when a
-    batch holds at least the budget of audio, last partial batch dropped; the batch order shuffled."""
-    rng = np.random.default_rng(0)
-    lengths = (rng.uniform(1, 12, 1000) * 16000).clip(max=160000).astype(int)
-    sampler = data.BucketBatchSampler(lengths, batch_seconds=250, seed=3)
-    batches = sampler.global_batches(0)
-    seconds = [lengths[b].sum() / 16000 for b in batches]
-    assert all(250 <= s < 250 + 10 for s in seconds)
-    used = [i for b in batches for i in b]
-    assert len(used) == len(set(used)) and len(lengths) - len(used) < 250 * 16000 / lengths.min()
-    order = np.argsort(lengths, kind="stable")
-    bucket_of = np.empty(len(lengths), int)
-    bucket_of[order] = np.arange(len(lengths)) // (len(lengths) // 50)
-    assert all(np.ptp(bucket_of[b]) <= len(b) // 20 + 1 for b in batches)  # neighbouring buckets of 20 only
-    assert batches != sorted(batches, key=lambda b: bucket_of[b].min())  # the batch order is shuffled
-    assert sampler.global_batches(1) != batches and data.BucketBatchSampler(lengths, batch_seconds=250, seed=3).global_batches(0) == batches
