@@ -21,6 +21,8 @@ import torch.nn.functional as F
 
 import data
 import model as M
+from bench import (fairseq_args, random_model, to_fairseq_state, torchaudio_layers, torchaudio_model,
+                   write_fairseq)  # fairseq-format files and torchaudio's twin, shared with the benchmarks
 import pretrain as P
 from kmeans import assign, fit_kmeans, labels_for, load_labels, save_labels
 
@@ -41,101 +43,6 @@ TINY_GN = dict()                                                           # gro
 TINY_LN = dict(extractor_mode="layer_norm", conv_bias=True, layer_norm_first=True, normalize=True)
 BASE = dict(conv_layers=list(M.BASE_CONV_LAYERS), embed_dim=768, ffn_dim=3072, num_layers=12, num_heads=12,
             pos_conv_kernel=128, pos_conv_groups=16, final_dim=256, latent_vars=320)
-
-
-def random_model(cfg, seed=0):
-    """Random weights with non-trivial norms and biases, so a mis-mapped parameter shows."""
-    torch.manual_seed(seed)
-    net = M.Wav2Vec2(cfg)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return net.eval()
-
-
-def to_fairseq_state(net):
-    """This model's parameters under fairseq's names (the inverse of model.fairseq_key)."""
-    out = {}
-    ln_mode = net.cfg.extractor_mode == "layer_norm"
-    for k, v in net.state_dict().items():
-        if k.startswith("feature_encoder.convs."):
-            i, what = k.split(".")[2:]
-            k = f"feature_extractor.conv_layers.{i}.0.{what}"
-        elif k.startswith("feature_encoder.norms."):
-            i, what = k.split(".")[2:]
-            k = f"feature_extractor.conv_layers.{i}.2.1.{what}" if ln_mode else f"feature_extractor.conv_layers.{i}.2.{what}"
-        elif k.startswith("encoder.pos_conv."):
-            k = "encoder.pos_conv.0." + k.split(".")[-1]
-        out[k] = v.clone()
-    return out
-
-
-def fairseq_args(cfg):
-    layers = " + ".join(f"[{tuple(x)}]" for x in cfg.conv_layers)
-    return dict(arch="wav2vec2", extractor_mode=cfg.extractor_mode, conv_feature_layers=layers,
-                conv_bias=cfg.conv_bias, encoder_embed_dim=cfg.embed_dim, encoder_ffn_embed_dim=cfg.ffn_dim,
-                encoder_layers=cfg.num_layers, encoder_attention_heads=cfg.num_heads,
-                layer_norm_first=cfg.layer_norm_first, conv_pos=cfg.pos_conv_kernel,
-                conv_pos_groups=cfg.pos_conv_groups, final_dim=cfg.final_dim, latent_vars=cfg.latent_vars,
-                latent_groups=cfg.latent_groups, latent_temp="(2,0.5,0.999995)", dropout=0.1,
-                encoder_layerdrop=0.05, feature_grad_mult=0.1, normalize=cfg.normalize, quantize_targets=True)
-
-
-def write_fairseq(path, net, style):
-    """Write `net` as fairseq would: style in args | cfg | omegaconf | asr | legacy."""
-    state, a = to_fairseq_state(net), fairseq_args(net.cfg)
-    extra = {"optimizer_history": [{"criterion_name": "Wav2vecCriterion", "num_updates": 400000}],
-             "extra_state": {"epoch": 57, "train_iterator": {"epoch": 57}}}
-    if style in ("args", "legacy"):
-        obj = {"args": argparse.Namespace(**a), "model": state, **extra}
-    elif style == "cfg":
-        obj = {"cfg": {"model": {"_name": "wav2vec2", **a}, "task": {"_name": "audio_pretraining",
-                                                                   "normalize": net.cfg.normalize}},
-               "model": state, **extra}
-    elif style == "omegaconf":
-        from omegaconf import OmegaConf  # only the test writes omegaconf objects; the loader never imports it
-        cfg = OmegaConf.create({"model": {"_name": "wav2vec2", **a},
-                                "task": {"_name": "audio_pretraining", "normalize": net.cfg.normalize}})
-        obj = {"cfg": cfg, "model": state, **extra}
-    elif style == "asr":
-        inner = {"model": {"_name": "wav2vec2", **a}, "task": {"normalize": net.cfg.normalize}}
-        asr_state = {f"w2v_encoder.w2v_model.{k}": v for k, v in state.items()
-                     if not k.startswith(("quantizer", "project_q", "final_proj"))}
-        asr_state["w2v_encoder.proj.weight"] = torch.randn(32, net.cfg.embed_dim)
-        asr_state["w2v_encoder.proj.bias"] = torch.randn(32)
-        obj = {"cfg": {"model": {"_name": "wav2vec_ctc", "w2v_args": inner, "dropout": 0.0},
-                       "task": {"normalize": net.cfg.normalize}}, "model": asr_state, **extra}
-    else:
-        raise ValueError(style)
-    torch.save(obj, path, _use_new_zipfile_serialization=style != "legacy")
-    return state
-
-
-def torchaudio_model(cfg, fs_state):
-    """torchaudio's own wav2vec 2.0, loaded through torchaudio's own fairseq key converter."""
-    import torchaudio.models
-    from torchaudio.models.wav2vec2.utils.import_fairseq import _convert_state_dict
-    ta = torchaudio.models.wav2vec2_model(
-        extractor_mode="group_norm" if cfg.extractor_mode == "default" else "layer_norm",
-        extractor_conv_layer_config=[tuple(x) for x in cfg.conv_layers], extractor_conv_bias=cfg.conv_bias,
-        encoder_embed_dim=cfg.embed_dim, encoder_projection_dropout=0.0, encoder_pos_conv_kernel=cfg.pos_conv_kernel,
-        encoder_pos_conv_groups=cfg.pos_conv_groups, encoder_num_layers=cfg.num_layers,
-        encoder_num_heads=cfg.num_heads, encoder_attention_dropout=0.0, encoder_ff_interm_features=cfg.ffn_dim,
-        encoder_ff_interm_dropout=0.0, encoder_dropout=0.0, encoder_layer_norm_first=cfg.layer_norm_first,
-        encoder_layer_drop=0.0, aux_num_out=None)
-    ta.load_state_dict(_convert_state_dict(fs_state))
-    return ta.eval()
-
-
-def torchaudio_layers(ta, cfg, wav):
-    """Every layer's output for one unpadded utterance (1, T), as fairseq defines layer k."""
-    if cfg.normalize:  # torchaudio leaves waveform normalisation to the caller
-        wav = torch.nn.functional.layer_norm(wav, wav.shape[-1:])
-    with torch.no_grad():
-        outs = ta.extract_features(wav)[0]
-        final = ta(wav)[0]
-    return outs, final
 
 
 @pytest.mark.parametrize("variant,style", [("gn", "args"), ("gn", "omegaconf"), ("gn", "legacy"),
