@@ -2,7 +2,6 @@
 (torchaudio's wav2vec 2.0 and fairseq key converter, scikit-learn's k-means, hand-computed
 metrics, loss references written from the formulas)."""
 import argparse
-import contextlib
 import csv
 import glob
 import json
