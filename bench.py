@@ -243,8 +243,10 @@ def write_fairseq(path, net, style):
                "model": state, **extra}
     elif style == "omegaconf":
         from omegaconf import OmegaConf  # only the tests write omegaconf objects; the loader never imports it
-        cfg = OmegaConf.create({"model": {"_name": "wav2vec2", **a},
-                                "task": {"_name": "audio_pretraining", "normalize": net.cfg.normalize}})
+        # lists as fairseq's hydra configs have them (optimization.lr, latent_temp): pickled with int's py2 name
+        cfg = OmegaConf.create({"model": {"_name": "wav2vec2", **a, "latent_temp": [2.0, 0.5, 0.999995]},
+                                "task": {"_name": "audio_pretraining", "normalize": net.cfg.normalize},
+                                "optimization": {"lr": [0.0005], "update_freq": [1], "max_update": 400000}})
         obj = {"cfg": cfg, "model": state, **extra}
     elif style == "asr":
         inner = {"model": {"_name": "wav2vec2", **a}, "task": {"normalize": net.cfg.normalize}}

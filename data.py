@@ -11,6 +11,7 @@ Every problem a user's file can cause raises DataError with a message that names
 or value and says what was expected; the scripts print it and exit with code 2.
 """
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -793,8 +794,37 @@ def load_for_counts(data, wav_dir=None):
     raise DataError(f"{data} not found (expected an IEMOCAP folder, a .json label file or a .csv manifest)")
 
 
+@contextlib.contextmanager
+def user_errors():
+    """Every script's errors, as its user sees them: bad input is one line and exit status 2 (a DataLoader
+    worker's too: torch re-raises it with the worker's traceback in the message, whose last line is the
+    error itself); Ctrl-C one line and 130; a reader that closed the pipe (| head) ends the output quietly."""
+    try:
+        yield
+    except (DataError, ValueError) as e:
+        text = str(e)
+        if "\nOriginal Traceback" in text:
+            text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {text}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("\ninterrupted: what was written is complete; run the same command again to go on", file=sys.stderr)
+        sys.exit(130)
+    except BrokenPipeError:  # stdout to devnull, so that Python's own flush at exit fails no more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Every script's parser: a bad flag or value is one line (the flag, the value, what is allowed) and
+    exit status 2, as every other error of these scripts."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(description="Count an emotion corpus, or write a synthetic IEMOCAP-like one.",
+    parser = OneLineParser(description="Count an emotion corpus, or write a synthetic IEMOCAP-like one.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--data", default=None,
@@ -833,19 +863,9 @@ def report(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
+    with user_errors():
         print(report(args))
-        sys.stdout.flush()  # here, so that a reader that stopped early (| head) is caught below
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
-        # No traceback; stdout goes to devnull so that Python's own flush at exit fails no more.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    except KeyboardInterrupt:  # a synthesis left nothing behind; 130 as for the other scripts
-        print("interrupted", file=sys.stderr)
-        return 130
+        sys.stdout.flush()  # here, so that a reader that stopped early (| head) is caught
     return 0
 
 

@@ -10,14 +10,14 @@ import glob
 import json
 import os
 import re
-import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import AudioDataset, BucketBatchSampler, DataError, collate, load_corpus, read_audio
+from data import (AudioDataset, BucketBatchSampler, DataError, OneLineParser, collate, load_corpus, read_audio,
+                  user_errors)
 from model import resolve_device, world
 
 # -----------------------------------------------------------------------------
@@ -168,7 +168,7 @@ def format_table(result, name="run"):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", nargs="?", help="runs/<name>: aggregate fold*/run*/metrics.json into the table")
     p.add_argument("--checkpoint", help="a fine-tuned classifier written by finetune.py (model.pt)")
     p.add_argument("--data", help="IEMOCAP_full_release folder, label .json or .csv manifest (with --checkpoint)")
@@ -178,7 +178,7 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto (the GPU when there is one), cpu, cuda, cuda:N (default: %(default)s)")
     p.add_argument("--out", help="where to write the JSON (default: <run_dir>/results.json)")
     args = p.parse_args(argv)
-    try:
+    with user_errors():
         if args.run_dir:
             result = aggregate(args.run_dir)
             out = args.out or os.path.join(args.run_dir, "results.json")
@@ -214,11 +214,6 @@ def main(argv=None):
                 p.error("--checkpoint needs --data (and --fold) or --predict")
         else:
             p.error("give a run folder, or --checkpoint with --data or --predict")
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except BrokenPipeError:  # `python evaluate.py runs/x | head`: the files are written, the reader left
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

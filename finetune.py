@@ -19,11 +19,13 @@ Output: runs/<name>/fold<k>/run<r>/{config.json, log.jsonl, model.pt, prediction
 The training loop below (`train`) is the one every stage of pretrain.py uses too.
 """
 import argparse
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
 
@@ -33,8 +35,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (AudioDataset, BucketBatchSampler, DataError, collate, count_table, format_count_table,
-                  load_corpus, synthesize_iemocap)
+from data import (AudioDataset, BucketBatchSampler, DataError, OneLineParser, collate, count_table,
+                  format_count_table, load_corpus, synthesize_iemocap, user_errors)
 from evaluate import compute_metrics, predict, write_json, write_predictions
 from model import (SAMPLE_RATE, CheckpointError, EmotionClassifier, Wav2Vec2, Wav2Vec2Config, load_wav2vec2,
                    resolve_device, save_atomic, save_classifier, span_masks, world)
@@ -148,7 +150,8 @@ def load_backbone(source, seed):
         torch.manual_seed(seed)
         return Wav2Vec2(tiny_random_config())
     if source is None:
-        raise DataError("give --checkpoint (a fairseq wav2vec 2.0 .pt, e.g. wav2vec_small.pt) or --init")
+        raise DataError("give --checkpoint (a fairseq wav2vec 2.0 .pt, e.g. wav2vec_small.pt, or a Hugging Face "
+                        "wav2vec 2.0 folder) or --init")
     try:
         return load_wav2vec2(source)
     except CheckpointError as e:
@@ -172,6 +175,8 @@ def train(model, params, batch_loss, dataset, sampler, *, updates, lr, schedule,
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ckpt = Checkpoint(os.path.join(run_dir, f"{name}state.pt"), model, opt, scaler, device, params, desc)
     pos = ckpt.load()  # update, epoch, batch_in_epoch, and the epoch's running sums of loss, updates, audio seconds
+    log_path = os.path.join(run_dir, f"{name}log.jsonl")
+    trim_log(log_path, pos["update"])
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                          generator=torch.Generator())  # its own: the global one drives dropout
     bar = tqdm(total=updates, initial=pos["update"], desc=desc, unit="update", disable=not progress or world()[0])
@@ -179,8 +184,6 @@ def train(model, params, batch_loss, dataset, sampler, *, updates, lr, schedule,
         while pos["update"] < updates:
             sampler.set_epoch(pos["epoch"], pos["batch_in_epoch"])
             dataset.set_epoch(pos["epoch"])
-            if pos["batch_in_epoch"] == 0 and len(sampler) == 0:
-                raise DataError(f"{desc}: the training data make no full batch of {sampler.batch_size} utterances")
             model.train()
             t0 = time.time()
             for batch in loader:
@@ -207,7 +210,7 @@ def train(model, params, batch_loss, dataset, sampler, *, updates, lr, schedule,
                     ckpt.save(pos)
             else:
                 pos["epoch"], pos["batch_in_epoch"] = pos["epoch"] + 1, 0
-            log_epoch(os.path.join(run_dir, f"{name}log.jsonl"), pos, opt, time.time() - t0)
+            log_epoch(log_path, pos, opt, time.time() - t0)
             ckpt.save(pos)
             if stop.flag:
                 stop.exit(desc, pos["update"])
@@ -254,8 +257,13 @@ def train_batches(lengths, batch_size, max_batch_seconds, bucket, seed, batch_se
     """The epoch's batches of batch_size utterances in all (the recipe's global batch; or the release's
     dynamic batches of batch_seconds of audio), this process taking utterances rank, rank + N, ... of each."""
     rank, world_size = world()
-    return BucketBatchSampler(lengths, batch_size=batch_size, max_batch_seconds=max_batch_seconds, bucket=bucket,
-                              seed=seed, num_replicas=world_size, rank=rank, batch_seconds=batch_seconds)
+    sampler = BucketBatchSampler(lengths, batch_size=batch_size, max_batch_seconds=max_batch_seconds, bucket=bucket,
+                                 seed=seed, num_replicas=world_size, rank=rank, batch_seconds=batch_seconds)
+    if len(sampler) == 0:  # the last partial batch is dropped: nothing would be trained
+        raise DataError(f"the {len(lengths)} training utterances make no full batch of "
+                        + (f"{batch_seconds:g} s of audio" if batch_seconds else f"{batch_size} utterances")
+                        + ": lower --batch-size")
+    return sampler
 
 
 def utterance_rng(seed, update, index):
@@ -379,6 +387,27 @@ def load_training_state(path):
     return None
 
 
+def trim_log(path, update):
+    """Drop log lines past the resume point: an epoch whose save failed (a full disk, a kill) is run again
+    and logged again."""
+    if world()[0] != 0 or not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = [line for line in lines if logged_update(line) <= update]
+    if len(keep) < len(lines):
+        with open(f"{path}.tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(f"{path}.tmp", path)
+
+
+def logged_update(line):
+    try:
+        return json.loads(line)["update"]
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+        return float("inf")
+
+
 def remove_training_state(path):
     for candidate in (path, f"{path}.new", f"{path}.prev"):
         if os.path.exists(candidate):
@@ -453,25 +482,95 @@ def barrier():
         dist.barrier()
 
 
-def check_run_config(run_dir, config):
-    """Refuse to resume or skip into a folder made with other settings (returns True when the folder
-    holds this run already); fail early on a folder that cannot be written."""
+# where and how a run goes, not what it computes: never blocks a resume
+UNCOMPUTED_SETTINGS = {"workers", "device", "progress", "name", "out", "cache", "save_every", "quickstart"}
+
+
+def run_files(run_dir):
+    """The folder's computed files (results, resume points, logs): all but config.json, the lock and temporaries."""
+    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
+    return sorted(n for n in names if n not in ("config.json", "lock") and ".tmp" not in n and not n.startswith("."))
+
+
+def check_run_config(run_dir, config, computed_with=None):
+    """Refuse to resume or skip into a folder whose files were computed with other settings; returns True
+    when the folder holds this run already. A setting may change while nothing was computed with it yet
+    (a failed start leaves only config.json): computed_with(changed settings) lists those files (default:
+    every computed file), and config.json is then rewritten. Fails early on a folder that cannot be written."""
     path = os.path.join(run_dir, "config.json")
     barrier()  # every process looks before rank 0 writes
-    exists = os.path.exists(path)
-    if exists:
-        with open(path) as f:
-            old = json.load(f)
-        ignore = {"workers", "device", "progress", "name", "out", "cache"}  # where and how, not what
-        diff = {k: (old.get(k), v) for k, v in config.items() if k not in ignore and old.get(k) != v}
-        if diff:
-            raise DataError(f"{run_dir} holds a run with other settings {diff} (old, new); "
-                            "use another --name or remove the folder")
-    elif world()[0] == 0:
+    old = None
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: unreadable ({e}); remove it to start this run again") from None
+    diff = {k: (old.get(k), v) for k, v in config.items() if old is not None and k not in UNCOMPUTED_SETTINGS
+            and old.get(k) != v}
+    done = (computed_with or (lambda changed: run_files(run_dir)))(set(diff)) if diff else []
+    if done:
+        raise DataError(f"{run_dir} holds {done} computed with other settings {diff} (old, new); "
+                        "use another --name, or remove those files to recompute them")
+    if world()[0] == 0 and (old is None or diff):
         check_output_dir(run_dir)
         write_json(path, config)
     barrier()
-    return exists
+    return old is not None
+
+
+@contextlib.contextmanager
+def run_lock(run_dir):
+    """One run per folder at a time: <run_dir>/lock holds the holder's pid and host. A lock left by a
+    process of this host that has ended (SIGKILL, power loss) is taken over, with a message."""
+    path, me, error = os.path.join(run_dir, "lock"), f"{os.getpid()} {socket.gethostname()}", [None]
+    if world()[0] == 0:
+        check_output_dir(run_dir)
+        error[0] = take_lock(path, me)
+    if world()[1] > 1:  # every process stops when rank 0 could not take the folder
+        dist.broadcast_object_list(error, src=0, group=HOST_GROUP[0])
+    if error[0]:
+        raise DataError(error[0])
+    try:
+        yield
+    finally:
+        if world()[0] == 0 and read_text(path) == me:
+            os.remove(path)
+
+
+def take_lock(path, me):
+    """None when taken, else the reason."""
+    for _ in range(2):
+        try:
+            with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+                f.write(me)
+            return None
+        except FileExistsError:
+            pid, _, host = read_text(path).partition(" ")
+            if host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid)):
+                return (f"{os.path.dirname(path)} is in use by process {pid} on {host or '?'} ({path}); wait for "
+                        "it to finish, or remove the lock file if that process has ended")
+            print(f"warning: {path}: process {pid} has ended; taking over its run folder", file=sys.stderr)
+            os.remove(path)
+    return f"{path}: could not take the lock"
+
+
+def read_text(path):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def check_output_dir(path, need_bytes=0):
@@ -520,15 +619,16 @@ POSITIVE = flag_type(float, lambda v: 0 < v < float("inf"), "a finite number > 0
 PROBABILITY = flag_type(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
 FRACTION = flag_type(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
 SECONDS = flag_type(float, lambda v: 0 <= v < float("inf"), "a finite number of seconds >= 0")
+WEIGHT = flag_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--data", help="IEMOCAP_full_release folder, a label .json (the release's format) or a .csv manifest")
     a("--wav-dir", help="folder of the wavs named in a label .json (default: the json's folder)")
     a("--fold", default="1", help="test session 1-5, or 'all' (IEMOCAP; ignored for .json/.csv) (default: %(default)s)")
-    a("--checkpoint", help="fairseq wav2vec 2.0 checkpoint, e.g. wav2vec_small.pt")
+    a("--checkpoint", help="fairseq wav2vec 2.0 checkpoint (e.g. wav2vec_small.pt) or Hugging Face wav2vec 2.0 folder")
     a("--init", help="start from a pretrain.py output instead of --checkpoint; '{fold}' is replaced by the fold")
     a("--runs", type=COUNT, default=1, help="runs per fold with seeds seed, seed+1, ... (the paper: 5) (default: %(default)s)")
     a("--seed", type=int, default=0, help="(default: %(default)s)")
@@ -630,7 +730,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
+    with user_errors():
         init_distributed(args.device)
         resolve_device(args.device)
         if args.quickstart and not os.path.isdir(args.data) and world()[0] == 0:
@@ -645,13 +745,11 @@ def main(argv=None):
             args.init = template.replace("{fold}", str(fold)) if template else None
             for run in range(args.runs):
                 run_dir = os.path.join(args.out, args.name, f"fold{fold}", f"run{run}")
-                results.append(finetune_run(args, fold, run, splits, classes, run_dir))
+                with run_lock(run_dir):
+                    results.append(finetune_run(args, fold, run, splits, classes, run_dir))
         if len(results) > 1 and world()[0] == 0:
             print(f"mean over {len(results)} runs: UA {np.mean([r['ua'] for r in results]):.4f}  "
                   f"WA {np.mean([r['wa'] for r in results]):.4f}; table: python evaluate.py {os.path.join(args.out, args.name)}")
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Reads top to bottom: configuration, the modules (FeatureEncoder, PositionalConv, EncoderLayer,
 Encoder, Quantizer), the model, span masking, the emotion classifier, then checkpoint I/O
-(a safe unpickler, fairseq key mapping, the project's own format).
+(a safe unpickler, fairseq and Hugging Face key mapping, a safetensors reader, the project's own format).
 Semantics follow fairseq's fairseq/models/wav2vec/wav2vec2.py; see ../shared/RECIPE.md "Backbone".
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import json
 import math
 import os
 import pickle
@@ -535,6 +536,8 @@ _ALLOWED = {
 for _mod in ("builtins", "__builtin__"):
     for _t in (dict, list, tuple, set, frozenset, int, float, str, bool, bytes, complex, slice, object):
         _ALLOWED[(_mod, _t.__name__)] = _t
+# torch.save pickles with protocol 2, which writes int and str under their Python 2 names
+_ALLOWED.update({("__builtin__", "long"): int, ("__builtin__", "unicode"): str})
 for _name in ("_rebuild_tensor_v3", "_rebuild_parameter_with_state"):
     if hasattr(torch._utils, _name):
         _ALLOWED[("torch._utils", _name)] = getattr(torch._utils, _name)
@@ -680,9 +683,9 @@ FAIRSEQ_KEYS = [
 ]
 
 
-def fairseq_key(key):
-    """fairseq parameter name -> this module's name (None: not part of the model)."""
-    for pattern, name in FAIRSEQ_KEYS:
+def fairseq_key(key, table=FAIRSEQ_KEYS):
+    """fairseq parameter name (Hugging Face's with table=HF_KEYS) -> this module's name (None: not part of the model)."""
+    for pattern, name in table:
         match = re.fullmatch(pattern, key)
         if match:
             return match.expand(name)
@@ -732,14 +735,19 @@ def _model_kind(ckpt):
         normalize = task.get("normalize", inner_task.get("normalize", False))
         return "asr", inner_model, normalize
     if name and not name.startswith("wav2vec2"):
-        kind = {"hubert": "HuBERT", "data2vec_audio": "data2vec", "wav2vec": "wav2vec (v1)"}.get(name, name)
+        kind = {"hubert": "HuBERT", "data2vec_audio": "data2vec", "wav2vec": "wav2vec (v1)",
+                "audio_cpc": "wav2vec (v1)"}.get(name, name)  # audio_cpc: v1's name before fairseq renamed it
         raise ValueError(f"holds a {kind} model ('{name}'), not wav2vec 2.0")
     return "pretrained", model_cfg, task.get("normalize", False)
 
 
 def load_wav2vec2(path) -> Wav2Vec2:
-    """Build wav2vec 2.0 from a fairseq checkpoint (pretrained or ASR fine-tuned) or one of this
-    project's checkpoints. Returns the model in eval mode, float32, on CPU."""
+    """Build wav2vec 2.0 from a fairseq checkpoint (pretrained or ASR fine-tuned), a Hugging Face
+    wav2vec 2.0 folder (or its weights file) or one of this project's checkpoints. Returns the model
+    in eval mode, float32, on CPU."""
+    hf_weights = hf_weight_files(path)
+    if hf_weights is not None:
+        return load_hf_wav2vec2(hf_weights)
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a model checkpoint: found {_describe(ckpt)}")
@@ -792,6 +800,171 @@ def _fairseq_state(path, state, kind):
         raise CheckpointError(f"{path}: parameters this wav2vec 2.0 does not know{hint}: {sorted(unknown)[:10]}"
                               + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
     return mapped, unused
+
+
+# Hugging Face's wav2vec 2.0 (transformers' modeling_wav2vec2.py): a folder with config.json and
+# model.safetensors or pytorch_model.bin (sharded: an .index.json), optionally preprocessor_config.json.
+# Wav2Vec2Config field -> config.json's name (feature_grad_mult, latent_temp: not there, fairseq's defaults)
+HF_NAMES = {"conv_bias": "conv_bias", "embed_dim": "hidden_size", "ffn_dim": "intermediate_size",
+            "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "layer_norm_first": "do_stable_layer_norm",
+            "pos_conv_kernel": "num_conv_pos_embeddings", "pos_conv_groups": "num_conv_pos_embedding_groups",
+            "dropout": "hidden_dropout", "attention_dropout": "attention_dropout", "activation_dropout": "activation_dropout",
+            "dropout_input": "feat_proj_dropout", "dropout_features": "feat_quantizer_dropout", "layerdrop": "layerdrop",
+            "latent_vars": "num_codevectors_per_group", "latent_groups": "num_codevector_groups",
+            "latent_dim": "codevector_dim", "final_dim": "proj_codevector_dim",
+            "logit_temp": "contrastive_logits_temperature", "num_negatives": "num_negatives"}
+
+# Hugging Face parameter name (the "wav2vec2." of its head models removed) -> this module's name
+HF_KEYS = [
+    (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(weight|bias)", r"feature_encoder.convs.\1.\2"),
+    (r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(weight|bias)", r"feature_encoder.norms.\1.\2"),  # GN or LNs
+    (r"feature_projection\.layer_norm\.(weight|bias)", r"layer_norm.\1"),
+    (r"feature_projection\.projection\.(weight|bias)", r"post_extract_proj.\1"),
+    (r"masked_spec_embed", "mask_emb"),
+    (r"encoder\.pos_conv_embed\.conv\.(bias|weight_g|weight_v)", r"encoder.pos_conv.\1"),
+    (r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original0", "encoder.pos_conv.weight_g"),
+    (r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original1", "encoder.pos_conv.weight_v"),
+    (r"encoder\.layers\.(\d+)\.attention\.([qkv]_proj|out_proj)\.(weight|bias)", r"encoder.layers.\1.self_attn.\2.\3"),
+    (r"encoder\.layers\.(\d+)\.layer_norm\.(weight|bias)", r"encoder.layers.\1.self_attn_layer_norm.\2"),
+    (r"encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.(weight|bias)", r"encoder.layers.\1.fc1.\2"),
+    (r"encoder\.layers\.(\d+)\.feed_forward\.output_dense\.(weight|bias)", r"encoder.layers.\1.fc2.\2"),
+    (r"(encoder\.(layers\.\d+\.final_)?layer_norm|quantizer\.weight_proj|project_q)\.(weight|bias)", r"\1.\3"),
+    (r"quantizer\.codevectors", "quantizer.vars"),
+    (r"project_hid\.(weight|bias)", r"final_proj.\1"),
+]
+# the heads of Wav2Vec2ForCTC and Wav2Vec2ForSequenceClassification: reported and dropped
+HF_IGNORED = r"(lm_head|projector|classifier)\.(weight|bias)|layer_weights"
+# what this module computes; a config.json asking for something else is refused rather than run differently
+HF_SUPPORTED = {"hidden_act": ("gelu",), "feat_extract_activation": ("gelu",), "layer_norm_eps": (1e-5,),
+                "feat_extract_norm": ("group", "layer"), "add_adapter": (False, None), "adapter_attn_dim": (None,)}
+HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors(path):
+    """{name: tensor} from a .safetensors file: an 8-byte little-endian header length, a JSON header
+    {name: {dtype, shape, data_offsets}}, then the tensors' bytes. A reader here rather than the
+    safetensors package keeps the run time to torch; every offset is checked against the file size
+    and the others (the format has the tensors back to back), so a damaged file is an error, never garbage."""
+    with open(path, "rb") as f:
+        data = bytearray(f.read())  # writable, as torch.frombuffer wants
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < n <= len(data) - 8:
+        raise CheckpointError(f"{path}: not a safetensors file (header of {n} bytes in a file of {len(data)}; truncated?)")
+    try:
+        header, entries = json.loads(data[8:8 + n]), []
+        header.pop("__metadata__", None)
+        for name, h in header.items():
+            begin, end = (int(x) for x in h["data_offsets"])
+            entries.append((begin, end, name, SAFETENSORS_DTYPES[h["dtype"]], [int(d) for d in h["shape"]]))
+        entries.sort()
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: unreadable safetensors header ({type(e).__name__}: {str(e)[:100]})") from None
+    described = entries[-1][1] if entries else 0
+    if described != len(data) - 8 - n:
+        raise CheckpointError(f"{path}: the header describes {described} bytes of tensors, the file holds "
+                              f"{len(data) - 8 - n} (truncated?)")
+    tensors, expected = {}, 0
+    for begin, end, name, dtype, shape in entries:
+        if begin != expected or min(shape, default=0) < 0 or end - begin != math.prod(shape) * dtype.itemsize:
+            raise CheckpointError(f"{path}: the header's offsets for {name!r} ({begin}..{end}, {dtype}, {shape}) do not "
+                                  f"fit its shape or the tensor before it (ends at {expected})")
+        expected = end
+        tensors[name] = (torch.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=8 + n + begin).clone()
+                         .reshape(shape) if end > begin else torch.zeros(shape, dtype=dtype))
+    return tensors
+
+
+def _read_json(path, what):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read the {what} ({type(e).__name__}: {str(e)[:100]})") from None
+
+
+def hf_weight_files(path):
+    """The weight files of a Hugging Face model when path is its folder, a .safetensors file or a .bin
+    file beside a config.json (or an .index.json of shards); None for any other path."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        found = [os.path.join(path, name) for name in HF_WEIGHTS if os.path.isfile(os.path.join(path, name))]
+        if not found:
+            raise CheckpointError(f"{path}: a folder without {' or '.join(HF_WEIGHTS[:2])} (not a Hugging Face model)")
+        path = found[0]
+    elif not (path.endswith((".safetensors", ".index.json")) or path.endswith(".bin") and
+              os.path.isfile(os.path.join(os.path.dirname(path), "config.json"))):
+        return None
+    if path.endswith(".index.json"):
+        shards = _read_json(path, "shard index").get("weight_map", {}).values()
+        return sorted({os.path.join(os.path.dirname(path), name) for name in shards})
+    return [path]
+
+
+def config_from_hf(c: dict, preprocessor: dict) -> Wav2Vec2Config:
+    """Map Hugging Face's config.json (and preprocessor_config.json) onto Wav2Vec2Config; a setting
+    the file does not have keeps this module's default."""
+    kind = c.get("model_type") if isinstance(c, dict) else f"none ({type(c).__name__})"
+    if kind != "wav2vec2":
+        raise ValueError(f"model_type {kind!r}, not wav2vec 2.0 ('wav2vec2')")
+    for key, supported in HF_SUPPORTED.items():
+        if key in c and c[key] not in supported:
+            raise ValueError(f"{key}={c[key]!r}: only {' or '.join(map(repr, supported))} is supported")
+    if preprocessor.get("sampling_rate", SAMPLE_RATE) != SAMPLE_RATE:
+        raise ValueError(f"preprocessor sampling_rate {preprocessor['sampling_rate']}: wav2vec 2.0 here takes {SAMPLE_RATE} Hz")
+    d = Wav2Vec2Config()
+    dims, kernels, strides = (c.get(k, list(v)) for k, v in zip(("conv_dim", "conv_kernel", "conv_stride"),
+                                                                zip(*BASE_CONV_LAYERS)))
+    if not len(dims) == len(kernels) == len(strides):
+        raise ValueError(f"conv_dim, conv_kernel, conv_stride differ in length: {dims}, {kernels}, {strides}")
+    values = {ours: type(getattr(d, ours))(c[theirs]) for ours, theirs in HF_NAMES.items() if c.get(theirs) is not None}
+    return Wav2Vec2Config(**values, conv_layers=[(int(a), int(b), int(s)) for a, b, s in zip(dims, kernels, strides)],
+                          extractor_mode="layer_norm" if c.get("feat_extract_norm") == "layer" else "default",
+                          normalize=bool(preprocessor.get("do_normalize", False)))
+
+
+def load_hf_wav2vec2(files) -> Wav2Vec2:
+    """wav2vec 2.0 from a Hugging Face model's weight files (hf_weight_files) and the config.json beside
+    them: Wav2Vec2Model, Wav2Vec2ForPreTraining (with the quantizer and its projections), and
+    Wav2Vec2ForCTC / ForSequenceClassification, whose heads are reported and dropped. Every tensor
+    must be mapped or in HF_IGNORED; .bin files go through the safe unpickler."""
+    folder = os.path.dirname(files[0])
+    config_path, prep_path = os.path.join(folder, "config.json"), os.path.join(folder, "preprocessor_config.json")
+    if not os.path.isfile(config_path):
+        raise CheckpointError(f"{files[0]}: no config.json beside it (a Hugging Face model folder has one)")
+    hf_cfg = _read_json(config_path, "model configuration")
+    try:
+        cfg = config_from_hf(hf_cfg, _read_json(prep_path, "preprocessor configuration") if os.path.isfile(prep_path) else {})
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{config_path}: {e}") from None
+    mapped, unknown, unused = {}, [], []
+    for path in files:
+        state = read_safetensors(path) if path.endswith(".safetensors") else read_checkpoint(path)
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise CheckpointError(f"{path}: not a state dict of tensors: found {_describe(state)}")
+        for key, value in state.items():
+            bare = key[len("wav2vec2."):] if key.startswith("wav2vec2.") else key
+            if re.fullmatch(HF_IGNORED, bare):
+                unused.append(key)
+            elif (name := fairseq_key(bare, HF_KEYS)) is None:
+                unknown.append(key)
+            else:
+                mapped[name] = value
+    if unknown:
+        raise CheckpointError(f"{files[0]}: parameters this wav2vec 2.0 does not know: {sorted(unknown)[:10]}"
+                              + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
+    if unused:
+        print(f"{files[0]}: not used by wav2vec 2.0: {sorted(unused)}", file=sys.stderr)
+    cfg.has_quantizer = any(k.startswith("quantizer.") for k in mapped)
+    model = Wav2Vec2(cfg)
+    if "mask_emb" not in mapped and not (hf_cfg.get("mask_time_prob", 0.05) or hf_cfg.get("mask_feature_prob", 0)):
+        mapped["mask_emb"] = model.mask_emb.detach()  # HF leaves it out of a model that never masks: a fresh one
+        print(f"{files[0]}: no masked_spec_embed (the model was configured without masks): a fresh mask embedding",
+              file=sys.stderr)
+    load_state(model, mapped, files[0])
+    return model.eval()
 
 
 def load_state(model, state, path="state dict"):

@@ -21,7 +21,6 @@ when interrupted. Only the fold's training sessions are ever read.
 import argparse
 import math
 import os
-import sys
 
 import torch
 import torch.distributed as dist
@@ -29,9 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kmeans
-from data import AudioDataset, DataError, load_corpus
-from finetune import (COUNT, NATURAL, POSITIVE, PROBABILITY, SECONDS, HOST_GROUP, add_run_flags, apply_recipe, barrier,
-                      check_run_config, class_weights, init_distributed, load_backbone, pad_to_whole_batch,
+from data import AudioDataset, DataError, OneLineParser, load_corpus, user_errors
+from finetune import (COUNT, NATURAL, POSITIVE, PROBABILITY, SECONDS, WEIGHT, HOST_GROUP, add_run_flags, apply_recipe, barrier,
+                      check_run_config, class_weights, run_files, run_lock, init_distributed, load_backbone, pad_to_whole_batch,
                       remove_training_state, seed_everything, train, train_batches, tri_stage_lr, utterance_rng)
 from model import load_wav2vec2, resolve_device, save_wav2vec2, span_masks, world
 
@@ -227,8 +226,8 @@ def run_tapt(args, fold, train_set, classes, run_dir, device):
     model = load_backbone(args.checkpoint, args.seed)
     if not model.cfg.has_quantizer:
         raise DataError(f"{args.checkpoint}: TAPT needs the pretraining modules (quantizer, project_q, final_proj); "
-                        "this checkpoint has none (an ASR fine-tuned model?). Use the pretrained checkpoint, "
-                        "e.g. wav2vec_small.pt rather than wav2vec_small_960h.pt")
+                        "this checkpoint has none (an ASR fine-tuned model, or a Hugging Face Wav2Vec2Model / ForCTC folder?). "
+                        "Use the pretrained checkpoint, e.g. wav2vec_small.pt rather than wav2vec_small_960h.pt")
     model.to(device)
     model.feature_grad_mult = args.feature_grad_mult
     release = args.objective == "release"
@@ -257,6 +256,7 @@ def run_tapt(args, fold, train_set, classes, run_dir, device):
 def run_teacher(args, fold, train_set, classes, run_dir, device):
     seed_everything(args.seed + fold)
     backbone = load_backbone(args.checkpoint, args.seed)
+    check_kmeans_settings(args, backbone, train_set)  # now, not after the teacher's hours of training
     teacher = Teacher(backbone, len(classes)).to(device)
     params = backbone.freeze_feature_encoder() + [p for n, p in teacher.named_parameters()
                                                   if not n.startswith("backbone.")]
@@ -280,9 +280,7 @@ def run_pseudo_labels(args, fold, train_set, run_dir, teacher_path, device):
     """Teacher features of every training frame, k-means for each K, one label per frame and K."""
     out = os.path.join(run_dir, "labels.pt")
     teacher = load_wav2vec2(teacher_path).to(device)
-    layer = args.layer or teacher.cfg.num_layers
-    if not 1 <= layer <= teacher.cfg.num_layers:
-        raise DataError(f"--layer {layer}: the teacher has layers 1..{teacher.cfg.num_layers}")
+    layer = check_kmeans_settings(args, teacher, train_set)
     try:
         kmeans.pseudo_label_stage(lambda wav, lengths: teacher(wav, lengths, layer=layer), train_set, args.ks,
                                   args.kmeans_iters, args.kmeans_init, args.seed, device, out,
@@ -291,6 +289,17 @@ def run_pseudo_labels(args, fold, train_set, run_dir, teacher_path, device):
     except ValueError as e:  # e.g. K larger than the number of frames
         raise DataError(f"k-means on fold {fold}'s teacher frames: {e}") from None
     return out
+
+
+def check_kmeans_settings(args, backbone, train_set):
+    """--layer within the model, every K at most the number of frames; returns the layer."""
+    layer = args.layer or backbone.cfg.num_layers
+    if not 1 <= layer <= backbone.cfg.num_layers:
+        raise DataError(f"--layer {layer}: the teacher has layers 1..{backbone.cfg.num_layers}")
+    frames = int(backbone.frame_lengths(torch.tensor([u.num_samples for u in train_set])).sum())
+    if max(args.ks) > frames:
+        raise DataError(f"--ks {max(args.ks)}: more clusters than the {frames} frames of the training audio")
+    return layer
 
 
 def run_ptapt(args, fold, train_set, classes, run_dir, labels_path, device):
@@ -367,6 +376,24 @@ def finish_stage(run_dir, name, model, filename, meta):
     return out
 
 
+# P-TAPT's stages in order, with the files each computes; a setting belongs to the first stage that reads it
+PTAPT_STAGES = [("teacher", ("teacher.",)), ("k-means", ("labels.",)), ("pseudo-label", ("ptapt.", "pretrained."))]
+KMEANS_SETTINGS = {"ks", "kmeans_iters", "kmeans_init", "layer"}
+PSEUDO_LABEL_SETTINGS = {"updates", "warmup", "mask_prob", "mask_span", "mask_min", "mask_semantics",
+                         "batch_seconds", "group_norm", "objective", "feature_grad_mult", "feature_penalty"}
+
+
+def computed_with(run_dir, changed, mode):
+    """The run folder's files computed with any of the `changed` settings: for P-TAPT, a finished
+    teacher is kept when only the k-means or pseudo-label settings change."""
+    files = run_files(run_dir)
+    if mode != "ptapt":
+        return files
+    first = 0 if changed - KMEANS_SETTINGS - PSEUDO_LABEL_SETTINGS else 1 if changed & KMEANS_SETTINGS else 2
+    prefixes = tuple(p for _, stage_prefixes in PTAPT_STAGES[first:] for p in stage_prefixes)
+    return [f for f in files if f.startswith(prefixes)]
+
+
 def run_fold(args, fold, splits, classes, run_dir, device):
     """TAPT, or P-TAPT's three stages, each skipped when its output exists."""
     train_set = splits["train"]
@@ -398,14 +425,15 @@ RECIPES = {"release": dict(objective="release", mask_semantics="batch", batch_se
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--mode", choices=["tapt", "ptapt"], required=True)
     a("--data", help="IEMOCAP_full_release folder, a label .json or a .csv manifest (train split only is used)")
     a("--wav-dir", help="folder of the wavs named in a label .json")
     a("--fold", type=int, choices=[1, 2, 3, 4, 5], default=None,
       help="test session whose other sessions are pretrained on; default: all five")
-    a("--checkpoint", help="fairseq wav2vec 2.0 pretrained checkpoint (with quantizer), e.g. wav2vec_small.pt")
+    a("--checkpoint", help="wav2vec 2.0 with its pretraining modules: a fairseq checkpoint (e.g. wav2vec_small.pt) "
+                           "or a Hugging Face Wav2Vec2ForPreTraining folder")
     a("--name", default=None, help="runs/<name>/fold<k> (default: the mode)")
     a("--seed", type=int, default=0, help="(default: %(default)s)")
     a("--updates", type=COUNT, default=20000, help="TAPT / pseudo-label pretraining updates (default: %(default)s)")
@@ -433,9 +461,9 @@ def build_parser():
     a("--group-norm", choices=["padded", "valid"], default=None,
       help="P-TAPT: the conv encoder's group norm over the padded batch or each utterance's own samples "
            "(default: the recipe's: release padded, clean valid)")
-    a("--feature-grad-mult", type=float, default=1.0,
+    a("--feature-grad-mult", type=WEIGHT, default=1.0,
       help="TAPT: gradient scale into the conv encoder; fairseq used 0.1, the release 1.0 (default: %(default)s)")
-    a("--feature-penalty", type=float, default=10.0,
+    a("--feature-penalty", type=WEIGHT, default=10.0,
       help="TAPT: weight of the feature penalty mean(conv features^2) (RECIPE.md, fairseq); 0 = Hugging Face's "
            "objective. A tiny model trained from scratch with 10 and 5%% masking collapses: README, Results "
            "(default: %(default)s)")
@@ -461,6 +489,9 @@ def parse_args(argv):
         p.error("--data is required")
     if len(set(args.ks)) != len(args.ks):
         p.error(f"argument --ks: {args.ks} repeats a K")
+    if args.warmup > args.updates:
+        p.error(f"argument --warmup: {args.warmup} warm-up updates, more than --updates {args.updates}: "
+                "the learning rate would never reach --lr")
     args.workers = 0 if args.cache else args.workers
     return args
 
@@ -468,24 +499,22 @@ def parse_args(argv):
 def main(argv=None):
     args = parse_args(argv)
     name = args.name or args.mode
-    try:
+    with user_errors():
         init_distributed(args.device)
         device = resolve_device(args.device)
         for fold in [args.fold] if args.fold is not None else [1, 2, 3, 4, 5]:
             splits, classes = load_corpus(args.data, fold, args.wav_dir)
             run_dir = os.path.join(args.out, name, f"fold{fold}")
-            check_run_config(run_dir, {**vars(args), "fold": fold})
-            out = os.path.join(run_dir, "pretrained.pt")
-            if os.path.exists(out):
-                if world()[0] == 0:
-                    print(f"{out} exists: fold {fold} done (remove it to redo)")
-                continue
-            run_fold(args, fold, splits, classes, run_dir, device)
+            with run_lock(run_dir):
+                check_run_config(run_dir, {**vars(args), "fold": fold}, lambda changed: computed_with(run_dir, changed, args.mode))
+                out = os.path.join(run_dir, "pretrained.pt")
+                if os.path.exists(out):
+                    if world()[0] == 0:
+                        print(f"{out} exists: fold {fold} done (remove it to redo)")
+                    continue
+                run_fold(args, fold, splits, classes, run_dir, device)
             if world()[0] == 0:
                 print(f"fold {fold}: {out}\n  next: python finetune.py --fold {fold} --data {args.data} --init {out}")
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -3,25 +3,32 @@
 metrics, loss references written from the formulas)."""
 import argparse
 import csv
+import dataclasses
 import glob
 import json
 import math
 import os
 import re
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import safetensors.torch as safetensors_torch  # test requirements: writers and references only
 import soundfile as sf
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import transformers
 
 import data
 import model as M
-from bench import (fairseq_args, random_model, to_fairseq_state, torchaudio_layers, torchaudio_model,
-                   write_fairseq)  # fairseq-format files and torchaudio's twin, shared with the benchmarks
+from bench import (fairseq_args, hf_backbone, pretrain_parity, random_model, to_fairseq_state, torchaudio_layers,
+                   torchaudio_model, write_fairseq)  # fairseq-format files and torchaudio's twin, shared with the benchmarks
 import pretrain as P
 from kmeans import assign, fit_kmeans, labels_for, load_labels, save_labels
 
@@ -199,6 +206,183 @@ def test_quantizer_eval_is_argmax_and_temperature_schedule():
     assert q.temperature == pytest.approx(2.0 * 0.999995 ** 1000)
     q.set_num_updates(10 ** 7)
     assert q.temperature == 0.5
+
+
+# ----------------------------------------------------------------------------- Hugging Face folders
+# written by transformers (a test requirement only); model.py reads them without it or safetensors
+transformers.logging.set_verbosity_error()
+SHAPES = {"gn": dict(),                                                            # group norm, post-LN
+          "ln": dict(extractor_mode="layer_norm", conv_bias=True, layer_norm_first=True, normalize=True),
+          "base": dict(conv_layers=list(M.BASE_CONV_LAYERS), embed_dim=768, ffn_dim=3072, num_layers=12,
+                       num_heads=12, pos_conv_kernel=128, pos_conv_groups=16, final_dim=256, latent_vars=320)}
+OLD_SPELLING = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
+
+
+def write_hf(folder, hf, fmt, spelling, normalize):
+    """hf's config.json and weights as save_pretrained writes them (transformers 5 writes safetensors
+    only; pytorch_model.bin is what 4.x wrote: torch.save of the state dict), in either weight-norm spelling."""
+    hf.config.save_pretrained(folder)
+    transformers.Wav2Vec2FeatureExtractor(do_normalize=normalize).save_pretrained(folder)
+    state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if spelling == "weight_g":
+        for new, old in OLD_SPELLING.items():
+            state = {k.replace(new, old): v for k, v in state.items()}
+    if fmt == "safetensors":
+        safetensors_torch.save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(state, os.path.join(folder, "pytorch_model.bin"))
+
+
+def reference_input(hf_folder, seconds, seed=1):
+    """A waveform and what transformers' own feature extractor makes of it (do_normalize from the folder)."""
+    wav = np.random.default_rng(seed).standard_normal(int(seconds * 16000)).astype(np.float32)
+    fe = transformers.Wav2Vec2FeatureExtractor.from_pretrained(hf_folder)
+    return torch.from_numpy(wav)[None], torch.from_numpy(fe(wav, sampling_rate=16000).input_values[0])[None]
+
+
+def same_config(a, b):  # fairseq leaves latent_dim 0 (= final_dim), Hugging Face names it
+    def plain(c):
+        return dataclasses.replace(c, latent_dim=c.latent_dim or c.final_dim, has_quantizer=True)
+    return plain(a) == plain(b)
+
+
+@pytest.mark.parametrize("shape,fmt,spelling", [(s, f, w) for s in ("gn", "ln") for f in ("safetensors", "bin")
+                                                for w in ("parametrizations", "weight_g")]
+                         + [("base", "safetensors", "weight_g")])  # the Base shape as on the hub
+def test_hf_folder_matches_transformers_and_fairseq(tmp_path, shape, fmt, spelling):
+    cfg = tiny_config(**SHAPES[shape]) if shape != "base" else M.Wav2Vec2Config(**SHAPES["base"])
+    net = random_model(cfg)
+    pretraining = shape != "ln"  # Wav2Vec2ForPreTraining, or the bare Wav2Vec2Model
+    hf = hf_backbone(net, "eager", pretraining).eval()
+    write_hf(tmp_path, hf, fmt, spelling, cfg.normalize)
+    weights = tmp_path / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
+    ours = M.load_wav2vec2(tmp_path if spelling == "parametrizations" else weights)  # the folder or its weights file
+    if shape == "base":  # the fairseq path is the tiny cases'; here the weights it would load (seconds saved)
+        fs = net
+    else:
+        write_fairseq(tmp_path / "fairseq.pt", net, "args")
+        fs = M.load_wav2vec2(tmp_path / "fairseq.pt")
+    assert not ours.training and ours.cfg.has_quantizer == pretraining and ours.cfg.normalize == cfg.normalize
+    assert same_config(ours.cfg, fs.cfg)
+    own, fs_state = ours.state_dict(), fs.state_dict()
+    assert own.keys() == fs_state.keys() if pretraining else set(own) < set(fs_state)
+    assert all(torch.equal(own[k], fs_state[k]) for k in own)
+    wav, hf_input = reference_input(tmp_path, 0.5 if shape == "base" else 1.0)
+    backbone = hf.wav2vec2 if pretraining else hf
+    with torch.no_grad():
+        out = backbone(hf_input, output_hidden_states=True)
+        layers = range(1, cfg.num_layers + 1) if shape != "base" else [6]  # Base: one layer and the output
+        for k in layers:  # hidden_states[k]: layer k's output (pre-LN: before the final LN)
+            torch.testing.assert_close(ours(wav, layer=k)[0], out.hidden_states[k], atol=1e-4, rtol=1e-4)
+        final = ours(wav)[0]
+        torch.testing.assert_close(final, out.last_hidden_state, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(final, fs(wav)[0], atol=0, rtol=0)
+    if pretraining:  # the quantizer, project_q and project_hid (final_proj) too; unnormalised input here
+        assert pretrain_parity(ours, hf, wav) < 1e-4
+
+
+@pytest.mark.parametrize("head", ["Wav2Vec2ForCTC", "Wav2Vec2ForSequenceClassification"])
+def test_hf_heads_are_reported_and_dropped(tmp_path, capfd, head):
+    net = random_model(tiny_config())
+    backbone = hf_backbone(net, "eager")
+    config = dict(backbone.config.to_dict(), vocab_size=32, use_weighted_layer_sum=True, num_labels=4)
+    hf = getattr(transformers, head)(type(backbone.config).from_dict(config)).eval()
+    hf.wav2vec2.load_state_dict(backbone.state_dict())
+    write_hf(tmp_path, hf, "safetensors", "parametrizations", False)
+    ours = M.load_wav2vec2(tmp_path)
+    err = capfd.readouterr().err
+    assert "not used by wav2vec 2.0" in err and ("lm_head.weight" in err if "CTC" in head else "layer_weights" in err)
+    assert not ours.cfg.has_quantizer
+    wav = torch.randn(1, 12000, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(wav)[0], hf.wav2vec2(wav).last_hidden_state, atol=1e-4, rtol=1e-4)
+
+
+def one_line_error(path, pattern):
+    with pytest.raises(M.CheckpointError, match=pattern) as e:
+        M.load_wav2vec2(path)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_hf_bad_folders_get_one_line_errors(tmp_path):
+    hf = hf_backbone(random_model(tiny_config()), "eager")
+    good = tmp_path / "good"
+    write_hf(good, hf, "safetensors", "parametrizations", False)
+    blob = (good / "model.safetensors").read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+
+    def variant(name, weights, weights_name="model.safetensors"):
+        folder = tmp_path / name
+        folder.mkdir()
+        for f in ("config.json", "preprocessor_config.json"):
+            (folder / f).write_bytes((good / f).read_bytes())
+        (folder / weights_name).write_bytes(weights)
+        return folder
+
+    # a pytorch_model.bin holding a pickle that runs code: refused, never run
+    marker = tmp_path / "ran"
+    torch.save({"feature_projection.projection.weight": RunsCommand(f"touch {marker}")}, tmp_path / "evil.bin")
+    evil = variant("evil", (tmp_path / "evil.bin").read_bytes(), "pytorch_model.bin")
+    one_line_error(evil, "refusing to load posix.system|refusing to load os.system")
+    assert not marker.exists()
+    one_line_error(variant("trunc", blob[: len(blob) // 2]), "model.safetensors.*truncated")
+    one_line_error(variant("tiny", blob[:5]), "not a safetensors file")
+    # a header that lies: one tensor moved onto the next one's bytes (same header length)
+    name = min(header, key=lambda k: header[k]["data_offsets"][0] if k != "__metadata__" else 1e18)
+    begin, end = header[name]["data_offsets"]
+    lie = dict(header, **{name: dict(header[name], data_offsets=[begin + 4, end + 4])})
+    text = json.dumps(lie, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    one_line_error(variant("lie", blob[:8] + text + blob[8 + n:]), f"offsets for '{name}'")
+    # another model type, named
+    hubert = variant("hubert", blob)
+    (hubert / "config.json").write_text(json.dumps({**json.loads((good / "config.json").read_text()), "model_type": "hubert"}))
+    one_line_error(hubert, "config.json: model_type 'hubert', not wav2vec 2.0")
+    relu = variant("relu", blob)
+    (relu / "config.json").write_text(json.dumps({**json.loads((good / "config.json").read_text()), "hidden_act": "relu"}))
+    one_line_error(relu, "hidden_act='relu'")
+    # strict key accounting: an unknown tensor, a missing one, a wrong shape, all named
+    state = safetensors_torch.load_file(good / "model.safetensors")
+    for i, (edit, pattern) in enumerate([(lambda s: s.__setitem__("encoder.layers.0.adapter.weight", torch.zeros(1)), "does not know.*adapter"),
+                          (lambda s: s.pop("encoder.layers.1.feed_forward.output_dense.weight"), "missing.*encoder.layers.1.fc2.weight"),
+                          (lambda s: s.__setitem__("feature_projection.projection.weight", torch.zeros(64, 31)),
+                           r"post_extract_proj.weight: file \(64, 31\)")]):
+        s = dict(state)
+        edit(s)
+        safetensors_torch.save_file(s, tmp_path / "edited.safetensors")
+        one_line_error(variant(f"edit{i}", (tmp_path / "edited.safetensors").read_bytes()), pattern)
+    one_line_error(tmp_path / "nothing", "no such checkpoint")  # absent path: as before
+    (tmp_path / "empty").mkdir()
+    one_line_error(tmp_path / "empty", "without model.safetensors")
+
+
+def first_tapt_loss(checkpoint, corpus, out, name):
+    r = script("pretrain.py", "--mode", "tapt", "--fold", 1, "--data", corpus, "--out", out, "--name", name,
+               "--checkpoint", checkpoint, "--batch-size", 4, "--updates", 1, "--warmup", 1, "--workers", 0,
+               "--no-progress", "--recipe", "clean", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(open(os.path.join(out, name, "fold1", "tapt.log.jsonl")).readline())["loss"]
+
+
+def test_tapt_from_hf_pretraining_folder_equals_fairseq(corpus, tmp_path):
+    net = random_model(tiny_config())
+    write_hf(tmp_path / "hf", hf_backbone(net, "eager", pretraining=True), "safetensors", "weight_g", False)
+    write_fairseq(tmp_path / "fairseq.pt", net, "args")
+    from_hf = first_tapt_loss(tmp_path / "hf", corpus, tmp_path, "hf")
+    from_fairseq = first_tapt_loss(tmp_path / "fairseq.pt", corpus, tmp_path, "fs")
+    assert np.isfinite(from_hf) and from_hf == from_fairseq  # one thread: bit for bit
+
+
+def test_hf_sharded_folder(tmp_path):
+    """A model saved in shards (model.safetensors.index.json), as save_pretrained writes a large one."""
+    net = random_model(tiny_config())
+    hf = hf_backbone(net, "eager", pretraining=True).eval()
+    hf.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    ours = M.load_wav2vec2(tmp_path)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in ours.state_dict().items())
 
 
 # =============================================================================
@@ -1721,7 +1905,7 @@ def test_tapt_refuses_a_checkpoint_without_quantizer(corpus, tmp_path):
     net = random_model(tiny_config())
     write_fairseq(tmp_path / "asr.pt", net, "asr")
     r = script("pretrain.py", "--mode", "tapt", "--fold", 1, "--data", corpus, "--checkpoint", tmp_path / "asr.pt",
-               "--out", tmp_path, "--updates", 2, "--workers", 0, "--no-progress")
+               "--out", tmp_path, "--updates", 2, "--warmup", 1, "--workers", 0, "--no-progress")
     assert r.returncode == 2 and "quantizer" in r.stderr and "asr.pt" in r.stderr
 
 
@@ -1826,6 +2010,180 @@ def test_unwritable_or_full_output_folder_fails_before_training(corpus, tmp_path
     err = capsys.readouterr().err
     assert "GiB free" in err and "checkpoints need about" in err
     assert not (tmp_path / "full" / "vft" / "fold1" / "run0" / "log.jsonl").exists()
+
+
+# ----------------------------------------------------------------------------- bad input: one line, exit 2, nothing written
+
+BAD_ARGUMENTS = [  # (script, flags, what the one line must name)
+    ("finetune", ["--batch-size", "0"], "--batch-size"), ("finetune", ["--batch-size", "-1"], "--batch-size"),
+    ("finetune", ["--lr", "nan"], "--lr"), ("finetune", ["--lr", "-1"], "--lr"),
+    ("finetune", ["--max-seconds", "0"], "--max-seconds"), ("finetune", ["--workers", "-1"], "--workers"),
+    ("finetune", ["--epochs", "0"], "--epochs"), ("finetune", ["--runs", "0"], "--runs"),
+    ("finetune", ["--time-mask-prob", "2"], "--time-mask-prob"), ("finetune", ["--fold", "6"], "--fold"),
+    ("finetune", ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+    ("pretrain", ["--save-every", "0"], "--save-every"), ("pretrain", ["--updates", "0"], "--updates"),
+    ("pretrain", ["--teacher-updates", "0"], "--teacher-updates"), ("pretrain", ["--ks", "4", "4"], "--ks"),
+    ("pretrain", ["--warmup", "50", "--updates", "10"], "--warmup"),
+    ("pretrain", ["--feature-penalty", "nan"], "--feature-penalty"), ("pretrain", ["--mask-prob", "1.5"], "--mask-prob"),
+    ("evaluate", ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+]
+
+
+@pytest.mark.parametrize("name, flags, named", BAD_ARGUMENTS, ids=[f"{s} {' '.join(f)}" for s, f, _ in BAD_ARGUMENTS])
+def test_bad_argument_is_one_line_and_writes_nothing(name, flags, named, corpus, tmp_path, capsys):
+    import evaluate
+    import finetune
+    out = tmp_path / "runs"
+    argv = {"finetune": ["--data", corpus, "--fold", "1", "--out", out, *TINY_RUN],
+            "pretrain": ["--mode", "ptapt", "--data", corpus, "--fold", "1", "--out", out, "--checkpoint",
+                         "random-tiny", "--no-progress"],
+            "evaluate": ["--checkpoint", tmp_path / "model.pt", "--predict", tmp_path / "a.wav"]}[name]
+    with pytest.raises(SystemExit) as e:
+        {"finetune": finetune, "pretrain": P, "evaluate": evaluate}[name].main(list(map(str, argv + flags)))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and named in err[0], err
+    assert not out.exists()
+
+
+def test_runs_that_would_train_on_nothing_are_refused_and_the_fix_is_not_blocked(corpus, tmp_path):
+    """A batch larger than the training set (the last partial batch is dropped), a mistyped checkpoint:
+    refused before any training, and the corrected command then runs in the same folder."""
+    args = ["--fold", 1, "--data", corpus, "--out", tmp_path, "--epochs", 1, "--train-fraction", 0.25, *TINY_RUN]
+    r = script("finetune.py", *args, "--batch-size", 1000)
+    assert r.returncode == 2 and "no full batch of 1000 utterances" in r.stderr and "Traceback" not in r.stderr
+    r = script("finetune.py", *args, "--checkpoint", tmp_path / "wav2vec_smal.pt")
+    assert r.returncode == 2 and "wav2vec_smal.pt" in r.stderr and "Traceback" not in r.stderr
+    r = script("finetune.py", *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = script("pretrain.py", "--mode", "tapt", "--fold", 1, "--data", corpus, "--out", tmp_path, "--checkpoint",
+               "random-tiny", "--workers", 0, "--no-progress", "--batch-size", 1000, "--updates", 2, "--warmup", 1)
+    assert r.returncode == 2 and "no full batch" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ptapt_checks_k_before_the_teacher_and_keeps_a_finished_teacher(corpus, tmp_path):
+    common = ["--mode", "ptapt", "--fold", 1, "--data", corpus, "--out", tmp_path, "--checkpoint", "random-tiny",
+              "--batch-size", 8, "--teacher-updates", 2, "--updates", 2, "--warmup", 1, "--workers", 0,
+              "--no-progress"]
+    fold = tmp_path / "ptapt" / "fold1"
+    r = script("pretrain.py", *common, "--ks", 10 ** 7)
+    assert r.returncode == 2 and "10000000" in r.stderr and "frames" in r.stderr
+    assert not (fold / "teacher.pt").exists() and not (fold / "teacher.log.jsonl").exists()  # found before training
+    r = script("pretrain.py", *common, "--ks", 4)
+    assert r.returncode == 0, r.stderr[-2000:]
+    teacher = (fold / "teacher.pt").stat().st_mtime_ns
+    r = script("pretrain.py", *common, "--ks", 8)  # labels.pt and pretrained.pt were computed with K = 4
+    assert r.returncode == 2 and "labels.pt" in r.stderr and "pretrained.pt" in r.stderr
+    assert "teacher.pt" not in r.stderr
+    for name in ("labels.pt", "pretrained.pt", "ptapt.log.jsonl"):
+        (fold / name).unlink()
+    r = script("pretrain.py", *common, "--ks", 8)
+    assert r.returncode == 0 and "teacher done" in r.stdout, r.stderr[-2000:]
+    assert (fold / "teacher.pt").stat().st_mtime_ns == teacher
+    assert sorted(int(k) for k in load_labels(fold / "labels.pt")["labels"]) == [8]
+
+
+def test_nan_wav_read_by_a_worker_is_one_line(corpus, tmp_path):
+    broken = tmp_path / "corpus"
+    shutil.copytree(corpus, broken)
+    wav = sorted(broken.glob("Session2/sentences/wav/*/Ses*.wav"))[0]  # not the decoy "._" files
+    x, sr = sf.read(wav, dtype="float32")
+    x[100] = np.nan
+    sf.write(wav, x, sr, subtype="FLOAT")
+    r = script("finetune.py", "--fold", 1, "--data", broken, "--out", tmp_path, *TINY_RUN[:-4], "--workers", 2,
+               "--no-progress")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and err[-1] == f"error: {wav}: audio contains NaN or infinite samples", err[-5:]
+    assert "Traceback" not in r.stderr and "DataLoader worker" not in r.stderr
+
+
+def test_a_run_folder_is_locked(corpus, tmp_path):
+    """A second run on a folder in use exits 2 at once; a lock left by a process that has ended is taken over."""
+    run = tmp_path / "vft" / "fold1" / "run0"
+    run.mkdir(parents=True)
+    (run / "lock").write_text(f"{os.getpid()} {socket.gethostname()}")  # this test's process: alive
+    args = ["--fold", 1, "--data", corpus, "--out", tmp_path, "--epochs", 1, "--train-fraction", 0.25, *TINY_RUN]
+    r = script("finetune.py", *args)
+    assert r.returncode == 2 and "in use by process" in r.stderr and str(os.getpid()) in r.stderr
+    assert not (run / "config.json").exists()
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / "lock").write_text(f"{ended.stdout.strip()} {socket.gethostname()}")
+    r = script("finetune.py", *args)
+    assert r.returncode == 0 and "has ended; taking over" in r.stderr, r.stderr[-2000:]
+    assert not (run / "lock").exists() and (run / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("mode", ["vft", "tapt", "ptapt"])
+def test_booby_trapped_resume_point_of_every_stage_is_never_run(corpus, tmp_path, mode):
+    marker = tmp_path / "ran"
+    run = {"vft": tmp_path / "vft" / "fold1" / "run0"}.get(mode, tmp_path / mode / "fold1")
+    run.mkdir(parents=True)
+    stages = {"vft": ["state.pt"], "tapt": ["tapt.state.pt"], "ptapt": ["teacher.state.pt", "ptapt.state.pt"]}[mode]
+    for name in stages:
+        torch.save({"position": RunsCommand(f"touch {marker}")}, run / name)
+    common = ["--fold", 1, "--data", corpus, "--out", tmp_path, "--batch-size", 8, "--workers", 0, "--no-progress"]
+    if mode == "vft":
+        r = script("finetune.py", *common, "--epochs", 1, "--train-fraction", 0.25, "--checkpoint", "random-tiny")
+    else:
+        r = script("pretrain.py", "--mode", mode, *common, "--checkpoint", "random-tiny", "--updates", 2,
+                   "--teacher-updates", 2, "--warmup", 1, "--ks", 4)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert not marker.exists()
+    for name in stages:
+        assert f"{name} is unreadable or not a resume point" in r.stderr
+
+
+def test_a_failed_save_is_one_line_and_the_rerun_logs_each_epoch_once(corpus, tmp_path, monkeypatch, capsys):
+    """torch.save reports a full disk as a RuntimeError: one line saying what was kept; the epoch whose
+    save failed runs again and is logged once."""
+    import finetune
+    real, calls = finetune.save_atomic, []
+
+    def full_disk(obj, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                               "data/3: file write failed")
+        real(obj, path)
+
+    monkeypatch.setattr(finetune, "save_atomic", full_disk)
+    argv = list(map(str, ["--fold", 1, "--data", corpus, "--out", tmp_path, "--epochs", 3, "--train-fraction", 0.25,
+                          *TINY_RUN]))
+    with pytest.raises(SystemExit) as e:
+        finetune.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "could not write the resume point" in err[0]
+    assert "is intact" in err[0] and "file write failed" in err[0]
+    monkeypatch.setattr(finetune, "save_atomic", real)
+    finetune.main(argv)
+    log = read_log(tmp_path / "vft" / "fold1" / "run0" / "log.jsonl")
+    assert [row["epoch"] for row in log] == [1, 2, 3]
+
+
+def test_ctrl_c_while_the_quick_start_writes_its_corpus(tmp_path):
+    """Interrupted: one line, exit 130, no half-written corpus; the rerun writes it again."""
+    corpus_dir = tmp_path / "synth"
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "data.py"), "--synth", corpus_dir], text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not (tmp_path / "synth.partial" / "Session2").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130 and err.strip().startswith("interrupted") and "Traceback" not in err
+    assert not corpus_dir.exists() and not (tmp_path / "synth.partial").exists()
+    r = run_cli("--synth", str(corpus_dir), "--per-session", "2", "--max-seconds", "2")
+    assert r.returncode == 0 and len(data.load_iemocap(corpus_dir)) == 10
+
+
+def test_a_closed_pipe_is_quiet(corpus, vft_run):
+    """`python data.py --data ... | head`: no BrokenPipeError traceback; evaluate.py writes results.json first."""
+    run_dir, _ = vft_run
+    results = run_dir.parent.parent / "results.json"
+    for cmd in ([os.path.join(HERE, "data.py"), "--data", corpus], [os.path.join(HERE, "evaluate.py"), run_dir.parent.parent]):
+        # `true` has exited before Python has imported torch: the first write meets a closed pipe
+        p = subprocess.run(f"{sys.executable} {' '.join(map(str, cmd))} | true", shell=True, capture_output=True, text=True)
+        assert p.stderr == "", p.stderr
+    assert json.loads(results.read_text())["folds"]["1"]["runs"] == 1
 
 
 # =============================================================================
