@@ -163,13 +163,15 @@ def load_backbone(source, seed):
 
 
 def train(model, params, batch_loss, dataset, sampler, *, updates, lr, schedule, device, precision, run_dir, name,
-          save_every, desc, workers, progress, on_update=None):
+          save_every, desc, workers, progress, on_update=None, on_epoch_end=None):
     """Adam (no weight decay) on `params` for `updates` updates at lr * schedule(update), under autocast
     (with a gradient scaler for fp16). batch_loss(batch, update) returns [(sum, count)] terms over this
     process's share of the batch; the update minimises sum_t (sum_t over processes) / (count_t over
     processes), so N processes take the updates one process takes on the whole batch (fairseq's
     sample-size normalisation). The state is saved every `save_every` updates, at every epoch's end and
-    on SIGTERM / Ctrl-C, to <run_dir>/<name>state.pt; the same call resumes from it."""
+    on SIGTERM / Ctrl-C, to <run_dir>/<name>state.pt; the same call resumes from it. on_epoch_end(position)
+    runs after every whole epoch, before the save (the release teacher's validation): what it adds to the
+    position is saved with it and comes back on resume. Returns the final position."""
     dtype = autocast_dtype(device, precision)
     opt = torch.optim.Adam(params, lr=lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -183,6 +185,7 @@ def train(model, params, batch_loss, dataset, sampler, *, updates, lr, schedule,
     with StopRequested() as stop:
         while pos["update"] < updates:
             sampler.set_epoch(pos["epoch"], pos["batch_in_epoch"])
+            epoch_batches = pos["batch_in_epoch"] + len(sampler)
             dataset.set_epoch(pos["epoch"])
             model.train()
             t0 = time.time()
@@ -210,11 +213,14 @@ def train(model, params, batch_loss, dataset, sampler, *, updates, lr, schedule,
                     ckpt.save(pos)
             else:
                 pos["epoch"], pos["batch_in_epoch"] = pos["epoch"] + 1, 0
+            if on_epoch_end is not None and pos["batch_in_epoch"] in (0, epoch_batches):  # whole epochs only
+                on_epoch_end(pos)
             log_epoch(log_path, pos, opt, time.time() - t0)
             ckpt.save(pos)
             if stop.flag:
                 stop.exit(desc, pos["update"])
     bar.close()
+    return pos
 
 
 def global_loss(terms, audio_seconds, device):

@@ -1,9 +1,10 @@
 """wav2vec 2.0 in plain PyTorch, loading fairseq checkpoints directly.
 
 Reads top to bottom: configuration, the modules (FeatureEncoder, PositionalConv, EncoderLayer,
-Encoder, Quantizer), the model, span masking, the emotion classifier, then checkpoint I/O
-(a safe unpickler, fairseq and Hugging Face key mapping, a safetensors reader, the project's own format).
-Semantics follow fairseq's fairseq/models/wav2vec/wav2vec2.py; see ../shared/RECIPE.md "Backbone".
+Encoder, Quantizer), the model, span masking, the emotion classifier, wav2vec (v1) (the release
+recipe's P-TAPT teacher), then checkpoint I/O (a safe unpickler, fairseq and Hugging Face key
+mapping, a safetensors reader, the project's own format).
+Semantics follow fairseq's fairseq/models/wav2vec/wav2vec2.py (v1: wav2vec.py); see ../shared/RECIPE.md "Backbone".
 """
 from __future__ import annotations
 
@@ -107,12 +108,14 @@ class FeatureEncoder(nn.Module):
 
 
 def masked_group_norm(x, lengths, norm: nn.GroupNorm):
-    """fairseq's layer-0 group norm (one group per channel, computed in float32 as its Fp32GroupNorm),
-    with the statistics of each utterance taken over its valid frames only (lengths None: over all
+    """fairseq's layer-0 group norm (one group per channel, computed in float32 as its Fp32GroupNorm;
+    wav2vec (v1)'s GroupNorm(1, C) in every block), with the statistics of each utterance taken over its valid frames only (lengths None: over all
     frames). Each utterance is normalised alone, so the result is exactly what it gets unbatched;
     no valid frame of the next conv reads the padded frames, which are left as they come."""
+    weight, bias = (None, None) if norm.weight is None else (norm.weight.float(), norm.bias.float())  # v1: affine or not
+
     def group_norm(y):
-        return F.group_norm(y.float(), norm.num_groups, norm.weight.float(), norm.bias.float(), norm.eps).type_as(y)
+        return F.group_norm(y.float(), norm.num_groups, weight, bias, norm.eps).type_as(y)
     if lengths is None:
         return group_norm(x)
     # Without autograd (V-FT's frozen encoder, inference) the fresh conv output is overwritten in place:
@@ -502,6 +505,199 @@ def masked_mean(x, lengths):  # x (B, F, C): mean over each row's first lengths[
 
 
 # -----------------------------------------------------------------------------
+# wav2vec (v1): the release's P-TAPT teacher (RECIPE.md "What the release actually computed")
+#
+# fairseq's wav2vec_large.pt, as fairseq/models/wav2vec/wav2vec.py computes it (Wav2VecModel's
+# ConvFeatureExtractionModel and ConvAggegator; the prediction head serves its pretraining loss only),
+# then the release's Conv1d(512, 512, 4, stride 2) + ReLU from 100 Hz to wav2vec 2.0's 50 Hz.
+# v1 has no padding mask and every group norm has one group (statistics over all channels and frames),
+# so padding reaches every frame in fairseq. Given lengths, the statistics here run over each
+# utterance's valid frames: the extractor's convs are unpadded and the aggregator's causal, so every
+# valid frame then equals the unpadded result. The release never padded v1 input (teacher batches
+# are cropped to their shortest utterance, clustering runs one utterance at a time).
+
+# wav2vec_large.pt: 7 feature layers, hop 160 samples (100 Hz), receptive field 465; 12 causal
+# aggregator layers of kernel 2..13 (fairseq's examples/wav2vec training command, and the model
+# fairseq prints when it loads the file). The loader reads every setting from the file.
+LARGE_CONV_LAYERS = [(512, 10, 5), (512, 8, 4)] + [(512, 4, 2)] * 3 + [(512, 1, 1)] * 2
+LARGE_AGG_LAYERS = [(512, k, 1) for k in range(2, 14)]
+
+
+@dataclass
+class Wav2Vec1Config:
+    # defaults are wav2vec_large.pt's; fairseq's argument names in comments
+    conv_layers: list = field(default_factory=lambda: list(LARGE_CONV_LAYERS))  # conv_feature_layers
+    agg_layers: list = field(default_factory=lambda: list(LARGE_AGG_LAYERS))    # conv_aggregator_layers
+    log_compression: bool = True   # log_compression: features -> log(|x| + 1)
+    skip_feat: bool = False        # skip_connections_feat: skips between equal-width feature layers
+    skip_agg: bool = True          # skip_connections_agg
+    residual_scale: float = 0.5    # residual_scale: a skip gives (x + residual) * sqrt(residual_scale)
+    agg_zero_pad: bool = False     # agg_zero_pad: causal padding by zeros instead of repeating frame 0
+    agg_bias: bool = True          # not no_conv_bias (the aggregator's convs; the extractor's never have one)
+    affine: bool = True            # not non_affine_group_norm
+    activation: str = "relu"       # activation: relu | gelu
+    dropout: float = 0.0           # dropout: after every aggregator conv (fairseq fixes the extractor's at 0)
+
+    @property
+    def min_samples(self):  # the feature extractor's receptive field (Large: 465): shorter input gives no frame
+        receptive, hop = 1, 1
+        for _, k, s in self.conv_layers:
+            receptive, hop = receptive + (k - 1) * hop, hop * s
+        return receptive
+
+
+class ConvBlock(nn.Module):
+    """conv -> dropout -> group norm (one group, fairseq's Fp32GroupNorm) -> activation, one layer of
+    either stack. causal: fairseq's aggregator pads k - 1 frames on the left (ka + kb in ConvAggegator),
+    so frame t reads frames <= t and the length is kept."""
+
+    def __init__(self, n_in, n_out, k, stride, bias, cfg: Wav2Vec1Config, causal):
+        super().__init__()
+        self.left_pad = k - 1 if causal else 0
+        self.pad_mode = "constant" if cfg.agg_zero_pad else "replicate"
+        self.conv = nn.Conv1d(n_in, n_out, k, stride, bias=bias)
+        self.dropout = nn.Dropout(cfg.dropout if causal else 0.0)
+        self.norm = nn.GroupNorm(1, n_out, affine=cfg.affine)
+        self.act = nn.GELU() if cfg.activation == "gelu" else nn.ReLU()
+
+    def output_lengths(self, lengths):
+        k, s = self.conv.kernel_size[0], self.conv.stride[0]
+        return (torch.div(lengths + self.left_pad - k, s, rounding_mode="floor") + 1).clamp(min=0)
+
+    def forward(self, x, lengths=None):
+        if self.left_pad:
+            x = F.pad(x, (self.left_pad, 0), mode=self.pad_mode)
+        x = self.dropout(self.conv(x))
+        return self.act(masked_group_norm(x, None if lengths is None else self.output_lengths(lengths), self.norm))
+
+
+def stack_lengths(blocks, lengths):
+    for block in blocks:
+        lengths = block.output_lengths(lengths)
+    return lengths
+
+
+class FeatureExtractor(nn.Module):
+    """Waveform (B, L) -> features (B, C, T): unpadded convs without bias, optional skips, log compression."""
+
+    def __init__(self, cfg: Wav2Vec1Config):
+        super().__init__()
+        dims = [1] + [d for d, _, _ in cfg.conv_layers]
+        self.blocks = nn.ModuleList(ConvBlock(i, d, k, s, False, cfg, causal=False)
+                                    for i, (d, k, s) in zip(dims, cfg.conv_layers))
+        self.skip, self.scale, self.log_compression = cfg.skip_feat, math.sqrt(cfg.residual_scale), cfg.log_compression
+
+    def forward(self, wav, lengths=None):
+        x = wav.unsqueeze(1)
+        for block in self.blocks:
+            residual, x = x, block(x, lengths)
+            if self.skip and x.size(1) == residual.size(1):
+                # fairseq keeps every step-th residual frame, step = the ratio of the widths (the stride, except
+                # for very short input); taken from each utterance's own widths, so padding cannot change it
+                n_in = torch.tensor([residual.size(2)]) if lengths is None else lengths
+                step = n_in // block.output_lengths(n_in).clamp(min=1)
+                index = (torch.arange(x.size(2)) * step[:, None]).clamp(max=residual.size(2) - 1).to(x.device)
+                x = (x + residual.gather(2, index[:, None].expand(x.size(0), x.size(1), -1))) * self.scale
+            lengths = None if lengths is None else block.output_lengths(lengths)
+        return (x.abs() + 1).log() if self.log_compression else x
+
+
+class Aggregator(nn.Module):
+    """fairseq's 'cnn' aggregator (the context network): causal conv blocks, each with a skip (skip_agg; through a
+    1x1 conv without bias where the width changes), scaled by sqrt(residual_scale). Output (B, C, T), same rate."""
+
+    def __init__(self, cfg: Wav2Vec1Config):
+        super().__init__()
+        dims = [cfg.conv_layers[-1][0]] + [d for d, _, _ in cfg.agg_layers]
+        self.blocks = nn.ModuleList(ConvBlock(i, d, k, s, cfg.agg_bias, cfg, causal=True)
+                                    for i, (d, k, s) in zip(dims, cfg.agg_layers))
+        self.residual_proj = nn.ModuleList(nn.Conv1d(i, d, 1, bias=False) if cfg.skip_agg and i != d else nn.Identity()
+                                           for i, (d, _, _) in zip(dims, cfg.agg_layers))
+        self.skip, self.scale = cfg.skip_agg, math.sqrt(cfg.residual_scale)
+
+    def forward(self, x, lengths=None):
+        for block, proj in zip(self.blocks, self.residual_proj):
+            residual, x = x, block(x, lengths)
+            lengths = None if lengths is None else block.output_lengths(lengths)
+            if self.skip:
+                x = (x + proj(residual)) * self.scale
+        return x
+
+
+class Wav2Vec1(nn.Module):
+    """Waveforms (B, L) at 16 kHz -> the aggregator's output (B, C, T), T = frame_lengths(L) (Large: 512, 100 Hz)."""
+
+    def __init__(self, cfg: Wav2Vec1Config):
+        super().__init__()
+        self.cfg = cfg
+        self.feature_extractor = FeatureExtractor(cfg)
+        self.aggregator = Aggregator(cfg)
+        self.features_frozen = False
+
+    def freeze_feature_extractor(self):
+        """The release's teacher: the feature extractor runs without grad; returns the parameters left to train."""
+        self.features_frozen = True
+        self.feature_extractor.requires_grad_(False)
+        return list(self.aggregator.parameters())
+
+    def frame_lengths(self, wav_lengths):  # Large: (L - 465) // 160 + 1 (the aggregator keeps the length)
+        return stack_lengths([*self.feature_extractor.blocks, *self.aggregator.blocks], wav_lengths)
+
+    def forward(self, wav, lengths=None, feature_mask=None):
+        """feature_mask (B, C, T) bool: features set to zero before the aggregator (the release's SpecAugment)."""
+        if not torch.is_tensor(wav) or wav.dim() != 2 or not wav.is_floating_point():
+            raise ValueError("wav must be a floating-point (batch, samples) tensor of mono 16 kHz audio")
+        n = torch.full((wav.size(0),), wav.size(1)) if lengths is None else torch.as_tensor(lengths).cpu()
+        if n.min() < self.cfg.min_samples or n.max() > wav.size(1):
+            raise ValueError(f"lengths {n.tolist()} must be at least {self.cfg.min_samples} samples (the receptive "
+                             f"field) and at most the batch's width {wav.size(1)}")
+        lengths = None if lengths is None else n
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.features_frozen):
+            z = self.feature_extractor(wav, lengths)
+        if feature_mask is not None:
+            z = z.masked_fill(feature_mask.to(z.device), 0.0)
+        if lengths is None:
+            return self.aggregator(z)
+        c = self.aggregator(z, stack_lengths(self.feature_extractor.blocks, n))
+        padded = torch.arange(c.size(2)) >= self.frame_lengths(n)[:, None]
+        return c.masked_fill(padded[:, None, :].to(c.device), 0.0)
+
+
+class Wav2Vec1Teacher(nn.Module):
+    """The release's teacher backbone (its Wav2vecWrapper, modules/FeatureFuser.py): wav2vec (v1), then a
+    Conv1d(C, C, 4, stride 2) without padding + ReLU that brings 100 Hz to wav2vec 2.0's 50 Hz.
+    (B, L) -> (features (B, T, C), frame lengths); Large: T = (L - 945) // 320 + 1, one or two frames
+    fewer than wav2vec 2.0's (L - 400) // 320 + 1, never equal; under 945 samples no frame."""
+
+    def __init__(self, v1: Wav2Vec1):
+        super().__init__()
+        self.v1 = v1
+        self.dim = v1.cfg.agg_layers[-1][0]
+        self.conv = nn.Conv1d(self.dim, self.dim, 4, 2)
+        hop = math.prod(s for _, _, s in v1.cfg.conv_layers)
+        self.min_samples = v1.cfg.min_samples + 3 * hop  # 4 frames at 100 Hz: the conv's kernel (Large: 945)
+
+    def frame_lengths(self, wav_lengths):
+        n100 = self.v1.frame_lengths(torch.as_tensor(wav_lengths))
+        return (torch.div(n100 - 4, 2, rounding_mode="floor") + 1).clamp(min=0)
+
+    def forward(self, wav, lengths=None, time_mask=None, channel_mask=None):
+        """time_mask (B, T100), channel_mask (B, C): the release's SpecAugment, zeros on v1's features."""
+        n = torch.full((wav.size(0),), wav.size(1)) if lengths is None else torch.as_tensor(lengths).cpu()
+        frames = self.frame_lengths(n)
+        if n.min() < self.min_samples:
+            raise ValueError(f"lengths {n.tolist()}: the teacher needs at least {self.min_samples} samples")
+        drop = None
+        if time_mask is not None or channel_mask is not None:
+            t100 = int(self.v1.frame_lengths(torch.tensor(wav.size(1))))
+            drop = torch.zeros(wav.size(0), self.dim, t100, dtype=torch.bool)
+            drop |= time_mask[:, None, :] if time_mask is not None else drop
+            drop |= channel_mask[:, :, None] if channel_mask is not None else drop
+        x = F.relu(self.conv(self.v1(wav, lengths, feature_mask=drop)))
+        return x.transpose(1, 2), frames
+
+
+# -----------------------------------------------------------------------------
 # checkpoint I/O
 
 class CheckpointError(Exception):
@@ -712,10 +908,17 @@ def _model_and_task(container):
     return None
 
 
+# fairseq's model names (arch or _name) -> what they are, for messages; audio_cpc: v1's name before fairseq renamed it
+MODEL_FAMILIES = {"wav2vec2": "wav2vec 2.0", "wav2vec_ctc": "wav2vec 2.0 ASR", "wav2vec_seq2seq": "wav2vec 2.0 ASR",
+                  "hubert": "HuBERT", "data2vec_audio": "data2vec", "wav2vec": "wav2vec (v1)", "audio_cpc": "wav2vec (v1)"}
+
+
 def _model_kind(ckpt):
     """Return ('project'|'pretrained'|'asr', model_cfg dict, normalize) or raise naming what was found."""
     if ckpt.get("format") in ("w2v2-ser/wav2vec2", "w2v2-ser/classifier"):
         return "project", ckpt["config"], ckpt["config"].get("normalize", False)
+    if ckpt.get("format") == "w2v2-ser/wav2vec1-teacher":
+        raise ValueError("holds the release recipe's wav2vec (v1) P-TAPT teacher, not wav2vec 2.0")
     found = _model_and_task(to_plain(ckpt.get("cfg"))) or _model_and_task(to_plain(ckpt.get("args")))
     if found is None:
         raise ValueError("no fairseq configuration (neither 'cfg' nor 'args')")
@@ -735,9 +938,9 @@ def _model_kind(ckpt):
         normalize = task.get("normalize", inner_task.get("normalize", False))
         return "asr", inner_model, normalize
     if name and not name.startswith("wav2vec2"):
-        kind = {"hubert": "HuBERT", "data2vec_audio": "data2vec", "wav2vec": "wav2vec (v1)",
-                "audio_cpc": "wav2vec (v1)"}.get(name, name)  # audio_cpc: v1's name before fairseq renamed it
-        raise ValueError(f"holds a {kind} model ('{name}'), not wav2vec 2.0")
+        hint = " (a wav2vec (v1) file serves only as P-TAPT's teacher: pretrain.py --teacher)" if name in (
+            "wav2vec", "audio_cpc") else ""
+        raise ValueError(f"holds a {MODEL_FAMILIES.get(name, name)} model ('{name}'), not wav2vec 2.0{hint}")
     return "pretrained", model_cfg, task.get("normalize", False)
 
 
@@ -800,6 +1003,80 @@ def _fairseq_state(path, state, kind):
         raise CheckpointError(f"{path}: parameters this wav2vec 2.0 does not know{hint}: {sorted(unknown)[:10]}"
                               + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
     return mapped, unused
+
+
+# fairseq's wav2vec (v1) (wav2vec_large.pt): the release recipe's P-TAPT teacher, never a V-FT backbone.
+# fairseq parameter name -> Wav2Vec1's name
+V1_KEYS = [
+    (r"feature_extractor\.conv_layers\.(\d+)\.0\.weight", r"feature_extractor.blocks.\1.conv.weight"),
+    (r"feature_extractor\.conv_layers\.(\d+)\.2\.(weight|bias)", r"feature_extractor.blocks.\1.norm.\2"),
+    (r"feature_aggregator\.conv_layers\.(\d+)\.1\.(weight|bias)", r"aggregator.blocks.\1.conv.\2"),
+    (r"feature_aggregator\.conv_layers\.(\d+)\.3\.(weight|bias)", r"aggregator.blocks.\1.norm.\2"),
+    (r"feature_aggregator\.residual_proj\.(\d+)\.weight", r"aggregator.residual_proj.\1.weight"),
+]
+# in a v1 file but only for the pretraining loss: the step-ahead predictions, and project_features='same'|'new'
+# (the aggregator applied to the loss's targets; 'same' repeats feature_aggregator's tensors under this name)
+V1_IGNORED = [r"wav2vec_predictions\.project_to_steps\.(weight|bias)", r"project_features\..+"]
+# settings whose default changed with fairseq's hydra port (base_wav2vec_architecture before, Wav2VecConfig
+# after): a file that does not state them could mean either model, so it is refused
+V1_REQUIRED = ("conv_feature_layers", "conv_aggregator_layers", "skip_connections_agg", "log_compression")
+# Wav2Vec1Config field -> fairseq's name; a setting the file lacks keeps the default (the same in every version)
+V1_NAMES = {"log_compression": "log_compression", "skip_feat": "skip_connections_feat", "skip_agg": "skip_connections_agg",
+            "residual_scale": "residual_scale", "agg_zero_pad": "agg_zero_pad", "activation": "activation",
+            "dropout": "dropout"}
+
+
+def v1_settings(ckpt: dict) -> dict:
+    """The fairseq model settings of a wav2vec (v1) file, newer cfg or older args; anything else -> ValueError."""
+    if str(ckpt.get("format", "")).startswith("w2v2-ser/"):
+        raise ValueError("holds one of this project's checkpoints, not fairseq's wav2vec (v1)")
+    found = _model_and_task(to_plain(ckpt.get("cfg"))) or _model_and_task(to_plain(ckpt.get("args")))
+    if found is None:
+        raise ValueError("no fairseq configuration (neither 'cfg' nor 'args')")
+    settings = found[0]
+    name = settings.get("_name") or settings.get("arch") or ""
+    if name not in ("wav2vec", "audio_cpc"):  # audio_cpc: wav2vec's early name (fairseq's _upgrade_state_dict)
+        raise ValueError(f"holds a {MODEL_FAMILIES.get(name, name or 'unnamed')} model ('{name}'), not wav2vec (v1)")
+    return settings
+
+
+def config_from_v1(c: dict) -> Wav2Vec1Config:
+    missing = [k for k in V1_REQUIRED if c.get(k) is None]
+    if missing:
+        raise ValueError(f"wav2vec (v1) settings {missing} are not in the file (their defaults differ between "
+                         "fairseq versions, so the model is ambiguous)")
+    if c.get("vq_type") not in (None, "none"):
+        raise ValueError(f"a vq-wav2vec model (vq_type={c['vq_type']!r}); only wav2vec (v1) is supported")
+    for key, supported in (("aggregator", "cnn"), ("encoder", "cnn"), ("activation", ("relu", "gelu"))):
+        if c.get(key) is not None and c[key] not in supported:
+            raise ValueError(f"{key}={c[key]!r} (supported: {supported})")
+    values = {ours: type(getattr(Wav2Vec1Config(), ours))(c[theirs]) for ours, theirs in V1_NAMES.items()
+              if c.get(theirs) is not None}
+
+    def layers(v):
+        return _conv_layers_from_string(v) if isinstance(v, str) else [tuple(int(x) for x in t) for t in v]
+    return Wav2Vec1Config(**values, conv_layers=layers(c["conv_feature_layers"]),
+                          agg_layers=layers(c["conv_aggregator_layers"]),
+                          agg_bias=not c.get("no_conv_bias", False), affine=not c.get("non_affine_group_norm", False))
+
+
+def load_wav2vec1(path) -> Wav2Vec1:
+    """Build wav2vec (v1) from a fairseq checkpoint (wav2vec_large.pt). Every parameter in the file is mapped or
+    in V1_IGNORED; anything missing, unexpected or of the wrong shape is named in one CheckpointError.
+    Returns the model in eval mode, float32, on CPU."""
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path}: not a model checkpoint: found {_describe(ckpt)}")
+    try:
+        cfg = config_from_v1(v1_settings(ckpt))
+    except (ValueError, TypeError, SyntaxError) as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    # an unknown parameter keeps its own name, so load_state reports it as unexpected with the rest
+    state = {fairseq_key(k, V1_KEYS) or k: v for k, v in ckpt["model"].items()
+             if not any(re.fullmatch(p, k) for p in V1_IGNORED)}
+    model = Wav2Vec1(cfg)
+    load_state(model, state, path)
+    return model.eval()
 
 
 # Hugging Face's wav2vec 2.0 (transformers' modeling_wav2vec2.py): a folder with config.json and
@@ -1013,6 +1290,26 @@ def load_classifier(path) -> EmotionClassifier:
     clf = EmotionClassifier(load_wav2vec2(path), ckpt["classes"], bool(ckpt.get("skip_last_frame")))
     clf.head.load_state_dict({"weight": ckpt["model"]["head.weight"], "bias": ckpt["model"]["head.bias"]})
     return clf.eval()
+
+
+def save_wav2vec1_teacher(teacher: Wav2Vec1Teacher, path, meta=None):
+    """The release recipe's trained P-TAPT teacher (v1 and its stride-2 conv), in the project's own format."""
+    cfg = asdict(teacher.v1.cfg)
+    cfg.update(conv_layers=[list(x) for x in cfg["conv_layers"]], agg_layers=[list(x) for x in cfg["agg_layers"]])
+    save_atomic({"format": "w2v2-ser/wav2vec1-teacher", "version": 1, "config": cfg, "model": teacher.state_dict(),
+                 "meta": meta or {}}, path)
+
+
+def load_wav2vec1_teacher(path) -> Wav2Vec1Teacher:
+    ckpt = read_checkpoint(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "w2v2-ser/wav2vec1-teacher":
+        raise CheckpointError(f"{path}: not a wav2vec (v1) P-TAPT teacher written by pretrain.py (found {_describe(ckpt)})")
+    c = ckpt["config"]
+    cfg = Wav2Vec1Config(**{**c, "conv_layers": [tuple(x) for x in c["conv_layers"]],
+                            "agg_layers": [tuple(x) for x in c["agg_layers"]]})
+    teacher = Wav2Vec1Teacher(Wav2Vec1(cfg))
+    load_state(teacher, ckpt["model"], path)
+    return teacher.eval()
 
 
 # -----------------------------------------------------------------------------

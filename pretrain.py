@@ -8,7 +8,9 @@ TAPT continues wav2vec 2.0's own objective (`tapt_loss`) on the fold's training 
 replaces its targets by frame pseudo-labels that carry emotion, in three stages: an emotion-aware
 teacher (`teacher_loss`), k-means on the teacher's frames (kmeans.py), and pretraining the original
 checkpoint to predict each masked frame's cluster for every K (`pseudo_label_loss`). Either result
-then goes through V-FT (finetune.py --init).
+then goes through V-FT (finetune.py --init). The teacher is the wav2vec 2.0 checkpoint itself, or with
+--teacher wav2vec_large.pt the release's: fairseq's wav2vec (v1) Large, trained as the release trained it
+(`run_release_teacher`).
 
 --recipe release (the default) computes what the authors' code computed: TAPT with transformers 4.10's
 loss (`release_tapt_loss`), span counts per batch, dynamic batches of about 250 s of audio; --recipe
@@ -21,6 +23,7 @@ when interrupted. Only the fold's training sessions are ever read.
 import argparse
 import math
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -28,11 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kmeans
-from data import AudioDataset, DataError, OneLineParser, load_corpus, user_errors
-from finetune import (COUNT, NATURAL, POSITIVE, PROBABILITY, SECONDS, WEIGHT, HOST_GROUP, add_run_flags, apply_recipe, barrier,
-                      check_run_config, class_weights, run_files, run_lock, init_distributed, load_backbone, pad_to_whole_batch,
-                      remove_training_state, seed_everything, train, train_batches, tri_stage_lr, utterance_rng)
-from model import load_wav2vec2, resolve_device, save_wav2vec2, span_masks, world
+from data import AudioDataset, DataError, OneLineParser, collate, load_corpus, user_errors
+from finetune import (COUNT, NATURAL, POSITIVE, PROBABILITY, SECONDS, WEIGHT, HOST_GROUP, add_run_flags, apply_recipe,
+                      autocast_dtype, barrier, check_run_config, class_weights, run_files, run_lock, init_distributed,
+                      load_backbone, pad_to_whole_batch, remove_training_state, seed_everything, train, train_batches,
+                      tri_stage_lr, utterance_rng, vft_masks)
+from model import (CheckpointError, Wav2Vec1Teacher, load_wav2vec1, load_wav2vec1_teacher, load_wav2vec2, resolve_device,
+                   save_wav2vec1_teacher, save_wav2vec2, span_masks, world)
 
 # -----------------------------------------------------------------------------
 # TAPT: wav2vec 2.0's objective, as fairseq defines it (RECIPE.md "TAPT")
@@ -136,19 +141,21 @@ def mlp_head(dim, hidden, out):
 
 
 class Teacher(nn.Module):
-    """wav2vec 2.0 fine-tuned with every frame labelled with its utterance's emotion: a frame
-    head on every frame, and an utterance head (BiLSTM, mean over time, ReLU, Linear-Tanh-Linear)."""
+    """A backbone fine-tuned with every frame labelled with its utterance's emotion: a frame head on every
+    frame, and an utterance head (BiLSTM of `hidden` outputs, mean over time, ReLU, Linear-Tanh-Linear).
+    wav2vec 2.0's: heads Linear(768, 256)-Tanh-Linear, BiLSTM 2 x 128. The release's v1 teacher (dim 512,
+    hidden 512, head_hidden 128): its LinearHead(512, 128, C) and RNNLayer(512, 512) (release modules/NN.py)."""
 
-    def __init__(self, backbone, num_classes, hidden=256):
+    def __init__(self, backbone, num_classes, hidden=256, dim=None, head_hidden=None):
         super().__init__()
-        dim = backbone.cfg.embed_dim
+        dim, head_hidden = dim or backbone.cfg.embed_dim, head_hidden or hidden
         self.backbone = backbone
-        self.frame_head = mlp_head(dim, hidden, num_classes)
+        self.frame_head = mlp_head(dim, head_hidden, num_classes)
         self.lstm = nn.LSTM(dim, hidden // 2, batch_first=True, bidirectional=True)
-        self.utterance_head = mlp_head(hidden, hidden, num_classes)
+        self.utterance_head = mlp_head(hidden, head_hidden, num_classes)
 
-    def forward(self, wav, lengths):
-        hidden, frames = self.backbone(wav, lengths)
+    def forward(self, wav, lengths, **masks):
+        hidden, frames = self.backbone(wav, lengths, **masks)
         frame_logits = self.frame_head(hidden)
         # outside autocast: cuDNN's LSTM would run in fp16, without loss scaling, even under bf16 autocast;
         # batches are cropped to equal length, so the mean over time has no padding to leave out
@@ -184,8 +191,9 @@ class PseudoLabelHeads(nn.Module):
 
 def pseudo_label_loss(logits, targets):
     """For each K: sum over masked frames of CE(head_K(ReLU(h_t)), cluster_K(t)), over the number of
-    masked frames; logits and targets hold the masked frames only (padding is never masked)."""
-    return [(F.cross_entropy(lk.float(), tk, reduction="sum"), len(tk)) for lk, tk in zip(logits, targets)]
+    masked frames that have a label; logits and targets hold the masked frames only (padding is never
+    masked; -100, the frames the v1 teacher has no label for, is left out as the release's ignore_index)."""
+    return [(F.cross_entropy(lk.float(), tk, reduction="sum"), (tk != -100).sum()) for lk, tk in zip(logits, targets)]
 
 
 class WithHeads(nn.Module):  # one module, so the resumable state holds backbone and heads together
@@ -194,11 +202,11 @@ class WithHeads(nn.Module):  # one module, so the resumable state holds backbone
         self.backbone, self.heads = backbone, heads
 
 
-def crop_to_shortest(batch, rngs):
+def crop_to_shortest(batch, rngs, across_processes=True):
     """The teacher's batches: every utterance randomly cropped to the shortest one of the whole
     batch, across processes (no padding)."""
     shortest = batch["lengths"].min()
-    if world()[1] > 1:
+    if world()[1] > 1 and across_processes:
         dist.all_reduce(shortest, op=dist.ReduceOp.MIN, group=HOST_GROUP[0])
     n = int(shortest)
     starts = [int(torch.randint(0, int(length) - n + 1, (), generator=rng)) for length, rng in zip(batch["lengths"], rngs)]
@@ -206,11 +214,12 @@ def crop_to_shortest(batch, rngs):
     return wav, torch.full((len(wav),), n, dtype=torch.long)
 
 
-def crop_labels(stored, utterances, batch, frames, width, hop, full_frames):
-    """Each utterance's pseudo-labels for the frames of its crop, one (B, width) tensor per K; -100 on padding."""
-    targets = {k: torch.full((len(frames), width), -100, dtype=torch.long) for k in stored["labels"]}
+def crop_labels(labels, batch, frames, width, hop):
+    """Each utterance's pseudo-labels for the frames of its crop, one (B, width) tensor per K; -100 on
+    padding. labels[index]: {K: the utterance's labels at wav2vec 2.0's frames} (aligned_labels)."""
+    targets = {k: torch.full((len(frames), width), -100, dtype=torch.long) for k in labels[0]}
     for row, (index, offset) in enumerate(zip(batch["indices"].tolist(), batch["offsets"].tolist())):
-        per_k = kmeans.labels_for(stored, utterances[index].uid, full_frames[index])
+        per_k = labels[index]
         first, n = offset // hop, int(frames[row])
         for k, t in targets.items():
             t[row, :n] = per_k[k][first:first + n].long()
@@ -276,26 +285,160 @@ def run_teacher(args, fold, train_set, classes, run_dir, device):
                                                                      "source": args.checkpoint})
 
 
+# The release's teacher (RECIPE.md "What the release actually computed"; release pretrain/trainer.py:12-106
+# PretrainedEmoClassifier, modules/FeatureFuser.py:11-62 Wav2vecWrapper, modules/NN.py): what --teacher sets.
+# Recorded in config.json as `release_teacher`.
+RELEASE_TEACHER = {
+    "model": "fairseq wav2vec (v1): feature extractor frozen (no grad), aggregator trained; "
+             "Conv1d(512, 512, 4, stride 2) + ReLU to 50 Hz",
+    "specaugment_time": [0.08, 15, 2],     # (prob, span, min spans) on v1's 100 Hz features, as zeros
+    "specaugment_channel": [0.05, 64, 1],  # over the 512 channels: always one span of 64
+    "heads": "frame LinearHead(512, 128, C); BiLSTM(512, 2 x 256), mean, ReLU, LinearHead(512, 128, C)",
+    "train_fraction": 0.9,                 # int(0.9 n) train, the rest validate (torch random_split)
+    "split_seed": 58,                      # torch.Generator().manual_seed(58)
+    "selection": "the epoch end with the lowest validation loss",
+}
+
+
+def release_split(utterances):
+    """The release's 90/10 split: torch's random_split(data, [int(0.9 n), n - int(0.9 n)],
+    generator=torch.Generator().manual_seed(58)), i.e. a randperm of that generator. The release
+    permuted os.listdir order (filesystem-dependent); here the utterances sorted by uid."""
+    ordered = sorted(utterances, key=lambda u: u.uid)
+    n = len(ordered)
+    fit = int(n * RELEASE_TEACHER["train_fraction"])
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(RELEASE_TEACHER["split_seed"])).tolist()
+    return [ordered[i] for i in perm[:fit]], [ordered[i] for i in perm[fit:]]
+
+
+def validation_loss(teacher, dataset, weights, batch_size, seed, device, dtype):
+    """The release's validation loss (validation_step, mean over the epoch as Lightning 1.4 logs it,
+    batches weighted by their size): batches of batch_size in split order, the last one partial, each
+    cropped to its shortest utterance (crops from a fixed seed: the same every epoch), eval mode (no
+    SpecAugment); per batch the frame and utterance weighted CEs summed. Every process computes all."""
+    teacher.eval()
+    total = 0.0
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        for start in range(0, len(dataset), batch_size):
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            rngs = [utterance_rng(seed, -2, i) for i in batch["indices"].tolist()]  # update -2: validation's own
+            wav, lengths = crop_to_shortest(batch, rngs, across_processes=False)
+            frame_logits, utterance_logits, _ = teacher(wav.to(device), None)
+            terms = teacher_loss(frame_logits, utterance_logits, batch["labels"].to(device), weights)
+            total += len(wav) * float(sum(s / c for s, c in terms))
+    teacher.train()
+    return total / len(dataset)
+
+
+def keep_best(teacher, valid_loss):
+    """on_epoch_end for `train`: validate, and keep the weights of the lowest validation loss so far in
+    the position (so the resume point holds them: a resumed run keeps the same ones). Lightning's
+    ModelCheckpoint(monitor='valid_loss', mode='min', save_top_k=1) (release run_pretrain.py:24-31)."""
+    def on_epoch_end(pos):
+        if pos.get("valid_update") == pos["update"]:  # validated already (stopped at an epoch's last batch)
+            return
+        loss = torch.tensor([valid_loss()], dtype=torch.float64)
+        if world()[1] > 1:  # every process computed it; rank 0's decides, so all keep the same weights
+            dist.broadcast(loss, 0, group=HOST_GROUP[0])
+        pos["valid_update"], loss = pos["update"], float(loss)
+        if loss < pos.get("best_valid", float("inf")):
+            pos.update(best_valid=loss, best_update=pos["update"],
+                       best_model={k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()})
+        if world()[0] == 0:
+            print(f"teacher: validation loss {loss:.4f} at update {pos['update']} "
+                  f"(best {pos['best_valid']:.4f} at update {pos['best_update']})")
+    return on_epoch_end
+
+
+def run_release_teacher(args, fold, train_set, classes, run_dir, device):
+    """The release's teacher (RELEASE_TEACHER): wav2vec (v1) from --teacher, trained on 90% of the fold's
+    training utterances in random batches cropped to their shortest utterance, validated on the other
+    10% after every epoch; the weights of the lowest validation loss become teacher.pt."""
+    seed_everything(args.seed + fold)
+    try:
+        front = Wav2Vec1Teacher(load_wav2vec1(args.teacher))
+    except CheckpointError as e:
+        raise DataError(f"--teacher: {e}") from None
+    short = [u.uid for u in train_set if u.num_samples < front.min_samples]
+    if short:
+        raise DataError(f"{len(short)} training utterances (first {short[0]}) are shorter than {front.min_samples} "
+                        "samples, the least the wav2vec (v1) teacher gives a frame for")
+    check_kmeans_settings(args, front, train_set)
+    teacher = Teacher(front, len(classes), hidden=512, dim=front.dim, head_hidden=128).to(device)
+    params = front.v1.freeze_feature_extractor() + [p for n, p in teacher.named_parameters()
+                                                    if not n.startswith("backbone.v1.")]
+    fit, held_out = release_split(train_set)
+    # class weights over every training utterance, the held-out 10% included (release trainer.py:26-35)
+    weights = class_weights(AudioDataset(train_set, classes).labels, len(classes)).to(device)
+    dataset = AudioDataset(fit, classes, crop="random", cache=args.cache, seed=args.seed)  # whole utterances
+    valid = AudioDataset(held_out, classes, cache=args.cache)
+    time, channel = RELEASE_TEACHER["specaugment_time"], RELEASE_TEACHER["specaugment_channel"]
+
+    def batch_loss(batch, update):
+        rngs = [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()]
+        wav, _ = crop_to_shortest(batch, rngs)
+        t100 = int(front.v1.frame_lengths(torch.tensor(wav.shape[1])))  # crops are equal: the batch's span count
+        time_mask, channel_mask = vft_masks("batch", [t100] * len(wav), t100, front.dim, rngs,
+                                            utterance_rng(args.seed, update, -1), time, channel)
+        frame_logits, utterance_logits, _ = teacher(wav.to(device), None, time_mask=time_mask, channel_mask=channel_mask)
+        return teacher_loss(frame_logits, utterance_logits, batch["labels"].to(device), weights)
+
+    valid_loss = lambda: validation_loss(teacher, valid, weights, args.batch_size, args.seed, device,
+                                         autocast_dtype(device, args.precision))
+    warmup = int(round(args.teacher_warmup_fraction * args.teacher_updates))
+    pos = stage_train(args, teacher, params, batch_loss, dataset, run_dir, "teacher", args.teacher_updates, warmup,
+                      f"P-TAPT teacher (wav2vec v1) fold {fold}", device, teacher=True,
+                      on_epoch_end=keep_best(teacher, valid_loss))
+    if "best_model" in pos:
+        teacher.load_state_dict(pos["best_model"])
+    elif world()[0] == 0:
+        print("warning: the teacher trained less than one epoch, so it was never validated: its last weights are used",
+              file=sys.stderr)
+    meta = {"mode": "ptapt-teacher", "fold": fold, "source": args.teacher, "teacher_model": "wav2vec (v1)",
+            "best_valid_loss": pos.get("best_valid"), "best_update": pos.get("best_update"),
+            "validation_utterances": [u.uid for u in held_out]}
+    return finish_stage(run_dir, "teacher", front, "teacher.pt", meta, save=save_wav2vec1_teacher)
+
+
 def run_pseudo_labels(args, fold, train_set, run_dir, teacher_path, device):
     """Teacher features of every training frame, k-means for each K, one label per frame and K."""
     out = os.path.join(run_dir, "labels.pt")
-    teacher = load_wav2vec2(teacher_path).to(device)
-    layer = check_kmeans_settings(args, teacher, train_set)
+    if args.teacher:  # the release's: its ReLU'd 50 Hz output, fp32, eval, one utterance at a time (cluster.py)
+        teacher = load_wav2vec1_teacher(teacher_path).to(device)
+        check_kmeans_settings(args, teacher, train_set)
+        features_of, meta = lambda wav, lengths: unpadded(teacher, wav, lengths), {"teacher_model": "wav2vec (v1)"}
+    else:
+        teacher = load_wav2vec2(teacher_path).to(device)
+        layer = check_kmeans_settings(args, teacher, train_set)
+        features_of, meta = lambda wav, lengths: teacher(wav, lengths, layer=layer), {"layer": layer}
     try:
-        kmeans.pseudo_label_stage(lambda wav, lengths: teacher(wav, lengths, layer=layer), train_set, args.ks,
-                                  args.kmeans_iters, args.kmeans_init, args.seed, device, out,
-                                  {"teacher": teacher_path, "layer": layer, "fold": fold}, progress=args.progress,
+        kmeans.pseudo_label_stage(features_of, train_set, args.ks, args.kmeans_iters, args.kmeans_init, args.seed,
+                                  device, out, {"teacher": teacher_path, **meta, "fold": fold}, progress=args.progress,
                                   workers=args.workers)
     except ValueError as e:  # e.g. K larger than the number of frames
         raise DataError(f"k-means on fold {fold}'s teacher frames: {e}") from None
     return out
 
 
+def unpadded(teacher, wav, lengths):
+    """A padded batch's features, each utterance run alone: v1's one-group norms would see the padding."""
+    frames = teacher.frame_lengths(lengths)
+    out = wav.new_zeros(len(wav), int(frames.max()), teacher.dim)
+    for row, n in enumerate(lengths.tolist()):
+        out[row, :frames[row]] = teacher(wav[row:row + 1, :n])[0][0]
+    return out, frames
+
+
 def check_kmeans_settings(args, backbone, train_set):
     """--layer within the model, every K at most the number of frames; returns the layer."""
-    layer = args.layer or backbone.cfg.num_layers
-    if not 1 <= layer <= backbone.cfg.num_layers:
-        raise DataError(f"--layer {layer}: the teacher has layers 1..{backbone.cfg.num_layers}")
+    if isinstance(backbone, Wav2Vec1Teacher):
+        if args.layer is not None:
+            raise DataError("--layer: the wav2vec (v1) teacher's features are its one output (ReLU of its stride-2 conv)")
+        layer = None
+    else:
+        layer = args.layer or backbone.cfg.num_layers
+        if not 1 <= layer <= backbone.cfg.num_layers:
+            raise DataError(f"--layer {layer}: the teacher has layers 1..{backbone.cfg.num_layers}")
     frames = int(backbone.frame_lengths(torch.tensor([u.num_samples for u in train_set])).sum())
     if max(args.ks) > frames:
         raise DataError(f"--ks {max(args.ks)}: more clusters than the {frames} frames of the training audio")
@@ -315,17 +458,13 @@ def run_ptapt(args, fold, train_set, classes, run_dir, labels_path, device):
     hop = math.prod(s for _, _, s in backbone.cfg.conv_layers)
     dataset = AudioDataset(train_set, classes, max_seconds=args.max_seconds, crop="random", crop_align=hop,
                            cache=args.cache, seed=args.seed)
-    full_frames = backbone.frame_lengths(torch.tensor([u.num_samples for u in train_set])).tolist()
-    for u, n in zip(train_set, full_frames):  # labels for exactly every utterance's frames: checked now, not hours in
-        try:
-            kmeans.labels_for(stored, u.uid, n)
-        except ValueError as e:
-            raise DataError(str(e)) from None
+    # labels for exactly every utterance's frames: checked now, not hours in
+    teacher = load_wav2vec1_teacher(os.path.join(run_dir, "teacher.pt")) if args.teacher else None
+    labels = aligned_labels(stored, train_set, backbone, teacher)
 
     def batch_loss(batch, update):
         wav, _, mask = masked_batch(args, backbone, batch, update, padded=args.group_norm == "padded")
-        targets = crop_labels(stored, train_set, batch, backbone.frame_lengths(batch["lengths"]), mask.shape[1], hop,
-                              full_frames)
+        targets = crop_labels(labels, batch, backbone.frame_lengths(batch["lengths"]), mask.shape[1], hop)
         targets = [t[mask].to(device) for t in targets]
         mask = mask.to(device)
         hidden, _ = backbone(wav.to(device), batch["lengths"], time_mask=mask)
@@ -335,6 +474,27 @@ def run_ptapt(args, fold, train_set, classes, run_dir, labels_path, device):
                 f"P-TAPT fold {fold}", device)
     return finish_stage(run_dir, "ptapt", backbone, "pretrained.pt", {"mode": "ptapt", "fold": fold,
                                                                       "source": args.checkpoint, "labels": labels_path})
+
+
+def aligned_labels(stored, utterances, backbone, teacher=None):
+    """Every utterance's pseudo-labels at wav2vec 2.0's frames, [{K: (frames,) long}]. The v1 teacher's
+    labels are stored at its own frames, (L - 945) // 320 + 1 for Large against wav2vec 2.0's
+    (L - 400) // 320 + 1: one or two fewer, never more. As the release (pretrain/dataloader.py:180-210),
+    teacher frame j labels wav2vec 2.0 frame j from frame 0, and the last one or two frames get -100
+    (no label: left out of the loss)."""
+    lengths = torch.tensor([u.num_samples for u in utterances])
+    frames = backbone.frame_lengths(lengths).tolist()
+    ours = frames if teacher is None else teacher.frame_lengths(lengths).tolist()
+    out = []
+    for u, n, t in zip(utterances, frames, ours):
+        try:
+            per_k = kmeans.labels_for(stored, u.uid, t)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        if not 0 <= n - t <= 2:  # the conv formulas above: what else would mean another alignment
+            raise DataError(f"utterance {u.uid}: {n} wav2vec 2.0 frames but {t} teacher frames; expected 0-2 fewer")
+        out.append({k: F.pad(v, (0, n - t), value=-100) for k, v in per_k.items()})
+    return out
 
 
 def masked_batch(args, model, batch, update, padded):
@@ -349,8 +509,9 @@ def masked_batch(args, model, batch, update, padded):
 
 
 def stage_train(args, model, params, batch_loss, dataset, run_dir, name, updates, warmup, desc, device, on_update=None,
-                teacher=False):
-    """Every stage's schedule (RECIPE.md: linear warm-up, flat for 5%, linear decay to 0) and batches."""
+                teacher=False, on_epoch_end=None):
+    """Every stage's schedule (RECIPE.md: linear warm-up, flat for 5%, linear decay to 0) and batches;
+    returns train's final position."""
     flat = int(round(args.flat_fraction * updates))
     if teacher:  # the release's teacher: random batches of batch_size utterances; clean: bucketed
         batches = train_batches(dataset.lengths, args.batch_size, args.max_batch_seconds, args.recipe == "clean",
@@ -359,18 +520,18 @@ def stage_train(args, model, params, batch_loss, dataset, run_dir, name, updates
         budget = args.batch_seconds * args.batch_size / 64  # the release's RandomBucketSampler scales it so
         batches = train_batches(dataset.lengths, args.batch_size, args.max_batch_seconds, True, args.seed,
                                 budget or None)
-    train(model, params, batch_loss, dataset, batches,
-          updates=updates, lr=args.lr, schedule=lambda update: tri_stage_lr(update, updates, warmup, flat),
-          device=device, precision=args.precision, run_dir=run_dir, name=f"{name}.", save_every=args.save_every,
-          desc=desc, workers=args.workers, progress=args.progress, on_update=on_update)
+    return train(model, params, batch_loss, dataset, batches,
+                 updates=updates, lr=args.lr, schedule=lambda update: tri_stage_lr(update, updates, warmup, flat),
+                 device=device, precision=args.precision, run_dir=run_dir, name=f"{name}.", save_every=args.save_every,
+                 desc=desc, workers=args.workers, progress=args.progress, on_update=on_update, on_epoch_end=on_epoch_end)
 
 
-def finish_stage(run_dir, name, model, filename, meta):
+def finish_stage(run_dir, name, model, filename, meta, save=save_wav2vec2):
     """Rank 0 writes the stage's output, then drops its resume state (it holds the optimizer: 3x the
     model); the other processes wait for the file."""
     out = os.path.join(run_dir, filename)
     if world()[0] == 0:
-        save_wav2vec2(model, out, meta=meta)
+        save(model, out, meta=meta)
         remove_training_state(os.path.join(run_dir, f"{name}.state.pt"))
     barrier()
     return out
@@ -401,7 +562,7 @@ def run_fold(args, fold, splits, classes, run_dir, device):
         return run_tapt(args, fold, train_set, classes, run_dir, device)
     teacher = os.path.join(run_dir, "teacher.pt")
     if not os.path.exists(teacher):
-        run_teacher(args, fold, train_set, classes, run_dir, device)
+        (run_release_teacher if args.teacher else run_teacher)(args, fold, train_set, classes, run_dir, device)
     elif world()[0] == 0:
         print(f"{teacher} exists: teacher done")
     labels = os.path.join(run_dir, "labels.pt")
@@ -467,11 +628,15 @@ def build_parser():
       help="TAPT: weight of the feature penalty mean(conv features^2) (RECIPE.md, fairseq); 0 = Hugging Face's "
            "objective. A tiny model trained from scratch with 10 and 5%% masking collapses: README, Results "
            "(default: %(default)s)")
+    a("--teacher", default=None, metavar="WAV2VEC_V1.pt",
+      help="P-TAPT: the release's teacher, fairseq's wav2vec (v1) (wav2vec_large.pt), trained as the release trained "
+           "it (release recipe only; README, P-TAPT) (default: the wav2vec 2.0 --checkpoint itself)")
     a("--teacher-updates", type=COUNT, default=10000, help="P-TAPT teacher (default: %(default)s)")
     a("--teacher-warmup-fraction", type=PROBABILITY, default=0.05, help="(default: %(default)s)")
     a("--ks", type=COUNT, nargs="+", default=[64, 512, 4096], help="k-means cluster counts (default: %(default)s)")
     a("--kmeans-iters", type=COUNT, default=20, help="(default: %(default)s)")
-    a("--kmeans-init", choices=["k-means++", "random"], default="k-means++", help="(default: %(default)s)")
+    a("--kmeans-init", choices=["k-means++", "random"], default=None,
+      help="(default: random, K random frames as faiss, with --teacher; k-means++ otherwise)")
     a("--layer", type=COUNT, default=None, help="teacher layer for k-means features (default: the last)")
     a("--save-every", type=COUNT, default=500, help="updates between resumable checkpoints (default: %(default)s)")
     add_run_flags(p)
@@ -487,6 +652,13 @@ def parse_args(argv):
     apply_recipe(args, RECIPES)
     if not args.data:
         p.error("--data is required")
+    if args.teacher is not None and args.mode != "ptapt":
+        p.error("argument --teacher: only P-TAPT has a teacher (--mode ptapt)")
+    if args.teacher is not None and args.recipe == "clean":  # README, P-TAPT: why
+        p.error("argument --teacher: the wav2vec (v1) teacher is the release recipe's; the clean recipe's teacher is "
+                "the wav2vec 2.0 --checkpoint itself (leave out --teacher or --recipe clean)")
+    args.release_teacher = RELEASE_TEACHER if args.teacher else None  # recorded in config.json
+    args.kmeans_init = args.kmeans_init or ("random" if args.teacher else "k-means++")
     if len(set(args.ks)) != len(args.ks):
         p.error(f"argument --ks: {args.ks} repeats a K")
     if args.warmup > args.updates:

@@ -385,6 +385,335 @@ def test_hf_sharded_folder(tmp_path):
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in ours.state_dict().items())
 
 
+# ----------------------------------------------------------------------------- wav2vec (v1), the release's P-TAPT teacher
+# fairseq-format v1 files written here (args, cfg and pickled-omegaconf styles); a float64 reference from fairseq's
+# wav2vec.py formulas on the file's own tensors; frame counts against wav2vec 2.0's; refusals
+
+LARGE = dict(conv_feature_layers="[(512, 10, 5), (512, 8, 4), (512, 4, 2), (512, 4, 2), (512, 4, 2), (512, 1, 1), (512, 1, 1)]",
+             conv_aggregator_layers="[(512, 2, 1), (512, 3, 1), (512, 4, 1), (512, 5, 1), (512, 6, 1), (512, 7, 1), "
+                                    "(512, 8, 1), (512, 9, 1), (512, 10, 1), (512, 11, 1), (512, 12, 1), (512, 13, 1)]",
+             skip_connections_feat=False, skip_connections_agg=True, residual_scale=0.5, log_compression=True,
+             agg_zero_pad=False, no_conv_bias=False, non_affine_group_norm=False, dropout=0.0, aggregator="cnn")
+# the Large geometry and settings at a width the CPU runs in no time
+NARROW = {**LARGE, "conv_feature_layers": LARGE["conv_feature_layers"].replace("512", "8"),
+          "conv_aggregator_layers": LARGE["conv_aggregator_layers"].replace("512", "8")}
+# every other option: skips in the extractor, zero padding, width changes (residual_proj), no biases,
+# no affine norms, gelu, no log compression
+OPTIONS = dict(conv_feature_layers="[(12, 10, 5), (12, 8, 4), (12, 4, 2), (12, 1, 1)]",
+               conv_aggregator_layers="[(12, 2, 1), (20, 3, 1), (20, 5, 1), (16, 4, 1)]",
+               skip_connections_feat=True, skip_connections_agg=True, residual_scale=0.3, log_compression=False,
+               agg_zero_pad=True, no_conv_bias=True, non_affine_group_norm=True, dropout=0.1, aggregator="cnn",
+               activation="gelu")
+PREDICTION_STEPS = 12
+
+
+def v1_layers(text):
+    return M._conv_layers_from_string(text)
+
+
+def v1_fairseq_state(s, seed=0, dtype=torch.float32):
+    """Random parameters under fairseq's names and shapes (wav2vec.py's Wav2VecModel with these settings)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype)
+    state, affine = {}, not s.get("non_affine_group_norm", False)
+    d_in = 1
+    for i, (d, k, _) in enumerate(v1_layers(s["conv_feature_layers"])):
+        state[f"feature_extractor.conv_layers.{i}.0.weight"] = rand(d, d_in, k, scale=(d_in * k) ** -0.5)
+        if affine:
+            state[f"feature_extractor.conv_layers.{i}.2.weight"] = 1 + rand(d, scale=0.1)
+            state[f"feature_extractor.conv_layers.{i}.2.bias"] = rand(d, scale=0.1)
+        d_in = d
+    embed = d_in
+    for i, (d, k, _) in enumerate(v1_layers(s["conv_aggregator_layers"])):
+        if s["skip_connections_agg"] and d != d_in:
+            state[f"feature_aggregator.residual_proj.{i}.weight"] = rand(d, d_in, 1, scale=d_in ** -0.5)
+        state[f"feature_aggregator.conv_layers.{i}.1.weight"] = rand(d, d_in, k, scale=(d_in * k) ** -0.5)
+        if not s.get("no_conv_bias", False):
+            state[f"feature_aggregator.conv_layers.{i}.1.bias"] = rand(d, scale=0.1)
+        if affine:
+            state[f"feature_aggregator.conv_layers.{i}.3.weight"] = 1 + rand(d, scale=0.1)
+            state[f"feature_aggregator.conv_layers.{i}.3.bias"] = rand(d, scale=0.1)
+        d_in = d
+    state["wav2vec_predictions.project_to_steps.weight"] = rand(d_in, embed, 1, PREDICTION_STEPS, scale=0.01)
+    state["wav2vec_predictions.project_to_steps.bias"] = rand(embed, scale=0.01)
+    return state
+
+
+def v1_model_args(s):
+    """Model settings as a 2019 fairseq run stored them: base_wav2vec_architecture fills every one it knows."""
+    return dict(prediction_steps=PREDICTION_STEPS, num_negatives=10, sample_distance=None, cross_sample_negatives=False,
+                dropout_features=0.0, dropout_agg=0.0, encoder="cnn", gru_dim=512, balanced_classes=False,
+                project_features="none", offset="auto", **s)
+
+
+def write_v1(path, s, style, state):
+    """A v1 file as fairseq writes one. args: fairseq <= 0.10 (wav2vec_large.pt, 2019): a flat argparse
+    Namespace, the legacy (pre-zip) torch format, fp16 training's half-precision weights and the optimizer state.
+    cfg: fairseq's trainer today (cfg converted to plain containers, args None). omegaconf: fairseq of late 2020
+    (the release's pin b8ea8a9b) pickles the DictConfig itself."""
+    history = [{"criterion_name": "BinaryCrossEntropyCriterion", "optimizer_name": "FairseqAdam",
+                "lr_scheduler_state": {"best": 2.1}, "num_updates": 400000}]
+    first = next(iter(state.values()))
+    optimizer = {"state": {0: {"step": 400000, "exp_avg": torch.zeros_like(first), "exp_avg_sq": torch.zeros_like(first)}},
+                 "param_groups": [{"lr": 1e-6, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0, "params": [0]}]}
+    if style == "args":
+        args = argparse.Namespace(arch="wav2vec", task="speech_pretraining", criterion="binary_cross_entropy",
+                                  optimizer="adam", lr=[0.005], lr_scheduler="cosine", max_update=400000, fp16=True,
+                                  data="/manifest/path", sample_rate=16000, max_sample_size=150000, seed=1,
+                                  **v1_model_args(s))
+        obj = {"args": args, "model": state, "optimizer_history": history, "last_optimizer_state": optimizer,
+               "extra_state": {"train_iterator": {"epoch": 112, "iterations_in_epoch": 0}, "val_loss": 2.1}}
+        torch.save(obj, path, _use_new_zipfile_serialization=False)
+        return
+    fields = {"_name": "wav2vec", "vq_type": "none", "vq_vars": 320, "vq_groups": 2, "vq_dim": 0, "vq_depth": 1,
+              "combine_groups": False, "vq_temp": [2.0, 0.5, 0.999995], "vq_gamma": 0.25, "infonce": False,
+              "activation": "relu", **v1_model_args(s), "cross_sample_negatives": 0}  # Wav2VecConfig's every field
+    cfg = {"common": {"fp16": True, "seed": 1}, "model": fields, "criterion": {"_name": "wav2vec", "infonce": False},
+           "task": {"_name": "audio_pretraining", "data": "/manifest/path", "sample_rate": 16000, "normalize": False},
+           "optimization": {"max_update": 400000, "lr": [0.005]}}
+    if style == "omegaconf_no_lists":  # a cfg without lists (no protocol-2 int in the pickle)
+        cfg["model"].pop("vq_temp"), cfg["optimization"].pop("lr")
+    if style.startswith("omegaconf"):
+        from omegaconf import OmegaConf  # only the tests write omegaconf objects; the loader never imports it
+        cfg = OmegaConf.create(cfg)
+    obj = {"args": None, "cfg": cfg, "model": state, "criterion": None, "optimizer_history": history,
+           "task_state": {}, "extra_state": {"metrics": {}, "previous_training_time": 1.0},
+           "last_optimizer_state": optimizer}
+    torch.save(obj, path)
+
+
+# ---- the reference: fairseq's wav2vec.py formulas, functional, float64, on the file's own tensors
+
+def v1_reference(state, s, wav):
+    """Wav2VecModel.feature_extractor then .feature_aggregator (ConvFeatureExtractionModel, ConvAggegator)."""
+    p = {k: v.double() for k, v in state.items()}
+    act = F.gelu if s.get("activation", "relu") == "gelu" else F.relu
+    scale = math.sqrt(s["residual_scale"])
+    x = wav.double()[:, None]
+    for i, (_, _, stride) in enumerate(v1_layers(s["conv_feature_layers"])):
+        residual = x
+        x = F.conv1d(x, p[f"feature_extractor.conv_layers.{i}.0.weight"], stride=stride)
+        x = act(F.group_norm(x, 1, p.get(f"feature_extractor.conv_layers.{i}.2.weight"),
+                             p.get(f"feature_extractor.conv_layers.{i}.2.bias"), 1e-5))
+        if s["skip_connections_feat"] and x.size(1) == residual.size(1):
+            residual = residual[..., ::residual.size(2) // x.size(2)][..., :x.size(2)]
+            x = (x + residual) * scale
+    if s["log_compression"]:
+        x = (x.abs() + 1).log()
+    for i, (_, k, stride) in enumerate(v1_layers(s["conv_aggregator_layers"])):
+        residual = x
+        ka = k // 2
+        kb = ka - 1 if k % 2 == 0 else ka
+        x = F.pad(x, (ka + kb, 0), mode="constant" if s["agg_zero_pad"] else "replicate")
+        x = F.conv1d(x, p[f"feature_aggregator.conv_layers.{i}.1.weight"],
+                     p.get(f"feature_aggregator.conv_layers.{i}.1.bias"), stride=stride)
+        x = act(F.group_norm(x, 1, p.get(f"feature_aggregator.conv_layers.{i}.3.weight"),
+                             p.get(f"feature_aggregator.conv_layers.{i}.3.bias"), 1e-5))
+        if s["skip_connections_agg"]:
+            proj = p.get(f"feature_aggregator.residual_proj.{i}.weight")
+            x = (x + (residual if proj is None else F.conv1d(residual, proj))) * scale
+    return x
+
+
+def v1_max_diff(a, b):
+    return (a.double() - b.double()).abs().max().item()
+
+
+# ---- loading
+
+@pytest.mark.parametrize("settings", ["narrow", "options"])
+@pytest.mark.parametrize("style", ["args", "cfg", "omegaconf", "omegaconf_no_lists"])
+def test_v1_every_key_accounted_for(tmp_path, style, settings):
+    s = {"narrow": NARROW, "options": OPTIONS}[settings]
+    state = v1_fairseq_state(s, dtype=torch.float16 if style == "args" else torch.float32)
+    write_v1(tmp_path / "v1.pt", s, style, state)
+    net = M.load_wav2vec1(tmp_path / "v1.pt")
+    assert not net.training and all(p.dtype == torch.float32 for p in net.parameters())
+    cfg = net.cfg
+    assert cfg.conv_layers == v1_layers(s["conv_feature_layers"]) and cfg.agg_layers == v1_layers(s["conv_aggregator_layers"])
+    assert (cfg.skip_feat, cfg.skip_agg, cfg.residual_scale, cfg.log_compression, cfg.agg_zero_pad) == (
+        s["skip_connections_feat"], s["skip_connections_agg"], s["residual_scale"], s["log_compression"], s["agg_zero_pad"])
+    assert (cfg.agg_bias, cfg.affine, cfg.dropout) == (not s["no_conv_bias"], not s["non_affine_group_norm"], s["dropout"])
+    assert cfg.activation == s.get("activation", "relu")
+    # every file key: mapped onto exactly one parameter with its values, or in the ignore list
+    ours = net.state_dict()
+    mapped = {k: M.fairseq_key(k, M.V1_KEYS) for k in state}
+    ignored = {k for k in state if any(re.fullmatch(p, k) for p in M.V1_IGNORED)}
+    assert ignored == {"wav2vec_predictions.project_to_steps.weight", "wav2vec_predictions.project_to_steps.bias"}
+    assert all((mapped[k] is None) == (k in ignored) for k in state)
+    assert sorted(v for v in mapped.values() if v) == sorted(ours)
+    for k, name in mapped.items():
+        if name:
+            assert torch.equal(ours[name], state[k].float())
+
+
+def test_v1_real_large_shapes(tmp_path):
+    """wav2vec_large.pt's exact shapes (args style, as released), two short utterances against the reference."""
+    state = v1_fairseq_state(LARGE, seed=1)
+    write_v1(tmp_path / "wav2vec_large.pt", LARGE, "args", state)
+    net = M.load_wav2vec1(tmp_path / "wav2vec_large.pt")
+    assert net.cfg == M.Wav2Vec1Config()  # the config's defaults are Large's
+    n_params = sum(p.numel() for p in net.parameters())
+    assert n_params == sum(v.numel() for k, v in state.items() if not k.startswith("wav2vec_predictions"))
+    assert n_params == 29_390_848
+    g = torch.Generator().manual_seed(2)
+    lengths = [2400, 1500]
+    wav = torch.zeros(2, 2400)
+    for i, n in enumerate(lengths):
+        wav[i, :n] = torch.randn(n, generator=g) * 0.1
+    with torch.no_grad():
+        batched = net(wav, torch.tensor(lengths))
+        for i, n in enumerate(lengths):
+            ref = v1_reference(state, LARGE, wav[i:i + 1, :n])[0]
+            assert ref.shape == (512, (n - 465) // 160 + 1) == (512, net.frame_lengths(torch.tensor(n)))
+            assert v1_max_diff(net(wav[i:i + 1, :n])[0], ref) < 1e-4
+            assert v1_max_diff(batched[i, :, :ref.shape[1]], ref) < 1e-4
+
+
+@pytest.mark.parametrize("settings", ["narrow", "options"])
+def test_v1_matches_reference(tmp_path, settings):
+    s = {"narrow": NARROW, "options": OPTIONS}[settings]
+    state = v1_fairseq_state(s, seed=3)
+    write_v1(tmp_path / "v1.pt", s, "cfg", state)
+    net = M.load_wav2vec1(tmp_path / "v1.pt")
+    g = torch.Generator().manual_seed(4)
+    # 130 samples (options model): 25 -> 5 -> 1 frames, so fairseq's skip step (the width ratio) is 5, not the stride
+    lengths = [4000, 2900, 1000 if settings == "narrow" else 130]
+    wav = torch.zeros(3, 4000)
+    for i, n in enumerate(lengths):
+        wav[i, :n] = torch.randn(n, generator=g) * 0.1
+    lens = torch.tensor(lengths)
+    frames = net.frame_lengths(lens)
+    with torch.no_grad():
+        # fairseq's own semantics: the padded batch as one tensor, no lengths
+        assert v1_max_diff(net(wav), v1_reference(state, s, wav)) < 1e-4
+        # unpadded utterances, and each utterance's valid frames in the padded batch given lengths
+        batched = net(wav, lens)
+        for i, n in enumerate(lengths):
+            ref = v1_reference(state, s, wav[i:i + 1, :n])[0]
+            assert ref.shape[1] == frames[i]
+            assert v1_max_diff(net(wav[i:i + 1, :n])[0], ref) < 1e-4
+            assert v1_max_diff(batched[i, :, :frames[i]], ref) < 1e-4
+            assert batched[i, :, frames[i]:].abs().sum() == 0
+        # without lengths the padding reaches every frame of a padded utterance: the group norms' statistics
+        # run over the padded width (and in the options model the extractor's skips subsample by its ratio)
+        unaware = net(wav)
+        for i in (1, 2):
+            ref = v1_reference(state, s, wav[i:i + 1, :lengths[i]])[0]
+            per_frame = (unaware[i, :, :frames[i]].double() - ref).abs().amax(0)
+            assert (per_frame > 1e-3).all(), per_frame
+
+
+def test_v1_padding_and_grad_through_aggregator_only():
+    """The release's teacher: frozen extractor (no grad), trained aggregator; padding changes no valid frame's grad."""
+    net = M.Wav2Vec1(M.Wav2Vec1Config(conv_layers=v1_layers(NARROW["conv_feature_layers"]),
+                                      agg_layers=v1_layers(NARROW["conv_aggregator_layers"])))
+    params = net.freeze_feature_extractor()
+    assert {id(p) for p in params} == {id(p) for p in net.aggregator.parameters()}
+    wav = torch.randn(2, 3000)
+    out = net(wav, torch.tensor([3000, 2000]))
+    out[1, :, :net.frame_lengths(torch.tensor(2000))].sum().backward()
+    assert all(p.grad is None for p in net.feature_extractor.parameters())
+    alone = M.Wav2Vec1(net.cfg)
+    alone.load_state_dict(net.state_dict())
+    alone.freeze_feature_extractor()
+    alone(wav[1:, :2000]).sum().backward()
+    for a, b in zip(net.aggregator.parameters(), alone.aggregator.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+
+
+# ---- frame counts: the release's teacher (v1 at 100 Hz, then Conv1d(k=4, s=2), no padding) against wav2vec 2.0
+
+def test_frame_counts_teacher_vs_wav2vec2():
+    lengths = torch.arange(400, 20 * 16000 + 1)  # every length from 400 samples to 20 s
+    v1 = M.Wav2Vec1(M.Wav2Vec1Config(conv_layers=v1_layers(NARROW["conv_feature_layers"]),
+                                     agg_layers=v1_layers(NARROW["conv_aggregator_layers"])))
+    n100 = v1.frame_lengths(lengths)
+    teacher = torch.where(n100 >= 4, torch.div(n100 - 4, 2, rounding_mode="floor") + 1, torch.zeros_like(n100))
+    w2v2 = M.FeatureEncoder(M.Wav2Vec2Config()).output_lengths(lengths)  # what model.Wav2Vec2.frame_lengths returns
+    assert torch.equal(n100, ((lengths - 465) // 160 + 1).clamp(min=0))  # receptive field 465, hop 160
+    assert torch.equal(w2v2, (lengths - 400) // 320 + 1)                  # receptive field 400, hop 320
+    diff = w2v2 - teacher
+    # 400..464: no v1 frame (fairseq's conv raises); 465..944: 1-3 frames at 100 Hz, too few for the teacher's
+    # kernel of 4 (its Conv1d raises); from 945 (teacher receptive field 465 + 3 * 160) on, teacher = (L - 945) // 320 + 1
+    assert (n100[lengths < 465] == 0).all() and (n100[(lengths >= 465) & (lengths < 945)] <= 3).all()
+    long = lengths >= 945
+    assert torch.equal(teacher[long], (lengths[long] - 945) // 320 + 1)
+    # wav2vec 2.0 has 2 more frames when (L - 400) mod 320 <= 224, 1 more when it is 225..319; never equal
+    expect = torch.where((lengths[long] - 400) % 320 <= 224, 2, 1)
+    assert torch.equal(diff[long], expect)
+    assert int((diff[long] == 2).sum()) == 224_325 and int((diff[long] == 1).sum()) == 94_731
+    for n, w, t in [(16000, 49, 48), (160000, 499, 498), (945, 2, 1), (1264, 3, 1), (1265, 3, 2), (1520, 4, 2)]:
+        assert (int(w2v2[n - 400]), int(teacher[n - 400])) == (w, t), n
+
+
+def test_v1_frame_lengths_match_the_convs():
+    """frame_lengths against real forward passes at every boundary, the teacher's Conv1d included."""
+    net = M.Wav2Vec1(M.Wav2Vec1Config(conv_layers=v1_layers(NARROW["conv_feature_layers"]),
+                                      agg_layers=v1_layers(NARROW["conv_aggregator_layers"]))).eval()
+    conv = torch.nn.Conv1d(8, 8, 4, stride=2)
+    with torch.no_grad():
+        for n in [465, 466, 624, 625, 944, 945, 1104, 1105, 1264, 1265, 4000]:
+            out = net(torch.randn(1, n))
+            assert out.shape[2] == net.frame_lengths(torch.tensor(n)) == (n - 465) // 160 + 1
+            if n >= 945:
+                assert conv(out).shape[2] == (n - 945) // 320 + 1
+    with pytest.raises(ValueError, match="at least 465 samples"):
+        net(torch.randn(1, 464))
+    with pytest.raises(ValueError, match="floating-point"):
+        net(torch.zeros(1, 1000, dtype=torch.int16))
+
+
+# ---- refusals
+
+def test_v1_refuses_code_in_pickle(tmp_path):
+    marker = tmp_path / "pwned"
+    torch.save({"args": RunsCommand(f"touch {marker}"), "model": {}}, tmp_path / "evil.pt")
+    with pytest.raises(M.CheckpointError, match="refusing to load posix.system|refusing to load os.system"):
+        M.load_wav2vec1(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def v1_one_line_error(load, path, pattern):
+    with pytest.raises(M.CheckpointError) as e:
+        load(path)
+    message = str(e.value)
+    assert "\n" not in message and re.search(pattern, message), message
+    return message
+
+
+def test_v1_other_families_and_bad_files_one_line(tmp_path):
+    # a wav2vec 2.0 file (cfg and args styles) to the v1 loader
+    w2v2 = {"feature_extractor.conv_layers.0.0.weight": torch.zeros(512, 1, 10), "mask_emb": torch.zeros(768)}
+    torch.save({"cfg": {"model": {"_name": "wav2vec2"}, "task": {}}, "model": w2v2}, tmp_path / "w2v2.pt")
+    v1_one_line_error(M.load_wav2vec1, tmp_path / "w2v2.pt", r"wav2vec 2\.0 .*\('wav2vec2'\), not wav2vec \(v1\)")
+    torch.save({"args": argparse.Namespace(arch="hubert"), "model": w2v2}, tmp_path / "hubert.pt")
+    v1_one_line_error(M.load_wav2vec1, tmp_path / "hubert.pt", r"HuBERT.*not wav2vec \(v1\)")
+    # a v1 file to the wav2vec 2.0 loader: refused by name
+    state = v1_fairseq_state(NARROW)
+    for style in ("args", "cfg"):
+        write_v1(tmp_path / f"v1_{style}.pt", NARROW, style, state)
+        v1_one_line_error(M.load_wav2vec2, tmp_path / f"v1_{style}.pt", r"holds a wav2vec \(v1\) model \('wav2vec'\)")
+    # vq-wav2vec, the GRU aggregator, a file that leaves a version-dependent setting unstated
+    for edit, pattern in [({"vq_type": "gumbel"}, "vq-wav2vec"), ({"aggregator": "gru"}, "aggregator='gru'"),
+                          ({"log_compression": None}, r"\['log_compression'\] are not in the file")]:
+        write_v1(tmp_path / "odd.pt", {**NARROW, **edit}, "cfg", state)
+        v1_one_line_error(M.load_wav2vec1, tmp_path / "odd.pt", pattern)
+    # missing, unexpected and wrong-shape parameters: all named in one line
+    bad = dict(state)
+    bad.pop("feature_aggregator.conv_layers.3.1.bias")
+    bad["feature_aggregator.extra.weight"] = torch.zeros(1)
+    bad["feature_extractor.conv_layers.1.0.weight"] = torch.zeros(8, 8, 3)
+    write_v1(tmp_path / "bad.pt", NARROW, "args", bad)
+    v1_one_line_error(M.load_wav2vec1, tmp_path / "bad.pt",
+                   r"missing \['aggregator\.blocks\.3\.conv\.bias'\]; unexpected \['feature_aggregator\.extra\.weight'\]; "
+                   r"shapes .*feature_extractor\.blocks\.1\.conv\.weight: file \(8, 8, 3\) vs config \(8, 8, 8\)")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    v1_one_line_error(M.load_wav2vec1, tmp_path / "other.pt", "not a model checkpoint")
+
+
 # =============================================================================
 # data: data.py
 
@@ -1929,6 +2258,169 @@ def test_kmeans_on_real_model_features_matches_sklearn(synth):
         own = fit_kmeans(feats.float(), ks=(k,), iters=20, max_samples=BIG, progress=False)[k]
         sk_own = KMeans(k, n_init=1, max_iter=20, algorithm="lloyd", tol=0, random_state=0).fit(x)
         assert own.inertia[-1] <= 1.01 * sk_own.inertia_
+
+
+# ----------------------------------------------------------------------------- the release's P-TAPT teacher (pretrain.py --teacher)
+# the 90/10 split, best-validation selection, label alignment; end to end, killed, two processes
+
+# Large's geometry (100 Hz, receptive field 465, so the teacher's frame counts are Large's) at width 16, 3 agg layers
+TINY_V1 = {**LARGE, "conv_feature_layers": LARGE["conv_feature_layers"].replace("512", "16"),
+           "conv_aggregator_layers": "[(16, 2, 1), (16, 3, 1), (16, 4, 1)]"}
+
+
+
+@pytest.fixture(scope="module")
+def tiny_v1(tmp_path_factory):
+    path = tmp_path_factory.mktemp("v1") / "tiny_v1.pt"
+    write_v1(path, TINY_V1, "args", v1_fairseq_state(TINY_V1, seed=0))
+    return path
+
+
+def v1_teacher_args(corpus, v1, fold=1):
+    return ["--mode", "ptapt", "--fold", fold, "--data", corpus, "--checkpoint", "random-tiny", "--teacher", v1,
+            "--batch-size", 8, "--warmup", 2, "--lr", "5e-4", "--ks", 4, 8, "--workers", 0, "--no-progress",
+            "--device", "cpu"]
+
+
+def test_release_split_is_torch_random_split_seed_58(corpus):
+    utterances = data.load_corpus(corpus, 1)[0]["train"]
+    fit, held_out = P.release_split(utterances)
+    ordered = sorted(utterances, key=lambda u: u.uid)
+    n = len(ordered)
+    a, b = torch.utils.data.random_split(ordered, [int(0.9 * n), n - int(0.9 * n)],
+                                         generator=torch.Generator().manual_seed(58))
+    assert [u.uid for u in fit] == [u.uid for u in a] and [u.uid for u in held_out] == [u.uid for u in b]
+    assert (len(fit), len(held_out)) == (86, 10) and not {u.uid for u in fit} & {u.uid for u in held_out}
+    assert P.release_split(list(reversed(utterances)))[1] == held_out  # independent of the corpus reader's order
+
+
+def test_keep_best_keeps_the_lowest_validation_loss_once_per_update():
+    net = torch.nn.Linear(2, 2)
+    losses = iter([3.0, 2.0, 2.5, 2.0, 1.5])
+    calls = []
+    hook = P.keep_best(net, lambda: calls.append(1) or next(losses))
+    pos = {"update": 0}
+    weights = {}
+    for update in (5, 10, 15, 20):
+        pos["update"] = update
+        with torch.no_grad():
+            net.weight.fill_(update)
+        weights[update] = net.weight.clone()
+        hook(pos)
+    hook(pos)  # the same update again (a stop at an epoch's last batch, then the resume): not validated twice
+    assert len(calls) == 4
+    assert (pos["best_valid"], pos["best_update"]) == (2.0, 10)  # a tie (update 20) does not replace it
+    assert torch.equal(pos["best_model"]["weight"], weights[10])
+    pos["update"] = 25
+    hook(pos)
+    assert (pos["best_valid"], pos["best_update"]) == (1.5, 25)
+
+
+def test_labels_aligned_to_wav2vec2_frames_from_frame_0(tmp_path):
+    """Stored at the teacher's frames, read at wav2vec 2.0's: the same labels from frame 0, then -100 for the
+    one or two frames the teacher lacks, exactly (L - 400) // 320 + 1 - ((L - 945) // 320 + 1)."""
+    from kmeans import save_labels
+    teacher = M.Wav2Vec1Teacher(M.Wav2Vec1(M.config_from_v1(TINY_V1)))
+    backbone = M.Wav2Vec2(M.Wav2Vec2Config())
+    lengths = [945, 1264, 1265, 1520, 16000, 16224, 16225]
+    utterances = [data.Utterance(f"u{i}", "x.wav", "neu", n) for i, n in enumerate(lengths)]
+    counts = [(n - 945) // 320 + 1 for n in lengths]
+    labels = {4: torch.cat([torch.arange(c) % 4 for c in counts])}
+    save_labels(tmp_path / "l.pt", [u.uid for u in utterances], counts, labels, {})
+    aligned = P.aligned_labels(load_labels(tmp_path / "l.pt"), utterances, backbone, teacher)
+    for n, c, a in zip(lengths, counts, aligned):
+        w = (n - 400) // 320 + 1
+        assert len(a[4]) == w and w - c == (2 if (n - 400) % 320 <= 224 else 1)
+        assert torch.equal(a[4][:c], torch.arange(c) % 4) and (a[4][c:] == -100).all()
+
+
+def test_pseudo_label_loss_leaves_out_unlabelled_frames():
+    logits, targets = torch.randn(5, 4), torch.tensor([1, 2, -100, 3, -100])
+    (total, count), = P.pseudo_label_loss([logits], [targets])
+    keep = targets != -100
+    assert int(count) == 3
+    torch.testing.assert_close(total, torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+
+
+def test_ptapt_end_to_end_with_a_v1_teacher(corpus, tiny_v1, tmp_path):
+    r = script("pretrain.py", *v1_teacher_args(corpus, tiny_v1), "--teacher-updates", 24, "--updates", 4, "--out", tmp_path,
+               env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    fold = tmp_path / "ptapt" / "fold1"
+    config = json.loads((fold / "config.json").read_text())
+    assert config["release_teacher"]["split_seed"] == 58 and config["kmeans_init"] == "random"
+    teacher = torch.load(fold / "teacher.pt", weights_only=True)
+    assert teacher["format"] == "w2v2-ser/wav2vec1-teacher"
+    # 86 fitted utterances / batch 8 = 10 updates an epoch: validated at 10 and 20, not at the partial last epoch
+    lines = [line for line in r.stdout.splitlines() if line.startswith("teacher: validation loss")]
+    assert [int(line.split(" at update ")[1].split()[0]) for line in lines] == [10, 20]
+    losses = [float(line.split()[3]) for line in lines]
+    assert teacher["meta"]["best_update"] == [10, 20][int(np.argmin(losses))]
+    utterances = data.load_corpus(corpus, 1)[0]["train"]
+    assert teacher["meta"]["validation_utterances"] == [u.uid for u in P.release_split(utterances)[1]]
+    # labels at the teacher's own frame counts; the heads and the stride-2 conv of the release's sizes
+    stored = load_labels(fold / "labels.pt")
+    samples = {u.uid: u.num_samples for u in utterances}
+    assert stored["frame_counts"].tolist() == [(samples[u] - 945) // 320 + 1 for u in stored["uids"]]
+    assert stored["meta"]["teacher_model"] == "wav2vec (v1)"
+    assert teacher["model"]["conv.weight"].shape == (16, 16, 4)
+    assert (fold / "pretrained.pt").exists() and not list(fold.glob("*.state.pt*"))
+    r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", tmp_path, "--epochs", 1, "--init",
+               fold / "pretrained.pt", "--batch-size", 8, "--workers", 0, "--no-progress", "--channel-mask-span", 8)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_v1_teacher_refusals_are_one_line(corpus, tiny_v1, tmp_path):
+    args = [*v1_teacher_args(corpus, tiny_v1), "--teacher-updates", 2, "--updates", 2]
+    for extra, pattern in [(["--recipe", "clean"], "the wav2vec (v1) teacher is the release recipe's"),
+                           (["--layer", 2], "--layer: the wav2vec (v1) teacher")]:
+        r = script("pretrain.py", *args, *extra, "--out", tmp_path / extra[0].strip("-"))
+        assert r.returncode == 2 and pattern in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    # a wav2vec 2.0 file as --teacher; the v1 file as a V-FT backbone
+    M.save_wav2vec2(M.Wav2Vec2(M.Wav2Vec2Config(conv_layers=[(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2,
+                                                 embed_dim=16, ffn_dim=16, num_layers=1, num_heads=2,
+                                                 pos_conv_kernel=4, pos_conv_groups=2)), tmp_path / "w2v2.pt")
+    args[args.index(tiny_v1)] = tmp_path / "w2v2.pt"
+    r = script("pretrain.py", *args, "--out", tmp_path / "w2v2")
+    assert r.returncode == 2 and "--teacher" in r.stderr and "not fairseq's wav2vec (v1)" in r.stderr, r.stderr
+    r = script("finetune.py", "--fold", 1, "--data", corpus, "--checkpoint", tiny_v1, "--out", tmp_path)
+    assert r.returncode == 2 and "wav2vec (v1)" in r.stderr and "pretrain.py --teacher" in r.stderr, r.stderr
+
+
+def test_killed_v1_teacher_resumes_to_the_same_teacher(corpus, tiny_v1, tmp_path):
+    """SIGKILL inside the teacher stage (3 epochs, best-validation selection) and inside k-means; the same
+    teacher.pt bit for bit, the same labels."""
+    args = [*v1_teacher_args(corpus, tiny_v1, fold=2), "--teacher-updates", 30, "--updates", 2, "--save-every", 3]
+    r = script("pretrain.py", *args, "--out", tmp_path / "straight", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cmd = [sys.executable, os.path.join(HERE, "pretrain.py"), *map(str, args), "--out", str(tmp_path / "killed")]
+    fold = tmp_path / "killed" / "ptapt" / "fold2"
+    r = run_killed_in_stages(cmd, [(fold / "teacher.state.pt", fold / "teacher.pt"),
+                                   (fold / "teacher.pt", fold / "labels.pt")], np.random.default_rng())
+    straight = tmp_path / "straight" / "ptapt" / "fold2"
+    assert_same_weights(straight / "teacher.pt", fold / "teacher.pt", atol=0)
+    a, b = torch.load(straight / "teacher.pt", weights_only=True), torch.load(fold / "teacher.pt", weights_only=True)
+    assert a["meta"]["best_update"] == b["meta"]["best_update"] and a["meta"]["best_valid_loss"] == b["meta"]["best_valid_loss"]
+    la, lb = load_labels(straight / "labels.pt"), load_labels(fold / "labels.pt")
+    assert all(torch.equal(la["labels"][k], lb["labels"][k]) for k in la["labels"])
+    assert read_log(straight / "teacher.log.jsonl")[-1]["loss"] == read_log(fold / "teacher.log.jsonl")[-1]["loss"]
+
+
+def test_torchrun_v1_teacher_equals_one_process(corpus, tiny_v1, tmp_path):
+    """Two processes: crops to the whole batch's shortest, the batch's span count, every process validating;
+    the same teacher (v1 Large has no dropout; nor do the heads and the LSTM)."""
+    args = [*v1_teacher_args(corpus, tiny_v1), "--teacher-updates", 20, "--updates", 2]
+    one = script("pretrain.py", *args, "--out", tmp_path / "one", env=ONE_THREAD)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("pretrain.py", *args, "--out", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = tmp_path / "one" / "ptapt" / "fold1", tmp_path / "two" / "ptapt" / "fold1"
+    assert_same_weights(a / "teacher.pt", b / "teacher.pt", atol=1e-4)
+    la, lb = read_log(a / "teacher.log.jsonl"), read_log(b / "teacher.log.jsonl")
+    assert [r["update"] for r in la] == [r["update"] for r in lb]
+    assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], abs=1e-5)
+    ta, tb = (torch.load(x / "teacher.pt", weights_only=True)["meta"] for x in (a, b))
+    assert ta["best_update"] == tb["best_update"] and ta["best_valid_loss"] == pytest.approx(tb["best_valid_loss"], abs=1e-5)
 
 
 # =============================================================================
