@@ -823,6 +823,28 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+def flag_type(kind, check, expected):
+    """An argparse type: a bad value exits 2 with one line naming the flag, the value and what is allowed."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not check(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
+        return value
+    return parse
+
+
+COUNT = flag_type(int, lambda v: v >= 1, "an integer >= 1")
+NATURAL = flag_type(int, lambda v: v >= 0, "an integer >= 0")
+POSITIVE = flag_type(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
+PROBABILITY = flag_type(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+FRACTION = flag_type(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
+SECONDS = flag_type(float, lambda v: 0 <= v < float("inf"), "a finite number of seconds >= 0")
+WEIGHT = flag_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
+
+
 def build_parser():
     parser = OneLineParser(description="Count an emotion corpus, or write a synthetic IEMOCAP-like one.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -20,6 +20,7 @@ The training loop below (`train`) is the one every stage of pretrain.py uses too
 """
 import argparse
 import contextlib
+import glob
 import json
 import os
 import re
@@ -35,8 +36,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (AudioDataset, BucketBatchSampler, DataError, OneLineParser, collate, count_table,
-                  format_count_table, load_corpus, synthesize_iemocap, user_errors)
+from data import (COUNT, FRACTION, NATURAL, POSITIVE, PROBABILITY, AudioDataset, BucketBatchSampler, DataError,
+                  OneLineParser, collate, count_table, format_count_table, load_corpus, synthesize_iemocap, user_errors)
 from evaluate import compute_metrics, predict, write_json, write_predictions
 from model import (SAMPLE_RATE, CheckpointError, EmotionClassifier, Wav2Vec2, Wav2Vec2Config, load_wav2vec2,
                    resolve_device, save_atomic, save_classifier, span_masks, world)
@@ -415,7 +416,8 @@ def logged_update(line):
 
 
 def remove_training_state(path):
-    for candidate in (path, f"{path}.new", f"{path}.prev"):
+    """The resume point, its neighbours and any temporary file a killed save left (save_atomic's .tmp<pid>)."""
+    for candidate in [path, f"{path}.new", f"{path}.prev"] + glob.glob(f"{glob.escape(path)}*.tmp*"):
         if os.path.exists(candidate):
             os.remove(candidate)
 
@@ -604,28 +606,6 @@ def checkpoint_bytes(model, params):
 
 # -----------------------------------------------------------------------------
 # command line
-
-
-def flag_type(kind, check, expected):
-    """An argparse type: a bad value exits 2 with one line naming the flag, the value and what is allowed."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
-        return value
-    return parse
-
-
-COUNT = flag_type(int, lambda v: v >= 1, "an integer >= 1")
-NATURAL = flag_type(int, lambda v: v >= 0, "an integer >= 0")
-POSITIVE = flag_type(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
-PROBABILITY = flag_type(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
-FRACTION = flag_type(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
-SECONDS = flag_type(float, lambda v: 0 <= v < float("inf"), "a finite number of seconds >= 0")
-WEIGHT = flag_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
 
 
 def build_parser():

@@ -31,11 +31,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kmeans
-from data import AudioDataset, DataError, OneLineParser, collate, load_corpus, user_errors
-from finetune import (COUNT, NATURAL, POSITIVE, PROBABILITY, SECONDS, WEIGHT, HOST_GROUP, add_run_flags, apply_recipe,
-                      autocast_dtype, barrier, check_run_config, class_weights, run_files, run_lock, init_distributed,
-                      load_backbone, pad_to_whole_batch, remove_training_state, seed_everything, train, train_batches,
-                      tri_stage_lr, utterance_rng, vft_masks)
+from data import (COUNT, NATURAL, POSITIVE, PROBABILITY, SECONDS, WEIGHT, AudioDataset, DataError, OneLineParser, collate,
+                  load_corpus, user_errors)
+from finetune import (HOST_GROUP, add_run_flags, apply_recipe, autocast_dtype, barrier, check_run_config, class_weights,
+                      init_distributed, load_backbone, pad_to_whole_batch, remove_training_state, run_files, run_lock,
+                      seed_everything, train, train_batches, tri_stage_lr, utterance_rng, vft_masks)
 from model import (CheckpointError, Wav2Vec1Teacher, load_wav2vec1, load_wav2vec1_teacher, load_wav2vec2, resolve_device,
                    save_wav2vec1_teacher, save_wav2vec2, span_masks, world)
 
