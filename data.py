@@ -798,10 +798,13 @@ def load_for_counts(data, wav_dir=None):
 def user_errors():
     """Every script's errors, as its user sees them: bad input is one line and exit status 2 (a DataLoader
     worker's too: torch re-raises it with the worker's traceback in the message, whose last line is the
-    error itself); Ctrl-C one line and 130; a reader that closed the pipe (| head) ends the output quietly."""
+    error itself), and so is a file that cannot be written; Ctrl-C one line and 130; a reader that closed
+    the pipe (| head) ends the output quietly."""
     try:
         yield
-    except (DataError, ValueError) as e:
+    except BrokenPipeError:  # before OSError, its base: stdout to devnull, so Python's own flush at exit is quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (DataError, ValueError, OSError) as e:  # OSError: a file that cannot be written (a full disk)
         text = str(e)
         if "\nOriginal Traceback" in text:
             text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
@@ -810,8 +813,6 @@ def user_errors():
     except KeyboardInterrupt:
         print("\ninterrupted: what was written is complete; run the same command again to go on", file=sys.stderr)
         sys.exit(130)
-    except BrokenPipeError:  # stdout to devnull, so that Python's own flush at exit fails no more
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 class OneLineParser(argparse.ArgumentParser):

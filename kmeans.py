@@ -444,12 +444,8 @@ def main(argv=None):
                 "fold": args.fold}
         if args.layer is not None and args.layer > model.cfg.num_layers:
             raise DataError(f"--layer {args.layer}: the checkpoint has layers 1..{model.cfg.num_layers}")
-        try:
-            pseudo_label_stage(lambda wav, n: model(wav, n, layer=args.layer), train, args.ks, args.iters, args.init,
-                               args.seed, args.device, args.out, meta, args.progress, args.max_samples, args.workers,
-                               args.tol)
-        except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-            raise DataError(f"could not write {args.out}: {str(e).splitlines()[0]}") from None
+        pseudo_label_stage(lambda wav, n: model(wav, n, layer=args.layer), train, args.ks, args.iters, args.init,
+                           args.seed, args.device, args.out, meta, args.progress, args.max_samples, args.workers, args.tol)
         print(f"wrote {args.out}")
 
 

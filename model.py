@@ -804,13 +804,15 @@ def read_checkpoint(path):
 
 def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, then rename: a crash never leaves a
-    half-written file under the final name."""
+    half-written file under the final name. Any failure to write is an OSError naming the file."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
+    except RuntimeError as e:  # torch.save reports a full disk or an unopenable file as a RuntimeError
+        raise OSError(f"cannot write {path}: {str(e).splitlines()[0]}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
