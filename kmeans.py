@@ -64,15 +64,11 @@ def fit_kmeans(features, ks=(64, 512, 4096), iters=20, init="k-means++", seed=0,
     1000): fit on a seeded random subset. Memory besides the frames: about chunk_size x (D + max K) floats.
     Under torch.distributed each rank passes its shard and gets the fit of all shards in rank order."""
     ks, device = [int(k) for k in ks], resolve_device(device or "auto")
-    if not (torch.is_tensor(features) and features.dim() == 2 and features.is_floating_point() and ks and min(ks) >= 1
-            and len(set(ks)) == len(ks) and iters >= 0 and chunk_size >= 1 and (max_samples or 1) >= 1):
-        raise ValueError(f"need 2-D floating-point features, distinct ks >= 1, iters >= 0, chunk_size >= 1, max_samples "
-                         f">= 1: got features {getattr(features, 'shape', type(features))}, ks={ks}, iters={iters}, "
-                         f"chunk_size={chunk_size}, max_samples={max_samples}")
+    if not (torch.is_tensor(features) and features.dim() == 2 and features.is_floating_point()):
+        raise ValueError(f"need 2-D floating-point features, got {getattr(features, 'shape', type(features))}")
     inits = dict.fromkeys(ks, init) if isinstance(init, str) else {ks[0]: init} if torch.is_tensor(init) else init
-    if not isinstance(inits, dict) or sorted(inits) != sorted(ks) or not all(
-            c in ("k-means++", "random") if isinstance(c, str) else tuple(c.shape) == (k, features.shape[1])
-            for k, c in inits.items()):
+    if sorted(inits) != sorted(ks) or not all(c in ("k-means++", "random") if isinstance(c, str)
+                                              else tuple(c.shape) == (k, features.shape[1]) for k, c in inits.items()):
         raise ValueError(f"init must be 'k-means++', 'random' or centroids of shape (K, {features.shape[1]}) for each K")
     x, cap = _gather_rows(features, device), max(ks) * 1000 if max_samples is None else max_samples
     if max(ks) > min(len(x), cap):
@@ -82,48 +78,12 @@ def fit_kmeans(features, ks=(64, 512, 4096), iters=20, init="k-means++", seed=0,
         x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:cap].sort().values]
     gens = {k: torch.Generator().manual_seed(seed) for k in ks}  # on the CPU: the same draws on any device or rank
     with _threads(device) as threads:
-        frames = _Frames(x, device, chunk_size, threads, max(ks))
+        frames = _Frames(x, device, chunk_size, threads, ks)
         cents = {k: c.to(device, torch.float32) - frames.shift if torch.is_tensor(c)
                  else frames.rows(torch.randperm(len(x), generator=gens[k])[:k]) if c == "random"
                  else _kmeans_plusplus(frames, k, gens[k]) for k, c in inits.items()}
         history, counts = _lloyd(frames, cents, iters, tol, progress)
     return {k: KMeansResult((cents[k] + frames.shift).cpu(), history[k], counts[k].cpu()) for k in ks}
-
-
-class _Frames:
-    """Frames as given (float16, on the CPU for a GPU fit...), read in chunks made float32, less `shift` (default:
-    their mean), with a column of ones; sq_total: the sum of their squared norms so translated."""
-
-    def __init__(self, x, device, chunk, threads, k, shift=None):
-        (self.pool, self.threads), free = threads, torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
-        self.x = x.to(device) if x.numel() * x.element_size() < free // 3 else x  # read iters + 1 times: stage them
-        # on the CPU a chunk's distances to K centroids fit a core's L2 cache (512 KB): 256 frames ran a K=512 pass
-        # 10% faster than 1024 frames, which ran K=64 10% faster than 256
-        chunk = min(chunk, 1024, max(256, 2 ** 17 // k)) if device.type == "cpu" else chunk
-        self.device, self.shift = device, torch.zeros(x.shape[1], device=device) if shift is None else shift
-        self.buf = torch.ones(max(1, min(chunk, len(x))), x.shape[1] + 1, device=device)
-        if shift is None:
-            s = self.buf.new_zeros(1, self.buf.shape[1], dtype=torch.float64)
-            for _, xa in self.chunks(self.buf):  # column sums by a matmul: sum(0) is several times slower on the CPU
-                s += xa.new_ones(1, len(xa)) @ xa
-            if not torch.isfinite(s).all():  # a NaN frame would silently poison its centroid
-                raise ValueError("features contain NaN or inf")
-            self.shift = (s[0, :-1] / len(x)).float()
-            # each pass's inertia then follows from its cluster sums
-            self.sq_total = sum(float(xa[:, :-1].square().sum(dtype=torch.float64)) for _, xa in self.chunks(self.buf))
-
-    def rows(self, idx):
-        return self.x[idx.to(self.x.device)].to(self.device).float() - self.shift
-
-    def chunks(self, buf, numbers=None):
-        """(start, view of buf: the chunk's frames translated, ones) for each chunk number in `numbers` (default:
-        every chunk in turn) until the frames end; valid until the next."""
-        for start in (i * len(buf) for i in numbers or itertools.count()):
-            if start >= len(self.x):
-                return
-            rows = self.x[start:start + len(buf)].to(self.device, non_blocking=True)
-            torch.sub(rows, self.shift, out=buf[:len(rows), :-1])
-            yield start, buf[:len(rows)]
 
 
 def _weights(c):
@@ -153,11 +113,10 @@ def _lloyd(frames, cents, iters, tol, progress):
     ks, history, counts, active = list(cents), {k: [] for k in cents}, {}, list(cents)
     labels = {k: torch.full((len(frames.x),), -1, device=frames.device) for k in ks}
     before = {k: torch.empty_like(labels[k]) for k in ks}  # the previous pass's labels
-    label_and_sum = _passes(frames, ks, split_ranks=True)
     for it in tqdm(range(iters + 1), desc="k-means", disable=not progress or world()[0] != 0):
         for k in active:
             labels[k], before[k] = before[k], labels[k]
-        sums, still = label_and_sum({k: _weights(cents[k]) for k in active}, labels), []
+        sums, still = frames.lloyd_pass({k: _weights(cents[k]) for k in active}, labels), []
         for k in active:
             c, sums_k, counts[k] = cents[k].double(), sums[k][:, :-1], sums[k][:, -1].round().long()
             # the pass's inertia from its cluster sums: no second look at the frames
@@ -172,47 +131,6 @@ def _lloyd(frames, cents, iters, tol, progress):
         if not active:
             break
     return history, counts
-
-
-def _passes(frames, ks, split_ranks):
-    """label_and_sum({K: _weights(centroids)}, labels): one Lloyd pass that labels every frame (into labels[K]) and
-    returns {K: (K, D + 1) float64 cluster sums, sizes in the last column}, the frames' threads taking groups of
-    chunks in turn, each with buffers allocated once. With split_ranks each rank takes every world-size-th group,
-    and labels and sums are summed over ranks."""
-    rank, size = world() if split_ranks else (0, 1)
-    zeros = lambda dtype: {k: frames.buf.new_zeros(k, frames.buf.shape[1], dtype=dtype) for k in ks}
-    buffers = [(frames.buf if t == 0 else torch.ones_like(frames.buf), frames.buf.new_empty(len(frames.buf) * max(ks)),
-                zeros(torch.float32), zeros(torch.float64)) for t in range(frames.threads)]
-    group = max(1, FLOAT32_FRAMES // len(frames.buf))  # chunks summed in float32 before they join the float64 sums
-
-    def share(weights, labels, claim, buf, dists, group_sums, sums):
-        for k in weights:
-            sums[k].zero_()
-        for g in claim:
-            if g * group * len(buf) >= len(frames.x):
-                return sums
-            for start, xa in frames.chunks(buf, range(g * group, (g + 1) * group)):
-                m = len(xa)
-                for k, w in weights.items():
-                    lab = torch.argmin(torch.mm(xa, w, out=dists[:m * k].view(m, k)), 1, out=labels[k][start:start + m])
-                    group_sums[k].index_add_(0, lab, xa)
-            for k in weights:
-                sums[k] += group_sums[k]
-                group_sums[k].zero_()
-
-    def label_and_sum(weights, labels):
-        claim = itertools.count(rank, size)  # shared by the threads: one slowed by a neighbour takes fewer groups
-        for k in weights if size > 1 else ():
-            labels[k].zero_()  # each rank labels its own chunks: the sum over ranks completes them
-        parts = list(frames.pool.map(lambda b: share(weights, labels, claim, *b), buffers))
-        for k in weights:
-            for p in parts[1:]:
-                parts[0][k] += p[k]
-            if size > 1:
-                dist.all_reduce(labels[k]), dist.all_reduce(parts[0][k])
-        return parts[0]
-
-    return label_and_sum
 
 
 def _update(frames, c, labels, sums, sizes):
@@ -237,20 +155,91 @@ def assign(features, centroids, chunk_size=16384, device=None):
         raise ValueError(f"centroids {tuple(centroids.shape)} do not match features {tuple(features.shape)}")
     c, labels = centroids.to(device, torch.float32), {k: torch.empty(len(features), dtype=torch.long, device=device)}
     with _threads(device) as threads:
-        frames = _Frames(features, device, chunk_size, threads, k, shift=c.mean(0))  # any shift: the same labels
-        if not torch.isfinite(_passes(frames, [k], split_ranks=False)({k: _weights(c - frames.shift)}, labels)[k]).all():
+        frames = _Frames(features, device, chunk_size, threads, [k], shift=c.mean(0))  # any shift: the same labels
+        if not torch.isfinite(frames.lloyd_pass({k: _weights(c - frames.shift)}, labels, split_ranks=False)[k]).all():
             raise ValueError("features contain NaN or inf")
     return labels[k].cpu()
 
 
 # ================================================================ engineering: threads, ranks, files, command line
 
+class _Frames:
+    """Frames as given (float16, on the CPU for a GPU fit...), read in chunks made float32, less `shift` (default:
+    their mean), with a column of ones; sq_total: the sum of their squared norms so translated. Each thread of the
+    pool has its chunk and sum buffers, allocated once for every pass."""
+
+    def __init__(self, x, device, chunk, threads, ks, shift=None):
+        (self.pool, num_threads), free = threads, torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
+        self.x = x.to(device) if x.numel() * x.element_size() < free // 3 else x  # read iters + 1 times: stage them
+        # on the CPU a chunk's distances to K centroids fit a core's L2 cache (512 KB): 256 frames ran a K=512 pass
+        # 10% faster than 1024 frames, which ran K=64 10% faster than 256
+        chunk = min(chunk, 1024, max(256, 2 ** 17 // max(ks))) if device.type == "cpu" else chunk
+        self.device, self.shift = device, torch.zeros(x.shape[1], device=device) if shift is None else shift
+        self.buf = buf = torch.ones(max(1, min(chunk, len(x))), x.shape[1] + 1, device=device)
+        zeros = lambda dtype: {k: buf.new_zeros(k, buf.shape[1], dtype=dtype) for k in ks}
+        self.buffers = [(buf if t == 0 else torch.ones_like(buf), buf.new_empty(len(buf) * max(ks)),
+                         zeros(torch.float32), zeros(torch.float64)) for t in range(num_threads)]
+        self.group = max(1, FLOAT32_FRAMES // len(buf))  # chunks summed in float32 before the float64 sums
+        if shift is None:
+            s = buf.new_zeros(1, buf.shape[1], dtype=torch.float64)
+            for _, xa in self.chunks(buf):  # column sums by a matmul: sum(0) is several times slower on the CPU
+                s += xa.new_ones(1, len(xa)) @ xa
+            if not torch.isfinite(s).all():  # a NaN frame would silently poison its centroid
+                raise ValueError("features contain NaN or inf")
+            self.shift = (s[0, :-1] / len(x)).float()
+            # each pass's inertia then follows from its cluster sums
+            self.sq_total = sum(float(xa[:, :-1].square().sum(dtype=torch.float64)) for _, xa in self.chunks(buf))
+
+    def rows(self, idx):
+        return self.x[idx.to(self.x.device)].to(self.device).float() - self.shift
+
+    def chunks(self, buf, numbers=None):
+        """(start, view of buf: the chunk's frames translated, ones) for each chunk number in `numbers` (default:
+        every chunk in turn) until the frames end; valid until the next."""
+        for start in (i * len(buf) for i in numbers or itertools.count()):
+            if start >= len(self.x):
+                return
+            rows = self.x[start:start + len(buf)].to(self.device, non_blocking=True)
+            torch.sub(rows, self.shift, out=buf[:len(rows), :-1])
+            yield start, buf[:len(rows)]
+
+    def lloyd_pass(self, weights, labels, split_ranks=True):
+        """One Lloyd pass for {K: _weights(centroids)}: labels every frame (into labels[K]) and returns {K: (K, D + 1)
+        float64 cluster sums, sizes in the last column}. The threads take groups of chunks in turn (one slowed by a
+        neighbour takes fewer); with split_ranks each rank takes every world-size-th group, summed over ranks."""
+        rank, size = world() if split_ranks else (0, 1)
+        claim = itertools.count(rank, size)  # shared by the threads
+        for k in weights if size > 1 else ():
+            labels[k].zero_()  # each rank labels its own chunks: the sum over ranks completes them
+        parts = list(self.pool.map(lambda b: self._share(weights, labels, claim, *b), self.buffers))
+        for k in weights:
+            for p in parts[1:]:
+                parts[0][k] += p[k]
+            if size > 1:
+                dist.all_reduce(labels[k]), dist.all_reduce(parts[0][k])
+        return parts[0]
+
+    def _share(self, weights, labels, claim, buf, dists, group_sums, sums):
+        for k in weights:
+            sums[k].zero_()
+        for g in claim:
+            if g * self.group * len(buf) >= len(self.x):
+                return sums
+            for start, xa in self.chunks(buf, range(g * self.group, (g + 1) * self.group)):
+                m = len(xa)
+                for k, w in weights.items():
+                    lab = torch.argmin(torch.mm(xa, w, out=dists[:m * k].view(m, k)), 1, out=labels[k][start:start + m])
+                    group_sums[k].index_add_(0, lab, xa)
+            for k in weights:
+                sums[k] += group_sums[k]
+                group_sums[k].zero_()
+
+
 @contextlib.contextmanager
 def _threads(device):
     """(pool, size): one thread per core on the CPU (one on a GPU), torch single-threaded in them and meanwhile in the
     caller, as scikit-learn splits its Lloyd: torch's own threads meet at a barrier in every op, and with a busy
-    neighbour every barrier waits for a descheduled thread (measured on 2 cores, 100k frames: a K=64 fit 23-40 s
-    against 3.3 s quiet; under load 4 the two passes that find the mean took 3.9 s, single-threaded 0.09 s)."""
+    neighbour every barrier waits for a descheduled thread (BENCHMARKS.md: a K=64 fit took 23-40 s against 3.3 s)."""
     threads, size = torch.get_num_threads(), torch.get_num_threads() if device.type == "cpu" else 1
     torch.set_num_threads(1)
     try:
@@ -351,16 +340,13 @@ def _index(content, path):
         if not ok:
             raise ValueError(f"{path}: invalid pseudo-label file: {problem}")
 
-    check(isinstance(content, dict) and {"uids", "frame_counts", "labels", "meta"} <= set(content),
-          "expected a dict with keys uids, frame_counts, labels, meta")
+    check(isinstance(content, dict) and isinstance(content.get("uids"), list) and isinstance(content.get("meta"), dict)
+          and torch.is_tensor(content.get("frame_counts")) and isinstance(content.get("labels"), dict)
+          and content["labels"], "expected {uids: [str], frame_counts: tensor, labels: {K: tensor}, meta: {}}")
     uids, counts, labels = content["uids"], content["frame_counts"], content["labels"]
-    check(isinstance(uids, list) and all(isinstance(u, str) for u in uids) and len(set(uids)) == len(uids),
-          "uids must be a list of distinct strings")
-    check(torch.is_tensor(counts) and counts.dim() == 1 and counts.dtype == torch.long and bool((counts >= 0).all()),
-          "frame_counts must be a 1-D long tensor of counts >= 0")
-    check(len(counts) == len(uids), f"{len(uids)} uids but {len(counts)} frame counts")
-    check(isinstance(labels, dict) and labels and isinstance(content["meta"], dict),
-          "labels must be a non-empty dict {K: tensor} and meta a dict")
+    check(len(counts) == len(uids) == len(set(uids)) and all(isinstance(u, str) for u in uids) and counts.dim() == 1
+          and counts.dtype == torch.long and bool((counts >= 0).all()),
+          f"{len(uids)} uids but {len(counts)} frame counts: need a long count >= 0 for each distinct uid")
     for k, lab in labels.items():
         check(isinstance(k, int) and k > 0 and torch.is_tensor(lab) and lab.dim() == 1 and not lab.is_floating_point(),
               f"labels[{k!r}] must be a 1-D integer tensor under an integer K > 0")
@@ -383,29 +369,25 @@ def load_labels(path):
     """A checked pseudo-label file, plus "index": {uid: (first frame, frame count)} and "path"."""
     try:
         content = torch.load(str(path), map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # a truncated or foreign file: torch raises many different things
+    except Exception as e:  # a missing, truncated or foreign file: torch raises many different things
         raise ValueError(f"{path}: not a readable pseudo-label file ({type(e).__name__}: {e})") from e
     return {**content, "index": _index(content, path), "path": str(path)}
 
 
 def labels_for(label_file, uid, num_frames):
     """{K: (num_frames,) long}: the pseudo-labels of one utterance of a load_labels() result."""
-    path = label_file.get("path", "pseudo-label file")
     if uid not in label_file["index"]:
-        raise ValueError(f"{path}: no pseudo-labels for utterance {uid}")
+        raise ValueError(f"{label_file['path']}: no pseudo-labels for utterance {uid}")
     start, count = label_file["index"][uid]
     if count != num_frames:
-        raise ValueError(f"{path}: utterance {uid} has {count} pseudo-labels but {num_frames} frames were "
-                         f"expected: pseudo-labels do not match the audio")
+        raise ValueError(f"{label_file['path']}: utterance {uid} has {count} pseudo-labels but {num_frames} frames "
+                         f"were expected: pseudo-labels do not match the audio")
     return {k: v[start:start + count].long() for k, v in label_file["labels"].items()}
 
 
 def main(argv=None):
     """python kmeans.py fit ...: pseudo_label_stage on the train split's frames from a checkpoint's layer."""
-    from data import (COUNT, NATURAL, PROBABILITY, DataError, OneLineParser, load_corpus,  # here: clustering
-                      user_errors)  # alone needs no data.py
+    from data import COUNT, NATURAL, PROBABILITY, DataError, OneLineParser, load_corpus, user_errors
     from model import CheckpointError, load_wav2vec2
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
@@ -428,22 +410,22 @@ def main(argv=None):
     a("--force", action="store_true", help="overwrite an existing output file")
     args = p.parse_args(argv)
     with user_errors():
+        if os.path.exists(args.out) and not args.force:  # before the expensive part
+            raise DataError(f"{args.out} exists; pass --force to overwrite it")
+        folder = os.path.dirname(os.path.abspath(args.out))
+        while not os.path.exists(folder):  # save_atomic makes the missing folders
+            folder = os.path.dirname(folder)
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise DataError(f"--out {args.out}: cannot write under {folder}")
         try:
-            if os.path.exists(args.out) and not args.force:  # before the expensive part
-                raise DataError(f"{args.out} exists; pass --force to overwrite it")
-            folder = os.path.dirname(os.path.abspath(args.out))
-            while not os.path.exists(folder):  # save_atomic makes the missing folders
-                folder = os.path.dirname(folder)
-            if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-                raise DataError(f"--out {args.out}: cannot write under {folder}")
             train = load_corpus(args.data, args.fold, args.wav_dir)[0]["train"]
             model = load_wav2vec2(args.checkpoint).to(resolve_device(args.device)).eval()
-        except (OSError, CheckpointError) as e:  # a missing or unusable checkpoint is bad input too
+        except CheckpointError as e:  # a missing or unusable checkpoint is bad input too
             raise DataError(str(e)) from None
-        meta = {"checkpoint": os.path.abspath(args.checkpoint), "layer": args.layer, "data": os.path.abspath(args.data),
-                "fold": args.fold}
         if args.layer is not None and args.layer > model.cfg.num_layers:
             raise DataError(f"--layer {args.layer}: the checkpoint has layers 1..{model.cfg.num_layers}")
+        meta = {"checkpoint": os.path.abspath(args.checkpoint), "layer": args.layer, "data": os.path.abspath(args.data),
+                "fold": args.fold}
         pseudo_label_stage(lambda wav, n: model(wav, n, layer=args.layer), train, args.ks, args.iters, args.init,
                            args.seed, args.device, args.out, meta, args.progress, args.max_samples, args.workers, args.tol)
         print(f"wrote {args.out}")
