@@ -75,8 +75,6 @@ class FeatureEncoder(nn.Module):
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
         self.mode = cfg.extractor_mode
-        self.kernels = [k for _, k, _ in cfg.conv_layers]
-        self.strides = [s for _, _, s in cfg.conv_layers]
         in_dims = [1] + [d for d, _, _ in cfg.conv_layers[:-1]]
         self.convs = nn.ModuleList(nn.Conv1d(i, d, k, s, bias=cfg.conv_bias)
                                    for i, (d, k, s) in zip(in_dims, cfg.conv_layers))
@@ -88,19 +86,17 @@ class FeatureEncoder(nn.Module):
         else:
             self.norms = nn.ModuleList(nn.LayerNorm(d) for d, _, _ in cfg.conv_layers)
 
-    def output_lengths(self, lengths):
-        for k, s in zip(self.kernels, self.strides):
-            lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
+    def output_lengths(self, lengths, num_layers=None):
+        for conv in self.convs[:num_layers]:
+            lengths = torch.div(lengths - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1
         return lengths
 
     def forward(self, wav, lengths=None):
         x = wav.unsqueeze(1)
         for i, conv in enumerate(self.convs):
             x = conv(x)
-            if lengths is not None:
-                lengths = torch.div(lengths - self.kernels[i], self.strides[i], rounding_mode="floor") + 1
             if self.mode == "default" and i == 0:
-                x = masked_group_norm(x, lengths, self.norms[0])
+                x = masked_group_norm(x, None if lengths is None else self.output_lengths(lengths, 1), self.norms[0])
             elif self.mode == "layer_norm":
                 x = self.norms[i](x.transpose(1, 2).float()).transpose(1, 2).type_as(x)
             x = F.gelu(x)
@@ -108,10 +104,10 @@ class FeatureEncoder(nn.Module):
 
 
 def masked_group_norm(x, lengths, norm: nn.GroupNorm):
-    """fairseq's layer-0 group norm (one group per channel, computed in float32 as its Fp32GroupNorm;
-    wav2vec (v1)'s GroupNorm(1, C) in every block), with the statistics of each utterance taken over its valid frames only (lengths None: over all
-    frames). Each utterance is normalised alone, so the result is exactly what it gets unbatched;
-    no valid frame of the next conv reads the padded frames, which are left as they come."""
+    """A group norm in float32 (fairseq's Fp32GroupNorm: wav2vec 2.0's layer 0, one group per channel;
+    every block of wav2vec (v1), one group) with each utterance's statistics over its valid frames only
+    (lengths None: over all frames), so the result is exactly what it gets unbatched. The padded frames
+    are left as they come: no valid frame of the next conv reads them."""
     weight, bias = (None, None) if norm.weight is None else (norm.weight.float(), norm.bias.float())  # v1: affine or not
 
     def group_norm(y):
@@ -376,8 +372,7 @@ class Wav2Vec2(nn.Module):
         frames = self.frame_lengths(wav_lengths)
         padding_mask = None  # None keeps attention on its unmasked kernels
         if int(frames.min()) < x.shape[1]:
-            padding_mask = torch.arange(x.shape[1]) >= frames[:, None]
-            padding_mask = padding_mask.to(x.device)
+            padding_mask = (torch.arange(x.shape[1]) >= frames[:, None]).to(x.device)
         x = self.dropout_input(x)
         if time_mask is not None:
             x = torch.where(time_mask.unsqueeze(-1), self.mask_emb.to(x.dtype), x)
@@ -411,13 +406,10 @@ def compute_span_mask(lengths, max_len, prob, span, min_spans, semantics="hf", g
     mask = torch.zeros(len(lengths), max_len, dtype=torch.bool)
     u_call = float(torch.rand((), generator=g))
     chosen = []
-    for i, n in enumerate(lengths):
+    for n in lengths:
         if semantics == "hf":
-            def count(length):
-                k = max(min_spans, int(prob * length / span + u_call))
-                k = min(k, max_len // span)
-                return max(min(k, length - (span - 1)), 0)
-            k = count(n)
+            k = max(min_spans, int(prob * n / span + u_call))
+            k = max(min(k, max_len // span, n - (span - 1)), 0)
             starts = torch.randperm(max(n - span + 1, 0), generator=g)[:k]
         elif semantics == "fairseq":
             k = max(min_spans, int(prob * n / span + float(torch.rand((), generator=g))))
@@ -720,25 +712,19 @@ class Opaque:
 
 
 _OPAQUE_MODULES = ("omegaconf", "fairseq", "numpy", "typing", "enum", "pathlib", "collections", "copyreg")
-_ALLOWED = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
-    ("argparse", "Namespace"): argparse.Namespace,
-    ("torch._utils", "_rebuild_tensor"): torch._utils._rebuild_tensor,
-    ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
-    ("torch._utils", "_rebuild_parameter"): torch._utils._rebuild_parameter,
-    ("torch", "Size"): torch.Size,
-}
+_ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict, ("argparse", "Namespace"): argparse.Namespace,
+            ("torch", "Size"): torch.Size, ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+            ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
+            # torch.save pickles with protocol 2, which writes int and str under their Python 2 names
+            ("__builtin__", "long"): int, ("__builtin__", "unicode"): str}
+for _name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
+              "_rebuild_parameter_with_state"):
+    if hasattr(torch._utils, _name):
+        _ALLOWED[("torch._utils", _name)] = getattr(torch._utils, _name)
 # plain builtin types (omegaconf records them as key and element types); calling them runs no user code
 for _mod in ("builtins", "__builtin__"):
     for _t in (dict, list, tuple, set, frozenset, int, float, str, bool, bytes, complex, slice, object):
         _ALLOWED[(_mod, _t.__name__)] = _t
-# torch.save pickles with protocol 2, which writes int and str under their Python 2 names
-_ALLOWED.update({("__builtin__", "long"): int, ("__builtin__", "unicode"): str})
-for _name in ("_rebuild_tensor_v3", "_rebuild_parameter_with_state"):
-    if hasattr(torch._utils, _name):
-        _ALLOWED[("torch._utils", _name)] = getattr(torch._utils, _name)
-_ALLOWED[("torch._tensor", "_rebuild_from_type_v2")] = torch._tensor._rebuild_from_type_v2
-_ALLOWED[("torch.nn.parameter", "Parameter")] = torch.nn.Parameter
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -757,7 +743,6 @@ class _SafeUnpickler(pickle.Unpickler):
 
 class _SafePickleModule:  # what torch.load expects of pickle_module
     Unpickler = _SafeUnpickler
-    __name__ = "model._SafePickleModule"
 
     @staticmethod
     def load(f, **kwargs):
@@ -820,7 +805,7 @@ def save_atomic(obj, path):
 
 def _conv_layers_from_string(text):
     """fairseq's conv_feature_layers is a Python expression such as
-    "[(512, 10, 5)] + [(512, 3, 2)] * 4"; evaluate it without eval()."""
+    "[(512, 10, 5)] + [(512, 3, 2)] * 4" (or the list itself); evaluate it without eval()."""
     def ev(node):
         if isinstance(node, ast.Expression):
             return ev(node.body)
@@ -833,7 +818,14 @@ def _conv_layers_from_string(text):
             a, b = ev(node.left), ev(node.right)
             return a + b if isinstance(node.op, ast.Add) else a * b
         raise ValueError(f"unsupported expression in conv_feature_layers: {text!r}")
-    return [tuple(int(v) for v in layer) for layer in ev(ast.parse(text, mode="eval"))]
+    layers = ev(ast.parse(text, mode="eval")) if isinstance(text, str) else text
+    return [tuple(int(v) for v in layer) for layer in layers]
+
+
+def _renamed(c: dict, names: dict, defaults) -> dict:
+    """The settings c has under the names in `names` (our field -> theirs), as the types of defaults' fields."""
+    return {ours: type(getattr(defaults, ours))(c[theirs]) for ours, theirs in names.items()
+            if c.get(theirs) is not None}
 
 
 # Wav2Vec2Config field -> fairseq's name for it (args or cfg.model)
@@ -848,21 +840,19 @@ FAIRSEQ_NAMES = {"extractor_mode": "extractor_mode", "conv_bias": "conv_bias", "
                  "latent_dim": "latent_dim", "logit_temp": "logit_temp", "num_negatives": "num_negatives"}
 
 
-def config_from_fairseq(model_cfg: dict, normalize: bool, has_quantizer: bool) -> Wav2Vec2Config:
+def config_from_fairseq(c: dict, normalize: bool, has_quantizer: bool) -> Wav2Vec2Config:
     """Map fairseq's settings onto Wav2Vec2Config; a setting the file does not have keeps its default."""
-    c, d = model_cfg, Wav2Vec2Config()
     layer_type = c.get("layer_type", "transformer")
     if layer_type not in (None, "transformer"):
         raise ValueError(f"layer_type={layer_type!r} (only the transformer encoder is supported)")
     if int(c.get("pos_conv_depth", 1) or 1) != 1:
         raise ValueError(f"pos_conv_depth={c['pos_conv_depth']} (data2vec-style; only depth 1 is supported)")
-    values = {ours: type(getattr(d, ours))(c[theirs] or 0) for ours, theirs in FAIRSEQ_NAMES.items()
-              if c.get(theirs) is not None}
-    conv = c.get("conv_feature_layers", d.conv_layers)
+    d = Wav2Vec2Config()
+    values = _renamed(c, FAIRSEQ_NAMES, d)
+    values["final_dim"] = values.get("final_dim", d.final_dim) or values.get("embed_dim", d.embed_dim)  # 0: embed_dim
     temp = c.get("latent_temp", d.latent_temp)
     temp = ast.literal_eval(temp) if isinstance(temp, str) else temp
-    return Wav2Vec2Config(**{**values, "final_dim": values.get("final_dim", d.final_dim) or values.get("embed_dim", d.embed_dim)},
-                          conv_layers=_conv_layers_from_string(conv) if isinstance(conv, str) else [tuple(x) for x in conv],
+    return Wav2Vec2Config(**values, conv_layers=_conv_layers_from_string(c.get("conv_feature_layers", d.conv_layers)),
                           latent_temp=tuple(float(v) for v in temp), normalize=bool(normalize),
                           has_quantizer=has_quantizer)
 
@@ -882,7 +872,7 @@ FAIRSEQ_KEYS = [
 
 
 def fairseq_key(key, table=FAIRSEQ_KEYS):
-    """fairseq parameter name (Hugging Face's with table=HF_KEYS) -> this module's name (None: not part of the model)."""
+    """fairseq parameter name (Hugging Face's with table=HF_KEYS) -> this module's name (None: not in the table)."""
     for pattern, name in table:
         match = re.fullmatch(pattern, key)
         if match:
@@ -890,8 +880,8 @@ def fairseq_key(key, table=FAIRSEQ_KEYS):
     return None
 
 
-# parameters a fairseq file may hold that this model deliberately does not use
-FAIRSEQ_IGNORED = {"w2v_encoder.proj.weight", "w2v_encoder.proj.bias"}  # the ASR CTC head
+# parameters a fairseq file may hold that this model deliberately does not use: the ASR CTC head
+FAIRSEQ_IGNORED = r"w2v_encoder\.proj\.(weight|bias)"
 
 
 def _describe(obj):
@@ -900,14 +890,39 @@ def _describe(obj):
     return f"a {type(obj).__name__}"
 
 
-def _model_and_task(container):
-    """fairseq keeps the configuration as cfg = {"model": ..., "task": ...} (newer) or as one flat
-    argparse namespace (older); either way -> (model settings, task settings) or None."""
-    if isinstance(container, dict) and isinstance(container.get("model"), dict):
-        return container["model"], container.get("task") or {}
-    if isinstance(container, dict):
-        return container, container
-    return None
+def _some(names, n=10):
+    """The first n of the sorted names, and how many more."""
+    names = sorted(names)
+    return f"{names[:n]}" + (f" (+{len(names) - n})" if len(names) > n else "")
+
+
+def _map_keys(path, state, table, ignored, prefix=""):
+    """state under this module's names (fairseq_key with table, after the regex prefix). Keys matching the
+    regex ignored are reported and dropped; any other key the table does not map is a CheckpointError."""
+    mapped, unknown, unused = {}, [], []
+    for key, value in state.items():
+        bare = re.fullmatch(f"{prefix}(.*)", key)
+        if re.fullmatch(ignored, key):
+            unused.append(key)
+        elif bare is None or (name := fairseq_key(bare[1], table)) is None:
+            unknown.append(key)
+        else:
+            mapped[name] = value
+    if unknown:
+        raise CheckpointError(f"{path}: parameters this wav2vec 2.0 does not know: {_some(unknown)}")
+    if unused:
+        print(f"{path}: not used by wav2vec 2.0: {sorted(unused)}", file=sys.stderr)
+    return mapped
+
+
+def _model_and_task(*containers, missing="no fairseq configuration (neither 'cfg' nor 'args')"):
+    """fairseq keeps the configuration as cfg = {"model": ..., "task": ...} (newer) or as one flat argparse
+    namespace (older): the first of containers that is either -> (model settings, task settings, model name)."""
+    for c in map(to_plain, containers):
+        if isinstance(c, dict):
+            model, task = (c["model"], c.get("task") or {}) if isinstance(c.get("model"), dict) else (c, c)
+            return model, task, model.get("_name") or model.get("arch") or ""
+    raise ValueError(missing)
 
 
 # fairseq's model names (arch or _name) -> what they are, for messages; audio_cpc: v1's name before fairseq renamed it
@@ -915,35 +930,26 @@ MODEL_FAMILIES = {"wav2vec2": "wav2vec 2.0", "wav2vec_ctc": "wav2vec 2.0 ASR", "
                   "hubert": "HuBERT", "data2vec_audio": "data2vec", "wav2vec": "wav2vec (v1)", "audio_cpc": "wav2vec (v1)"}
 
 
-def _model_kind(ckpt):
-    """Return ('project'|'pretrained'|'asr', model_cfg dict, normalize) or raise naming what was found."""
-    if ckpt.get("format") in ("w2v2-ser/wav2vec2", "w2v2-ser/classifier"):
-        return "project", ckpt["config"], ckpt["config"].get("normalize", False)
-    if ckpt.get("format") == "w2v2-ser/wav2vec1-teacher":
-        raise ValueError("holds the release recipe's wav2vec (v1) P-TAPT teacher, not wav2vec 2.0")
-    found = _model_and_task(to_plain(ckpt.get("cfg"))) or _model_and_task(to_plain(ckpt.get("args")))
-    if found is None:
-        raise ValueError("no fairseq configuration (neither 'cfg' nor 'args')")
-    model_cfg, task = found
-    name = model_cfg.get("_name") or model_cfg.get("arch") or ""
-    if name in ("wav2vec_ctc", "wav2vec_seq2seq") or "w2v_args" in model_cfg:
-        inner = _model_and_task(to_plain(model_cfg.get("w2v_args")))
-        if inner is None:
-            raise ValueError("an ASR fine-tuned checkpoint without 'w2v_args' (the pretraining configuration)")
-        inner_model, inner_task = inner
-        inner_model = dict(inner_model)
-        for k in ("dropout", "attention_dropout", "activation_dropout", "dropout_input"):
-            if k in model_cfg:  # fine-tuning overrides these, as fairseq's Wav2VecEncoder does
-                inner_model[k] = model_cfg[k]
+def _from_fairseq(path, ckpt):
+    """(config, state) of a fairseq wav2vec 2.0 file, pretrained or ASR fine-tuned; another model -> ValueError."""
+    model_cfg, task, name = _model_and_task(ckpt.get("cfg"), ckpt.get("args"))
+    prefix = ""
+    if name in ("wav2vec_ctc", "wav2vec_seq2seq") or "w2v_args" in model_cfg:  # ASR: the pretraining settings inside
+        inner, inner_task, _ = _model_and_task(model_cfg.get("w2v_args"), missing="an ASR fine-tuned checkpoint "
+                                               "without 'w2v_args' (the pretraining configuration)")
+        # fine-tuning overrides these, as fairseq's Wav2VecEncoder does
+        overrides = {k: model_cfg[k] for k in ("dropout", "attention_dropout", "activation_dropout", "dropout_input")
+                     if k in model_cfg}
         if "layerdrop" in model_cfg:
-            inner_model["encoder_layerdrop"] = model_cfg["layerdrop"]
-        normalize = task.get("normalize", inner_task.get("normalize", False))
-        return "asr", inner_model, normalize
-    if name and not name.startswith("wav2vec2"):
+            overrides["encoder_layerdrop"] = model_cfg["layerdrop"]
+        model_cfg, task, prefix = {**inner, **overrides}, {**inner_task, **task}, r"w2v_encoder\.w2v_model\."
+    elif name and not name.startswith("wav2vec2"):
         hint = " (a wav2vec (v1) file serves only as P-TAPT's teacher: pretrain.py --teacher)" if name in (
             "wav2vec", "audio_cpc") else ""
         raise ValueError(f"holds a {MODEL_FAMILIES.get(name, name)} model ('{name}'), not wav2vec 2.0{hint}")
-    return "pretrained", model_cfg, task.get("normalize", False)
+    state = _map_keys(path, ckpt["model"], FAIRSEQ_KEYS, FAIRSEQ_IGNORED, prefix)
+    has_quantizer = any(k.startswith("quantizer.") for k in state)
+    return config_from_fairseq(model_cfg, task.get("normalize", False), has_quantizer), state
 
 
 def load_wav2vec2(path) -> Wav2Vec2:
@@ -956,55 +962,21 @@ def load_wav2vec2(path) -> Wav2Vec2:
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a model checkpoint: found {_describe(ckpt)}")
-    try:
-        kind, model_cfg, normalize = _model_kind(ckpt)
-    except ValueError as e:
-        raise CheckpointError(f"{path}: {e}") from None
-    if kind == "project":
-        cfg = Wav2Vec2Config(**{f.name: model_cfg[f.name] for f in fields(Wav2Vec2Config) if f.name in model_cfg})
-        cfg.conv_layers = [tuple(x) for x in cfg.conv_layers]
-        cfg.latent_temp = tuple(cfg.latent_temp)
-        state = {k[len("backbone."):] if k.startswith("backbone.") else k: v for k, v in ckpt["model"].items()
-                 if not k.startswith("head.")}
-        unused = set()
+    if ckpt.get("format") == "w2v2-ser/wav2vec1-teacher":
+        raise CheckpointError(f"{path}: holds the release recipe's wav2vec (v1) P-TAPT teacher, not wav2vec 2.0")
+    if ckpt.get("format") in ("w2v2-ser/wav2vec2", "w2v2-ser/classifier"):  # this project's (a classifier's backbone)
+        c = ckpt["config"]
+        cfg = Wav2Vec2Config(**{f.name: c[f.name] for f in fields(Wav2Vec2Config) if f.name in c})
+        cfg.conv_layers, cfg.latent_temp = [tuple(x) for x in cfg.conv_layers], tuple(cfg.latent_temp)
+        state = {k.removeprefix("backbone."): v for k, v in ckpt["model"].items() if not k.startswith("head.")}
     else:
-        state, unused = _fairseq_state(path, ckpt["model"], kind)
-        has_q = any(k.startswith("quantizer.") for k in state)
         try:
-            cfg = config_from_fairseq(model_cfg, normalize, has_quantizer=has_q)
-        except ValueError as e:
+            cfg, state = _from_fairseq(path, ckpt)
+        except (ValueError, TypeError, SyntaxError) as e:
             raise CheckpointError(f"{path}: {e}") from None
-        if unused:
-            print(f"{path}: not used by wav2vec 2.0: {sorted(unused)}", file=sys.stderr)
     model = Wav2Vec2(cfg)
     load_state(model, state, path)
     return model.eval()
-
-
-def _fairseq_state(path, state, kind):
-    prefix = "w2v_encoder.w2v_model." if kind == "asr" else ""
-    mapped, unknown, unused = {}, [], set()
-    for key, value in state.items():
-        if key in FAIRSEQ_IGNORED:
-            unused.add(key)
-            continue
-        if not key.startswith(prefix):
-            unknown.append(key)
-            continue
-        name = fairseq_key(key[len(prefix):])
-        if name is None:
-            unknown.append(key)
-        else:
-            mapped[name] = value
-    if unknown:
-        hint = ""
-        if any("label_embs" in k for k in unknown):
-            hint = " (label_embs: this is a HuBERT checkpoint)"
-        elif any("feature_aggregator" in k for k in unknown):
-            hint = " (feature_aggregator: this is a wav2vec v1 checkpoint)"
-        raise CheckpointError(f"{path}: parameters this wav2vec 2.0 does not know{hint}: {sorted(unknown)[:10]}"
-                              + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
-    return mapped, unused
 
 
 # fairseq's wav2vec (v1) (wav2vec_large.pt): the release recipe's P-TAPT teacher, never a V-FT backbone.
@@ -1032,11 +1004,7 @@ def v1_settings(ckpt: dict) -> dict:
     """The fairseq model settings of a wav2vec (v1) file, newer cfg or older args; anything else -> ValueError."""
     if str(ckpt.get("format", "")).startswith("w2v2-ser/"):
         raise ValueError("holds one of this project's checkpoints, not fairseq's wav2vec (v1)")
-    found = _model_and_task(to_plain(ckpt.get("cfg"))) or _model_and_task(to_plain(ckpt.get("args")))
-    if found is None:
-        raise ValueError("no fairseq configuration (neither 'cfg' nor 'args')")
-    settings = found[0]
-    name = settings.get("_name") or settings.get("arch") or ""
+    settings, _, name = _model_and_task(ckpt.get("cfg"), ckpt.get("args"))
     if name not in ("wav2vec", "audio_cpc"):  # audio_cpc: wav2vec's early name (fairseq's _upgrade_state_dict)
         raise ValueError(f"holds a {MODEL_FAMILIES.get(name, name or 'unnamed')} model ('{name}'), not wav2vec (v1)")
     return settings
@@ -1052,13 +1020,9 @@ def config_from_v1(c: dict) -> Wav2Vec1Config:
     for key, supported in (("aggregator", "cnn"), ("encoder", "cnn"), ("activation", ("relu", "gelu"))):
         if c.get(key) is not None and c[key] not in supported:
             raise ValueError(f"{key}={c[key]!r} (supported: {supported})")
-    values = {ours: type(getattr(Wav2Vec1Config(), ours))(c[theirs]) for ours, theirs in V1_NAMES.items()
-              if c.get(theirs) is not None}
-
-    def layers(v):
-        return _conv_layers_from_string(v) if isinstance(v, str) else [tuple(int(x) for x in t) for t in v]
-    return Wav2Vec1Config(**values, conv_layers=layers(c["conv_feature_layers"]),
-                          agg_layers=layers(c["conv_aggregator_layers"]),
+    return Wav2Vec1Config(**_renamed(c, V1_NAMES, Wav2Vec1Config()),
+                          conv_layers=_conv_layers_from_string(c["conv_feature_layers"]),
+                          agg_layers=_conv_layers_from_string(c["conv_aggregator_layers"]),
                           agg_bias=not c.get("no_conv_bias", False), affine=not c.get("non_affine_group_norm", False))
 
 
@@ -1124,9 +1088,8 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 def read_safetensors(path):
     """{name: tensor} from a .safetensors file: an 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets}}, then the tensors' bytes. A reader here rather than the
-    safetensors package keeps the run time to torch; every offset is checked against the file size
-    and the others (the format has the tensors back to back), so a damaged file is an error, never garbage."""
+    {name: {dtype, shape, data_offsets}}, then the tensors' bytes, back to back. Every offset is checked
+    against the file size and the others, so a damaged file is an error, never garbage."""
     with open(path, "rb") as f:
         data = bytearray(f.read())  # writable, as torch.frombuffer wants
     n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
@@ -1193,13 +1156,12 @@ def config_from_hf(c: dict, preprocessor: dict) -> Wav2Vec2Config:
             raise ValueError(f"{key}={c[key]!r}: only {' or '.join(map(repr, supported))} is supported")
     if preprocessor.get("sampling_rate", SAMPLE_RATE) != SAMPLE_RATE:
         raise ValueError(f"preprocessor sampling_rate {preprocessor['sampling_rate']}: wav2vec 2.0 here takes {SAMPLE_RATE} Hz")
-    d = Wav2Vec2Config()
     dims, kernels, strides = (c.get(k, list(v)) for k, v in zip(("conv_dim", "conv_kernel", "conv_stride"),
                                                                 zip(*BASE_CONV_LAYERS)))
     if not len(dims) == len(kernels) == len(strides):
         raise ValueError(f"conv_dim, conv_kernel, conv_stride differ in length: {dims}, {kernels}, {strides}")
-    values = {ours: type(getattr(d, ours))(c[theirs]) for ours, theirs in HF_NAMES.items() if c.get(theirs) is not None}
-    return Wav2Vec2Config(**values, conv_layers=[(int(a), int(b), int(s)) for a, b, s in zip(dims, kernels, strides)],
+    return Wav2Vec2Config(**_renamed(c, HF_NAMES, Wav2Vec2Config()),
+                          conv_layers=[(int(a), int(b), int(s)) for a, b, s in zip(dims, kernels, strides)],
                           extractor_mode="layer_norm" if c.get("feat_extract_norm") == "layer" else "default",
                           normalize=bool(preprocessor.get("do_normalize", False)))
 
@@ -1218,24 +1180,13 @@ def load_hf_wav2vec2(files) -> Wav2Vec2:
         cfg = config_from_hf(hf_cfg, _read_json(prep_path, "preprocessor configuration") if os.path.isfile(prep_path) else {})
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{config_path}: {e}") from None
-    mapped, unknown, unused = {}, [], []
+    state = {}
     for path in files:
-        state = read_safetensors(path) if path.endswith(".safetensors") else read_checkpoint(path)
-        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-            raise CheckpointError(f"{path}: not a state dict of tensors: found {_describe(state)}")
-        for key, value in state.items():
-            bare = key[len("wav2vec2."):] if key.startswith("wav2vec2.") else key
-            if re.fullmatch(HF_IGNORED, bare):
-                unused.append(key)
-            elif (name := fairseq_key(bare, HF_KEYS)) is None:
-                unknown.append(key)
-            else:
-                mapped[name] = value
-    if unknown:
-        raise CheckpointError(f"{files[0]}: parameters this wav2vec 2.0 does not know: {sorted(unknown)[:10]}"
-                              + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""))
-    if unused:
-        print(f"{files[0]}: not used by wav2vec 2.0: {sorted(unused)}", file=sys.stderr)
+        shard = read_safetensors(path) if path.endswith(".safetensors") else read_checkpoint(path)
+        if not isinstance(shard, dict) or not all(torch.is_tensor(v) for v in shard.values()):
+            raise CheckpointError(f"{path}: not a state dict of tensors: found {_describe(shard)}")
+        state.update(shard)
+    mapped = _map_keys(files[0], state, HF_KEYS, HF_IGNORED, prefix=r"(?:wav2vec2\.)?")  # the head models' prefix
     cfg.has_quantizer = any(k.startswith("quantizer.") for k in mapped)
     model = Wav2Vec2(cfg)
     if "mask_emb" not in mapped and not (hf_cfg.get("mask_time_prob", 0.05) or hf_cfg.get("mask_feature_prob", 0)):
@@ -1249,15 +1200,14 @@ def load_hf_wav2vec2(files) -> Wav2Vec2:
 def load_state(model, state, path="state dict"):
     """load_state_dict with errors that name the keys and shapes."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
+    missing, unexpected = set(own) - set(state), set(state) - set(own)
     wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(own[k].shape)}"
-             for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+             for k in own if k in state and state[k].shape != own[k].shape]
     problems = []
     if missing:
-        problems.append(f"missing {missing[:10]}" + (f" (+{len(missing) - 10})" if len(missing) > 10 else ""))
+        problems.append(f"missing {_some(missing)}")
     if unexpected:
-        problems.append(f"unexpected {unexpected[:10]}" + (f" (+{len(unexpected) - 10})" if len(unexpected) > 10 else ""))
+        problems.append(f"unexpected {_some(unexpected)}")
     if wrong:
         problems.append(f"shapes that do not fit the configuration: {wrong[:5]}")
     if problems:
@@ -1265,11 +1215,9 @@ def load_state(model, state, path="state dict"):
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
 
 
-def config_dict(cfg: Wav2Vec2Config) -> dict:
-    d = asdict(cfg)
-    d["conv_layers"] = [list(x) for x in cfg.conv_layers]
-    d["latent_temp"] = list(cfg.latent_temp)
-    return d
+def config_dict(cfg) -> dict:
+    """A config with lists for its tuples, as JSON has them (the project's checkpoints, bench.json)."""
+    return json.loads(json.dumps(asdict(cfg)))
 
 
 def save_wav2vec2(model: Wav2Vec2, path, meta=None):
@@ -1296,10 +1244,8 @@ def load_classifier(path) -> EmotionClassifier:
 
 def save_wav2vec1_teacher(teacher: Wav2Vec1Teacher, path, meta=None):
     """The release recipe's trained P-TAPT teacher (v1 and its stride-2 conv), in the project's own format."""
-    cfg = asdict(teacher.v1.cfg)
-    cfg.update(conv_layers=[list(x) for x in cfg["conv_layers"]], agg_layers=[list(x) for x in cfg["agg_layers"]])
-    save_atomic({"format": "w2v2-ser/wav2vec1-teacher", "version": 1, "config": cfg, "model": teacher.state_dict(),
-                 "meta": meta or {}}, path)
+    save_atomic({"format": "w2v2-ser/wav2vec1-teacher", "version": 1, "config": config_dict(teacher.v1.cfg),
+                 "model": teacher.state_dict(), "meta": meta or {}}, path)
 
 
 def load_wav2vec1_teacher(path) -> Wav2Vec1Teacher:
