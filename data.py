@@ -7,8 +7,8 @@ in the release's layout, for the quick start and the tests; the command line.
     python data.py --data /path/to/IEMOCAP_full_release          # per-session counts
     python data.py --synth synth/IEMOCAP_full_release            # write the synthetic corpus
 
-Every problem a user's file can cause raises DataError with a message that names the file
-or value and says what was expected; the scripts print it and exit with code 2.
+Every problem in a user's data raises DataError naming the file or value and what was expected
+(a file that cannot be read at all: OSError); the scripts print either as one line and exit with code 2.
 """
 import argparse
 import contextlib
@@ -59,55 +59,42 @@ class Utterance:
 # Audio files
 
 
-def resampled_length(frames, samplerate):
-    # Rounded up, exactly as torchaudio's resample does, so num_samples == len(read_audio(path)).
-    return -(-frames * SAMPLE_RATE // samplerate)
-
-
 def audio_num_samples(path):
     """Length in samples at 16 kHz, read from the file header; DataError if the file is unusable."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: audio file not found")
-    try:
-        info = sf.info(path)
-    except Exception as e:  # libsndfile raises several types for garbage files; all mean "not audio"
-        raise DataError(f"{path}: not a readable audio file ({_first_line(e)})") from None
-    if info.frames <= 0 or info.samplerate <= 0:
-        raise DataError(f"{path}: empty audio file (0 samples)")
-    n = resampled_length(info.frames, info.samplerate)
-    if n < MIN_SAMPLES:
-        raise DataError(f"{path}: {n} samples at 16 kHz, expected at least {MIN_SAMPLES} (25 ms)")
-    return n
+    info = _soundfile(sf.info, path)
+    return checked_length(path, info.frames, info.samplerate)
 
 
 def read_audio(path):
     """Decode a file to a float32 (T,) mono tensor at 16 kHz (channels averaged)."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: audio file not found")
-    try:
-        samples, samplerate = sf.read(path, dtype="float32", always_2d=True)
-    except Exception as e:
-        raise DataError(f"{path}: not a readable audio file ({_first_line(e)})") from None
-    if samples.size == 0:
-        raise DataError(f"{path}: empty audio file (0 samples)")
+    samples, samplerate = _soundfile(sf.read, path, dtype="float32", always_2d=True)
+    checked_length(path, len(samples), samplerate)
     wav = torch.from_numpy(np.ascontiguousarray(samples.mean(axis=1, dtype=np.float32)))
     if not torch.isfinite(wav).all():
         raise DataError(f"{path}: audio contains NaN or infinite samples")
     if samplerate != SAMPLE_RATE:
-        wav = resample(wav, samplerate)
-    if len(wav) < MIN_SAMPLES:
-        raise DataError(f"{path}: {len(wav)} samples at 16 kHz, expected at least {MIN_SAMPLES} (25 ms)")
+        import torchaudio.functional  # imported here: slow to import and only needed for non-16 kHz files
+
+        wav = torchaudio.functional.resample(wav, samplerate, SAMPLE_RATE)
     return wav
 
 
-def resample(wav, samplerate):
-    import torchaudio.functional  # imported here: slow to import and only needed for non-16 kHz files
+def _soundfile(read, path, **kwargs):
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: audio file not found")
+    try:
+        return read(path, **kwargs)
+    except Exception as e:  # libsndfile raises several types for garbage files; all mean "not audio"
+        first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(f"{path}: not a readable audio file ({first_line})") from None
 
-    return torchaudio.functional.resample(wav, samplerate, SAMPLE_RATE)
 
-
-def _first_line(e):
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+def checked_length(path, frames, samplerate):
+    # Rounded up, exactly as torchaudio's resample does, so num_samples == len(read_audio(path)).
+    n = -(-frames * SAMPLE_RATE // samplerate)
+    if n < MIN_SAMPLES:
+        raise DataError(f"{path}: {n} samples at 16 kHz, expected at least {MIN_SAMPLES} (25 ms)")
+    return n
 
 
 # -----------------------------------------------------------------------------
@@ -121,24 +108,11 @@ LABEL_LINE = re.compile(
 )
 
 
-def label_files(emo_dir):
-    # Only the .txt files directly in EmoEvaluation: its subfolders (Categorical/, Attribute/,
-    # Self-evaluation/) hold per-annotator files in other formats, and "._*" are macOS junk.
-    try:
-        names = sorted(n for n in os.listdir(emo_dir) if n.endswith(".txt") and not n.startswith("."))
-    except OSError as e:
-        raise DataError(f"{emo_dir}: cannot list the label files ({e.strerror or e})") from None
-    return [os.path.join(emo_dir, n) for n in names if os.path.isfile(os.path.join(emo_dir, n))]
-
-
 def parse_label_file(path):
     """Returns ([(uid, label)], [(line_number, line)] of lines that look like labels but do not parse)."""
     labels, bad = [], []
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read label file ({e.strerror or e})") from None
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
     for number, line in enumerate(lines, start=1):
         match = LABEL_LINE.match(line)
         if match:
@@ -148,16 +122,12 @@ def parse_label_file(path):
     return labels, bad
 
 
-def dialog_of(uid):
-    return uid.rsplit("_", 1)[0]
-
-
 def load_iemocap(root):
     """All 4-class utterances of an IEMOCAP_full_release folder, sorted by uid."""
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise DataError(f"IEMOCAP root {root} not found (expected the IEMOCAP_full_release folder)")
-    labelled, bad = [], []  # labelled: (session, uid, label)
+    labels, bad, duplicates = {}, [], 0  # labels: uid -> (session, label), the first one kept
     for s in SESSIONS:
         session_dir = os.path.join(root, f"Session{s}")
         if not os.path.isdir(session_dir):
@@ -165,34 +135,32 @@ def load_iemocap(root):
         emo_dir = os.path.join(session_dir, "dialog", "EmoEvaluation")
         if not os.path.isdir(emo_dir):
             raise DataError(f"{emo_dir} not found: expected the label files <dialog>.txt there")
-        for path in label_files(emo_dir):
-            pairs, bad_lines = parse_label_file(path)
-            labelled += [(s, uid, label) for uid, label in pairs]
-            bad += [(path, number, line) for number, line in bad_lines]
+        # Only the .txt files directly in EmoEvaluation: its subfolders (Categorical/, Attribute/,
+        # Self-evaluation/) hold per-annotator files in other formats, and "._*" are macOS junk.
+        for name in sorted(n for n in os.listdir(emo_dir) if n.endswith(".txt") and not n.startswith(".")):
+            pairs, bad_lines = parse_label_file(os.path.join(emo_dir, name))
+            for uid, label in pairs:
+                duplicates += uid in labels
+                labels.setdefault(uid, (s, label))
+            bad += [(os.path.join(emo_dir, name), number, line) for number, line in bad_lines]
     if bad:
         path, number, line = bad[0]
         warnings.warn(f"skipped {len(bad)} label line(s) that do not parse as "
                       f"'[start - end]<TAB>uid<TAB>label<TAB>[v, a, d]', first: {path} line {number}: {line!r}",
                       DataWarning, stacklevel=2)
-
-    utterances, seen, skipped, duplicates = [], set(), [], 0
-    for s, uid, label in labelled:
-        if uid in seen:
-            duplicates += 1
-            continue
-        seen.add(uid)
-        if label not in IEMOCAP_LABELS:
-            continue
-        wav = os.path.join(root, f"Session{s}", "sentences", "wav", dialog_of(uid), uid + ".wav")
-        try:
-            num_samples = audio_num_samples(wav)
-        except DataError as e:
-            skipped.append(str(e))
-            continue
-        utterances.append(Utterance(uid, wav, IEMOCAP_LABELS[label], num_samples, session=s))
     if duplicates:
         warnings.warn(f"{duplicates} utterance(s) labelled more than once under {root}; kept the first label",
                       DataWarning, stacklevel=2)
+
+    utterances, skipped = [], []
+    for uid, (s, label) in labels.items():
+        if label not in IEMOCAP_LABELS:
+            continue
+        wav = os.path.join(root, f"Session{s}", "sentences", "wav", uid.rsplit("_", 1)[0], uid + ".wav")
+        try:
+            utterances.append(Utterance(uid, wav, IEMOCAP_LABELS[label], audio_num_samples(wav), session=s))
+        except DataError as e:
+            skipped.append(str(e))
     if skipped:
         warnings.warn(f"skipped {len(skipped)} labelled utterance(s) whose audio is missing, unreadable or "
                       f"shorter than {MIN_SAMPLES} samples: " + "; ".join(skipped[:3])
@@ -210,8 +178,7 @@ def count_table(utterances):
     for u in utterances:
         key = str(u.session) if u.session is not None else (u.split or "all")
         rows.setdefault(key, dict.fromkeys(classes, 0))[u.label] += 1
-    order = {name: i for i, name in enumerate(SPLITS)}
-    keys = sorted(rows, key=lambda k: (0, int(k), "") if k.isdigit() else (1, order.get(k, 9), k))
+    keys = sorted(rows, key=lambda k: (SPLITS.index(k) if k in SPLITS else -1, k))  # sessions 1..5, or the splits
     return {"sessions": {k: rows[k] for k in keys}, "total": len(utterances)}
 
 
@@ -231,8 +198,6 @@ def split_fold(utterances, fold):
     """Leave-one-session-out: test = every utterance of session `fold` (both speakers)."""
     if isinstance(fold, bool) or fold not in SESSIONS:
         raise DataError(f"fold {fold!r} is not an IEMOCAP session, expected one of 1..5")
-    if any(u.session is None for u in utterances):
-        raise DataError("fold splits need IEMOCAP utterances (with a session number)")
     train = [u for u in utterances if u.session != fold]
     test = [u for u in utterances if u.session == fold]
     if not train or not test:
@@ -251,18 +216,11 @@ def load_label_json(json_path, wav_dir=None):
     try:
         with open(json_path, encoding="utf-8") as f:
             obj = json.load(f)
-    except OSError as e:
-        raise DataError(f"{json_path}: cannot read ({e.strerror or e})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{json_path}: not valid JSON ({e})") from None
     keys = {"Train": "train", "Val": "val", "Test": "test"}
-    if not isinstance(obj, dict):
+    if not isinstance(obj, dict) or not {"Train", "Test"} <= set(obj) <= set(keys):
         raise DataError(f"{json_path}: expected an object with keys Train, Val (optional), Test")
-    unknown = sorted(set(obj) - set(keys))
-    missing = [k for k in ("Train", "Test") if k not in obj]
-    if unknown or missing:
-        raise DataError(f"{json_path}: expected keys Train, Val (optional), Test; "
-                        f"missing {missing}, unknown {unknown}")
     utterances = []
     for key, split in keys.items():
         entries = obj.get(key, {})
@@ -272,12 +230,7 @@ def load_label_json(json_path, wav_dir=None):
             if not isinstance(label, str) or not label.strip():
                 raise DataError(f"{json_path}: {key} entry {name!r} has label {label!r}, expected a non-empty string")
             path = os.path.join(wav_dir, name)
-            try:
-                num_samples = audio_num_samples(path)
-            except DataError as e:
-                raise DataError(f"{json_path}: {key} entry {name!r}: {e}") from None
-            uid = os.path.splitext(os.path.basename(name))[0]
-            utterances.append(Utterance(uid, path, label.strip(), num_samples, split=split))
+            utterances.append(_utterance(f"{json_path}: {key} entry {name!r}", path, label.strip(), split))
     return utterances
 
 
@@ -301,17 +254,31 @@ def load_manifest(csv_path):
                 if split.lower() not in SPLITS:
                     raise DataError(f"{where}: split {split!r}, expected one of train, val, test")
                 path = os.path.join(folder, path)  # an absolute path stays as it is
-                try:
-                    num_samples = audio_num_samples(path)
-                except DataError as e:
-                    raise DataError(f"{where}: {e}") from None
-                uid = os.path.splitext(os.path.basename(path))[0]
-                utterances.append(Utterance(uid, path, label, num_samples, split=split.lower()))
-    except OSError as e:
-        raise DataError(f"{csv_path}: cannot read ({e.strerror or e})") from None
+                utterances.append(_utterance(where, path, label, split.lower()))
     except (csv.Error, UnicodeDecodeError) as e:
         raise DataError(f"{csv_path}: not a valid CSV file ({e})") from None
     return utterances
+
+
+def _utterance(where, path, label, split):
+    try:
+        num_samples = audio_num_samples(path)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
+    return Utterance(os.path.splitext(os.path.basename(path))[0], path, label, num_samples, split=split)
+
+
+def load_utterances(data, wav_dir=None):
+    """Every usable utterance of an IEMOCAP folder, a .json label file or a .csv manifest."""
+    if os.path.isdir(data):
+        return load_iemocap(data)
+    if not os.path.isfile(data):
+        raise DataError(f"{data} not found (expected an IEMOCAP folder, a .json label file or a .csv manifest)")
+    if data.lower().endswith(".json"):
+        return load_label_json(data, wav_dir)
+    if data.lower().endswith(".csv"):
+        return load_manifest(data)
+    raise DataError(f"{data}: expected an IEMOCAP folder, a .json label file or a .csv manifest")
 
 
 def load_corpus(data, fold=None, wav_dir=None):
@@ -325,10 +292,8 @@ def load_corpus(data, fold=None, wav_dir=None):
             raise DataError(f"{data} is an IEMOCAP folder: a fold (test session 1..5) is required")
         train, test = split_fold(load_iemocap(data), fold)
         splits, classes = {"train": train, "test": test}, CLASSES
-    elif not os.path.exists(data):
-        raise DataError(f"{data} not found (expected an IEMOCAP folder, a .json label file or a .csv manifest)")
-    elif data.lower().endswith((".json", ".csv")):
-        utterances = load_label_json(data, wav_dir) if data.lower().endswith(".json") else load_manifest(data)
+    else:
+        utterances = load_utterances(data, wav_dir)
         splits = {s: [u for u in utterances if u.split == s] for s in SPLITS}
         if not splits["val"]:
             del splits["val"]
@@ -343,8 +308,6 @@ def load_corpus(data, fold=None, wav_dir=None):
                 if u.label not in classes:
                     raise DataError(f"{data}: label {u.label!r} of {u.path} ({name}) never occurs in the "
                                     f"train split, whose labels are {list(classes)}")
-    else:
-        raise DataError(f"{data}: expected an IEMOCAP folder, a .json label file or a .csv manifest")
     check_disjoint(splits, data)
     return splits, classes
 
@@ -373,12 +336,6 @@ class AudioDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, utterances, classes, max_seconds=None, crop="head", crop_align=1, cache=False, seed=0):
-        if crop not in ("head", "random"):
-            raise ValueError(f"crop={crop!r}, expected 'head' or 'random'")
-        if int(crop_align) < 1:
-            raise ValueError(f"crop_align={crop_align}, expected >= 1")
-        if max_seconds is not None and max_seconds <= 0:
-            raise ValueError(f"max_seconds={max_seconds}, expected > 0 or None")
         self.utterances = list(utterances)
         self.classes = tuple(classes)
         index = {c: i for i, c in enumerate(self.classes)}
@@ -396,12 +353,11 @@ class AudioDataset(torch.utils.data.Dataset):
         self.epoch = int(epoch)
 
     def audio(self, i):
-        if self.cache is not None and i in self.cache:
-            return self.cache[i]
-        wav = read_audio(self.utterances[i].path)
-        if self.cache is not None:
-            self.cache[i] = wav
-        return wav
+        if self.cache is None:
+            return read_audio(self.utterances[i].path)
+        if i not in self.cache:
+            self.cache[i] = read_audio(self.utterances[i].path)
+        return self.cache[i]
 
     def crop_offset(self, i, length):
         if self.max_samples is None or length <= self.max_samples or self.crop == "head":
@@ -449,22 +405,15 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     """
 
     def __init__(self, lengths, batch_size=64, max_batch_seconds=None, bucket=True, shuffle=True, drop_last=True,
-                 seed=0, num_replicas=1, rank=0, sample_rate=SAMPLE_RATE, batch_seconds=None):
+                 seed=0, num_replicas=1, rank=0, batch_seconds=None):
         super().__init__()
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size}, expected >= 1")
-        if max_batch_seconds is not None and max_batch_seconds <= 0:
-            raise ValueError(f"max_batch_seconds={max_batch_seconds}, expected > 0 or None")
-        if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank={rank}, num_replicas={num_replicas}: expected 0 <= rank < num_replicas")
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.batch_size, self.bucket, self.shuffle = int(batch_size), bucket, shuffle
-        self.max_batch_samples = None if max_batch_seconds is None else max_batch_seconds * sample_rate
+        self.max_batch_samples = None if max_batch_seconds is None else max_batch_seconds * SAMPLE_RATE
         self.drop_last = drop_last and shuffle
-        self.batch_samples = None if batch_seconds is None else batch_seconds * sample_rate
+        self.batch_samples = None if batch_seconds is None else batch_seconds * SAMPLE_RATE
         self.seed, self.num_replicas, self.rank = int(seed), int(num_replicas), int(rank)
         self.epoch, self.start_batch = 0, 0
-        self._cached_epoch, self._cached = None, None
 
     def set_epoch(self, epoch, start_batch=0):
         """start_batch skips the first batches of the epoch, to resume mid-epoch."""
@@ -494,13 +443,13 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             batches = [batches[j] for j in rng.permutation(len(batches))]
         return batches
 
-    def dynamic_batches(self, rng, buckets=50):
+    def dynamic_batches(self, rng):
         """The release's RandomBucketSampler(dynamic_batch=True) (pretrain/dataloader.py): utterances
         sorted by length into 50 buckets of n // 50 (and one of the rest), each bucket shuffled, read
         in ascending order and cut whenever a batch holds at least batch_seconds of audio (lengths as
         cropped, padding not counted); the last, partial batch is dropped."""
         order = np.argsort(self.lengths, kind="stable")
-        size = max(1, len(order) // buckets)
+        size = max(1, len(order) // 50)
         batches, batch, total = [], [], 0
         for start in range(0, len(order), size):
             for i in rng.permutation(order[start:start + size]).tolist():
@@ -534,16 +483,13 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     def batches(self):
         """This rank's batches for the current epoch, from start_batch on."""
-        if self._cached_epoch != self.epoch:
-            batches = self.global_batches(self.epoch)
-            if self.drop_last:
-                batches = [b for b in batches if len(b) >= self.num_replicas]
-            self._cached, self._cached_epoch = [self.shard(b) for b in batches], self.epoch
-        return self._cached[self.start_batch:]
+        batches = self.global_batches(self.epoch)
+        if self.drop_last:
+            batches = [b for b in batches if len(b) >= self.num_replicas]
+        return [self.shard(b) for b in batches[self.start_batch:]]
 
     def __iter__(self):
-        for batch in self.batches():
-            yield list(batch)
+        return iter(self.batches())
 
     def __len__(self):
         return len(self.batches())
@@ -720,9 +666,8 @@ def synthesize_session(root, s, per_session, seed, min_seconds, max_seconds):
         style = EMOTION_STYLE.get(label) or EMOTION_STYLE[("neu", "ang", "sad", "hap")[rng.integers(4)]]
         wav = synth_utterance(rng, voices[sex], style, seconds, noise_floor_db)
         wav_dir = os.path.join(root, f"Session{s}", "sentences", "wav", dialog)
-        os.makedirs(wav_dir, exist_ok=True)
+        write_file(os.path.join(wav_dir, f"._{uid}.wav"), APPLEDOUBLE)  # makes the folder
         sf.write(os.path.join(wav_dir, uid + ".wav"), wav, SAMPLE_RATE, subtype="PCM_16")
-        write_file(os.path.join(wav_dir, f"._{uid}.wav"), APPLEDOUBLE)
         start = clock.get(dialog, 0.0) + rng.uniform(0.3, 2.0)
         clock[dialog] = start + len(wav) / SAMPLE_RATE
         times = f"[{start:.4f} - {clock[dialog]:.4f}]"
@@ -758,8 +703,6 @@ def synthesize_iemocap(out_dir, utterances_per_session=SYNTH_PER_SESSION, seed=0
     partial = os.path.normpath(out_dir) + ".partial"
     try:
         for folder in (out_dir, partial):  # only ever replace an empty folder or what this generator wrote
-            if os.path.exists(folder) and not os.path.isdir(folder):
-                raise DataError(f"{folder} exists and is not a folder")
             if os.path.isdir(folder) and os.listdir(folder) and not os.path.isfile(os.path.join(folder, MARKER)):
                 raise DataError(f"{folder} exists and is not empty (and is not a synthetic corpus): "
                                 "choose a new folder")
@@ -782,16 +725,6 @@ def synthesize_iemocap(out_dir, utterances_per_session=SYNTH_PER_SESSION, seed=0
 
 # -----------------------------------------------------------------------------
 # Command line
-
-
-def load_for_counts(data, wav_dir=None):
-    if os.path.isdir(data):
-        return load_iemocap(data)
-    if data.lower().endswith(".json") and os.path.isfile(data):
-        return load_label_json(data, wav_dir)
-    if data.lower().endswith(".csv") and os.path.isfile(data):
-        return load_manifest(data)
-    raise DataError(f"{data} not found (expected an IEMOCAP folder, a .json label file or a .csv manifest)")
 
 
 @contextlib.contextmanager
@@ -848,7 +781,7 @@ WEIGHT = flag_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0
 
 def build_parser():
     parser = OneLineParser(description="Count an emotion corpus, or write a synthetic IEMOCAP-like one.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     action = parser.add_mutually_exclusive_group(required=True)
     action.add_argument("--data", default=None,
                         help="IEMOCAP_full_release folder (or .json label file / .csv manifest) whose utterances "
@@ -874,7 +807,7 @@ def report(args):
         utterances = load_iemocap(args.synth)
         hours = sum(u.num_samples for u in utterances) / SAMPLE_RATE / 3600
         return f"wrote {len(utterances)} 4-class utterances ({hours:.2f} h) to {args.synth} in {time.time() - t0:.1f} s"
-    table = count_table(load_for_counts(args.data, args.wav_dir))
+    table = count_table(load_utterances(args.data, args.wav_dir))
     if args.json:
         return json.dumps(table, indent=2)
     text = format_count_table(table)
