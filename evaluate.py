@@ -18,24 +18,18 @@ from tqdm import tqdm
 
 from data import (AudioDataset, BucketBatchSampler, DataError, OneLineParser, collate, load_corpus, read_audio,
                   user_errors)
-from model import resolve_device, world
+from model import CheckpointError, load_classifier, resolve_device, world
 
 # -----------------------------------------------------------------------------
 # metrics
-
-
-def confusion_matrix(y_true, y_pred, num_classes):
-    """Rows: true class, columns: predicted class."""
-    m = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(m, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
-    return m
 
 
 def compute_metrics(y_true, y_pred, classes):
     """UA: mean recall over the classes present in the test set (a class with no test utterance
     has no recall and is left out). WA: accuracy. Macro-F1: mean F1 over the classes present in
     the test set or the predictions, F1 = 0 where a class is never predicted or never true."""
-    m = confusion_matrix(y_true, y_pred, len(classes))
+    m = np.zeros((len(classes), len(classes)), dtype=np.int64)  # rows: true class, columns: predicted class
+    np.add.at(m, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
     support, predicted, hits = m.sum(1), m.sum(0), np.diag(m)
     present = support > 0
     recall = np.divide(hits, support, out=np.zeros(len(classes)), where=present)
@@ -86,20 +80,22 @@ def predict(clf, utterances, classes, device, dtype=None, batch_seconds=320.0, w
 
 
 def write_predictions(path, utterances, probs, classes):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["uid", "path", "label", "prediction"] + [f"p_{c}" for c in classes])
-        for u, p in zip(utterances, probs.tolist()):
-            w.writerow([u.uid, u.path, u.label, classes[int(np.argmax(p))]] + [f"{x:.6f}" for x in p])
-    os.replace(tmp, path)
+    rows = [["uid", "path", "label", "prediction"] + [f"p_{c}" for c in classes]]
+    rows += [[u.uid, u.path, u.label, classes[int(np.argmax(p))]] + [f"{x:.6f}" for x in p]
+             for u, p in zip(utterances, probs.tolist())]
+    write_file(path, lambda f: csv.writer(f).writerows(rows))
 
 
 def write_json(path, obj):
+    write_file(path, lambda f: json.dump(obj, f, indent=2))
+
+
+def write_file(path, write):
+    """write(f) to <path>.tmp, then rename it: a reader never sees half a file. A failure is one line."""
     tmp = f"{path}.tmp"
     try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2)
+        with open(tmp, "w", newline="") as f:
+            write(f)
         os.replace(tmp, path)
     except OSError as e:
         raise DataError(f"cannot write {path}: {e.strerror or e}") from None
@@ -151,13 +147,11 @@ def format_table(result, name="run"):
     for key in ("ua", "wa"):
         cells = [f"{100 * r[key]:.1f} ± {100 * r[key + '_std']:.1f}" for r in folds.values()]
         lines.append(f"| {name} {key.upper()} | " + " | ".join(cells) + f" | {100 * result['average'][key]:.1f} |")
-    lines.append("")
-    lines.append("mean ± population std (ddof 0, as the release) over runs per fold: "
-                 + ", ".join(f"Ses{f}: {r['runs']}" for f, r in folds.items()))
-    lines.append("confusion matrix summed over folds and runs (rows true, columns predicted):")
     classes = result["classes"]
-    lines.append("| | " + " | ".join(classes) + " |")
-    lines.append("|---" * (len(classes) + 1) + "|")
+    lines += ["", "mean ± population std (ddof 0, as the release) over runs per fold: "
+              + ", ".join(f"Ses{f}: {r['runs']}" for f, r in folds.items()),
+              "confusion matrix summed over folds and runs (rows true, columns predicted):",
+              "| | " + " | ".join(classes) + " |", "|---" * (len(classes) + 1) + "|"]
     for c, row in zip(classes, result["confusion"]):
         lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines)
@@ -186,7 +180,6 @@ def main(argv=None):
             print(format_table(result, os.path.basename(os.path.normpath(args.run_dir))))
             print(f"\nwritten: {out}")
         elif args.checkpoint:
-            from model import CheckpointError, load_classifier
             device = resolve_device(args.device)
             try:
                 clf = load_classifier(args.checkpoint).to(device)
@@ -197,8 +190,7 @@ def main(argv=None):
                     wav = read_audio(path)
                     with torch.no_grad():
                         probs = clf(wav[None].to(device)).softmax(-1)[0].cpu()
-                    best = int(probs.argmax())
-                    print(f"{path}\t{clf.classes[best]}\t" + " ".join(
+                    print(f"{path}\t{clf.classes[int(probs.argmax())]}\t" + " ".join(
                         f"{c}={float(x):.3f}" for c, x in zip(clf.classes, probs)))
             elif args.data:
                 splits, classes = load_corpus(args.data, args.fold, args.wav_dir)

@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from data import (COUNT, FRACTION, NATURAL, POSITIVE, PROBABILITY, AudioDataset, BucketBatchSampler, DataError,
                   OneLineParser, collate, count_table, format_count_table, load_corpus, synthesize_iemocap, user_errors)
-from evaluate import compute_metrics, predict, write_json, write_predictions
+from evaluate import compute_metrics, predict, write_file, write_json, write_predictions
 from model import (SAMPLE_RATE, CheckpointError, EmotionClassifier, Wav2Vec2, Wav2Vec2Config, load_wav2vec2,
                    resolve_device, save_atomic, save_classifier, span_masks, world)
 
@@ -63,9 +63,7 @@ def class_weights(labels, num_classes):
 
 def vft_masks(semantics, frames, padded_frames, dim, rngs, batch_rng, time, channel):
     """SpecAugment-like masks of one batch: (time (B, padded_frames), channel (B, dim)); time and
-    channel are (prob, span, min_spans), a prob of 0 gives no mask; semantics as model.span_masks.
-    The draws come from the batch's and each utterance's own generators (utterance_rng), so they do
-    not depend on the number of processes or on a resume."""
+    channel are (prob, span, min_spans), a prob of 0 gives no mask; semantics as model.span_masks."""
     time_mask = channel_mask = None
     if time[0] > 0:
         time_mask = span_masks(semantics, frames, padded_frames, rngs, batch_rng, *time)
@@ -308,9 +306,8 @@ def seed_everything(seed):
 
 
 class Checkpoint:
-    """The resumable state of a stage: model, optimizer, grad scaler, every process's random state and
-    the position in the epoch. Rank 0 reads and writes it (only its disk needs the run folder) and sends
-    it to the others. Written atomically; the previous one stays as <path>.prev until the next is whole."""
+    """A stage's resumable state: model, optimizer, grad scaler, every process's random state, the position in
+    the epoch. Rank 0 reads and writes it (only its disk needs the run folder) and sends it to the others."""
 
     def __init__(self, path, model, opt, scaler, device, params, desc):
         self.path, self.model, self.opt, self.scaler, self.device, self.desc = path, model, opt, scaler, device, desc
@@ -403,9 +400,7 @@ def trim_log(path, update):
         lines = f.readlines()
     keep = [line for line in lines if logged_update(line) <= update]
     if len(keep) < len(lines):
-        with open(f"{path}.tmp", "w") as f:
-            f.writelines(keep)
-        os.replace(f"{path}.tmp", path)
+        write_file(path, lambda f: f.writelines(keep))
 
 
 def logged_update(line):
@@ -485,7 +480,6 @@ def all_reduce_gradients(params):
 
 
 def barrier():
-    """Wait until every process is here (after rank 0 wrote a file the others read)."""
     if world()[1] > 1:
         dist.barrier()
 
@@ -504,7 +498,7 @@ def check_run_config(run_dir, config, computed_with=None):
     """Refuse to resume or skip into a folder whose files were computed with other settings; returns True
     when the folder holds this run already. A setting may change while nothing was computed with it yet
     (a failed start leaves only config.json): computed_with(changed settings) lists those files (default:
-    every computed file), and config.json is then rewritten. Fails early on a folder that cannot be written."""
+    every computed file), and config.json is then rewritten."""
     path = os.path.join(run_dir, "config.json")
     barrier()  # every process looks before rank 0 writes
     old = None
@@ -521,7 +515,6 @@ def check_run_config(run_dir, config, computed_with=None):
         raise DataError(f"{run_dir} holds {done} computed with other settings {diff} (old, new); "
                         "use another --name, or remove those files to recompute them")
     if world()[0] == 0 and (old is None or diff):
-        check_output_dir(run_dir)
         write_json(path, config)
     barrier()
     return old is not None
@@ -548,19 +541,18 @@ def run_lock(run_dir):
 
 def take_lock(path, me):
     """None when taken, else the reason."""
-    for _ in range(2):
-        try:
-            with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
-                f.write(me)
-            return None
-        except FileExistsError:
-            pid, _, host = read_text(path).partition(" ")
-            if host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid)):
-                return (f"{os.path.dirname(path)} is in use by process {pid} on {host or '?'} ({path}); wait for "
-                        "it to finish, or remove the lock file if that process has ended")
-            print(f"warning: {path}: process {pid} has ended; taking over its run folder", file=sys.stderr)
-            os.remove(path)
-    return f"{path}: could not take the lock"
+    if os.path.exists(path):
+        pid, _, host = read_text(path).partition(" ")
+        if host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid)):
+            return (f"{os.path.dirname(path)} is in use by process {pid} on {host or '?'} ({path}); wait for "
+                    "it to finish, or remove the lock file if that process has ended")
+        print(f"warning: {path}: process {pid} has ended; taking over its run folder", file=sys.stderr)
+        os.remove(path)
+    try:
+        with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
+            f.write(me)
+    except FileExistsError:  # another process took it meanwhile
+        return f"{path}: could not take the lock"
 
 
 def read_text(path):
@@ -610,14 +602,12 @@ def checkpoint_bytes(model, params):
 
 def build_parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_flags(p)
     a = p.add_argument
-    a("--data", help="IEMOCAP_full_release folder, a label .json (the release's format) or a .csv manifest")
-    a("--wav-dir", help="folder of the wavs named in a label .json (default: the json's folder)")
     a("--fold", default="1", help="test session 1-5, or 'all' (IEMOCAP; ignored for .json/.csv) (default: %(default)s)")
     a("--checkpoint", help="fairseq wav2vec 2.0 checkpoint (e.g. wav2vec_small.pt) or Hugging Face wav2vec 2.0 folder")
     a("--init", help="start from a pretrain.py output instead of --checkpoint; '{fold}' is replaced by the fold")
     a("--runs", type=COUNT, default=1, help="runs per fold with seeds seed, seed+1, ... (the paper: 5) (default: %(default)s)")
-    a("--seed", type=int, default=0, help="(default: %(default)s)")
     a("--train-fraction", type=FRACTION, default=1.0,
       help="fine-tune on this stratified fraction of the training utterances (low-resource) (default: %(default)s)")
     a("--epochs", type=COUNT, default=15, help="RECIPE.md V-FT (default: %(default)s)")
@@ -632,9 +622,6 @@ def build_parser():
     a("--channel-mask-prob", type=PROBABILITY, default=0.05, help="(default: %(default)s)")
     a("--channel-mask-span", type=COUNT, default=64, help="channels (default: %(default)s)")
     a("--channel-mask-min", type=NATURAL, default=1, help="(default: %(default)s)")
-    a("--recipe", choices=["release", "clean"], default="release",
-      help="release: what the authors' code computed; clean: the method as written, per utterance (README, "
-           "'Where every default comes from') (default: %(default)s)")
     a("--bucket", action=argparse.BooleanOptionalAction, default=None,
       help="batches of similar lengths (less padding) (default: the recipe's: release random, clean bucketed)")
     a("--mask-semantics", choices=["batch", "utterance"], default=None,
@@ -643,7 +630,6 @@ def build_parser():
     a("--group-norm", choices=["padded", "valid"], default=None,
       help="the conv encoder's group norm over the padded batch, or over each utterance's own samples "
            "(default: the recipe's: release padded, clean valid)")
-    add_run_flags(p)
     a("--name", default=None, help="run name: runs/<name>/fold<k>/run<r> (default: vft; ft-<method> with "
                                    "--init runs/<method>/fold<k>/pretrained.pt)")
     a("--quickstart", action="store_true",
@@ -653,8 +639,14 @@ def build_parser():
 
 
 def add_run_flags(p):
-    """The flags of where and how a run goes, shared with pretrain.py."""
+    """The flags shared with pretrain.py."""
     a = p.add_argument
+    a("--data", help="IEMOCAP_full_release folder, a label .json (the release's format) or a .csv manifest")
+    a("--wav-dir", help="folder of the wavs named in a label .json (default: the json's folder)")
+    a("--seed", type=int, default=0, help="(default: %(default)s)")
+    a("--recipe", choices=["release", "clean"], default="release",
+      help="release: what the authors' code computed; clean: the method as written, per utterance (README, "
+           "'Where every default comes from') (default: %(default)s)")
     a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
       help="auto: bf16 on GPUs that have it, else fp16 with a grad scaler; fp32 on CPU (default: %(default)s)")
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
@@ -690,11 +682,14 @@ RECIPES = {"release": dict(bucket=False, mask_semantics="batch", group_norm="pad
            "clean": dict(bucket=True, mask_semantics="utterance", group_norm="valid")}
 
 
-def apply_recipe(args, recipes):
-    """Fill every setting left unset (None) from the chosen recipe's row."""
-    for k, v in recipes[args.recipe].items():
+def finish_args(p, args, defaults):
+    """Both scripts: the settings left unset (None) from `defaults`, --data required, --cache implies --workers 0."""
+    for k, v in defaults.items():
         if getattr(args, k, None) is None:
             setattr(args, k, v)
+    if not args.data:
+        p.error("--data is required (IEMOCAP_full_release folder, label .json or .csv manifest)")
+    args.workers = 0 if args.cache else args.workers
 
 
 def parse_args(argv):
@@ -704,13 +699,10 @@ def parse_args(argv):
         for k, v in QUICKSTART.items():
             if getattr(args, k) == p.get_default(k):
                 setattr(args, k, v)
-    apply_recipe(args, RECIPES)
+    finish_args(p, args, RECIPES[args.recipe])
     if args.fold not in ("1", "2", "3", "4", "5", "all"):
         p.error(f"argument --fold: {args.fold!r}, expected 1-5 or 'all'")
-    if not args.data:
-        p.error("--data is required (IEMOCAP_full_release folder, label .json or .csv manifest)")
     args.name = args.name or default_run_name(args.init)
-    args.workers = 0 if args.cache else args.workers
     return args
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 import kmeans
 from data import (COUNT, NATURAL, POSITIVE, PROBABILITY, SECONDS, WEIGHT, AudioDataset, DataError, OneLineParser, collate,
                   load_corpus, user_errors)
-from finetune import (HOST_GROUP, add_run_flags, apply_recipe, autocast_dtype, barrier, check_run_config, class_weights,
+from finetune import (HOST_GROUP, add_run_flags, autocast_dtype, barrier, check_run_config, class_weights, finish_args,
                       init_distributed, load_backbone, pad_to_whole_batch, remove_training_state, run_files, run_lock,
                       seed_everything, train, train_batches, tri_stage_lr, utterance_rng, vft_masks)
 from model import (CheckpointError, Wav2Vec1Teacher, load_wav2vec1, load_wav2vec1_teacher, load_wav2vec2, resolve_device,
@@ -181,8 +181,7 @@ class PseudoLabelHeads(nn.Module):
 
     def __init__(self, dim, ks, hidden=256):
         super().__init__()
-        self.ks = list(ks)
-        self.heads = nn.ModuleList(mlp_head(dim, hidden, k) for k in self.ks)
+        self.heads = nn.ModuleList(mlp_head(dim, hidden, k) for k in ks)
 
     def forward(self, hidden):
         x = F.relu(hidden)
@@ -256,10 +255,10 @@ def run_tapt(args, fold, train_set, classes, run_dir, device):
                           args.feature_penalty)
         return [(terms["loss"], terms["n_masked"])]  # fairseq divides by the masked frames (its sample size)
 
-    stage_train(args, model, list(model.parameters()), batch_loss, dataset, run_dir, "tapt", args.updates,
-                args.warmup, f"TAPT fold {fold}", device, on_update=None if release else model.quantizer.set_num_updates)
-    return finish_stage(run_dir, "tapt", model, "pretrained.pt", {"mode": "tapt", "fold": fold,
-                                                                  "source": args.checkpoint, "updates": args.updates})
+    stage_train(args, model, list(model.parameters()), batch_loss, dataset, run_dir, f"TAPT fold {fold}", device,
+                on_update=None if release else model.quantizer.set_num_updates)
+    finish_stage(run_dir, "tapt", model, "pretrained.pt",
+                 {"mode": "tapt", "fold": fold, "source": args.checkpoint, "updates": args.updates})
 
 
 def run_teacher(args, fold, train_set, classes, run_dir, device):
@@ -278,11 +277,10 @@ def run_teacher(args, fold, train_set, classes, run_dir, device):
         frame_logits, utterance_logits, _ = teacher(wav.to(device), lengths)
         return teacher_loss(frame_logits, utterance_logits, batch["labels"].to(device), weights)
 
-    warmup = int(round(args.teacher_warmup_fraction * args.teacher_updates))
-    stage_train(args, teacher, params, batch_loss, dataset, run_dir, "teacher", args.teacher_updates, warmup,
-                f"P-TAPT teacher fold {fold}", device, teacher=True)
-    return finish_stage(run_dir, "teacher", backbone, "teacher.pt", {"mode": "ptapt-teacher", "fold": fold,
-                                                                     "source": args.checkpoint})
+    stage_train(args, teacher, params, batch_loss, dataset, run_dir, f"P-TAPT teacher fold {fold}", device,
+                teacher=True)
+    finish_stage(run_dir, "teacher", backbone, "teacher.pt",
+                 {"mode": "ptapt-teacher", "fold": fold, "source": args.checkpoint})
 
 
 # The release's teacher (RECIPE.md "What the release actually computed"; release pretrain/trainer.py:12-106
@@ -385,10 +383,8 @@ def run_release_teacher(args, fold, train_set, classes, run_dir, device):
 
     valid_loss = lambda: validation_loss(teacher, valid, weights, args.batch_size, args.seed, device,
                                          autocast_dtype(device, args.precision))
-    warmup = int(round(args.teacher_warmup_fraction * args.teacher_updates))
-    pos = stage_train(args, teacher, params, batch_loss, dataset, run_dir, "teacher", args.teacher_updates, warmup,
-                      f"P-TAPT teacher (wav2vec v1) fold {fold}", device, teacher=True,
-                      on_epoch_end=keep_best(teacher, valid_loss))
+    pos = stage_train(args, teacher, params, batch_loss, dataset, run_dir, f"P-TAPT teacher (wav2vec v1) fold {fold}",
+                      device, teacher=True, on_epoch_end=keep_best(teacher, valid_loss))
     if "best_model" in pos:
         teacher.load_state_dict(pos["best_model"])
     elif world()[0] == 0:
@@ -397,19 +393,17 @@ def run_release_teacher(args, fold, train_set, classes, run_dir, device):
     meta = {"mode": "ptapt-teacher", "fold": fold, "source": args.teacher, "teacher_model": "wav2vec (v1)",
             "best_valid_loss": pos.get("best_valid"), "best_update": pos.get("best_update"),
             "validation_utterances": [u.uid for u in held_out]}
-    return finish_stage(run_dir, "teacher", front, "teacher.pt", meta, save=save_wav2vec1_teacher)
+    finish_stage(run_dir, "teacher", front, "teacher.pt", meta, save=save_wav2vec1_teacher)
 
 
 def run_pseudo_labels(args, fold, train_set, run_dir, teacher_path, device):
     """Teacher features of every training frame, k-means for each K, one label per frame and K."""
     out = os.path.join(run_dir, "labels.pt")
+    teacher = (load_wav2vec1_teacher if args.teacher else load_wav2vec2)(teacher_path).to(device)
+    layer = check_kmeans_settings(args, teacher, train_set)
     if args.teacher:  # the release's: its ReLU'd 50 Hz output, fp32, eval, one utterance at a time (cluster.py)
-        teacher = load_wav2vec1_teacher(teacher_path).to(device)
-        check_kmeans_settings(args, teacher, train_set)
         features_of, meta = lambda wav, lengths: unpadded(teacher, wav, lengths), {"teacher_model": "wav2vec (v1)"}
     else:
-        teacher = load_wav2vec2(teacher_path).to(device)
-        layer = check_kmeans_settings(args, teacher, train_set)
         features_of, meta = lambda wav, lengths: teacher(wav, lengths, layer=layer), {"layer": layer}
     try:
         kmeans.pseudo_label_stage(features_of, train_set, args.ks, args.kmeans_iters, args.kmeans_init, args.seed,
@@ -417,7 +411,6 @@ def run_pseudo_labels(args, fold, train_set, run_dir, teacher_path, device):
                                   workers=args.workers)
     except ValueError as e:  # e.g. K larger than the number of frames
         raise DataError(f"k-means on fold {fold}'s teacher frames: {e}") from None
-    return out
 
 
 def unpadded(teacher, wav, lengths):
@@ -470,10 +463,9 @@ def run_ptapt(args, fold, train_set, classes, run_dir, labels_path, device):
         hidden, _ = backbone(wav.to(device), batch["lengths"], time_mask=mask)
         return pseudo_label_loss(model.heads(hidden[mask]), targets)  # the heads see masked frames only
 
-    stage_train(args, model, params, batch_loss, dataset, run_dir, "ptapt", args.updates, args.warmup,
-                f"P-TAPT fold {fold}", device)
-    return finish_stage(run_dir, "ptapt", backbone, "pretrained.pt", {"mode": "ptapt", "fold": fold,
-                                                                      "source": args.checkpoint, "labels": labels_path})
+    stage_train(args, model, params, batch_loss, dataset, run_dir, f"P-TAPT fold {fold}", device)
+    finish_stage(run_dir, "ptapt", backbone, "pretrained.pt",
+                 {"mode": "ptapt", "fold": fold, "source": args.checkpoint, "labels": labels_path})
 
 
 def aligned_labels(stored, utterances, backbone, teacher=None):
@@ -508,18 +500,21 @@ def masked_batch(args, model, batch, update, padded):
     return wav, rngs, mask
 
 
-def stage_train(args, model, params, batch_loss, dataset, run_dir, name, updates, warmup, desc, device, on_update=None,
-                teacher=False, on_epoch_end=None):
-    """Every stage's schedule (RECIPE.md: linear warm-up, flat for 5%, linear decay to 0) and batches;
-    returns train's final position."""
-    flat = int(round(args.flat_fraction * updates))
+def stage_train(args, model, params, batch_loss, dataset, run_dir, desc, device, teacher=False, on_update=None,
+                on_epoch_end=None):
+    """Every stage's schedule (RECIPE.md: linear warm-up, flat for 5%, linear decay to 0) and batches, the
+    teacher's or (TAPT, P-TAPT) the mode's; returns train's final position."""
     if teacher:  # the release's teacher: random batches of batch_size utterances; clean: bucketed
+        name, updates = "teacher", args.teacher_updates
+        warmup = int(round(args.teacher_warmup_fraction * updates))
         batches = train_batches(dataset.lengths, args.batch_size, args.max_batch_seconds, args.recipe == "clean",
                                 args.seed)
     else:
+        name, updates, warmup = args.mode, args.updates, args.warmup
         budget = args.batch_seconds * args.batch_size / 64  # the release's RandomBucketSampler scales it so
         batches = train_batches(dataset.lengths, args.batch_size, args.max_batch_seconds, True, args.seed,
                                 budget or None)
+    flat = int(round(args.flat_fraction * updates))
     return train(model, params, batch_loss, dataset, batches,
                  updates=updates, lr=args.lr, schedule=lambda update: tri_stage_lr(update, updates, warmup, flat),
                  device=device, precision=args.precision, run_dir=run_dir, name=f"{name}.", save_every=args.save_every,
@@ -529,12 +524,10 @@ def stage_train(args, model, params, batch_loss, dataset, run_dir, name, updates
 def finish_stage(run_dir, name, model, filename, meta, save=save_wav2vec2):
     """Rank 0 writes the stage's output, then drops its resume state (it holds the optimizer: 3x the
     model); the other processes wait for the file."""
-    out = os.path.join(run_dir, filename)
     if world()[0] == 0:
-        save(model, out, meta=meta)
+        save(model, os.path.join(run_dir, filename), meta=meta)
         remove_training_state(os.path.join(run_dir, f"{name}.state.pt"))
     barrier()
-    return out
 
 
 # P-TAPT's stages in order, with the files each computes; a setting belongs to the first stage that reads it
@@ -589,14 +582,12 @@ def build_parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--mode", choices=["tapt", "ptapt"], required=True)
-    a("--data", help="IEMOCAP_full_release folder, a label .json or a .csv manifest (train split only is used)")
-    a("--wav-dir", help="folder of the wavs named in a label .json")
+    add_run_flags(p)
     a("--fold", type=int, choices=[1, 2, 3, 4, 5], default=None,
       help="test session whose other sessions are pretrained on; default: all five")
     a("--checkpoint", help="wav2vec 2.0 with its pretraining modules: a fairseq checkpoint (e.g. wav2vec_small.pt) "
                            "or a Hugging Face Wav2Vec2ForPreTraining folder")
     a("--name", default=None, help="runs/<name>/fold<k> (default: the mode)")
-    a("--seed", type=int, default=0, help="(default: %(default)s)")
     a("--updates", type=COUNT, default=20000, help="TAPT / pseudo-label pretraining updates (default: %(default)s)")
     a("--batch-size", type=COUNT, default=64, help="(default: %(default)s)")
     a("--max-batch-seconds", type=POSITIVE, default=None, help="also cap each batch's padded audio (default: %(default)s)")
@@ -607,9 +598,6 @@ def build_parser():
     a("--mask-prob", type=PROBABILITY, default=None, help="time-mask probability (default: 0.05 tapt, 0.06 ptapt)")
     a("--mask-span", type=COUNT, default=None, help="frames per span (default: 10 tapt, 15 ptapt)")
     a("--mask-min", type=NATURAL, default=None, help="at least this many spans (default: 2)")
-    a("--recipe", choices=["release", "clean"], default="release",
-      help="release: what the authors' code computed; clean: the method as written, per utterance (README, "
-           "'Where every default comes from') (default: %(default)s)")
     a("--objective", choices=["release", "fairseq"], default=None,
       help="TAPT: transformers 4.10's loss as the release ran it, or fairseq's (default: the recipe's)")
     a("--mask-semantics", choices=["batch", "utterance", "fairseq"], default=None,
@@ -639,19 +627,13 @@ def build_parser():
       help="(default: random, K random frames as faiss, with --teacher; k-means++ otherwise)")
     a("--layer", type=COUNT, default=None, help="teacher layer for k-means features (default: the last)")
     a("--save-every", type=COUNT, default=500, help="updates between resumable checkpoints (default: %(default)s)")
-    add_run_flags(p)
     return p
 
 
 def parse_args(argv):
     p = build_parser()
     args = p.parse_args(argv)
-    for k, v in MODE_DEFAULTS[args.mode].items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    apply_recipe(args, RECIPES)
-    if not args.data:
-        p.error("--data is required")
+    finish_args(p, args, {**MODE_DEFAULTS[args.mode], **RECIPES[args.recipe]})
     if args.teacher is not None and args.mode != "ptapt":
         p.error("argument --teacher: only P-TAPT has a teacher (--mode ptapt)")
     if args.teacher is not None and args.recipe == "clean":  # README, P-TAPT: why
@@ -664,7 +646,6 @@ def parse_args(argv):
     if args.warmup > args.updates:
         p.error(f"argument --warmup: {args.warmup} warm-up updates, more than --updates {args.updates}: "
                 "the learning rate would never reach --lr")
-    args.workers = 0 if args.cache else args.workers
     return args
 
 
