@@ -2706,11 +2706,14 @@ def test_a_failed_save_is_one_line_and_the_rerun_logs_each_epoch_once(corpus, tm
 def test_ctrl_c_while_the_quick_start_writes_its_corpus(tmp_path):
     """Interrupted: one line, exit 130, no half-written corpus; the rerun writes it again."""
     corpus_dir = tmp_path / "synth"
+    # Ctrl-C's default action in the child, whatever the test process inherited (an ignored SIGINT is inherited)
     p = subprocess.Popen([sys.executable, os.path.join(HERE, "data.py"), "--synth", corpus_dir], text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
-    while not (tmp_path / "synth.partial" / "Session2").exists() and time.time() < deadline:
+    while not (tmp_path / "synth.partial" / "Session2").exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.01)
+    assert p.poll() is None, f"data.py --synth ended before it was interrupted: {p.communicate()}"
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and err.strip().startswith("interrupted") and "Traceback" not in err
