@@ -83,14 +83,14 @@ def write_predictions(path, utterances, probs, classes):
     rows = [["uid", "path", "label", "prediction"] + [f"p_{c}" for c in classes]]
     rows += [[u.uid, u.path, u.label, classes[int(np.argmax(p))]] + [f"{x:.6f}" for x in p]
              for u, p in zip(utterances, probs.tolist())]
-    write_file(path, lambda f: csv.writer(f).writerows(rows))
+    write_text_atomic(path, lambda f: csv.writer(f).writerows(rows))
 
 
 def write_json(path, obj):
-    write_file(path, lambda f: json.dump(obj, f, indent=2))
+    write_text_atomic(path, lambda f: json.dump(obj, f, indent=2))
 
 
-def write_file(path, write):
+def write_text_atomic(path, write):
     """write(f) to <path>.tmp, then rename it: a reader never sees half a file. A failure is one line."""
     tmp = f"{path}.tmp"
     try:

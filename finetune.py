@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from data import (COUNT, FRACTION, NATURAL, POSITIVE, PROBABILITY, AudioDataset, BucketBatchSampler, DataError,
                   OneLineParser, collate, count_table, format_count_table, load_corpus, synthesize_iemocap, user_errors)
-from evaluate import compute_metrics, predict, write_file, write_json, write_predictions
+from evaluate import compute_metrics, predict, write_json, write_predictions, write_text_atomic
 from model import (SAMPLE_RATE, CheckpointError, EmotionClassifier, Wav2Vec2, Wav2Vec2Config, load_wav2vec2,
                    resolve_device, save_atomic, save_classifier, span_masks, world)
 
@@ -400,7 +400,7 @@ def trim_log(path, update):
         lines = f.readlines()
     keep = [line for line in lines if logged_update(line) <= update]
     if len(keep) < len(lines):
-        write_file(path, lambda f: f.writelines(keep))
+        write_text_atomic(path, lambda f: f.writelines(keep))
 
 
 def logged_update(line):
