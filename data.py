@@ -27,7 +27,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from model import MIN_SAMPLES, SAMPLE_RATE  # one definition, shared with the model
+from model import MIN_SAMPLES, SAMPLE_RATE, save_atomic  # one definition, shared with the model
 
 # The release's label order is alphabetical over its label names; exc is merged into hap.
 CLASSES = ("ang", "hap", "neu", "sad")
@@ -502,6 +502,62 @@ class BucketBatchSampler(torch.utils.data.Sampler):
             padded += len(batch) * int(lengths.max())
             real += int(lengths.sum())
         return 1.0 - real / padded if padded else 0.0
+
+
+# -----------------------------------------------------------------------------
+# P-TAPT's pseudo-label file (pretrain.py's k-means stage writes it, its P-TAPT stage reads it)
+#
+# {"uids": [str], "frame_counts": (U,) long, "labels": {K: (sum of counts,) int}, "meta": {}}
+
+def _index(content, path):
+    """{uid: (first frame, frame count)}; anything inconsistent is a ValueError naming the file."""
+    def check(ok, problem):
+        if not ok:
+            raise ValueError(f"{path}: invalid pseudo-label file: {problem}")
+
+    check(isinstance(content, dict) and isinstance(content.get("uids"), list) and isinstance(content.get("meta"), dict)
+          and torch.is_tensor(content.get("frame_counts")) and isinstance(content.get("labels"), dict)
+          and content["labels"], "expected {uids: [str], frame_counts: tensor, labels: {K: tensor}, meta: {}}")
+    uids, counts, labels = content["uids"], content["frame_counts"], content["labels"]
+    check(len(counts) == len(uids) == len(set(uids)) and all(isinstance(u, str) for u in uids) and counts.dim() == 1
+          and counts.dtype == torch.long and bool((counts >= 0).all()),
+          f"{len(uids)} uids but {len(counts)} frame counts: need a long count >= 0 for each distinct uid")
+    for k, lab in labels.items():
+        check(isinstance(k, int) and k > 0 and torch.is_tensor(lab) and lab.dim() == 1 and not lab.is_floating_point(),
+              f"labels[{k!r}] must be a 1-D integer tensor under an integer K > 0")
+        check(len(lab) == counts.sum(), f"labels[{k}] has {len(lab)} entries but frame_counts sum to {counts.sum()}")
+        check(not len(lab) or 0 <= lab.min() <= lab.max() < k, f"labels[{k}] has values outside [0, {k})")
+    return {u: (s, c) for u, s, c in zip(uids, (counts.cumsum(0) - counts).tolist(), counts.tolist())}
+
+
+def save_labels(path, uids, frame_counts, labels, meta):
+    """Writes the labels of the frames of `uids`, concatenated in uid order, atomically: never a file that
+    load_labels would refuse, in int16 when K allows (half the file, half P-TAPT's memory)."""
+    content = {"uids": [str(u) for u in uids], "frame_counts": torch.as_tensor(frame_counts, dtype=torch.long).cpu(),
+               "labels": {int(k): torch.as_tensor(v).cpu() for k, v in labels.items()}, "meta": dict(meta)}
+    _index(content, path)
+    content["labels"] = {k: v.to(torch.int16 if k <= 32767 else torch.int32) for k, v in content["labels"].items()}
+    save_atomic(content, path)
+
+
+def load_labels(path):
+    """A checked pseudo-label file, plus "index": {uid: (first frame, frame count)} and "path"."""
+    try:
+        content = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # a missing, truncated or foreign file: torch raises many different things
+        raise ValueError(f"{path}: not a readable pseudo-label file ({type(e).__name__}: {e})") from e
+    return {**content, "index": _index(content, path), "path": str(path)}
+
+
+def labels_for(label_file, uid, num_frames):
+    """{K: (num_frames,) long}: the pseudo-labels of one utterance of a load_labels() result."""
+    if uid not in label_file["index"]:
+        raise ValueError(f"{label_file['path']}: no pseudo-labels for utterance {uid}")
+    start, count = label_file["index"][uid]
+    if count != num_frames:
+        raise ValueError(f"{label_file['path']}: utterance {uid} has {count} pseudo-labels but {num_frames} frames "
+                         f"were expected: pseudo-labels do not match the audio")
+    return {k: v[start:start + count].long() for k, v in label_file["labels"].items()}
 
 
 # -----------------------------------------------------------------------------

@@ -48,6 +48,19 @@ def compute_metrics(y_true, y_pred, classes):
     }
 
 
+def emotion_nmi(labels, frame_counts, utterance_labels):
+    """Normalised mutual information (arithmetic normalisation, scikit-learn's default) between frame labels
+    and the emotion of each frame's utterance: how much emotion the clusters carry (0 to 1)."""
+    emotion = torch.repeat_interleave(torch.as_tensor(utterance_labels), torch.as_tensor(frame_counts))
+    labels = torch.as_tensor(labels).long()
+    p = torch.zeros(int(labels.max()) + 1, int(emotion.max()) + 1, dtype=torch.float64)
+    p = p.index_put_((labels, emotion), torch.ones(len(labels), dtype=torch.float64), accumulate=True) / len(labels)
+    pa, pb, nz = p.sum(1), p.sum(0), p > 0
+    mi = (p[nz] * (p[nz] / (pa[:, None] * pb[None, :])[nz]).log()).sum()
+    ha, hb = (-(q[q > 0] * q[q > 0].log()).sum() for q in (pa, pb))
+    return float(mi / ((ha + hb) / 2)) if ha + hb > 0 else 1.0
+
+
 # -----------------------------------------------------------------------------
 # prediction
 

@@ -4,6 +4,8 @@ The method: the teacher's frame features of the fold's training sessions are clu
 4096 by 20 Lloyd iterations, each K fitted on at most max(K) x 1000 randomly sampled frames; then every frame
 of every training utterance gets the label of its nearest centroid, one label per K. The release used faiss
 on a GPU, whose default init is K distinct random frames (init="random" here; the default is k-means++).
+pretrain.py's pseudo_label_stage runs these steps (extract_features, fit_kmeans, assign) and writes the labels
+(data.save_labels).
 
 Lloyd as computed here (GPU first, the CPU works), every K reading the same chunk of frames:
 - distances: ||x - c||^2 less ||x||^2 (the same for every c) is ||c||^2 - 2 x.c: one float32 matmul (no TF32)
@@ -16,11 +18,9 @@ Lloyd as computed here (GPU first, the CPU works), every K reading the same chun
 - init: greedy k-means++ (scikit-learn's variant) or K distinct random frames, each K from its own generator
   seeded with `seed`: a K fitted alone or with others gets the same centroids.
 """
-import argparse
 import contextlib
 import itertools
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import SAMPLE_RATE, resolve_device, save_atomic, world
+from model import resolve_device, world
 
 FLOAT32_FRAMES = 4096  # frames summed in float32 before they join the float64 sums: adding after every 1024-frame
 # chunk cost 10% of a K=512 pass on the CPU; the groups are fixed, so any number of threads or ranks sums the same
@@ -70,7 +70,7 @@ def fit_kmeans(features, ks=(64, 512, 4096), iters=20, init="k-means++", seed=0,
     if sorted(inits) != sorted(ks) or not all(c in ("k-means++", "random") if isinstance(c, str)
                                               else tuple(c.shape) == (k, features.shape[1]) for k, c in inits.items()):
         raise ValueError(f"init must be 'k-means++', 'random' or centroids of shape (K, {features.shape[1]}) for each K")
-    x, cap = _gather_rows(features, device), max(ks) * 1000 if max_samples is None else max_samples
+    x, cap = gather_rows(features, device), max(ks) * 1000 if max_samples is None else max_samples
     if max(ks) > min(len(x), cap):
         raise ValueError(f"cannot fit K={max(ks)} clusters to N={min(len(x), cap)} frames"
                          f"{' (after max_samples)' if cap < len(x) else ''}: K must be <= N")
@@ -161,7 +161,7 @@ def assign(features, centroids, chunk_size=16384, device=None):
     return labels[k].cpu()
 
 
-# ================================================================ engineering: threads, ranks, files, command line
+# ================================================================ engineering: threads, ranks, feature extraction
 
 class _Frames:
     """Frames as given (float16, on the CPU for a GPU fit...), read in chunks made float32, less `shift` (default:
@@ -249,7 +249,7 @@ def _threads(device):
         torch.set_num_threads(threads)
 
 
-def _gather_rows(t, device):
+def gather_rows(t, device):
     """The rows of t of every rank, concatenated in rank order, on the CPU of every rank (t itself in one process)."""
     if world()[1] == 1:
         return t
@@ -283,153 +283,3 @@ def extract_features(features_of, utterances, device, batch_seconds=200.0, progr
             frames[i] = hidden[row, :lengths[row]].clone()  # a copy: a view would keep the padded batch alive
     counts = torch.tensor([len(f) for f in frames], dtype=torch.long)
     return (torch.cat(frames) if frames else torch.zeros(0, 0, dtype=torch.float16)), counts
-
-
-def pseudo_label_stage(features_of, utterances, ks, iters, init, seed, device, out_path, meta, progress=True,
-                       max_samples=None, workers=2, tol=0.0, chunk_size=16384, batch_seconds=200.0):
-    """P-TAPT's k-means stage: the frames of `utterances` (extract_features), fit_kmeans for every K, every
-    frame labelled, written to out_path (save_labels; meta gains the settings, the inertia and each K's NMI
-    with emotion, printed) and returned as {K: (frames,) long}. Under torch.distributed every rank calls it:
-    each extracts a contiguous shard of the utterances (cut by audio length), rank 0 writes, all return all."""
-    (rank, size), device = world(), resolve_device(device)
-    cum = torch.tensor([u.num_samples for u in utterances], dtype=torch.float64).cumsum(0)
-    cut = [0] + [int(torch.searchsorted(cum, cum[-1] * r / size)) for r in range(1, size)] + [len(utterances)]
-    feats, counts = extract_features(features_of, utterances[cut[rank]:cut[rank + 1]], device, batch_seconds,
-                                     progress and rank == 0, workers)
-    if size > 1:  # a rank without frames learns D
-        dim = torch.tensor(feats.shape[1], device=device)
-        dist.all_reduce(dim, dist.ReduceOp.MAX)
-        feats = feats if len(feats) else torch.zeros(0, int(dim), dtype=torch.float16)
-    fits = fit_kmeans(feats, ks, iters, init, seed, tol, chunk_size, max_samples, device, progress)
-    labels = {k: _gather_rows(assign(feats, f.centroids, chunk_size, device), device) for k, f in fits.items()}
-    counts = _gather_rows(counts, device)
-    if rank == 0:
-        names = sorted({str(u.label) for u in utterances})
-        nmi = {k: emotion_nmi(labels[k], counts, [names.index(str(u.label)) for u in utterances]) for k in fits}
-        meta = {**meta, "num_frames": int(counts.sum()), "hours": float(cum[-1]) / SAMPLE_RATE / 3600, "nmi": nmi,
-                "ks": list(fits), "iters": iters, "init": init if isinstance(init, str) else "given", "seed": seed,
-                "tol": tol, "max_samples": max(fits) * 1000 if max_samples is None else max_samples,
-                "num_fit_frames": int(fits[max(fits)].counts.sum()), "inertia": {k: f.inertia for k, f in fits.items()}}
-        for k, f in fits.items():
-            print(f"K={k}: NMI between pseudo-labels and emotion {nmi[k]:.4f}, inertia {f.inertia[0]:.5g} -> "
-                  f"{f.inertia[-1]:.5g} in {len(f.inertia) - 1} updates, {int((f.counts > 0).sum())}/{k} clusters used")
-        save_labels(out_path, [u.uid for u in utterances], counts, labels, meta)
-    if size > 1:
-        dist.barrier()  # the file exists on return, on every rank
-    return labels
-
-
-def emotion_nmi(labels, frame_counts, utterance_labels):
-    """Normalised mutual information (arithmetic normalisation, scikit-learn's default) between frame labels
-    and the emotion of each frame's utterance: how much emotion the clusters carry (0 to 1)."""
-    emotion = torch.repeat_interleave(torch.as_tensor(utterance_labels), torch.as_tensor(frame_counts))
-    labels = torch.as_tensor(labels).long()
-    p = torch.zeros(int(labels.max()) + 1, int(emotion.max()) + 1, dtype=torch.float64)
-    p = p.index_put_((labels, emotion), torch.ones(len(labels), dtype=torch.float64), accumulate=True) / len(labels)
-    pa, pb, nz = p.sum(1), p.sum(0), p > 0
-    mi = (p[nz] * (p[nz] / (pa[:, None] * pb[None, :])[nz]).log()).sum()
-    ha, hb = (-(q[q > 0] * q[q > 0].log()).sum() for q in (pa, pb))
-    return float(mi / ((ha + hb) / 2)) if ha + hb > 0 else 1.0
-
-
-# The pseudo-label file: {"uids": [str], "frame_counts": (U,) long, "labels": {K: (sum of counts,) int}, "meta": {}}
-
-def _index(content, path):
-    """{uid: (first frame, frame count)}; anything inconsistent is a ValueError naming the file."""
-    def check(ok, problem):
-        if not ok:
-            raise ValueError(f"{path}: invalid pseudo-label file: {problem}")
-
-    check(isinstance(content, dict) and isinstance(content.get("uids"), list) and isinstance(content.get("meta"), dict)
-          and torch.is_tensor(content.get("frame_counts")) and isinstance(content.get("labels"), dict)
-          and content["labels"], "expected {uids: [str], frame_counts: tensor, labels: {K: tensor}, meta: {}}")
-    uids, counts, labels = content["uids"], content["frame_counts"], content["labels"]
-    check(len(counts) == len(uids) == len(set(uids)) and all(isinstance(u, str) for u in uids) and counts.dim() == 1
-          and counts.dtype == torch.long and bool((counts >= 0).all()),
-          f"{len(uids)} uids but {len(counts)} frame counts: need a long count >= 0 for each distinct uid")
-    for k, lab in labels.items():
-        check(isinstance(k, int) and k > 0 and torch.is_tensor(lab) and lab.dim() == 1 and not lab.is_floating_point(),
-              f"labels[{k!r}] must be a 1-D integer tensor under an integer K > 0")
-        check(len(lab) == counts.sum(), f"labels[{k}] has {len(lab)} entries but frame_counts sum to {counts.sum()}")
-        check(not len(lab) or 0 <= lab.min() <= lab.max() < k, f"labels[{k}] has values outside [0, {k})")
-    return {u: (s, c) for u, s, c in zip(uids, (counts.cumsum(0) - counts).tolist(), counts.tolist())}
-
-
-def save_labels(path, uids, frame_counts, labels, meta):
-    """Writes the labels of the frames of `uids`, concatenated in uid order, atomically: never a file that
-    load_labels would refuse, in int16 when K allows (half the file, half P-TAPT's memory)."""
-    content = {"uids": [str(u) for u in uids], "frame_counts": torch.as_tensor(frame_counts, dtype=torch.long).cpu(),
-               "labels": {int(k): torch.as_tensor(v).cpu() for k, v in labels.items()}, "meta": dict(meta)}
-    _index(content, path)
-    content["labels"] = {k: v.to(torch.int16 if k <= 32767 else torch.int32) for k, v in content["labels"].items()}
-    save_atomic(content, path)
-
-
-def load_labels(path):
-    """A checked pseudo-label file, plus "index": {uid: (first frame, frame count)} and "path"."""
-    try:
-        content = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # a missing, truncated or foreign file: torch raises many different things
-        raise ValueError(f"{path}: not a readable pseudo-label file ({type(e).__name__}: {e})") from e
-    return {**content, "index": _index(content, path), "path": str(path)}
-
-
-def labels_for(label_file, uid, num_frames):
-    """{K: (num_frames,) long}: the pseudo-labels of one utterance of a load_labels() result."""
-    if uid not in label_file["index"]:
-        raise ValueError(f"{label_file['path']}: no pseudo-labels for utterance {uid}")
-    start, count = label_file["index"][uid]
-    if count != num_frames:
-        raise ValueError(f"{label_file['path']}: utterance {uid} has {count} pseudo-labels but {num_frames} frames "
-                         f"were expected: pseudo-labels do not match the audio")
-    return {k: v[start:start + count].long() for k, v in label_file["labels"].items()}
-
-
-def main(argv=None):
-    """python kmeans.py fit ...: pseudo_label_stage on the train split's frames from a checkpoint's layer."""
-    from data import COUNT, NATURAL, PROBABILITY, DataError, OneLineParser, load_corpus, user_errors
-    from model import CheckpointError, load_wav2vec2
-    p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("command", choices=["fit"], help="fit k-means on the train split's frames and label them all")
-    a("--checkpoint", required=True, help="teacher: a wav2vec 2.0 checkpoint (fairseq or this project)")
-    a("--data", required=True, help="IEMOCAP_full_release folder, a label .json or a .csv manifest")
-    a("--fold", type=int, choices=[1, 2, 3, 4, 5], default=None, help="IEMOCAP test session 1-5 (ignored for .json/.csv)")
-    a("--wav-dir", default=None, help="folder of the wavs named in a label .json")
-    a("--out", required=True, help="pseudo-label file to write")
-    a("--layer", type=COUNT, default=None, help="transformer layer 1..L to cluster (default: the output)")
-    a("--ks", type=COUNT, nargs="+", default=[64, 512, 4096], help="numbers of clusters (default: RECIPE.md's)")
-    a("--iters", type=COUNT, default=20, help="Lloyd iterations (default: the release's 20)")
-    a("--init", choices=["k-means++", "random"], default="k-means++", help="(default: k-means++)")
-    a("--seed", type=int, default=0, help="seed of the init and of the frame subsample")
-    a("--tol", type=PROBABILITY, default=0.0, help="also stop once an update lowers the inertia by less than this fraction")
-    a("--max-samples", type=COUNT, default=None, help="fit on at most this many frames (default: max(ks) x 1000)")
-    a("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
-    a("--workers", type=NATURAL, default=2, help="data loader processes")
-    a("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    a("--force", action="store_true", help="overwrite an existing output file")
-    args = p.parse_args(argv)
-    with user_errors():
-        if os.path.exists(args.out) and not args.force:  # before the expensive part
-            raise DataError(f"{args.out} exists; pass --force to overwrite it")
-        folder = os.path.dirname(os.path.abspath(args.out))
-        while not os.path.exists(folder):  # save_atomic makes the missing folders
-            folder = os.path.dirname(folder)
-        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise DataError(f"--out {args.out}: cannot write under {folder}")
-        try:
-            train = load_corpus(args.data, args.fold, args.wav_dir)[0]["train"]
-            model = load_wav2vec2(args.checkpoint).to(resolve_device(args.device)).eval()
-        except CheckpointError as e:  # a missing or unusable checkpoint is bad input too
-            raise DataError(str(e)) from None
-        if args.layer is not None and args.layer > model.cfg.num_layers:
-            raise DataError(f"--layer {args.layer}: the checkpoint has layers 1..{model.cfg.num_layers}")
-        meta = {"checkpoint": os.path.abspath(args.checkpoint), "layer": args.layer, "data": os.path.abspath(args.data),
-                "fold": args.fold}
-        pseudo_label_stage(lambda wav, n: model(wav, n, layer=args.layer), train, args.ks, args.iters, args.init,
-                           args.seed, args.device, args.out, meta, args.progress, args.max_samples, args.workers, args.tol)
-        print(f"wrote {args.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -6,8 +6,8 @@
 
 TAPT continues wav2vec 2.0's own objective (`tapt_loss`) on the fold's training audio. P-TAPT
 replaces its targets by frame pseudo-labels that carry emotion, in three stages: an emotion-aware
-teacher (`teacher_loss`), k-means on the teacher's frames (kmeans.py), and pretraining the original
-checkpoint to predict each masked frame's cluster for every K (`pseudo_label_loss`). Either result
+teacher (`teacher_loss`), k-means on the teacher's frames (`pseudo_label_stage`, kmeans.py), and pretraining the
+original checkpoint to predict each masked frame's cluster for every K (`pseudo_label_loss`). Either result
 then goes through V-FT (finetune.py --init). The teacher is the wav2vec 2.0 checkpoint itself, or with
 --teacher wav2vec_large.pt the release's: fairseq's wav2vec (v1) Large, trained as the release trained it
 (`run_release_teacher`).
@@ -18,7 +18,8 @@ clean uses fairseq's objective (`tapt_loss`) and per-utterance masks (RECIPES be
 
 Without --fold every fold runs in turn. Output per fold: runs/<mode>/fold<k>/pretrained.pt. P-TAPT's
 stages (teacher.pt, labels.pt, pretrained.pt) are each skipped when their output exists and resume
-when interrupted. Only the fold's training sessions are ever read.
+when interrupted. Only the fold's training sessions are ever read. --mode kmeans runs the k-means stage
+alone on the untouched --checkpoint (runs/kmeans/fold<k>/labels.pt: how much emotion its clusters carry).
 """
 import argparse
 import math
@@ -32,11 +33,12 @@ import torch.nn.functional as F
 
 import kmeans
 from data import (COUNT, NATURAL, POSITIVE, PROBABILITY, SECONDS, WEIGHT, AudioDataset, DataError, OneLineParser, collate,
-                  load_corpus, user_errors)
+                  labels_for, load_corpus, load_labels, save_labels, user_errors)
 from finetune import (HOST_GROUP, add_run_flags, autocast_dtype, barrier, check_run_config, class_weights, finish_args,
                       init_distributed, load_backbone, pad_to_whole_batch, remove_training_state, run_files, run_lock,
                       seed_everything, train, train_batches, tri_stage_lr, utterance_rng, vft_masks)
-from model import (CheckpointError, Wav2Vec1Teacher, load_wav2vec1, load_wav2vec1_teacher, load_wav2vec2, resolve_device,
+from evaluate import emotion_nmi
+from model import (SAMPLE_RATE, CheckpointError, Wav2Vec1Teacher, load_wav2vec1, load_wav2vec1_teacher, resolve_device,
                    save_wav2vec1_teacher, save_wav2vec2, span_masks, world)
 
 # -----------------------------------------------------------------------------
@@ -397,20 +399,55 @@ def run_release_teacher(args, fold, train_set, classes, run_dir, device):
 
 
 def run_pseudo_labels(args, fold, train_set, run_dir, teacher_path, device):
-    """Teacher features of every training frame, k-means for each K, one label per frame and K."""
-    out = os.path.join(run_dir, "labels.pt")
-    teacher = (load_wav2vec1_teacher if args.teacher else load_wav2vec2)(teacher_path).to(device)
+    """P-TAPT's k-means stage (pseudo_label_stage) on the teacher's frames; --mode kmeans: on --checkpoint's."""
+    teacher = (load_wav2vec1_teacher(teacher_path) if args.teacher else load_backbone(teacher_path, args.seed)).eval()
+    teacher.to(device)
     layer = check_kmeans_settings(args, teacher, train_set)
     if args.teacher:  # the release's: its ReLU'd 50 Hz output, fp32, eval, one utterance at a time (cluster.py)
         features_of, meta = lambda wav, lengths: unpadded(teacher, wav, lengths), {"teacher_model": "wav2vec (v1)"}
     else:
         features_of, meta = lambda wav, lengths: teacher(wav, lengths, layer=layer), {"layer": layer}
     try:
-        kmeans.pseudo_label_stage(features_of, train_set, args.ks, args.kmeans_iters, args.kmeans_init, args.seed,
-                                  device, out, {"teacher": teacher_path, **meta, "fold": fold}, progress=args.progress,
-                                  workers=args.workers)
+        pseudo_label_stage(features_of, train_set, args.ks, args.kmeans_iters, args.kmeans_init, args.seed, device,
+                           os.path.join(run_dir, "labels.pt"), {"teacher": teacher_path, **meta, "fold": fold},
+                           progress=args.progress, workers=args.workers)
     except ValueError as e:  # e.g. K larger than the number of frames
         raise DataError(f"k-means on fold {fold}'s teacher frames: {e}") from None
+
+
+def pseudo_label_stage(features_of, utterances, ks, iters, init, seed, device, out_path, meta, progress=True,
+                       max_samples=None, workers=2, chunk_size=16384):
+    """P-TAPT's k-means stage: the frames of `utterances` (kmeans.extract_features), fit_kmeans for every K, every
+    frame labelled, written to out_path (data.save_labels; meta gains the settings, the inertia and each K's NMI
+    with emotion, printed) and returned as {K: (frames,) long}. Under torch.distributed every rank calls it:
+    each extracts a contiguous shard of the utterances (cut by audio length), rank 0 writes, all return all."""
+    (rank, size), device = world(), resolve_device(device)
+    cum = torch.tensor([u.num_samples for u in utterances], dtype=torch.float64).cumsum(0)
+    cut = [0] + [int(torch.searchsorted(cum, cum[-1] * r / size)) for r in range(1, size)] + [len(utterances)]
+    feats, counts = kmeans.extract_features(features_of, utterances[cut[rank]:cut[rank + 1]], device,
+                                            progress=progress and rank == 0, workers=workers)
+    if size > 1:  # a rank without frames learns D
+        dim = torch.tensor(feats.shape[1], device=device)
+        dist.all_reduce(dim, dist.ReduceOp.MAX)
+        feats = feats if len(feats) else torch.zeros(0, int(dim), dtype=torch.float16)
+    fits = kmeans.fit_kmeans(feats, ks, iters, init, seed, 0.0, chunk_size, max_samples, device, progress)
+    labels = {k: kmeans.gather_rows(kmeans.assign(feats, f.centroids, chunk_size, device), device)
+              for k, f in fits.items()}
+    counts = kmeans.gather_rows(counts, device)
+    if rank == 0:
+        names = sorted({str(u.label) for u in utterances})
+        nmi = {k: emotion_nmi(labels[k], counts, [names.index(str(u.label)) for u in utterances]) for k in fits}
+        meta = {**meta, "num_frames": int(counts.sum()), "hours": float(cum[-1]) / SAMPLE_RATE / 3600, "nmi": nmi,
+                "ks": list(fits), "iters": iters, "init": init if isinstance(init, str) else "given", "seed": seed,
+                "max_samples": max(fits) * 1000 if max_samples is None else max_samples,
+                "num_fit_frames": int(fits[max(fits)].counts.sum()), "inertia": {k: f.inertia for k, f in fits.items()}}
+        for k, f in fits.items():
+            print(f"K={k}: NMI between pseudo-labels and emotion {nmi[k]:.4f}, inertia {f.inertia[0]:.5g} -> "
+                  f"{f.inertia[-1]:.5g} in {len(f.inertia) - 1} updates, {int((f.counts > 0).sum())}/{k} clusters used")
+        save_labels(out_path, [u.uid for u in utterances], counts, labels, meta)
+    if size > 1:
+        dist.barrier()  # the file exists on return, on every rank
+    return labels
 
 
 def unpadded(teacher, wav, lengths):
@@ -439,10 +476,7 @@ def check_kmeans_settings(args, backbone, train_set):
 
 
 def run_ptapt(args, fold, train_set, classes, run_dir, labels_path, device):
-    try:
-        stored = kmeans.load_labels(labels_path)
-    except ValueError as e:
-        raise DataError(str(e)) from None
+    stored = load_labels(labels_path)
     seed_everything(args.seed + fold)
     backbone = load_backbone(args.checkpoint, args.seed)  # from the original checkpoint again, not the teacher
     backbone.norm_over_padding = args.group_norm == "padded"
@@ -479,10 +513,7 @@ def aligned_labels(stored, utterances, backbone, teacher=None):
     ours = frames if teacher is None else teacher.frame_lengths(lengths).tolist()
     out = []
     for u, n, t in zip(utterances, frames, ours):
-        try:
-            per_k = kmeans.labels_for(stored, u.uid, t)
-        except ValueError as e:
-            raise DataError(str(e)) from None
+        per_k = labels_for(stored, u.uid, t)
         if not 0 <= n - t <= 2:  # the conv formulas above: what else would mean another alignment
             raise DataError(f"utterance {u.uid}: {n} wav2vec 2.0 frames but {t} teacher frames; expected 0-2 fewer")
         out.append({k: F.pad(v, (0, n - t), value=-100) for k, v in per_k.items()})
@@ -553,6 +584,8 @@ def run_fold(args, fold, splits, classes, run_dir, device):
     train_set = splits["train"]
     if args.mode == "tapt":
         return run_tapt(args, fold, train_set, classes, run_dir, device)
+    if args.mode == "kmeans":
+        return run_pseudo_labels(args, fold, train_set, run_dir, args.checkpoint, device)
     teacher = os.path.join(run_dir, "teacher.pt")
     if not os.path.exists(teacher):
         (run_release_teacher if args.teacher else run_teacher)(args, fold, train_set, classes, run_dir, device)
@@ -572,6 +605,7 @@ def run_fold(args, fold, splits, classes, run_dir, device):
 # the settings that differ between the modes (RECIPE.md "TAPT" and "P-TAPT")
 MODE_DEFAULTS = {"tapt": dict(mask_prob=0.05, mask_span=10, mask_min=2),
                  "ptapt": dict(mask_prob=0.06, mask_span=15, mask_min=2)}
+MODE_DEFAULTS["kmeans"] = MODE_DEFAULTS["ptapt"]
 # What each recipe sets (README "Where every default comes from"); a flag given on the command line wins.
 # release: RECIPE.md "What the release actually computed"; clean: RECIPE.md "TAPT", "P-TAPT" as fairseq.
 RECIPES = {"release": dict(objective="release", mask_semantics="batch", batch_seconds=250.0, group_norm="padded"),
@@ -581,7 +615,8 @@ RECIPES = {"release": dict(objective="release", mask_semantics="batch", batch_se
 def build_parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--mode", choices=["tapt", "ptapt"], required=True)
+    a("--mode", choices=["tapt", "ptapt", "kmeans"], required=True,
+      help="kmeans: P-TAPT's k-means stage alone, on the untouched --checkpoint (runs/kmeans/fold<k>/labels.pt)")
     add_run_flags(p)
     a("--fold", type=int, choices=[1, 2, 3, 4, 5], default=None,
       help="test session whose other sessions are pretrained on; default: all five")
@@ -660,13 +695,13 @@ def main(argv=None):
             run_dir = os.path.join(args.out, name, f"fold{fold}")
             with run_lock(run_dir):
                 check_run_config(run_dir, {**vars(args), "fold": fold}, lambda changed: computed_with(run_dir, changed, args.mode))
-                out = os.path.join(run_dir, "pretrained.pt")
+                out = os.path.join(run_dir, "labels.pt" if args.mode == "kmeans" else "pretrained.pt")
                 if os.path.exists(out):
                     if world()[0] == 0:
                         print(f"{out} exists: fold {fold} done (remove it to redo)")
                     continue
                 run_fold(args, fold, splits, classes, run_dir, device)
-            if world()[0] == 0:
+            if world()[0] == 0 and args.mode != "kmeans":
                 print(f"fold {fold}: {out}\n  next: python finetune.py --fold {fold} --data {args.data} --init {out}")
 
 

@@ -30,7 +30,8 @@ import model as M
 from bench import (fairseq_args, hf_backbone, pretrain_parity, random_model, to_fairseq_state, torchaudio_layers,
                    torchaudio_model, write_fairseq)  # fairseq-format files and torchaudio's twin, shared with the benchmarks
 import pretrain as P
-from kmeans import assign, fit_kmeans, labels_for, load_labels, save_labels
+from data import labels_for, load_labels, save_labels
+from kmeans import assign, fit_kmeans
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -1861,7 +1862,7 @@ def test_distributed_matches_single_process(tmp_path):
             assert counts.tolist() == single[k].counts.tolist()
 
 
-# -- P-TAPT's k-means stage (pseudo_label_stage): 2 gloo processes = 1 process ----------------------
+# -- P-TAPT's k-means stage (pretrain.pseudo_label_stage): 2 gloo processes = 1 process -------------
 
 def _tiny_teacher():
     from finetune import tiny_random_config
@@ -1870,9 +1871,8 @@ def _tiny_teacher():
 
 
 def _stage(utterances, out, max_samples=None, init="k-means++"):
-    from kmeans import pseudo_label_stage
     teacher = _tiny_teacher()
-    return pseudo_label_stage(lambda wav, lengths: teacher(wav, lengths, layer=1), utterances, (4, 16), 6, init, 3,
+    return P.pseudo_label_stage(lambda wav, lengths: teacher(wav, lengths, layer=1), utterances, (4, 16), 6, init, 3,
                               "cpu", str(out), {"fold": 1}, progress=False, max_samples=max_samples, workers=0,
                               chunk_size=500)
 
@@ -1941,7 +1941,7 @@ def test_pseudo_label_stage_two_processes_equal_one(tmp_path):
                 assert counts.tolist() == single[init][k].counts.tolist() and int(counts.sum()) == 3000
 
 
-# -- feature extraction and command line ----------------------------------------------------------
+# -- feature extraction, pretrain.py --mode kmeans ---------------------------------------------------
 
 class _FakeTeacher(torch.nn.Module):
     # One frame per 320 samples; every frame of an utterance carries its first sample, so the test can
@@ -1971,23 +1971,39 @@ def test_extract_features_order_and_counts(tmp_path):
     assert empty.shape[0] == 0 and len(empty_counts) == 0
 
 
-def test_cli_refuses_to_overwrite(tmp_path, capsys):
-    from kmeans import main
-    out = tmp_path / "labels.pt"
-    out.write_bytes(b"old")
+def test_kmeans_mode_labels_the_untouched_checkpoint(corpus, tmp_path, capsys):
+    """pretrain.py --mode kmeans: P-TAPT's k-means stage alone, on --checkpoint's frames. A --layer the model
+    lacks is one line, and the corrected command then runs in the same folder; a finished fold is skipped."""
+    argv = ["--mode", "kmeans", "--data", corpus, "--fold", 1, "--out", tmp_path, "--checkpoint", "random-tiny",
+            "--ks", 4, "--kmeans-iters", 3, "--no-progress", "--workers", 0]
     with pytest.raises(SystemExit) as e:
-        main(["fit", "--checkpoint", "x.pt", "--data", str(tmp_path), "--fold", "1", "--out", str(out)])
-    assert e.value.code == 2 and "--force" in capsys.readouterr().err and out.read_bytes() == b"old"
-    with pytest.raises(SystemExit) as e:  # argparse's errors too: one line
-        main(["fit", "--ks", "many"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1
+        P.main(list(map(str, argv + ["--layer", 9])))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--layer 9" in err[0], err
+    P.main(list(map(str, argv)))
+    labels = load_labels(tmp_path / "kmeans" / "fold1" / "labels.pt")
+    assert labels["uids"] == [u.uid for u in data.load_corpus(corpus, 1)[0]["train"]] and list(labels["labels"]) == [4]
+    assert labels["meta"]["layer"] == 2 and 0 <= labels["meta"]["nmi"][4] <= 1
+    assert "NMI between pseudo-labels and emotion" in capsys.readouterr().out
+    P.main(list(map(str, argv)))
+    assert "labels.pt exists" in capsys.readouterr().out
 
 
 # =============================================================================
 # metrics: evaluate.py and the results table
 
 import evaluate as E
+
+
+def test_emotion_nmi_equals_sklearn():
+    from sklearn.metrics import normalized_mutual_info_score
+    g = torch.Generator().manual_seed(0)
+    counts, emotions = torch.randint(1, 30, (40,), generator=g), torch.randint(0, 4, (40,), generator=g)
+    frame_emotion = torch.repeat_interleave(emotions, counts)
+    labels = torch.randint(0, 16, (int(counts.sum()),), generator=g)
+    labels = torch.where(torch.rand(len(labels), generator=g) < 0.5, frame_emotion * 4, labels)  # clusters carry some
+    nmi = E.emotion_nmi(labels, counts, emotions.tolist())
+    assert 0.1 < nmi < 0.9 and nmi == pytest.approx(normalized_mutual_info_score(frame_emotion, labels), abs=1e-12)
 
 
 def test_metrics_hand_computed():
@@ -2379,7 +2395,6 @@ def test_keep_best_keeps_the_lowest_validation_loss_once_per_update():
 def test_labels_aligned_to_wav2vec2_frames_from_frame_0(tmp_path):
     """Stored at the teacher's frames, read at wav2vec 2.0's: the same labels from frame 0, then -100 for the
     one or two frames the teacher lacks, exactly (L - 400) // 320 + 1 - ((L - 945) // 320 + 1)."""
-    from kmeans import save_labels
     teacher = M.Wav2Vec1Teacher(M.Wav2Vec1(M.config_from_v1(TINY_V1)))
     backbone = M.Wav2Vec2(M.Wav2Vec2Config())
     lengths = [945, 1264, 1265, 1520, 16000, 16224, 16225]
@@ -2565,8 +2580,8 @@ BAD_ARGUMENTS = [  # (script, flags, what the one line must name)
     ("pretrain", ["--warmup", "50", "--updates", "10"], "--warmup"),
     ("pretrain", ["--feature-penalty", "nan"], "--feature-penalty"), ("pretrain", ["--mask-prob", "1.5"], "--mask-prob"),
     ("evaluate", ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
-    ("kmeans", ["--ks", "0"], "--ks"), ("kmeans", ["--iters", "0"], "--iters"), ("kmeans", ["--tol", "-1"], "--tol"),
-    ("kmeans", ["--layer", "9"], "--layer 9"),
+    ("pretrain", ["--mode", "kmeans", "--ks", "0"], "--ks"),
+    ("pretrain", ["--mode", "kmeans", "--kmeans-iters", "0"], "--kmeans-iters"),
 ]
 
 
@@ -2574,19 +2589,13 @@ BAD_ARGUMENTS = [  # (script, flags, what the one line must name)
 def test_bad_argument_is_one_line_and_writes_nothing(name, flags, named, corpus, tmp_path, capsys):
     import evaluate
     import finetune
-    import kmeans
     out = tmp_path / "runs"
     argv = {"finetune": ["--data", corpus, "--fold", "1", "--out", out, *TINY_RUN],
             "pretrain": ["--mode", "ptapt", "--data", corpus, "--fold", "1", "--out", out, "--checkpoint",
                          "random-tiny", "--no-progress"],
-            "evaluate": ["--checkpoint", tmp_path / "model.pt", "--predict", tmp_path / "a.wav"],
-            "kmeans": ["fit", "--checkpoint", "random-tiny.pt", "--data", corpus, "--fold", "1", "--out", out / "l.pt",
-                       "--no-progress", "--workers", "0"]}[name]
-    if name == "kmeans":  # a real checkpoint: --layer is checked against it
-        M.save_wav2vec2(random_model(tiny_config()), tmp_path / "random-tiny.pt")
-        argv[2] = tmp_path / "random-tiny.pt"
+            "evaluate": ["--checkpoint", tmp_path / "model.pt", "--predict", tmp_path / "a.wav"]}[name]
     with pytest.raises(SystemExit) as e:
-        {"finetune": finetune, "pretrain": P, "evaluate": evaluate, "kmeans": kmeans}[name].main(list(map(str, argv + flags)))
+        {"finetune": finetune, "pretrain": P, "evaluate": evaluate}[name].main(list(map(str, argv + flags)))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and named in err[0], err
     assert not out.exists()
