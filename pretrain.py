@@ -400,8 +400,8 @@ def run_release_teacher(args, fold, train_set, classes, run_dir, device):
 
 def run_pseudo_labels(args, fold, train_set, run_dir, teacher_path, device):
     """P-TAPT's k-means stage (pseudo_label_stage) on the teacher's frames; --mode kmeans: on --checkpoint's."""
-    teacher = (load_wav2vec1_teacher(teacher_path) if args.teacher else load_backbone(teacher_path, args.seed)).eval()
-    teacher.to(device)
+    teacher = load_wav2vec1_teacher(teacher_path) if args.teacher else load_backbone(teacher_path, args.seed)
+    teacher.eval().to(device)
     layer = check_kmeans_settings(args, teacher, train_set)
     if args.teacher:  # the release's: its ReLU'd 50 Hz output, fp32, eval, one utterance at a time (cluster.py)
         features_of, meta = lambda wav, lengths: unpadded(teacher, wav, lengths), {"teacher_model": "wav2vec (v1)"}
