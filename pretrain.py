@@ -430,7 +430,8 @@ def pseudo_label_stage(features_of, utterances, ks, iters, init, seed, device, o
         dim = torch.tensor(feats.shape[1], device=device)
         dist.all_reduce(dim, dist.ReduceOp.MAX)
         feats = feats if len(feats) else torch.zeros(0, int(dim), dtype=torch.float16)
-    fits = kmeans.fit_kmeans(feats, ks, iters, init, seed, 0.0, chunk_size, max_samples, device, progress)
+    fits = kmeans.fit_kmeans(feats, ks, iters, init, seed, chunk_size=chunk_size, max_samples=max_samples,
+                             device=device, progress=progress)
     labels = {k: kmeans.gather_rows(kmeans.assign(feats, f.centroids, chunk_size, device), device)
               for k, f in fits.items()}
     counts = kmeans.gather_rows(counts, device)
@@ -604,8 +605,7 @@ def run_fold(args, fold, splits, classes, run_dir, device):
 
 # the settings that differ between the modes (RECIPE.md "TAPT" and "P-TAPT")
 MODE_DEFAULTS = {"tapt": dict(mask_prob=0.05, mask_span=10, mask_min=2),
-                 "ptapt": dict(mask_prob=0.06, mask_span=15, mask_min=2)}
-MODE_DEFAULTS["kmeans"] = MODE_DEFAULTS["ptapt"]
+                 "ptapt": dict(mask_prob=0.06, mask_span=15, mask_min=2), "kmeans": {}}  # kmeans: masks nothing
 # What each recipe sets (README "Where every default comes from"); a flag given on the command line wins.
 # release: RECIPE.md "What the release actually computed"; clean: RECIPE.md "TAPT", "P-TAPT" as fairseq.
 RECIPES = {"release": dict(objective="release", mask_semantics="batch", batch_seconds=250.0, group_norm="padded"),
