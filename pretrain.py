@@ -620,7 +620,7 @@ def build_parser():
     add_run_flags(p)
     a("--fold", type=int, choices=[1, 2, 3, 4, 5], default=None,
       help="test session whose other sessions are pretrained on; default: all five")
-    a("--checkpoint", help="wav2vec 2.0 with its pretraining modules: a fairseq checkpoint (e.g. wav2vec_small.pt) "
+    a("--checkpoint", required=True, help="wav2vec 2.0 with its pretraining modules: a fairseq checkpoint (e.g. wav2vec_small.pt) "
                            "or a Hugging Face Wav2Vec2ForPreTraining folder")
     a("--name", default=None, help="runs/<name>/fold<k> (default: the mode)")
     a("--updates", type=COUNT, default=20000, help="TAPT / pseudo-label pretraining updates (default: %(default)s)")
