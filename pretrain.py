@@ -701,8 +701,10 @@ def main(argv=None):
                         print(f"{out} exists: fold {fold} done (remove it to redo)")
                     continue
                 run_fold(args, fold, splits, classes, run_dir, device)
-            if world()[0] == 0 and args.mode != "kmeans":
-                print(f"fold {fold}: {out}\n  next: python finetune.py --fold {fold} --data {args.data} --init {out}")
+            if world()[0] == 0:
+                hint = f"\n  next: python finetune.py --fold {fold} --data {args.data} --init {out}"
+                hint = "" if args.mode == "kmeans" else hint  # labels.pt feeds no V-FT
+                print(f"fold {fold}: {out}{hint}")
 
 
 if __name__ == "__main__":
