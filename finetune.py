@@ -177,7 +177,8 @@ def train(model, params, batch_loss, dataset, sampler, *, updates, lr, schedule,
     ckpt = Checkpoint(os.path.join(run_dir, f"{name}state.pt"), model, opt, scaler, device, params, desc)
     pos = ckpt.load()  # update, epoch, batch_in_epoch, and the epoch's running sums of loss, updates, audio seconds
     log_path = os.path.join(run_dir, f"{name}log.jsonl")
-    trim_log(log_path, pos["update"])
+    for path in (log_path, timing_path(log_path)):
+        trim_log(path, pos["update"])
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
                                          generator=torch.Generator())  # its own: the global one drives dropout
     bar = tqdm(total=updates, initial=pos["update"], desc=desc, unit="update", disable=not progress or world()[0])
@@ -236,16 +237,26 @@ def global_loss(terms, audio_seconds, device):
 
 
 def log_epoch(path, pos, opt, seconds):
-    """One line per epoch (and for a run's last, partial one): mean loss, lr, throughput."""
+    """One line per epoch (and for a run's last or interrupted, partial one, marked "partial"): the
+    mean loss and the lr, the same bytes on every run of the same command on the CPU. The wall-clock
+    figures, which no two runs share, go to the matching timing file (timing_path)."""
     loss, steps, audio = pos["running"].tolist()
     if world()[0] == 0 and steps:
         record = {"update": pos["update"], "epoch": pos["epoch"] + (pos["batch_in_epoch"] > 0),
-                  "loss": loss / steps, "lr": opt.param_groups[0]["lr"], "seconds": round(seconds, 2),
+                  "loss": loss / steps, "lr": opt.param_groups[0]["lr"]}
+        if pos["batch_in_epoch"] > 0:
+            record["partial"] = f"{int(steps)} updates"
+        timing = {"update": pos["update"], "seconds": round(seconds, 2),
                   "audio_seconds_per_second": round(audio / seconds, 1)}
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        for file, line in ((path, record), (timing_path(path), timing)):
+            with open(file, "a") as f:
+                f.write(json.dumps(line) + "\n")
     if pos["batch_in_epoch"] == 0:
         pos["running"] = torch.zeros_like(pos["running"])
+
+
+def timing_path(log_path):
+    return log_path[: -len("log.jsonl")] + "timing.jsonl"
 
 
 def tri_stage_lr(step, total, warmup, flat):

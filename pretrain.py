@@ -55,6 +55,14 @@ def contrastive(context, targets, candidates, logit_temp):
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device), reduction="sum")
 
 
+def distractors(quantized, negatives):
+    """quantized[negatives] (N, K, D), through index_select: the backward of advanced indexing adds
+    repeated indices with atomic adds on the CPU, whose order (and so the rounding) follows thread
+    timing; index_select's backward adds them in index order, the same every run."""
+    index = negatives.to(quantized.device)
+    return quantized.index_select(0, index.flatten()).unflatten(0, index.shape)
+
+
 def tapt_loss(model, encoded, time_mask, negatives, penalty_weight=10.0):
     """fairseq's wav2vec 2.0 loss (the clean recipe) for given masks and distractors, with its terms:
         contrastive = `contrastive` of c_t = final_proj(context) against q = project_q(quantized
@@ -69,7 +77,7 @@ def tapt_loss(model, encoded, time_mask, negatives, penalty_weight=10.0):
     context = model.final_proj(encoded.hidden[time_mask])
     n = time_mask.sum()
     gv = model.quantizer.groups * model.quantizer.num_vars
-    terms = {"contrastive": contrastive(context, targets, targets[negatives.to(targets.device)], model.cfg.logit_temp),
+    terms = {"contrastive": contrastive(context, targets, distractors(targets, negatives), model.cfg.logit_temp),
              "diversity": (gv - perplexity) / gv * n, "feature_penalty": encoded.feature_penalty * n, "n_masked": n}
     terms["loss"] = terms["contrastive"] + 0.1 * terms["diversity"] + penalty_weight * terms["feature_penalty"]
     return terms
@@ -89,7 +97,7 @@ def release_tapt_loss(model, encoded, time_mask, negatives):
     quantized = model.project_q(quantized)
     context = model.final_proj(encoded.hidden[time_mask])
     gv = model.quantizer.groups * model.quantizer.num_vars
-    terms = {"contrastive": contrastive(context, quantized[rows], quantized[negatives.to(quantized.device)],
+    terms = {"contrastive": contrastive(context, quantized[rows], distractors(quantized, negatives),
                                         model.cfg.logit_temp),
              "diversity": (gv - perplexity) / gv, "n_masked": time_mask.sum()}
     terms["loss"] = terms["contrastive"] + 0.1 * terms["diversity"]
