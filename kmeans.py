@@ -1,4 +1,4 @@
-"""k-means pseudo-labels for P-TAPT (../shared/RECIPE.md, "P-TAPT", step 2).
+"""k-means pseudo-labels for P-TAPT (RECIPE.md, "P-TAPT", step 2).
 
 The method: the teacher's frame features of the fold's training sessions are clustered for K = 64, 512 and
 4096 by 20 Lloyd iterations, each K fitted on at most max(K) x 1000 randomly sampled frames; then every frame

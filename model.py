@@ -4,7 +4,7 @@ Reads top to bottom: configuration, the modules (FeatureEncoder, PositionalConv,
 Encoder, Quantizer), the model, span masking, the emotion classifier, wav2vec (v1) (the release
 recipe's P-TAPT teacher), then checkpoint I/O (a safe unpickler, fairseq and Hugging Face key
 mapping, a safetensors reader, the project's own format).
-Semantics follow fairseq's fairseq/models/wav2vec/wav2vec2.py (v1: wav2vec.py); see ../shared/RECIPE.md "Backbone".
+Semantics follow fairseq's fairseq/models/wav2vec/wav2vec2.py (v1: wav2vec.py); see RECIPE.md "Backbone".
 """
 from __future__ import annotations
 
