@@ -47,9 +47,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kmeans
+import checkpoints as C
 import model as M
 from data import CLASSES, SAMPLE_RATE, AudioDataset, BucketBatchSampler, Utterance, collate
-from finetune import autocast_dtype, global_loss, vft_loss, vft_masks
+from finetune import vft_loss
+from model import vft_masks
+from train import autocast_dtype, global_loss
 from pretrain import (PseudoLabelHeads, padded_negatives, pseudo_label_loss, release_tapt_loss, tapt_loss,
                       utterance_negatives)
 
@@ -203,7 +206,7 @@ def random_model(cfg, seed=0):
 
 
 def to_fairseq_state(net):
-    """This model's parameters under fairseq's names (the inverse of model.fairseq_key)."""
+    """This model's parameters under fairseq's names (the inverse of C.fairseq_key)."""
     out = {}
     ln_mode = net.cfg.extractor_mode == "layer_norm"
     for k, v in net.state_dict().items():
@@ -429,7 +432,7 @@ def checked(name, diff, checks, notes):
 
 
 # -----------------------------------------------------------------------------
-# one training step, whatever the model: the loss terms under autocast, finetune.global_loss, (scaled) Adam
+# one training step, whatever the model: the loss terms under autocast, T.global_loss, (scaled) Adam
 
 def trainer(params, device, dtype, fused):
     opt = torch.optim.Adam(params, lr=LR, weight_decay=0.0, **({"fused": True} if fused else {}))
@@ -448,7 +451,7 @@ def trainer(params, device, dtype, fused):
 
 
 def utterance_rngs(n, gen):
-    """One generator per utterance, as the scripts draw masks (finetune.utterance_rng)."""
+    """One generator per utterance, as the scripts draw masks (T.utterance_rng)."""
     return [torch.Generator().manual_seed(int(torch.randint(1 << 62, (), generator=gen))) for _ in range(n)]
 
 
@@ -1081,7 +1084,7 @@ def main(argv=None):
             "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M"),
             "libraries": {m: have(m) and getattr(__import__(m), "__version__", None)
                           for m in ("transformers", "torchaudio", "sklearn", "faiss")},
-            "model": M.config_dict(model_config(scale)), "load_average_at_start": os.getloadavg()}
+            "model": C.config_dict(model_config(scale)), "load_average_at_start": os.getloadavg()}
     print(f"bench: {meta['scale']} scale on {device} ({meta['device_name']}), precision {meta['precision']}, "
           f"torch {torch.__version__}, {meta['cpu_threads']} threads, load {meta['load_average_at_start'][0]:.2f}")
     results, t_start = {}, time.perf_counter()

@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import (AudioDataset, BucketBatchSampler, DataError, OneLineParser, collate, load_corpus, read_audio,
-                  user_errors)
-from model import CheckpointError, load_classifier, resolve_device, world
+from checkpoints import CheckpointError, load_classifier, write_json, write_text_atomic
+from data import AudioDataset, BucketBatchSampler, DataError, collate, load_corpus, read_audio
+from train import OneLineParser, resolve_device, user_errors, world
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -97,21 +97,6 @@ def write_predictions(path, utterances, probs, classes):
     rows += [[u.uid, u.path, u.label, classes[int(np.argmax(p))]] + [f"{x:.6f}" for x in p]
              for u, p in zip(utterances, probs.tolist())]
     write_text_atomic(path, lambda f: csv.writer(f).writerows(rows))
-
-
-def write_json(path, obj):
-    write_text_atomic(path, lambda f: json.dump(obj, f, indent=2))
-
-
-def write_text_atomic(path, write):
-    """write(f) to <path>.tmp, then rename it: a reader never sees half a file. A failure is one line."""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w", newline="") as f:
-            write(f)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise DataError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 # -----------------------------------------------------------------------------

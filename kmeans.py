@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from model import resolve_device, world
+from train import resolve_device, world
 
 FLOAT32_FRAMES = 4096  # frames summed in float32 before they join the float64 sums: adding after every 1024-frame
 # chunk cost 10% of a K=512 pass on the CPU; the groups are fixed, so any number of threads or ranks sums the same

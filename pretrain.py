@@ -32,14 +32,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kmeans
-from data import (COUNT, NATURAL, POSITIVE, PROBABILITY, SECONDS, WEIGHT, AudioDataset, DataError, OneLineParser, collate,
-                  labels_for, load_corpus, load_labels, save_labels, user_errors)
-from finetune import (HOST_GROUP, add_run_flags, autocast_dtype, barrier, check_run_config, class_weights, finish_args,
-                      init_distributed, load_backbone, pad_to_whole_batch, remove_training_state, run_files, run_lock,
-                      seed_everything, train, train_batches, tri_stage_lr, utterance_rng, vft_masks)
+from checkpoints import CheckpointError, load_wav2vec1, load_wav2vec1_teacher, save_wav2vec1_teacher, save_wav2vec2
+from data import SAMPLE_RATE, AudioDataset, DataError, collate, labels_for, load_corpus, load_labels, save_labels
 from evaluate import emotion_nmi
-from model import (SAMPLE_RATE, CheckpointError, Wav2Vec1Teacher, load_wav2vec1, load_wav2vec1_teacher, resolve_device,
-                   save_wav2vec1_teacher, save_wav2vec2, span_masks, world)
+from model import Wav2Vec1Teacher, span_masks, vft_masks
+from train import (COUNT, HOST_GROUP, NATURAL, POSITIVE, PROBABILITY, SECONDS, WEIGHT, OneLineParser, add_run_flags,
+                   autocast_dtype, barrier, check_run_config, class_weights, finish_args, init_distributed,
+                   load_backbone, pad_to_whole_batch, remove_training_state, resolve_device, run_files, run_lock,
+                   seed_everything, train, train_batches, tri_stage_lr, user_errors, utterance_rng, world)
 
 # -----------------------------------------------------------------------------
 # TAPT: wav2vec 2.0's objective, as fairseq defines it (RECIPE.md "TAPT")

@@ -26,7 +26,10 @@ import torch.nn.functional as F
 import transformers
 
 import data
+import checkpoints as C
 import model as M
+import synth as S
+import train as T
 from bench import (fairseq_args, hf_backbone, pretrain_parity, random_model, to_fairseq_state, torchaudio_layers,
                    torchaudio_model, write_fairseq)  # fairseq-format files and torchaudio's twin, shared with the benchmarks
 import pretrain as P
@@ -59,7 +62,7 @@ def test_matches_torchaudio(tmp_path, variant, style):
     net = random_model(cfg)
     path = tmp_path / "ckpt.pt"
     fs_state = write_fairseq(path, net, style)
-    ours = M.load_wav2vec2(path)
+    ours = C.load_wav2vec2(path)
     assert not ours.training and ours.cfg.normalize == cfg.normalize
     assert ours.cfg.has_quantizer == (style != "asr")
     ta = torchaudio_model(cfg, fs_state)
@@ -117,10 +120,10 @@ def test_frame_lengths_conv_arithmetic():
 def test_project_checkpoint_roundtrip_weights_only(tmp_path):
     net = random_model(tiny_config(**TINY_LN))
     path = tmp_path / "ours.pt"
-    M.save_wav2vec2(net, path, meta={"note": "x"})
+    C.save_wav2vec2(net, path, meta={"note": "x"})
     raw = torch.load(path, weights_only=True)
     assert raw["format"] == "w2v2-ser/wav2vec2" and raw["meta"] == {"note": "x"}
-    back = M.load_wav2vec2(path)
+    back = C.load_wav2vec2(path)
     wav = torch.randn(1, 8000)
     with torch.no_grad():
         torch.testing.assert_close(back(wav)[0], net(wav)[0])
@@ -135,8 +138,8 @@ class Exploit:
 def test_loading_never_executes_code(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"model": {}, "args": Exploit()}, path)
-    with pytest.raises(M.CheckpointError, match="refusing to load"):
-        M.load_wav2vec2(path)
+    with pytest.raises(C.CheckpointError, match="refusing to load"):
+        C.load_wav2vec2(path)
     assert not os.path.exists("/tmp/w2v2_ser_pwned")
 
 
@@ -146,26 +149,26 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     write_fairseq(good, net, "args")
     data = good.read_bytes()
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(M.CheckpointError, match="trunc.pt.*not a readable"):
-        M.load_wav2vec2(tmp_path / "trunc.pt")
+    with pytest.raises(C.CheckpointError, match="trunc.pt.*not a readable"):
+        C.load_wav2vec2(tmp_path / "trunc.pt")
     (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(M.CheckpointError, match="text.pt"):
-        M.load_wav2vec2(tmp_path / "text.pt")
-    with pytest.raises(M.CheckpointError, match="no such checkpoint"):
-        M.load_wav2vec2(tmp_path / "absent.pt")
+    with pytest.raises(C.CheckpointError, match="text.pt"):
+        C.load_wav2vec2(tmp_path / "text.pt")
+    with pytest.raises(C.CheckpointError, match="no such checkpoint"):
+        C.load_wav2vec2(tmp_path / "absent.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
-    with pytest.raises(M.CheckpointError, match="not a model checkpoint"):
-        M.load_wav2vec2(tmp_path / "other.pt")
+    with pytest.raises(C.CheckpointError, match="not a model checkpoint"):
+        C.load_wav2vec2(tmp_path / "other.pt")
     # another model family, named as such
     state = to_fairseq_state(net)
     torch.save({"cfg": {"model": {"_name": "hubert"}}, "model": {**state, "label_embs_concat": torch.zeros(3)}},
                tmp_path / "hubert.pt")
-    with pytest.raises(M.CheckpointError, match="HuBERT"):
-        M.load_wav2vec2(tmp_path / "hubert.pt")
+    with pytest.raises(C.CheckpointError, match="HuBERT"):
+        C.load_wav2vec2(tmp_path / "hubert.pt")
     torch.save({"args": argparse.Namespace(arch="wav2vec"), "model": {"feature_aggregator.0.weight": torch.zeros(1)}},
                tmp_path / "v1.pt")
-    with pytest.raises(M.CheckpointError, match=r"wav2vec \(v1\)"):
-        M.load_wav2vec2(tmp_path / "v1.pt")
+    with pytest.raises(C.CheckpointError, match=r"wav2vec \(v1\)"):
+        C.load_wav2vec2(tmp_path / "v1.pt")
     # a missing key, an unexpected key, a shape that does not fit the configuration: all named
     for edit, pattern in [(lambda s: s.pop("encoder.layers.0.fc1.weight"), "missing.*encoder.layers.0.fc1.weight"),
                           (lambda s: s.__setitem__("encoder.layers.0.extra.weight", torch.zeros(1)), "encoder.layers.0.extra"),
@@ -174,8 +177,8 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
         s = to_fairseq_state(net)
         edit(s)
         torch.save({"args": argparse.Namespace(**fairseq_args(net.cfg)), "model": s}, tmp_path / "bad.pt")
-        with pytest.raises(M.CheckpointError, match=pattern):
-            M.load_wav2vec2(tmp_path / "bad.pt")
+        with pytest.raises(C.CheckpointError, match=pattern):
+            C.load_wav2vec2(tmp_path / "bad.pt")
 
 
 def test_bad_waveforms():
@@ -257,12 +260,12 @@ def test_hf_folder_matches_transformers_and_fairseq(tmp_path, shape, fmt, spelli
     hf = hf_backbone(net, "eager", pretraining).eval()
     write_hf(tmp_path, hf, fmt, spelling, cfg.normalize)
     weights = tmp_path / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
-    ours = M.load_wav2vec2(tmp_path if spelling == "parametrizations" else weights)  # the folder or its weights file
+    ours = C.load_wav2vec2(tmp_path if spelling == "parametrizations" else weights)  # the folder or its weights file
     if shape == "base":  # the fairseq path is the tiny cases'; here the weights it would load (seconds saved)
         fs = net
     else:
         write_fairseq(tmp_path / "fairseq.pt", net, "args")
-        fs = M.load_wav2vec2(tmp_path / "fairseq.pt")
+        fs = C.load_wav2vec2(tmp_path / "fairseq.pt")
     assert not ours.training and ours.cfg.has_quantizer == pretraining and ours.cfg.normalize == cfg.normalize
     assert same_config(ours.cfg, fs.cfg)
     own, fs_state = ours.state_dict(), fs.state_dict()
@@ -290,7 +293,7 @@ def test_hf_heads_are_reported_and_dropped(tmp_path, capfd, head):
     hf = getattr(transformers, head)(type(backbone.config).from_dict(config)).eval()
     hf.wav2vec2.load_state_dict(backbone.state_dict())
     write_hf(tmp_path, hf, "safetensors", "parametrizations", False)
-    ours = M.load_wav2vec2(tmp_path)
+    ours = C.load_wav2vec2(tmp_path)
     err = capfd.readouterr().err
     assert "not used by wav2vec 2.0" in err and ("lm_head.weight" in err if "CTC" in head else "layer_weights" in err)
     assert not ours.cfg.has_quantizer
@@ -300,8 +303,8 @@ def test_hf_heads_are_reported_and_dropped(tmp_path, capfd, head):
 
 
 def one_line_error(path, pattern):
-    with pytest.raises(M.CheckpointError, match=pattern) as e:
-        M.load_wav2vec2(path)
+    with pytest.raises(C.CheckpointError, match=pattern) as e:
+        C.load_wav2vec2(path)
     assert "\n" not in str(e.value)
     return str(e.value)
 
@@ -382,7 +385,7 @@ def test_hf_sharded_folder(tmp_path):
     hf = hf_backbone(net, "eager", pretraining=True).eval()
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("*.safetensors"))) > 1
-    ours = M.load_wav2vec2(tmp_path)
+    ours = C.load_wav2vec2(tmp_path)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in ours.state_dict().items())
 
 
@@ -409,7 +412,7 @@ PREDICTION_STEPS = 12
 
 
 def v1_layers(text):
-    return M._conv_layers_from_string(text)
+    return C._conv_layers_from_string(text)
 
 
 def v1_fairseq_state(s, seed=0, dtype=torch.float32):
@@ -530,7 +533,7 @@ def test_v1_every_key_accounted_for(tmp_path, style, settings):
     s = {"narrow": NARROW, "options": OPTIONS}[settings]
     state = v1_fairseq_state(s, dtype=torch.float16 if style == "args" else torch.float32)
     write_v1(tmp_path / "v1.pt", s, style, state)
-    net = M.load_wav2vec1(tmp_path / "v1.pt")
+    net = C.load_wav2vec1(tmp_path / "v1.pt")
     assert not net.training and all(p.dtype == torch.float32 for p in net.parameters())
     cfg = net.cfg
     assert cfg.conv_layers == v1_layers(s["conv_feature_layers"]) and cfg.agg_layers == v1_layers(s["conv_aggregator_layers"])
@@ -540,8 +543,8 @@ def test_v1_every_key_accounted_for(tmp_path, style, settings):
     assert cfg.activation == s.get("activation", "relu")
     # every file key: mapped onto exactly one parameter with its values, or in the ignore list
     ours = net.state_dict()
-    mapped = {k: M.fairseq_key(k, M.V1_KEYS) for k in state}
-    ignored = {k for k in state if any(re.fullmatch(p, k) for p in M.V1_IGNORED)}
+    mapped = {k: C.fairseq_key(k, C.V1_KEYS) for k in state}
+    ignored = {k for k in state if any(re.fullmatch(p, k) for p in C.V1_IGNORED)}
     assert ignored == {"wav2vec_predictions.project_to_steps.weight", "wav2vec_predictions.project_to_steps.bias"}
     assert all((mapped[k] is None) == (k in ignored) for k in state)
     assert sorted(v for v in mapped.values() if v) == sorted(ours)
@@ -554,7 +557,7 @@ def test_v1_real_large_shapes(tmp_path):
     """wav2vec_large.pt's exact shapes (args style, as released), two short utterances against the reference."""
     state = v1_fairseq_state(LARGE, seed=1)
     write_v1(tmp_path / "wav2vec_large.pt", LARGE, "args", state)
-    net = M.load_wav2vec1(tmp_path / "wav2vec_large.pt")
+    net = C.load_wav2vec1(tmp_path / "wav2vec_large.pt")
     assert net.cfg == M.Wav2Vec1Config()  # the config's defaults are Large's
     n_params = sum(p.numel() for p in net.parameters())
     assert n_params == sum(v.numel() for k, v in state.items() if not k.startswith("wav2vec_predictions"))
@@ -578,7 +581,7 @@ def test_v1_matches_reference(tmp_path, settings):
     s = {"narrow": NARROW, "options": OPTIONS}[settings]
     state = v1_fairseq_state(s, seed=3)
     write_v1(tmp_path / "v1.pt", s, "cfg", state)
-    net = M.load_wav2vec1(tmp_path / "v1.pt")
+    net = C.load_wav2vec1(tmp_path / "v1.pt")
     g = torch.Generator().manual_seed(4)
     # 130 samples (options model): 25 -> 5 -> 1 frames, so fairseq's skip step (the width ratio) is 5, not the stride
     lengths = [4000, 2900, 1000 if settings == "narrow" else 130]
@@ -672,13 +675,13 @@ def test_v1_frame_lengths_match_the_convs():
 def test_v1_refuses_code_in_pickle(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"args": RunsCommand(f"touch {marker}"), "model": {}}, tmp_path / "evil.pt")
-    with pytest.raises(M.CheckpointError, match="refusing to load posix.system|refusing to load os.system"):
-        M.load_wav2vec1(tmp_path / "evil.pt")
+    with pytest.raises(C.CheckpointError, match="refusing to load posix.system|refusing to load os.system"):
+        C.load_wav2vec1(tmp_path / "evil.pt")
     assert not marker.exists()
 
 
 def v1_one_line_error(load, path, pattern):
-    with pytest.raises(M.CheckpointError) as e:
+    with pytest.raises(C.CheckpointError) as e:
         load(path)
     message = str(e.value)
     assert "\n" not in message and re.search(pattern, message), message
@@ -689,30 +692,30 @@ def test_v1_other_families_and_bad_files_one_line(tmp_path):
     # a wav2vec 2.0 file (cfg and args styles) to the v1 loader
     w2v2 = {"feature_extractor.conv_layers.0.0.weight": torch.zeros(512, 1, 10), "mask_emb": torch.zeros(768)}
     torch.save({"cfg": {"model": {"_name": "wav2vec2"}, "task": {}}, "model": w2v2}, tmp_path / "w2v2.pt")
-    v1_one_line_error(M.load_wav2vec1, tmp_path / "w2v2.pt", r"wav2vec 2\.0 .*\('wav2vec2'\), not wav2vec \(v1\)")
+    v1_one_line_error(C.load_wav2vec1, tmp_path / "w2v2.pt", r"wav2vec 2\.0 .*\('wav2vec2'\), not wav2vec \(v1\)")
     torch.save({"args": argparse.Namespace(arch="hubert"), "model": w2v2}, tmp_path / "hubert.pt")
-    v1_one_line_error(M.load_wav2vec1, tmp_path / "hubert.pt", r"HuBERT.*not wav2vec \(v1\)")
+    v1_one_line_error(C.load_wav2vec1, tmp_path / "hubert.pt", r"HuBERT.*not wav2vec \(v1\)")
     # a v1 file to the wav2vec 2.0 loader: refused by name
     state = v1_fairseq_state(NARROW)
     for style in ("args", "cfg"):
         write_v1(tmp_path / f"v1_{style}.pt", NARROW, style, state)
-        v1_one_line_error(M.load_wav2vec2, tmp_path / f"v1_{style}.pt", r"holds a wav2vec \(v1\) model \('wav2vec'\)")
+        v1_one_line_error(C.load_wav2vec2, tmp_path / f"v1_{style}.pt", r"holds a wav2vec \(v1\) model \('wav2vec'\)")
     # vq-wav2vec, the GRU aggregator, a file that leaves a version-dependent setting unstated
     for edit, pattern in [({"vq_type": "gumbel"}, "vq-wav2vec"), ({"aggregator": "gru"}, "aggregator='gru'"),
                           ({"log_compression": None}, r"\['log_compression'\] are not in the file")]:
         write_v1(tmp_path / "odd.pt", {**NARROW, **edit}, "cfg", state)
-        v1_one_line_error(M.load_wav2vec1, tmp_path / "odd.pt", pattern)
+        v1_one_line_error(C.load_wav2vec1, tmp_path / "odd.pt", pattern)
     # missing, unexpected and wrong-shape parameters: all named in one line
     bad = dict(state)
     bad.pop("feature_aggregator.conv_layers.3.1.bias")
     bad["feature_aggregator.extra.weight"] = torch.zeros(1)
     bad["feature_extractor.conv_layers.1.0.weight"] = torch.zeros(8, 8, 3)
     write_v1(tmp_path / "bad.pt", NARROW, "args", bad)
-    v1_one_line_error(M.load_wav2vec1, tmp_path / "bad.pt",
+    v1_one_line_error(C.load_wav2vec1, tmp_path / "bad.pt",
                    r"missing \['aggregator\.blocks\.3\.conv\.bias'\]; unexpected \['feature_aggregator\.extra\.weight'\]; "
                    r"shapes .*feature_extractor\.blocks\.1\.conv\.weight: file \(8, 8, 3\) vs config \(8, 8, 8\)")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
-    v1_one_line_error(M.load_wav2vec1, tmp_path / "other.pt", "not a model checkpoint")
+    v1_one_line_error(C.load_wav2vec1, tmp_path / "other.pt", "not a model checkpoint")
 
 
 # =============================================================================
@@ -757,7 +760,7 @@ def one_per_session(label="neu", audio=8000):
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("synth") / "IEMOCAP_full_release")
-    data.synthesize_iemocap(root, utterances_per_session=8, seed=3, min_seconds=0.5, max_seconds=1.5)
+    S.synthesize_iemocap(root, utterances_per_session=8, seed=3, min_seconds=0.5, max_seconds=1.5)
     return root
 
 
@@ -827,7 +830,7 @@ def test_synthetic_decoys_and_junk_are_not_counted(synth):
 def test_synthesis_is_deterministic_and_realistic(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     for out in (a, b):
-        data.synthesize_iemocap(out, utterances_per_session=2, seed=7, min_seconds=1.0, max_seconds=2.0)
+        S.synthesize_iemocap(out, utterances_per_session=2, seed=7, min_seconds=1.0, max_seconds=2.0)
     files = sorted(os.path.relpath(p, a) for p in glob.glob(os.path.join(a, "**", "*"), recursive=True))
     assert files == sorted(os.path.relpath(p, b) for p in glob.glob(os.path.join(b, "**", "*"), recursive=True))
     for rel in files:
@@ -837,10 +840,10 @@ def test_synthesis_is_deterministic_and_realistic(tmp_path):
     info = sf.info(utterances[0].path)
     assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
     assert all(1.0 * 16000 <= u.num_samples <= 2.0 * 16000 + 1 for u in utterances)
-    data.synthesize_iemocap(a, utterances_per_session=1, seed=7, min_seconds=1.0, max_seconds=2.0)  # rewrite: ok
+    S.synthesize_iemocap(a, utterances_per_session=1, seed=7, min_seconds=1.0, max_seconds=2.0)  # rewrite: ok
     assert data.count_table(data.load_iemocap(a))["total"] == 5
     with pytest.raises(data.DataError, match="not empty"):
-        data.synthesize_iemocap(str(tmp_path), utterances_per_session=1)  # a folder it did not write
+        S.synthesize_iemocap(str(tmp_path), utterances_per_session=1)  # a folder it did not write
 
 
 def test_split_fold(synth):
@@ -1090,14 +1093,14 @@ def test_sampler_distributed_shards():
 
 # ----------------------------------------------------------------------------- command line
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(HERE, "data.py"), *args], capture_output=True, text=True,
+def run_cli(*args, name="data.py"):
+    return subprocess.run([sys.executable, os.path.join(HERE, name), *args], capture_output=True, text=True,
                           timeout=120)
 
 
 def test_cli(tmp_path):
     out = str(tmp_path / "IEMOCAP_full_release")
-    done = run_cli("--synth", out, "--per-session", "2", "--seed", "1", "--max-seconds", "2")
+    done = run_cli(out, "--per-session", "2", "--seed", "1", "--max-seconds", "2", name="synth.py")
     assert done.returncode == 0, done.stderr
     done = run_cli("--data", out, "--json")
     assert done.returncode == 0, done.stderr
@@ -1321,8 +1324,8 @@ def test_wav2vec2_objective_learns_on_a_tiny_model():
     their targets, which get -inf)."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    wav = torch.stack([torch.from_numpy(np.asarray(data.synth_utterance(
-        rng, data.speaker_voice(rng, "FM"[i % 2]), data.EMOTION_STYLE[("neu", "ang", "sad", "hap")[i]],
+    wav = torch.stack([torch.from_numpy(np.asarray(S.synth_utterance(
+        rng, S.speaker_voice(rng, "FM"[i % 2]), S.EMOTION_STYLE[("neu", "ang", "sad", "hap")[i]],
         1.0, -50.0), dtype=np.float32)) for i in range(4)])
     wav = 0.5 * wav / wav.abs().amax(1, keepdim=True)
     lens = torch.full((4,), wav.shape[1])
@@ -1375,7 +1378,7 @@ def test_vft_loss_is_class_weighted_cross_entropy():
     import finetune
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(6, 4, generator=g), torch.tensor([0, 1, 1, 2, 3, 3])
-    weights = finetune.class_weights([0, 0, 1, 2, 2, 2, 3], 4)
+    weights = T.class_weights([0, 0, 1, 2, 2, 2, 3], 4)
     total, count = finetune.vft_loss(logits, labels, weights)
     log_p = logits.double().log_softmax(-1)
     w = weights.double()[labels]
@@ -1421,12 +1424,11 @@ class RunsCommand:
 def test_resume_points_never_run_code(tmp_path, capsys):
     """A resume file is read like a checkpoint: a pickle that would run a command is refused (and the
     previous resume point used), never executed."""
-    import finetune
     path = str(tmp_path / "state.pt")
-    finetune.save_training_state({"update": 1}, path)
+    T.save_training_state({"update": 1}, path)
     marker = tmp_path / "ran"
     torch.save({"update": RunsCommand(f"touch {marker}")}, f"{path}.new")  # a newer 'resume point' that runs code
-    assert finetune.load_training_state(path)["update"] == 1
+    assert T.load_training_state(path)["update"] == 1
     assert not marker.exists() and "state.pt.new is unreadable" in capsys.readouterr().err
 
 
@@ -1865,7 +1867,7 @@ def test_distributed_matches_single_process(tmp_path):
 # -- P-TAPT's k-means stage (pretrain.pseudo_label_stage): 2 gloo processes = 1 process -------------
 
 def _tiny_teacher():
-    from finetune import tiny_random_config
+    from train import tiny_random_config
     torch.manual_seed(0)
     return M.Wav2Vec2(tiny_random_config()).eval()
 
@@ -1897,7 +1899,7 @@ def _stage_worker(rank, init_file, utterances, tmp, x, shard):
 @pytest.mark.usefixtures("one_thread")
 def test_pseudo_label_stage_two_processes_equal_one(tmp_path):
     root = tmp_path / "IEMOCAP_full_release"
-    data.synthesize_iemocap(str(root), utterances_per_session=4, seed=2, min_seconds=0.6, max_seconds=2.0)
+    S.synthesize_iemocap(str(root), utterances_per_session=4, seed=2, min_seconds=0.6, max_seconds=2.0)
     train = data.load_corpus(str(root), 1)[0]["train"]
     x = torch.from_numpy(blobs(5000, dim=8, centers=12))
 
@@ -2071,7 +2073,7 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # CPU results bit for bit: 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("corpus") / "IEMOCAP_full_release")
-    data.synthesize_iemocap(root, utterances_per_session=24, seed=1, min_seconds=1.0, max_seconds=3.0)
+    S.synthesize_iemocap(root, utterances_per_session=24, seed=1, min_seconds=1.0, max_seconds=3.0)
     return root
 
 
@@ -2179,7 +2181,7 @@ def test_quickstart_fills_in_its_preset(corpus, tmp_path):
 
 def test_class_weights_and_stratified_fraction():
     import finetune
-    w = finetune.class_weights([0, 0, 0, 1], 2)  # N / n_c = 4/3, 4 -> normalised 0.25, 0.75
+    w = T.class_weights([0, 0, 0, 1], 2)  # N / n_c = 4/3, 4 -> normalised 0.25, 0.75
     torch.testing.assert_close(w, torch.tensor([0.25, 0.75]))
     utts = [data.Utterance(f"u{i}", f"u{i}.wav", "ab"[i % 2], 16000) for i in range(40)]
     half = finetune.stratified_fraction(utts, 0.25, seed=0)
@@ -2188,8 +2190,7 @@ def test_class_weights_and_stratified_fraction():
 
 
 def test_tri_stage_schedule():
-    import finetune
-    lr = [finetune.tri_stage_lr(s, total=100, warmup=10, flat=5) for s in range(101)]
+    lr = [T.tri_stage_lr(s, total=100, warmup=10, flat=5) for s in range(101)]
     assert lr[0] == pytest.approx(0.1) and lr[9] == 1.0 and lr[14] == 1.0
     assert lr[15] == pytest.approx(85 / 85) and lr[57] == pytest.approx(43 / 85) and lr[100] == 0.0
     assert all(a >= b for a, b in zip(lr[10:], lr[11:]))
@@ -2395,7 +2396,7 @@ def test_keep_best_keeps_the_lowest_validation_loss_once_per_update():
 def test_labels_aligned_to_wav2vec2_frames_from_frame_0(tmp_path):
     """Stored at the teacher's frames, read at wav2vec 2.0's: the same labels from frame 0, then -100 for the
     one or two frames the teacher lacks, exactly (L - 400) // 320 + 1 - ((L - 945) // 320 + 1)."""
-    teacher = M.Wav2Vec1Teacher(M.Wav2Vec1(M.config_from_v1(TINY_V1)))
+    teacher = M.Wav2Vec1Teacher(M.Wav2Vec1(C.config_from_v1(TINY_V1)))
     backbone = M.Wav2Vec2(M.Wav2Vec2Config())
     lengths = [945, 1264, 1265, 1520, 16000, 16224, 16225]
     utterances = [data.Utterance(f"u{i}", "x.wav", "neu", n) for i, n in enumerate(lengths)]
@@ -2450,7 +2451,7 @@ def test_v1_teacher_refusals_are_one_line(corpus, tiny_v1, tmp_path):
         r = script("pretrain.py", *args, *extra, "--out", tmp_path / extra[0].strip("-"))
         assert r.returncode == 2 and pattern in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     # a wav2vec 2.0 file as --teacher; the v1 file as a V-FT backbone
-    M.save_wav2vec2(M.Wav2Vec2(M.Wav2Vec2Config(conv_layers=[(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2,
+    C.save_wav2vec2(M.Wav2Vec2(M.Wav2Vec2Config(conv_layers=[(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2,
                                                  embed_dim=16, ffn_dim=16, num_layers=1, num_heads=2,
                                                  pos_conv_kernel=4, pos_conv_groups=2)), tmp_path / "w2v2.pt")
     args[args.index(tiny_v1)] = tmp_path / "w2v2.pt"
@@ -2537,17 +2538,16 @@ def test_killed_pretraining_stages_resume_to_the_same_result(corpus, straight_ru
 
 
 def test_damaged_resume_point_falls_back_to_the_previous_one(tmp_path, capsys):
-    import finetune
     path = str(tmp_path / "state.pt")
-    finetune.save_training_state({"update": 1}, path)
-    finetune.save_training_state({"update": 2}, path)
-    assert finetune.load_training_state(path)["update"] == 2
+    T.save_training_state({"update": 1}, path)
+    T.save_training_state({"update": 2}, path)
+    assert T.load_training_state(path)["update"] == 2
     with open(path, "r+b") as f:  # cut short, as by a crash or a full disk on a copy
         f.truncate(100)
-    assert finetune.load_training_state(path)["update"] == 1
+    assert T.load_training_state(path)["update"] == 1
     assert "state.pt is unreadable" in capsys.readouterr().err
-    finetune.remove_training_state(path)
-    assert finetune.load_training_state(path) is None and not os.listdir(tmp_path)
+    T.remove_training_state(path)
+    assert T.load_training_state(path) is None and not os.listdir(tmp_path)
 
 
 def test_unwritable_or_full_output_folder_fails_before_training(corpus, tmp_path, monkeypatch, capsys):
@@ -2557,7 +2557,7 @@ def test_unwritable_or_full_output_folder_fails_before_training(corpus, tmp_path
         r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", out, *TINY_RUN)
         assert r.returncode == 2 and "cannot write to the output folder" in r.stderr, r.stderr[-2000:]
         assert "Traceback" not in r.stderr
-    monkeypatch.setattr(finetune.shutil, "disk_usage", lambda path: argparse.Namespace(total=10 ** 6, used=0, free=1000))
+    monkeypatch.setattr(T.shutil, "disk_usage", lambda path: argparse.Namespace(total=10 ** 6, used=0, free=1000))
     with pytest.raises(SystemExit) as e:
         finetune.main(list(map(str, ["--fold", 1, "--data", corpus, "--out", tmp_path / "full", *TINY_RUN])))
     assert e.value.code == 2
@@ -2689,7 +2689,7 @@ def test_a_failed_save_is_one_line_and_the_rerun_logs_each_epoch_once(corpus, tm
     """torch.save reports a full disk as a RuntimeError: one line saying what was kept; the epoch whose
     save failed runs again and is logged once."""
     import finetune
-    real, calls = finetune.save_atomic, []
+    real, calls = C.save_atomic, []
 
     def full_disk(obj, path):
         calls.append(path)
@@ -2698,7 +2698,7 @@ def test_a_failed_save_is_one_line_and_the_rerun_logs_each_epoch_once(corpus, tm
                                "data/3: file write failed")
         real(obj, path)
 
-    monkeypatch.setattr(finetune, "save_atomic", full_disk)
+    monkeypatch.setattr(T, "save_atomic", full_disk)
     argv = list(map(str, ["--fold", 1, "--data", corpus, "--out", tmp_path, "--epochs", 3, "--train-fraction", 0.25,
                           *TINY_RUN]))
     with pytest.raises(SystemExit) as e:
@@ -2706,7 +2706,7 @@ def test_a_failed_save_is_one_line_and_the_rerun_logs_each_epoch_once(corpus, tm
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "could not write the resume point" in err[0]
     assert "is intact" in err[0] and "file write failed" in err[0]
-    monkeypatch.setattr(finetune, "save_atomic", real)
+    monkeypatch.setattr(T, "save_atomic", real)
     finetune.main(argv)
     log = read_log(tmp_path / "vft" / "fold1" / "run0" / "log.jsonl")
     assert [row["epoch"] for row in log] == [1, 2, 3]
@@ -2716,18 +2716,18 @@ def test_ctrl_c_while_the_quick_start_writes_its_corpus(tmp_path):
     """Interrupted: one line, exit 130, no half-written corpus; the rerun writes it again."""
     corpus_dir = tmp_path / "synth"
     # Ctrl-C's default action in the child, whatever the test process inherited (an ignored SIGINT is inherited)
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "data.py"), "--synth", corpus_dir], text=True,
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "synth.py"), corpus_dir], text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 60
     while not (tmp_path / "synth.partial" / "Session2").exists() and time.time() < deadline and p.poll() is None:
         time.sleep(0.01)
-    assert p.poll() is None, f"data.py --synth ended before it was interrupted: {p.communicate()}"
+    assert p.poll() is None, f"synth.py ended before it was interrupted: {p.communicate()}"
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130 and err.strip().startswith("interrupted") and "Traceback" not in err
     assert not corpus_dir.exists() and not (tmp_path / "synth.partial").exists()
-    r = run_cli("--synth", str(corpus_dir), "--per-session", "2", "--max-seconds", "2")
+    r = run_cli(str(corpus_dir), "--per-session", "2", "--max-seconds", "2", name="synth.py")
     assert r.returncode == 0 and len(data.load_iemocap(corpus_dir)) == 10
 
 
@@ -2756,13 +2756,12 @@ def torchrun(name, *args, timeout=300):
 def deterministic_tiny(tmp_path_factory):
     """The quick start's tiny model without dropout: a run is then a function of data, masks and
     seed alone, so one process and two can be compared weight for weight."""
-    import finetune
-    cfg = finetune.tiny_random_config()
+    cfg = T.tiny_random_config()
     for k in ("dropout", "attention_dropout", "activation_dropout", "dropout_input", "dropout_features"):
         setattr(cfg, k, 0.0)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny-no-dropout.pt"
-    M.save_wav2vec2(M.Wav2Vec2(cfg), path)
+    C.save_wav2vec2(M.Wav2Vec2(cfg), path)
     return path
 
 
@@ -2867,7 +2866,7 @@ def test_torchrun_tapt_runs_the_same_updates(corpus, tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     log = read_log(tmp_path / "tapt" / "fold1" / "tapt.log.jsonl")
     assert log[-1]["update"] == 5 and all(np.isfinite(r["loss"]) for r in log)
-    assert M.load_wav2vec2(tmp_path / "tapt" / "fold1" / "pretrained.pt").cfg.has_quantizer
+    assert C.load_wav2vec2(tmp_path / "tapt" / "fold1" / "pretrained.pt").cfg.has_quantizer
 
 
 # =============================================================================
