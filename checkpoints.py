@@ -32,6 +32,7 @@ from model import (
     Wav2Vec2Config,
 )
 
+
 class CheckpointError(Exception):
     """A checkpoint file that cannot be used; the message names the file and what was found."""
 
@@ -39,6 +40,7 @@ class CheckpointError(Exception):
 class Opaque:
     """Inert stand-in for a class a checkpoint names but we do not import (omegaconf, fairseq,
     numpy, enums): it records its constructor arguments and state, and runs no code."""
+
     _module = _name = ""
 
     def __init__(self, *args, **kwargs):
@@ -51,23 +53,56 @@ class Opaque:
         return f"<{self._module}.{self._name}>"
 
 
-_OPAQUE_MODULES = ("omegaconf", "fairseq", "numpy", "typing", "enum", "pathlib", "collections", "copyreg")
+_OPAQUE_MODULES = (
+    "omegaconf",
+    "fairseq",
+    "numpy",
+    "typing",
+    "enum",
+    "pathlib",
+    "collections",
+    "copyreg",
+)
 
 
-_ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict, ("argparse", "Namespace"): argparse.Namespace,
-            ("torch", "Size"): torch.Size, ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
-            ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
-            # torch.save pickles with protocol 2, which writes int and str under their Python 2 names
-            ("__builtin__", "long"): int, ("__builtin__", "unicode"): str}
+_ALLOWED = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("argparse", "Namespace"): argparse.Namespace,
+    ("torch", "Size"): torch.Size,
+    ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+    ("torch._tensor", "_rebuild_from_type_v2"): torch._tensor._rebuild_from_type_v2,
+    # torch.save pickles with protocol 2, which writes int and str under their Python 2 names
+    ("__builtin__", "long"): int,
+    ("__builtin__", "unicode"): str,
+}
 
 
-for _name in ("_rebuild_tensor", "_rebuild_tensor_v2", "_rebuild_tensor_v3", "_rebuild_parameter",
-              "_rebuild_parameter_with_state"):
+for _name in (
+    "_rebuild_tensor",
+    "_rebuild_tensor_v2",
+    "_rebuild_tensor_v3",
+    "_rebuild_parameter",
+    "_rebuild_parameter_with_state",
+):
     if hasattr(torch._utils, _name):
         _ALLOWED[("torch._utils", _name)] = getattr(torch._utils, _name)
 # plain builtin types (omegaconf records them as key and element types); calling them runs no user code
 for _mod in ("builtins", "__builtin__"):
-    for _t in (dict, list, tuple, set, frozenset, int, float, str, bool, bytes, complex, slice, object):
+    for _t in (
+        dict,
+        list,
+        tuple,
+        set,
+        frozenset,
+        int,
+        float,
+        str,
+        bool,
+        bytes,
+        complex,
+        slice,
+        object,
+    ):
         _ALLOWED[(_mod, _t.__name__)] = _t
 
 
@@ -82,7 +117,9 @@ class _SafeUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if module.split(".")[0] in _OPAQUE_MODULES:
             return type(name, (Opaque,), {"_module": module, "_name": name})
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}: not a tensor, container or config record")
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: not a tensor, container or config record"
+        )
 
 
 class _SafePickleModule:  # what torch.load expects of pickle_module
@@ -123,12 +160,25 @@ def read_checkpoint(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        return torch.load(path, map_location="cpu", pickle_module=_SafePickleModule, weights_only=False)
+        return torch.load(
+            path, map_location="cpu", pickle_module=_SafePickleModule, weights_only=False
+        )
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    except (RuntimeError, EOFError, ValueError, OSError, IndexError, KeyError, AttributeError, TypeError) as e:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or another format?): "
-                              f"{type(e).__name__}: {str(e)[:200]}") from None
+    except (
+        RuntimeError,
+        EOFError,
+        ValueError,
+        OSError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        TypeError,
+    ) as e:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or another format?): "
+            f"{type(e).__name__}: {str(e)[:200]}"
+        ) from None
 
 
 def save_atomic(obj, path):
@@ -140,7 +190,9 @@ def save_atomic(obj, path):
     try:
         torch.save(obj, tmp)
         os.replace(tmp, path)
-    except RuntimeError as e:  # torch.save reports a full disk or an unopenable file as a RuntimeError
+    except (
+        RuntimeError
+    ) as e:  # torch.save reports a full disk or an unopenable file as a RuntimeError
         raise OSError(f"cannot write {path}: {str(e).splitlines()[0]}") from None
     finally:
         if os.path.exists(tmp):
@@ -166,6 +218,7 @@ def write_json(path, obj):
 def _conv_layers_from_string(text):
     """fairseq's conv_feature_layers is a Python expression such as
     "[(512, 10, 5)] + [(512, 3, 2)] * 4" (or the list itself); evaluate it without eval()."""
+
     def ev(node):
         if isinstance(node, ast.Expression):
             return ev(node.body)
@@ -178,26 +231,45 @@ def _conv_layers_from_string(text):
             a, b = ev(node.left), ev(node.right)
             return a + b if isinstance(node.op, ast.Add) else a * b
         raise ValueError(f"unsupported expression in conv_feature_layers: {text!r}")
+
     layers = ev(ast.parse(text, mode="eval")) if isinstance(text, str) else text
     return [tuple(int(v) for v in layer) for layer in layers]
 
 
 def _renamed(c: dict, names: dict, defaults) -> dict:
     """The settings c has under the names in `names` (our field -> theirs), as the types of defaults' fields."""
-    return {ours: type(getattr(defaults, ours))(c[theirs]) for ours, theirs in names.items()
-            if c.get(theirs) is not None}
+    return {
+        ours: type(getattr(defaults, ours))(c[theirs])
+        for ours, theirs in names.items()
+        if c.get(theirs) is not None
+    }
 
 
 # Wav2Vec2Config field -> fairseq's name for it (args or cfg.model)
-FAIRSEQ_NAMES = {"extractor_mode": "extractor_mode", "conv_bias": "conv_bias", "embed_dim": "encoder_embed_dim",
-                 "ffn_dim": "encoder_ffn_embed_dim", "num_layers": "encoder_layers",
-                 "num_heads": "encoder_attention_heads", "layer_norm_first": "layer_norm_first",
-                 "pos_conv_kernel": "conv_pos", "pos_conv_groups": "conv_pos_groups", "dropout": "dropout",
-                 "attention_dropout": "attention_dropout", "activation_dropout": "activation_dropout",
-                 "dropout_input": "dropout_input", "dropout_features": "dropout_features",
-                 "layerdrop": "encoder_layerdrop", "feature_grad_mult": "feature_grad_mult",
-                 "final_dim": "final_dim", "latent_vars": "latent_vars", "latent_groups": "latent_groups",
-                 "latent_dim": "latent_dim", "logit_temp": "logit_temp", "num_negatives": "num_negatives"}
+FAIRSEQ_NAMES = {
+    "extractor_mode": "extractor_mode",
+    "conv_bias": "conv_bias",
+    "embed_dim": "encoder_embed_dim",
+    "ffn_dim": "encoder_ffn_embed_dim",
+    "num_layers": "encoder_layers",
+    "num_heads": "encoder_attention_heads",
+    "layer_norm_first": "layer_norm_first",
+    "pos_conv_kernel": "conv_pos",
+    "pos_conv_groups": "conv_pos_groups",
+    "dropout": "dropout",
+    "attention_dropout": "attention_dropout",
+    "activation_dropout": "activation_dropout",
+    "dropout_input": "dropout_input",
+    "dropout_features": "dropout_features",
+    "layerdrop": "encoder_layerdrop",
+    "feature_grad_mult": "feature_grad_mult",
+    "final_dim": "final_dim",
+    "latent_vars": "latent_vars",
+    "latent_groups": "latent_groups",
+    "latent_dim": "latent_dim",
+    "logit_temp": "logit_temp",
+    "num_negatives": "num_negatives",
+}
 
 
 def config_from_fairseq(c: dict, normalize: bool, has_quantizer: bool) -> Wav2Vec2Config:
@@ -206,28 +278,45 @@ def config_from_fairseq(c: dict, normalize: bool, has_quantizer: bool) -> Wav2Ve
     if layer_type not in (None, "transformer"):
         raise ValueError(f"layer_type={layer_type!r} (only the transformer encoder is supported)")
     if int(c.get("pos_conv_depth", 1) or 1) != 1:
-        raise ValueError(f"pos_conv_depth={c['pos_conv_depth']} (data2vec-style; only depth 1 is supported)")
+        raise ValueError(
+            f"pos_conv_depth={c['pos_conv_depth']} (data2vec-style; only depth 1 is supported)"
+        )
     d = Wav2Vec2Config()
     values = _renamed(c, FAIRSEQ_NAMES, d)
-    values["final_dim"] = values.get("final_dim", d.final_dim) or values.get("embed_dim", d.embed_dim)  # 0: embed_dim
+    values["final_dim"] = values.get("final_dim", d.final_dim) or values.get(
+        "embed_dim", d.embed_dim
+    )  # 0: embed_dim
     temp = c.get("latent_temp", d.latent_temp)
     temp = ast.literal_eval(temp) if isinstance(temp, str) else temp
-    return Wav2Vec2Config(**values, conv_layers=_conv_layers_from_string(c.get("conv_feature_layers", d.conv_layers)),
-                          latent_temp=tuple(float(v) for v in temp), normalize=bool(normalize),
-                          has_quantizer=has_quantizer)
+    return Wav2Vec2Config(
+        **values,
+        conv_layers=_conv_layers_from_string(c.get("conv_feature_layers", d.conv_layers)),
+        latent_temp=tuple(float(v) for v in temp),
+        normalize=bool(normalize),
+        has_quantizer=has_quantizer,
+    )
 
 
 # fairseq parameter name -> this module's name
 FAIRSEQ_KEYS = [
     (r"feature_extractor\.conv_layers\.(\d+)\.0\.(weight|bias)", r"feature_encoder.convs.\1.\2"),
-    (r"feature_extractor\.conv_layers\.0\.2\.(weight|bias)", r"feature_encoder.norms.0.\1"),  # group norm
-    (r"feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)", r"feature_encoder.norms.\1.\2"),  # layer norms
+    (
+        r"feature_extractor\.conv_layers\.0\.2\.(weight|bias)",
+        r"feature_encoder.norms.0.\1",
+    ),  # group norm
+    (
+        r"feature_extractor\.conv_layers\.(\d+)\.2\.1\.(weight|bias)",
+        r"feature_encoder.norms.\1.\2",
+    ),  # layer norms
     (r"encoder\.pos_conv\.0\.(bias|weight_g|weight_v)", r"encoder.pos_conv.\1"),
     # newer torch's weight-norm parametrization: original0 = g, original1 = v
     (r"encoder\.pos_conv\.0\.parametrizations\.weight\.original0", "encoder.pos_conv.weight_g"),
     (r"encoder\.pos_conv\.0\.parametrizations\.weight\.original1", "encoder.pos_conv.weight_v"),
-    (r"(mask_emb|quantizer\.vars|(layer_norm|post_extract_proj|encoder\.layer_norm|quantizer\.weight_proj|project_q|"
-     r"final_proj|encoder\.layers\.\d+\.(self_attn\.)?\w+)\.(weight|bias))", r"\1"),
+    (
+        r"(mask_emb|quantizer\.vars|(layer_norm|post_extract_proj|encoder\.layer_norm|quantizer\.weight_proj|project_q|"
+        r"final_proj|encoder\.layers\.\d+\.(self_attn\.)?\w+)\.(weight|bias))",
+        r"\1",
+    ),
 ]
 
 
@@ -269,7 +358,9 @@ def _map_keys(path, state, table, ignored, prefix=""):
         else:
             mapped[name] = value
     if unknown:
-        raise CheckpointError(f"{path}: parameters this wav2vec 2.0 does not know: {_some(unknown)}")
+        raise CheckpointError(
+            f"{path}: parameters this wav2vec 2.0 does not know: {_some(unknown)}"
+        )
     if unused:
         print(f"{path}: not used by wav2vec 2.0: {sorted(unused)}", file=sys.stderr)
     return mapped
@@ -280,33 +371,59 @@ def _model_and_task(*containers, missing="no fairseq configuration (neither 'cfg
     namespace (older): the first of containers that is either -> (model settings, task settings, model name)."""
     for c in map(to_plain, containers):
         if isinstance(c, dict):
-            model, task = (c["model"], c.get("task") or {}) if isinstance(c.get("model"), dict) else (c, c)
+            model, task = (
+                (c["model"], c.get("task") or {}) if isinstance(c.get("model"), dict) else (c, c)
+            )
             return model, task, model.get("_name") or model.get("arch") or ""
     raise ValueError(missing)
 
 
 # fairseq's model names (arch or _name) -> what they are, for messages; audio_cpc: v1's name before fairseq renamed it
-MODEL_FAMILIES = {"wav2vec2": "wav2vec 2.0", "wav2vec_ctc": "wav2vec 2.0 ASR", "wav2vec_seq2seq": "wav2vec 2.0 ASR",
-                  "hubert": "HuBERT", "data2vec_audio": "data2vec", "wav2vec": "wav2vec (v1)", "audio_cpc": "wav2vec (v1)"}
+MODEL_FAMILIES = {
+    "wav2vec2": "wav2vec 2.0",
+    "wav2vec_ctc": "wav2vec 2.0 ASR",
+    "wav2vec_seq2seq": "wav2vec 2.0 ASR",
+    "hubert": "HuBERT",
+    "data2vec_audio": "data2vec",
+    "wav2vec": "wav2vec (v1)",
+    "audio_cpc": "wav2vec (v1)",
+}
 
 
 def _from_fairseq(path, ckpt):
     """(config, state) of a fairseq wav2vec 2.0 file, pretrained or ASR fine-tuned; another model -> ValueError."""
     model_cfg, task, name = _model_and_task(ckpt.get("cfg"), ckpt.get("args"))
     prefix = ""
-    if name in ("wav2vec_ctc", "wav2vec_seq2seq") or "w2v_args" in model_cfg:  # ASR: the pretraining settings inside
-        inner, inner_task, _ = _model_and_task(model_cfg.get("w2v_args"), missing="an ASR fine-tuned checkpoint "
-                                               "without 'w2v_args' (the pretraining configuration)")
+    if (
+        name in ("wav2vec_ctc", "wav2vec_seq2seq") or "w2v_args" in model_cfg
+    ):  # ASR: the pretraining settings inside
+        inner, inner_task, _ = _model_and_task(
+            model_cfg.get("w2v_args"),
+            missing="an ASR fine-tuned checkpoint "
+            "without 'w2v_args' (the pretraining configuration)",
+        )
         # fine-tuning overrides these, as fairseq's Wav2VecEncoder does
-        overrides = {k: model_cfg[k] for k in ("dropout", "attention_dropout", "activation_dropout", "dropout_input")
-                     if k in model_cfg}
+        overrides = {
+            k: model_cfg[k]
+            for k in ("dropout", "attention_dropout", "activation_dropout", "dropout_input")
+            if k in model_cfg
+        }
         if "layerdrop" in model_cfg:
             overrides["encoder_layerdrop"] = model_cfg["layerdrop"]
-        model_cfg, task, prefix = {**inner, **overrides}, {**inner_task, **task}, r"w2v_encoder\.w2v_model\."
+        model_cfg, task, prefix = (
+            {**inner, **overrides},
+            {**inner_task, **task},
+            r"w2v_encoder\.w2v_model\.",
+        )
     elif name and not name.startswith("wav2vec2"):
-        hint = " (a wav2vec (v1) file serves only as P-TAPT's teacher: pretrain.py --teacher)" if name in (
-            "wav2vec", "audio_cpc") else ""
-        raise ValueError(f"holds a {MODEL_FAMILIES.get(name, name)} model ('{name}'), not wav2vec 2.0{hint}")
+        hint = (
+            " (a wav2vec (v1) file serves only as P-TAPT's teacher: pretrain.py --teacher)"
+            if name in ("wav2vec", "audio_cpc")
+            else ""
+        )
+        raise ValueError(
+            f"holds a {MODEL_FAMILIES.get(name, name)} model ('{name}'), not wav2vec 2.0{hint}"
+        )
     state = _map_keys(path, ckpt["model"], FAIRSEQ_KEYS, FAIRSEQ_IGNORED, prefix)
     has_quantizer = any(k.startswith("quantizer.") for k in state)
     return config_from_fairseq(model_cfg, task.get("normalize", False), has_quantizer), state
@@ -323,12 +440,24 @@ def load_wav2vec2(path) -> Wav2Vec2:
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a model checkpoint: found {_describe(ckpt)}")
     if ckpt.get("format") == "w2v2-ser/wav2vec1-teacher":
-        raise CheckpointError(f"{path}: holds the release recipe's wav2vec (v1) P-TAPT teacher, not wav2vec 2.0")
-    if ckpt.get("format") in ("w2v2-ser/wav2vec2", "w2v2-ser/classifier"):  # this project's (a classifier's backbone)
+        raise CheckpointError(
+            f"{path}: holds the release recipe's wav2vec (v1) P-TAPT teacher, not wav2vec 2.0"
+        )
+    if ckpt.get("format") in (
+        "w2v2-ser/wav2vec2",
+        "w2v2-ser/classifier",
+    ):  # this project's (a classifier's backbone)
         c = ckpt["config"]
         cfg = Wav2Vec2Config(**{f.name: c[f.name] for f in fields(Wav2Vec2Config) if f.name in c})
-        cfg.conv_layers, cfg.latent_temp = [tuple(x) for x in cfg.conv_layers], tuple(cfg.latent_temp)
-        state = {k.removeprefix("backbone."): v for k, v in ckpt["model"].items() if not k.startswith("head.")}
+        cfg.conv_layers, cfg.latent_temp = (
+            [tuple(x) for x in cfg.conv_layers],
+            tuple(cfg.latent_temp),
+        )
+        state = {
+            k.removeprefix("backbone."): v
+            for k, v in ckpt["model"].items()
+            if not k.startswith("head.")
+        }
     else:
         try:
             cfg, state = _from_fairseq(path, ckpt)
@@ -342,8 +471,14 @@ def load_wav2vec2(path) -> Wav2Vec2:
 # fairseq's wav2vec (v1) (wav2vec_large.pt): the release recipe's P-TAPT teacher, never a V-FT backbone.
 # fairseq parameter name -> Wav2Vec1's name
 V1_KEYS = [
-    (r"feature_extractor\.conv_layers\.(\d+)\.0\.weight", r"feature_extractor.blocks.\1.conv.weight"),
-    (r"feature_extractor\.conv_layers\.(\d+)\.2\.(weight|bias)", r"feature_extractor.blocks.\1.norm.\2"),
+    (
+        r"feature_extractor\.conv_layers\.(\d+)\.0\.weight",
+        r"feature_extractor.blocks.\1.conv.weight",
+    ),
+    (
+        r"feature_extractor\.conv_layers\.(\d+)\.2\.(weight|bias)",
+        r"feature_extractor.blocks.\1.norm.\2",
+    ),
     (r"feature_aggregator\.conv_layers\.(\d+)\.1\.(weight|bias)", r"aggregator.blocks.\1.conv.\2"),
     (r"feature_aggregator\.conv_layers\.(\d+)\.3\.(weight|bias)", r"aggregator.blocks.\1.norm.\2"),
     (r"feature_aggregator\.residual_proj\.(\d+)\.weight", r"aggregator.residual_proj.\1.weight"),
@@ -357,13 +492,24 @@ V1_IGNORED = [r"wav2vec_predictions\.project_to_steps\.(weight|bias)", r"project
 
 # settings whose default changed with fairseq's hydra port (base_wav2vec_architecture before, Wav2VecConfig
 # after): a file that does not state them could mean either model, so it is refused
-V1_REQUIRED = ("conv_feature_layers", "conv_aggregator_layers", "skip_connections_agg", "log_compression")
+V1_REQUIRED = (
+    "conv_feature_layers",
+    "conv_aggregator_layers",
+    "skip_connections_agg",
+    "log_compression",
+)
 
 
 # Wav2Vec1Config field -> fairseq's name; a setting the file lacks keeps the default (the same in every version)
-V1_NAMES = {"log_compression": "log_compression", "skip_feat": "skip_connections_feat", "skip_agg": "skip_connections_agg",
-            "residual_scale": "residual_scale", "agg_zero_pad": "agg_zero_pad", "activation": "activation",
-            "dropout": "dropout"}
+V1_NAMES = {
+    "log_compression": "log_compression",
+    "skip_feat": "skip_connections_feat",
+    "skip_agg": "skip_connections_agg",
+    "residual_scale": "residual_scale",
+    "agg_zero_pad": "agg_zero_pad",
+    "activation": "activation",
+    "dropout": "dropout",
+}
 
 
 def v1_settings(ckpt: dict) -> dict:
@@ -371,25 +517,41 @@ def v1_settings(ckpt: dict) -> dict:
     if str(ckpt.get("format", "")).startswith("w2v2-ser/"):
         raise ValueError("holds one of this project's checkpoints, not fairseq's wav2vec (v1)")
     settings, _, name = _model_and_task(ckpt.get("cfg"), ckpt.get("args"))
-    if name not in ("wav2vec", "audio_cpc"):  # audio_cpc: wav2vec's early name (fairseq's _upgrade_state_dict)
-        raise ValueError(f"holds a {MODEL_FAMILIES.get(name, name or 'unnamed')} model ('{name}'), not wav2vec (v1)")
+    if name not in (
+        "wav2vec",
+        "audio_cpc",
+    ):  # audio_cpc: wav2vec's early name (fairseq's _upgrade_state_dict)
+        raise ValueError(
+            f"holds a {MODEL_FAMILIES.get(name, name or 'unnamed')} model ('{name}'), not wav2vec (v1)"
+        )
     return settings
 
 
 def config_from_v1(c: dict) -> Wav2Vec1Config:
     missing = [k for k in V1_REQUIRED if c.get(k) is None]
     if missing:
-        raise ValueError(f"wav2vec (v1) settings {missing} are not in the file (their defaults differ between "
-                         "fairseq versions, so the model is ambiguous)")
+        raise ValueError(
+            f"wav2vec (v1) settings {missing} are not in the file (their defaults differ between "
+            "fairseq versions, so the model is ambiguous)"
+        )
     if c.get("vq_type") not in (None, "none"):
-        raise ValueError(f"a vq-wav2vec model (vq_type={c['vq_type']!r}); only wav2vec (v1) is supported")
-    for key, supported in (("aggregator", "cnn"), ("encoder", "cnn"), ("activation", ("relu", "gelu"))):
+        raise ValueError(
+            f"a vq-wav2vec model (vq_type={c['vq_type']!r}); only wav2vec (v1) is supported"
+        )
+    for key, supported in (
+        ("aggregator", "cnn"),
+        ("encoder", "cnn"),
+        ("activation", ("relu", "gelu")),
+    ):
         if c.get(key) is not None and c[key] not in supported:
             raise ValueError(f"{key}={c[key]!r} (supported: {supported})")
-    return Wav2Vec1Config(**_renamed(c, V1_NAMES, Wav2Vec1Config()),
-                          conv_layers=_conv_layers_from_string(c["conv_feature_layers"]),
-                          agg_layers=_conv_layers_from_string(c["conv_aggregator_layers"]),
-                          agg_bias=not c.get("no_conv_bias", False), affine=not c.get("non_affine_group_norm", False))
+    return Wav2Vec1Config(
+        **_renamed(c, V1_NAMES, Wav2Vec1Config()),
+        conv_layers=_conv_layers_from_string(c["conv_feature_layers"]),
+        agg_layers=_conv_layers_from_string(c["conv_aggregator_layers"]),
+        agg_bias=not c.get("no_conv_bias", False),
+        affine=not c.get("non_affine_group_norm", False),
+    )
 
 
 def load_wav2vec1(path) -> Wav2Vec1:
@@ -404,8 +566,11 @@ def load_wav2vec1(path) -> Wav2Vec1:
     except (ValueError, TypeError, SyntaxError) as e:
         raise CheckpointError(f"{path}: {e}") from None
     # an unknown parameter keeps its own name, so load_state reports it as unexpected with the rest
-    state = {fairseq_key(k, V1_KEYS) or k: v for k, v in ckpt["model"].items()
-             if not any(re.fullmatch(p, k) for p in V1_IGNORED)}
+    state = {
+        fairseq_key(k, V1_KEYS) or k: v
+        for k, v in ckpt["model"].items()
+        if not any(re.fullmatch(p, k) for p in V1_IGNORED)
+    }
     model = Wav2Vec1(cfg)
     load_state(model, state, path)
     return model.eval()
@@ -414,31 +579,69 @@ def load_wav2vec1(path) -> Wav2Vec1:
 # Hugging Face's wav2vec 2.0 (transformers' modeling_wav2vec2.py): a folder with config.json and
 # model.safetensors or pytorch_model.bin (sharded: an .index.json), optionally preprocessor_config.json.
 # Wav2Vec2Config field -> config.json's name (feature_grad_mult, latent_temp: not there, fairseq's defaults)
-HF_NAMES = {"conv_bias": "conv_bias", "embed_dim": "hidden_size", "ffn_dim": "intermediate_size",
-            "num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "layer_norm_first": "do_stable_layer_norm",
-            "pos_conv_kernel": "num_conv_pos_embeddings", "pos_conv_groups": "num_conv_pos_embedding_groups",
-            "dropout": "hidden_dropout", "attention_dropout": "attention_dropout", "activation_dropout": "activation_dropout",
-            "dropout_input": "feat_proj_dropout", "dropout_features": "feat_quantizer_dropout", "layerdrop": "layerdrop",
-            "latent_vars": "num_codevectors_per_group", "latent_groups": "num_codevector_groups",
-            "latent_dim": "codevector_dim", "final_dim": "proj_codevector_dim",
-            "logit_temp": "contrastive_logits_temperature", "num_negatives": "num_negatives"}
+HF_NAMES = {
+    "conv_bias": "conv_bias",
+    "embed_dim": "hidden_size",
+    "ffn_dim": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "layer_norm_first": "do_stable_layer_norm",
+    "pos_conv_kernel": "num_conv_pos_embeddings",
+    "pos_conv_groups": "num_conv_pos_embedding_groups",
+    "dropout": "hidden_dropout",
+    "attention_dropout": "attention_dropout",
+    "activation_dropout": "activation_dropout",
+    "dropout_input": "feat_proj_dropout",
+    "dropout_features": "feat_quantizer_dropout",
+    "layerdrop": "layerdrop",
+    "latent_vars": "num_codevectors_per_group",
+    "latent_groups": "num_codevector_groups",
+    "latent_dim": "codevector_dim",
+    "final_dim": "proj_codevector_dim",
+    "logit_temp": "contrastive_logits_temperature",
+    "num_negatives": "num_negatives",
+}
 
 
 # Hugging Face parameter name (the "wav2vec2." of its head models removed) -> this module's name
 HF_KEYS = [
     (r"feature_extractor\.conv_layers\.(\d+)\.conv\.(weight|bias)", r"feature_encoder.convs.\1.\2"),
-    (r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(weight|bias)", r"feature_encoder.norms.\1.\2"),  # GN or LNs
+    (
+        r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(weight|bias)",
+        r"feature_encoder.norms.\1.\2",
+    ),  # GN or LNs
     (r"feature_projection\.layer_norm\.(weight|bias)", r"layer_norm.\1"),
     (r"feature_projection\.projection\.(weight|bias)", r"post_extract_proj.\1"),
     (r"masked_spec_embed", "mask_emb"),
     (r"encoder\.pos_conv_embed\.conv\.(bias|weight_g|weight_v)", r"encoder.pos_conv.\1"),
-    (r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original0", "encoder.pos_conv.weight_g"),
-    (r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original1", "encoder.pos_conv.weight_v"),
-    (r"encoder\.layers\.(\d+)\.attention\.([qkv]_proj|out_proj)\.(weight|bias)", r"encoder.layers.\1.self_attn.\2.\3"),
-    (r"encoder\.layers\.(\d+)\.layer_norm\.(weight|bias)", r"encoder.layers.\1.self_attn_layer_norm.\2"),
-    (r"encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.(weight|bias)", r"encoder.layers.\1.fc1.\2"),
-    (r"encoder\.layers\.(\d+)\.feed_forward\.output_dense\.(weight|bias)", r"encoder.layers.\1.fc2.\2"),
-    (r"(encoder\.(layers\.\d+\.final_)?layer_norm|quantizer\.weight_proj|project_q)\.(weight|bias)", r"\1.\3"),
+    (
+        r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original0",
+        "encoder.pos_conv.weight_g",
+    ),
+    (
+        r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original1",
+        "encoder.pos_conv.weight_v",
+    ),
+    (
+        r"encoder\.layers\.(\d+)\.attention\.([qkv]_proj|out_proj)\.(weight|bias)",
+        r"encoder.layers.\1.self_attn.\2.\3",
+    ),
+    (
+        r"encoder\.layers\.(\d+)\.layer_norm\.(weight|bias)",
+        r"encoder.layers.\1.self_attn_layer_norm.\2",
+    ),
+    (
+        r"encoder\.layers\.(\d+)\.feed_forward\.intermediate_dense\.(weight|bias)",
+        r"encoder.layers.\1.fc1.\2",
+    ),
+    (
+        r"encoder\.layers\.(\d+)\.feed_forward\.output_dense\.(weight|bias)",
+        r"encoder.layers.\1.fc2.\2",
+    ),
+    (
+        r"(encoder\.(layers\.\d+\.final_)?layer_norm|quantizer\.weight_proj|project_q)\.(weight|bias)",
+        r"\1.\3",
+    ),
     (r"quantizer\.codevectors", "quantizer.vars"),
     (r"project_hid\.(weight|bias)", r"final_proj.\1"),
 ]
@@ -449,16 +652,36 @@ HF_IGNORED = r"(lm_head|projector|classifier)\.(weight|bias)|layer_weights"
 
 
 # what this module computes; a config.json asking for something else is refused rather than run differently
-HF_SUPPORTED = {"hidden_act": ("gelu",), "feat_extract_activation": ("gelu",), "layer_norm_eps": (1e-5,),
-                "feat_extract_norm": ("group", "layer"), "add_adapter": (False, None), "adapter_attn_dim": (None,)}
+HF_SUPPORTED = {
+    "hidden_act": ("gelu",),
+    "feat_extract_activation": ("gelu",),
+    "layer_norm_eps": (1e-5,),
+    "feat_extract_norm": ("group", "layer"),
+    "add_adapter": (False, None),
+    "adapter_attn_dim": (None,),
+}
 
 
-HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+HF_WEIGHTS = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
 
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-                      "U8": torch.uint8, "BOOL": torch.bool}
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 def read_safetensors(path):
@@ -469,28 +692,47 @@ def read_safetensors(path):
         data = bytearray(f.read())  # writable, as torch.frombuffer wants
     n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
     if not 0 < n <= len(data) - 8:
-        raise CheckpointError(f"{path}: not a safetensors file (header of {n} bytes in a file of {len(data)}; truncated?)")
+        raise CheckpointError(
+            f"{path}: not a safetensors file (header of {n} bytes in a file of {len(data)}; truncated?)"
+        )
     try:
-        header, entries = json.loads(data[8:8 + n]), []
+        header, entries = json.loads(data[8 : 8 + n]), []
         header.pop("__metadata__", None)
         for name, h in header.items():
             begin, end = (int(x) for x in h["data_offsets"])
-            entries.append((begin, end, name, SAFETENSORS_DTYPES[h["dtype"]], [int(d) for d in h["shape"]]))
+            entries.append(
+                (begin, end, name, SAFETENSORS_DTYPES[h["dtype"]], [int(d) for d in h["shape"]])
+            )
         entries.sort()
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{path}: unreadable safetensors header ({type(e).__name__}: {str(e)[:100]})") from None
+        raise CheckpointError(
+            f"{path}: unreadable safetensors header ({type(e).__name__}: {str(e)[:100]})"
+        ) from None
     described = entries[-1][1] if entries else 0
     if described != len(data) - 8 - n:
-        raise CheckpointError(f"{path}: the header describes {described} bytes of tensors, the file holds "
-                              f"{len(data) - 8 - n} (truncated?)")
+        raise CheckpointError(
+            f"{path}: the header describes {described} bytes of tensors, the file holds "
+            f"{len(data) - 8 - n} (truncated?)"
+        )
     tensors, expected = {}, 0
     for begin, end, name, dtype, shape in entries:
-        if begin != expected or min(shape, default=0) < 0 or end - begin != math.prod(shape) * dtype.itemsize:
-            raise CheckpointError(f"{path}: the header's offsets for {name!r} ({begin}..{end}, {dtype}, {shape}) do not "
-                                  f"fit its shape or the tensor before it (ends at {expected})")
+        if (
+            begin != expected
+            or min(shape, default=0) < 0
+            or end - begin != math.prod(shape) * dtype.itemsize
+        ):
+            raise CheckpointError(
+                f"{path}: the header's offsets for {name!r} ({begin}..{end}, {dtype}, {shape}) do not "
+                f"fit its shape or the tensor before it (ends at {expected})"
+            )
         expected = end
-        tensors[name] = (torch.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=8 + n + begin).clone()
-                         .reshape(shape) if end > begin else torch.zeros(shape, dtype=dtype))
+        tensors[name] = (
+            torch.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=8 + n + begin)
+            .clone()
+            .reshape(shape)
+            if end > begin
+            else torch.zeros(shape, dtype=dtype)
+        )
     return tensors
 
 
@@ -499,7 +741,9 @@ def _read_json(path, what):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: cannot read the {what} ({type(e).__name__}: {str(e)[:100]})") from None
+        raise CheckpointError(
+            f"{path}: cannot read the {what} ({type(e).__name__}: {str(e)[:100]})"
+        ) from None
 
 
 def hf_weight_files(path):
@@ -507,12 +751,21 @@ def hf_weight_files(path):
     file beside a config.json (or an .index.json of shards); None for any other path."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        found = [os.path.join(path, name) for name in HF_WEIGHTS if os.path.isfile(os.path.join(path, name))]
+        found = [
+            os.path.join(path, name)
+            for name in HF_WEIGHTS
+            if os.path.isfile(os.path.join(path, name))
+        ]
         if not found:
-            raise CheckpointError(f"{path}: a folder without {' or '.join(HF_WEIGHTS[:2])} (not a Hugging Face model)")
+            raise CheckpointError(
+                f"{path}: a folder without {' or '.join(HF_WEIGHTS[:2])} (not a Hugging Face model)"
+            )
         path = found[0]
-    elif not (path.endswith((".safetensors", ".index.json")) or path.endswith(".bin") and
-              os.path.isfile(os.path.join(os.path.dirname(path), "config.json"))):
+    elif not (
+        path.endswith((".safetensors", ".index.json"))
+        or path.endswith(".bin")
+        and os.path.isfile(os.path.join(os.path.dirname(path), "config.json"))
+    ):
         return None
     if path.endswith(".index.json"):
         shards = _read_json(path, "shard index").get("weight_map", {}).values()
@@ -528,17 +781,27 @@ def config_from_hf(c: dict, preprocessor: dict) -> Wav2Vec2Config:
         raise ValueError(f"model_type {kind!r}, not wav2vec 2.0 ('wav2vec2')")
     for key, supported in HF_SUPPORTED.items():
         if key in c and c[key] not in supported:
-            raise ValueError(f"{key}={c[key]!r}: only {' or '.join(map(repr, supported))} is supported")
+            raise ValueError(
+                f"{key}={c[key]!r}: only {' or '.join(map(repr, supported))} is supported"
+            )
     if preprocessor.get("sampling_rate", SAMPLE_RATE) != SAMPLE_RATE:
-        raise ValueError(f"preprocessor sampling_rate {preprocessor['sampling_rate']}: wav2vec 2.0 here takes {SAMPLE_RATE} Hz")
-    dims, kernels, strides = (c.get(k, list(v)) for k, v in zip(("conv_dim", "conv_kernel", "conv_stride"),
-                                                                zip(*BASE_CONV_LAYERS)))
+        raise ValueError(
+            f"preprocessor sampling_rate {preprocessor['sampling_rate']}: wav2vec 2.0 here takes {SAMPLE_RATE} Hz"
+        )
+    dims, kernels, strides = (
+        c.get(k, list(v))
+        for k, v in zip(("conv_dim", "conv_kernel", "conv_stride"), zip(*BASE_CONV_LAYERS))
+    )
     if not len(dims) == len(kernels) == len(strides):
-        raise ValueError(f"conv_dim, conv_kernel, conv_stride differ in length: {dims}, {kernels}, {strides}")
-    return Wav2Vec2Config(**_renamed(c, HF_NAMES, Wav2Vec2Config()),
-                          conv_layers=[(int(a), int(b), int(s)) for a, b, s in zip(dims, kernels, strides)],
-                          extractor_mode="layer_norm" if c.get("feat_extract_norm") == "layer" else "default",
-                          normalize=bool(preprocessor.get("do_normalize", False)))
+        raise ValueError(
+            f"conv_dim, conv_kernel, conv_stride differ in length: {dims}, {kernels}, {strides}"
+        )
+    return Wav2Vec2Config(
+        **_renamed(c, HF_NAMES, Wav2Vec2Config()),
+        conv_layers=[(int(a), int(b), int(s)) for a, b, s in zip(dims, kernels, strides)],
+        extractor_mode="layer_norm" if c.get("feat_extract_norm") == "layer" else "default",
+        normalize=bool(preprocessor.get("do_normalize", False)),
+    )
 
 
 def load_hf_wav2vec2(files) -> Wav2Vec2:
@@ -547,12 +810,22 @@ def load_hf_wav2vec2(files) -> Wav2Vec2:
     Wav2Vec2ForCTC / ForSequenceClassification, whose heads are reported and dropped. Every tensor
     must be mapped or in HF_IGNORED; .bin files go through the safe unpickler."""
     folder = os.path.dirname(files[0])
-    config_path, prep_path = os.path.join(folder, "config.json"), os.path.join(folder, "preprocessor_config.json")
+    config_path, prep_path = (
+        os.path.join(folder, "config.json"),
+        os.path.join(folder, "preprocessor_config.json"),
+    )
     if not os.path.isfile(config_path):
-        raise CheckpointError(f"{files[0]}: no config.json beside it (a Hugging Face model folder has one)")
+        raise CheckpointError(
+            f"{files[0]}: no config.json beside it (a Hugging Face model folder has one)"
+        )
     hf_cfg = _read_json(config_path, "model configuration")
     try:
-        cfg = config_from_hf(hf_cfg, _read_json(prep_path, "preprocessor configuration") if os.path.isfile(prep_path) else {})
+        cfg = config_from_hf(
+            hf_cfg,
+            _read_json(prep_path, "preprocessor configuration")
+            if os.path.isfile(prep_path)
+            else {},
+        )
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{config_path}: {e}") from None
     state = {}
@@ -561,13 +834,21 @@ def load_hf_wav2vec2(files) -> Wav2Vec2:
         if not isinstance(shard, dict) or not all(torch.is_tensor(v) for v in shard.values()):
             raise CheckpointError(f"{path}: not a state dict of tensors: found {_describe(shard)}")
         state.update(shard)
-    mapped = _map_keys(files[0], state, HF_KEYS, HF_IGNORED, prefix=r"(?:wav2vec2\.)?")  # the head models' prefix
+    mapped = _map_keys(
+        files[0], state, HF_KEYS, HF_IGNORED, prefix=r"(?:wav2vec2\.)?"
+    )  # the head models' prefix
     cfg.has_quantizer = any(k.startswith("quantizer.") for k in mapped)
     model = Wav2Vec2(cfg)
-    if "mask_emb" not in mapped and not (hf_cfg.get("mask_time_prob", 0.05) or hf_cfg.get("mask_feature_prob", 0)):
-        mapped["mask_emb"] = model.mask_emb.detach()  # HF leaves it out of a model that never masks: a fresh one
-        print(f"{files[0]}: no masked_spec_embed (the model was configured without masks): a fresh mask embedding",
-              file=sys.stderr)
+    if "mask_emb" not in mapped and not (
+        hf_cfg.get("mask_time_prob", 0.05) or hf_cfg.get("mask_feature_prob", 0)
+    ):
+        mapped["mask_emb"] = (
+            model.mask_emb.detach()
+        )  # HF leaves it out of a model that never masks: a fresh one
+        print(
+            f"{files[0]}: no masked_spec_embed (the model was configured without masks): a fresh mask embedding",
+            file=sys.stderr,
+        )
     load_state(model, mapped, files[0])
     return model.eval()
 
@@ -576,8 +857,11 @@ def load_state(model, state, path="state dict"):
     """load_state_dict with errors that name the keys and shapes."""
     own = model.state_dict()
     missing, unexpected = set(own) - set(state), set(state) - set(own)
-    wrong = [f"{k}: file {tuple(state[k].shape)} vs config {tuple(own[k].shape)}"
-             for k in own if k in state and state[k].shape != own[k].shape]
+    wrong = [
+        f"{k}: file {tuple(state[k].shape)} vs config {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     problems = []
     if missing:
         problems.append(f"missing {_some(missing)}")
@@ -597,39 +881,75 @@ def config_dict(cfg) -> dict:
 
 def save_wav2vec2(model: Wav2Vec2, path, meta=None):
     """The project's own format: plain dicts and tensors, loadable with weights_only=True."""
-    save_atomic({"format": "w2v2-ser/wav2vec2", "version": 1, "config": config_dict(model.cfg),
-                 "model": model.state_dict(), "meta": meta or {}}, path)
+    save_atomic(
+        {
+            "format": "w2v2-ser/wav2vec2",
+            "version": 1,
+            "config": config_dict(model.cfg),
+            "model": model.state_dict(),
+            "meta": meta or {},
+        },
+        path,
+    )
 
 
 def save_classifier(clf: EmotionClassifier, path, meta=None):
-    save_atomic({"format": "w2v2-ser/classifier", "version": 1, "config": config_dict(clf.backbone.cfg),
-                 "classes": list(clf.classes), "skip_last_frame": clf.skip_last_frame, "model": clf.state_dict(),
-                 "meta": meta or {}}, path)
+    save_atomic(
+        {
+            "format": "w2v2-ser/classifier",
+            "version": 1,
+            "config": config_dict(clf.backbone.cfg),
+            "classes": list(clf.classes),
+            "skip_last_frame": clf.skip_last_frame,
+            "model": clf.state_dict(),
+            "meta": meta or {},
+        },
+        path,
+    )
 
 
 def load_classifier(path) -> EmotionClassifier:
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "w2v2-ser/classifier":
-        raise CheckpointError(f"{path}: not a fine-tuned emotion classifier written by finetune.py "
-                              f"(found {_describe(ckpt)})")
+        raise CheckpointError(
+            f"{path}: not a fine-tuned emotion classifier written by finetune.py "
+            f"(found {_describe(ckpt)})"
+        )
     clf = EmotionClassifier(load_wav2vec2(path), ckpt["classes"], bool(ckpt.get("skip_last_frame")))
-    clf.head.load_state_dict({"weight": ckpt["model"]["head.weight"], "bias": ckpt["model"]["head.bias"]})
+    clf.head.load_state_dict(
+        {"weight": ckpt["model"]["head.weight"], "bias": ckpt["model"]["head.bias"]}
+    )
     return clf.eval()
 
 
 def save_wav2vec1_teacher(teacher: Wav2Vec1Teacher, path, meta=None):
     """The release recipe's trained P-TAPT teacher (v1 and its stride-2 conv), in the project's own format."""
-    save_atomic({"format": "w2v2-ser/wav2vec1-teacher", "version": 1, "config": config_dict(teacher.v1.cfg),
-                 "model": teacher.state_dict(), "meta": meta or {}}, path)
+    save_atomic(
+        {
+            "format": "w2v2-ser/wav2vec1-teacher",
+            "version": 1,
+            "config": config_dict(teacher.v1.cfg),
+            "model": teacher.state_dict(),
+            "meta": meta or {},
+        },
+        path,
+    )
 
 
 def load_wav2vec1_teacher(path) -> Wav2Vec1Teacher:
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "w2v2-ser/wav2vec1-teacher":
-        raise CheckpointError(f"{path}: not a wav2vec (v1) P-TAPT teacher written by pretrain.py (found {_describe(ckpt)})")
+        raise CheckpointError(
+            f"{path}: not a wav2vec (v1) P-TAPT teacher written by pretrain.py (found {_describe(ckpt)})"
+        )
     c = ckpt["config"]
-    cfg = Wav2Vec1Config(**{**c, "conv_layers": [tuple(x) for x in c["conv_layers"]],
-                            "agg_layers": [tuple(x) for x in c["agg_layers"]]})
+    cfg = Wav2Vec1Config(
+        **{
+            **c,
+            "conv_layers": [tuple(x) for x in c["conv_layers"]],
+            "agg_layers": [tuple(x) for x in c["agg_layers"]],
+        }
+    )
     teacher = Wav2Vec1Teacher(Wav2Vec1(cfg))
     load_state(teacher, ckpt["model"], path)
     return teacher.eval()

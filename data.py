@@ -10,6 +10,7 @@ in the release's layout, for the quick start and the tests; the command line.
 Every problem in a user's data raises DataError naming the file or value and what was expected
 (a file that cannot be read at all: OSError); the scripts print either as one line and exit with code 2.
 """
+
 import argparse
 import csv
 import json
@@ -28,7 +29,13 @@ from model import MIN_SAMPLES, SAMPLE_RATE
 
 # The release's label order is alphabetical over its label names; exc is merged into hap.
 CLASSES = ("ang", "hap", "neu", "sad")
-IEMOCAP_LABELS = {"neu": "neu", "ang": "ang", "sad": "sad", "hap": "hap", "exc": "hap"}  # the rest is dropped
+IEMOCAP_LABELS = {
+    "neu": "neu",
+    "ang": "ang",
+    "sad": "sad",
+    "hap": "hap",
+    "exc": "hap",
+}  # the rest is dropped
 SESSIONS = (1, 2, 3, 4, 5)
 IEMOCAP_SESSION_SIZES = {1: 1085, 2: 1023, 3: 1151, 4: 1031, 5: 1241}  # 5531 in all, for reference
 SPLITS = ("train", "val", "test")
@@ -81,7 +88,9 @@ def _soundfile(read, path, **kwargs):
         raise DataError(f"{path}: audio file not found")
     try:
         return read(path, **kwargs)
-    except Exception as e:  # libsndfile raises several types for garbage files; all mean "not audio"
+    except (
+        Exception
+    ) as e:  # libsndfile raises several types for garbage files; all mean "not audio"
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"{path}: not a readable audio file ({first_line})") from None
 
@@ -128,13 +137,17 @@ def load_iemocap(root):
     for s in SESSIONS:
         session_dir = os.path.join(root, f"Session{s}")
         if not os.path.isdir(session_dir):
-            raise DataError(f"{session_dir} not found: the IEMOCAP release has Session1..Session5 under {root}")
+            raise DataError(
+                f"{session_dir} not found: the IEMOCAP release has Session1..Session5 under {root}"
+            )
         emo_dir = os.path.join(session_dir, "dialog", "EmoEvaluation")
         if not os.path.isdir(emo_dir):
             raise DataError(f"{emo_dir} not found: expected the label files <dialog>.txt there")
         # Only the .txt files directly in EmoEvaluation: its subfolders (Categorical/, Attribute/,
         # Self-evaluation/) hold per-annotator files in other formats, and "._*" are macOS junk.
-        for name in sorted(n for n in os.listdir(emo_dir) if n.endswith(".txt") and not n.startswith(".")):
+        for name in sorted(
+            n for n in os.listdir(emo_dir) if n.endswith(".txt") and not n.startswith(".")
+        ):
             pairs, bad_lines = parse_label_file(os.path.join(emo_dir, name))
             for uid, label in pairs:
                 duplicates += uid in labels
@@ -142,26 +155,41 @@ def load_iemocap(root):
             bad += [(os.path.join(emo_dir, name), number, line) for number, line in bad_lines]
     if bad:
         path, number, line = bad[0]
-        warnings.warn(f"skipped {len(bad)} label line(s) that do not parse as "
-                      f"'[start - end]<TAB>uid<TAB>label<TAB>[v, a, d]', first: {path} line {number}: {line!r}",
-                      DataWarning, stacklevel=2)
+        warnings.warn(
+            f"skipped {len(bad)} label line(s) that do not parse as "
+            f"'[start - end]<TAB>uid<TAB>label<TAB>[v, a, d]', first: {path} line {number}: {line!r}",
+            DataWarning,
+            stacklevel=2,
+        )
     if duplicates:
-        warnings.warn(f"{duplicates} utterance(s) labelled more than once under {root}; kept the first label",
-                      DataWarning, stacklevel=2)
+        warnings.warn(
+            f"{duplicates} utterance(s) labelled more than once under {root}; kept the first label",
+            DataWarning,
+            stacklevel=2,
+        )
 
     utterances, skipped = [], []
     for uid, (s, label) in labels.items():
         if label not in IEMOCAP_LABELS:
             continue
-        wav = os.path.join(root, f"Session{s}", "sentences", "wav", uid.rsplit("_", 1)[0], uid + ".wav")
+        wav = os.path.join(
+            root, f"Session{s}", "sentences", "wav", uid.rsplit("_", 1)[0], uid + ".wav"
+        )
         try:
-            utterances.append(Utterance(uid, wav, IEMOCAP_LABELS[label], audio_num_samples(wav), session=s))
+            utterances.append(
+                Utterance(uid, wav, IEMOCAP_LABELS[label], audio_num_samples(wav), session=s)
+            )
         except DataError as e:
             skipped.append(str(e))
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} labelled utterance(s) whose audio is missing, unreadable or "
-                      f"shorter than {MIN_SAMPLES} samples: " + "; ".join(skipped[:3])
-                      + ("; ..." if len(skipped) > 3 else ""), DataWarning, stacklevel=2)
+        warnings.warn(
+            f"skipped {len(skipped)} labelled utterance(s) whose audio is missing, unreadable or "
+            f"shorter than {MIN_SAMPLES} samples: "
+            + "; ".join(skipped[:3])
+            + ("; ..." if len(skipped) > 3 else ""),
+            DataWarning,
+            stacklevel=2,
+        )
     if not utterances:
         raise DataError(f"no usable 4-class utterances under {root}")
     return sorted(utterances, key=lambda u: u.uid)
@@ -175,7 +203,9 @@ def count_table(utterances):
     for u in utterances:
         key = str(u.session) if u.session is not None else (u.split or "all")
         rows.setdefault(key, dict.fromkeys(classes, 0))[u.label] += 1
-    keys = sorted(rows, key=lambda k: (SPLITS.index(k) if k in SPLITS else -1, k))  # sessions 1..5, or the splits
+    keys = sorted(
+        rows, key=lambda k: (SPLITS.index(k) if k in SPLITS else -1, k)
+    )  # sessions 1..5, or the splits
     return {"sessions": {k: rows[k] for k in keys}, "total": len(utterances)}
 
 
@@ -183,8 +213,16 @@ def format_count_table(table):
     rows = table["sessions"]
     classes = list(next(iter(rows.values()))) if rows else list(CLASSES)
     header = ["session", *classes, "total"]
-    body = [[key, *(str(row[c]) for c in classes), str(sum(row.values()))] for key, row in rows.items()]
-    body.append(["total", *(str(sum(row[c] for row in rows.values())) for c in classes), str(table["total"])])
+    body = [
+        [key, *(str(row[c]) for c in classes), str(sum(row.values()))] for key, row in rows.items()
+    ]
+    body.append(
+        [
+            "total",
+            *(str(sum(row[c] for row in rows.values())) for c in classes),
+            str(table["total"]),
+        ]
+    )
     widths = [max(len(r[j]) for r in [header, *body]) for j in range(len(header))]
     line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
@@ -198,7 +236,9 @@ def split_fold(utterances, fold):
     train = [u for u in utterances if u.session != fold]
     test = [u for u in utterances if u.session == fold]
     if not train or not test:
-        raise DataError(f"fold {fold}: empty train or test split ({len(train)} / {len(test)} utterances)")
+        raise DataError(
+            f"fold {fold}: empty train or test split ({len(train)} / {len(test)} utterances)"
+        )
     return train, test
 
 
@@ -222,12 +262,18 @@ def load_label_json(json_path, wav_dir=None):
     for key, split in keys.items():
         entries = obj.get(key, {})
         if not isinstance(entries, dict):
-            raise DataError(f'{json_path}: "{key}" should map wav names to labels, {{"a.wav": "ang", ...}}')
+            raise DataError(
+                f'{json_path}: "{key}" should map wav names to labels, {{"a.wav": "ang", ...}}'
+            )
         for name, label in entries.items():
             if not isinstance(label, str) or not label.strip():
-                raise DataError(f"{json_path}: {key} entry {name!r} has label {label!r}, expected a non-empty string")
+                raise DataError(
+                    f"{json_path}: {key} entry {name!r} has label {label!r}, expected a non-empty string"
+                )
             path = os.path.join(wav_dir, name)
-            utterances.append(_utterance(f"{json_path}: {key} entry {name!r}", path, label.strip(), split))
+            utterances.append(
+                _utterance(f"{json_path}: {key} entry {name!r}", path, label.strip(), split)
+            )
     return utterances
 
 
@@ -236,16 +282,22 @@ def load_manifest(csv_path):
     csv_path = os.fspath(csv_path)
     folder = os.path.dirname(csv_path)
     try:
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets write a BOM
+        with open(
+            csv_path, newline="", encoding="utf-8-sig"
+        ) as f:  # -sig: spreadsheets write a BOM
             reader = csv.DictReader(f)
             columns = [c.strip().lower() for c in (reader.fieldnames or [])]
             if not {"path", "label", "split"} <= set(columns):
-                raise DataError(f"{csv_path}: expected a header with columns path,label,split, found {columns}")
+                raise DataError(
+                    f"{csv_path}: expected a header with columns path,label,split, found {columns}"
+                )
             reader.fieldnames = columns
             utterances = []
             for row in reader:
                 where = f"{csv_path} line {reader.line_num}"
-                path, label, split = ((row.get(k) or "").strip() for k in ("path", "label", "split"))
+                path, label, split = (
+                    (row.get(k) or "").strip() for k in ("path", "label", "split")
+                )
                 if not path or not label:
                     raise DataError(f"{where}: empty path or label")
                 if split.lower() not in SPLITS:
@@ -262,7 +314,9 @@ def _utterance(where, path, label, split):
         num_samples = audio_num_samples(path)
     except DataError as e:
         raise DataError(f"{where}: {e}") from None
-    return Utterance(os.path.splitext(os.path.basename(path))[0], path, label, num_samples, split=split)
+    return Utterance(
+        os.path.splitext(os.path.basename(path))[0], path, label, num_samples, split=split
+    )
 
 
 def load_utterances(data, wav_dir=None):
@@ -270,7 +324,9 @@ def load_utterances(data, wav_dir=None):
     if os.path.isdir(data):
         return load_iemocap(data)
     if not os.path.isfile(data):
-        raise DataError(f"{data} not found (expected an IEMOCAP folder, a .json label file or a .csv manifest)")
+        raise DataError(
+            f"{data} not found (expected an IEMOCAP folder, a .json label file or a .csv manifest)"
+        )
     if data.lower().endswith(".json"):
         return load_label_json(data, wav_dir)
     if data.lower().endswith(".csv"):
@@ -299,12 +355,16 @@ def load_corpus(data, fold=None, wav_dir=None):
                 raise DataError(f"{data}: the {name} split is empty")
         classes = tuple(sorted({u.label for u in splits["train"]}))
         if len(classes) < 2:
-            raise DataError(f"{data}: the train split has {len(classes)} label(s) {list(classes)}, expected at least 2")
+            raise DataError(
+                f"{data}: the train split has {len(classes)} label(s) {list(classes)}, expected at least 2"
+            )
         for name, utterances in splits.items():
             for u in utterances:
                 if u.label not in classes:
-                    raise DataError(f"{data}: label {u.label!r} of {u.path} ({name}) never occurs in the "
-                                    f"train split, whose labels are {list(classes)}")
+                    raise DataError(
+                        f"{data}: label {u.label!r} of {u.path} ({name}) never occurs in the "
+                        f"train split, whose labels are {list(classes)}"
+                    )
     check_disjoint(splits, data)
     return splits, classes
 
@@ -332,7 +392,9 @@ class AudioDataset(torch.utils.data.Dataset):
     audio in memory (per worker process).
     """
 
-    def __init__(self, utterances, classes, max_seconds=None, crop="head", crop_align=1, cache=False, seed=0):
+    def __init__(
+        self, utterances, classes, max_seconds=None, crop="head", crop_align=1, cache=False, seed=0
+    ):
         self.utterances = list(utterances)
         self.classes = tuple(classes)
         index = {c: i for i, c in enumerate(self.classes)}
@@ -367,7 +429,7 @@ class AudioDataset(torch.utils.data.Dataset):
         wav = self.audio(i)
         offset = self.crop_offset(i, len(wav))
         if self.max_samples is not None:
-            wav = wav[offset:offset + self.max_samples]
+            wav = wav[offset : offset + self.max_samples]
         return {"wav": wav, "label": self.labels[i], "index": i, "offset": offset}
 
 
@@ -375,7 +437,7 @@ def collate(items):
     lengths = torch.tensor([len(item["wav"]) for item in items], dtype=torch.long)
     wav = torch.zeros(len(items), int(lengths.max()), dtype=torch.float32)
     for row, item in enumerate(items):
-        wav[row, :len(item["wav"])] = item["wav"]
+        wav[row, : len(item["wav"])] = item["wav"]
     return {
         "wav": wav,
         "lengths": lengths,
@@ -401,12 +463,25 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     utterance is repeated until every rank gets one (evaluation should dedupe by index).
     """
 
-    def __init__(self, lengths, batch_size=64, max_batch_seconds=None, bucket=True, shuffle=True, drop_last=True,
-                 seed=0, num_replicas=1, rank=0, batch_seconds=None):
+    def __init__(
+        self,
+        lengths,
+        batch_size=64,
+        max_batch_seconds=None,
+        bucket=True,
+        shuffle=True,
+        drop_last=True,
+        seed=0,
+        num_replicas=1,
+        rank=0,
+        batch_seconds=None,
+    ):
         super().__init__()
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.batch_size, self.bucket, self.shuffle = int(batch_size), bucket, shuffle
-        self.max_batch_samples = None if max_batch_seconds is None else max_batch_seconds * SAMPLE_RATE
+        self.max_batch_samples = (
+            None if max_batch_seconds is None else max_batch_seconds * SAMPLE_RATE
+        )
         self.drop_last = drop_last and shuffle
         self.batch_samples = None if batch_seconds is None else batch_seconds * SAMPLE_RATE
         self.seed, self.num_replicas, self.rank = int(seed), int(num_replicas), int(rank)
@@ -426,7 +501,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         if self.shuffle:
             order = rng.permutation(n)
             pool = self.batch_size * 50
-            pools = [order[i:i + pool] for i in range(0, n, pool)]
+            pools = [order[i : i + pool] for i in range(0, n, pool)]
         else:
             pools = [np.arange(n)]
         batches = []
@@ -449,7 +524,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         size = max(1, len(order) // 50)
         batches, batch, total = [], [], 0
         for start in range(0, len(order), size):
-            for i in rng.permutation(order[start:start + size]).tolist():
+            for i in rng.permutation(order[start : start + size]).tolist():
                 batch.append(i)
                 total += int(self.lengths[i])
                 if total >= self.batch_samples:
@@ -463,7 +538,10 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         batches, batch, longest = [], [], 0
         for i in pool.tolist():
             longer = max(longest, int(self.lengths[i]))
-            too_much = self.max_batch_samples is not None and (len(batch) + 1) * longer > self.max_batch_samples
+            too_much = (
+                self.max_batch_samples is not None
+                and (len(batch) + 1) * longer > self.max_batch_samples
+            )
             if batch and (len(batch) == self.batch_size or too_much):
                 batches.append(batch)
                 batch, longer = [], int(self.lengths[i])
@@ -476,14 +554,14 @@ class BucketBatchSampler(torch.utils.data.Sampler):
     def shard(self, batch):
         if len(batch) < self.num_replicas:
             batch = batch + [batch[-1]] * (self.num_replicas - len(batch))
-        return batch[self.rank::self.num_replicas]
+        return batch[self.rank :: self.num_replicas]
 
     def batches(self):
         """This rank's batches for the current epoch, from start_batch on."""
         batches = self.global_batches(self.epoch)
         if self.drop_last:
             batches = [b for b in batches if len(b) >= self.num_replicas]
-        return [self.shard(b) for b in batches[self.start_batch:]]
+        return [self.shard(b) for b in batches[self.start_batch :]]
 
     def __iter__(self):
         return iter(self.batches())
@@ -506,34 +584,67 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 #
 # {"uids": [str], "frame_counts": (U,) long, "labels": {K: (sum of counts,) int}, "meta": {}}
 
+
 def _index(content, path):
     """{uid: (first frame, frame count)}; anything inconsistent is a ValueError naming the file."""
+
     def check(ok, problem):
         if not ok:
             raise ValueError(f"{path}: invalid pseudo-label file: {problem}")
 
-    check(isinstance(content, dict) and isinstance(content.get("uids"), list) and isinstance(content.get("meta"), dict)
-          and torch.is_tensor(content.get("frame_counts")) and isinstance(content.get("labels"), dict)
-          and content["labels"], "expected {uids: [str], frame_counts: tensor, labels: {K: tensor}, meta: {}}")
+    check(
+        isinstance(content, dict)
+        and isinstance(content.get("uids"), list)
+        and isinstance(content.get("meta"), dict)
+        and torch.is_tensor(content.get("frame_counts"))
+        and isinstance(content.get("labels"), dict)
+        and content["labels"],
+        "expected {uids: [str], frame_counts: tensor, labels: {K: tensor}, meta: {}}",
+    )
     uids, counts, labels = content["uids"], content["frame_counts"], content["labels"]
-    check(len(counts) == len(uids) == len(set(uids)) and all(isinstance(u, str) for u in uids) and counts.dim() == 1
-          and counts.dtype == torch.long and bool((counts >= 0).all()),
-          f"{len(uids)} uids but {len(counts)} frame counts: need a long count >= 0 for each distinct uid")
+    check(
+        len(counts) == len(uids) == len(set(uids))
+        and all(isinstance(u, str) for u in uids)
+        and counts.dim() == 1
+        and counts.dtype == torch.long
+        and bool((counts >= 0).all()),
+        f"{len(uids)} uids but {len(counts)} frame counts: need a long count >= 0 for each distinct uid",
+    )
     for k, lab in labels.items():
-        check(isinstance(k, int) and k > 0 and torch.is_tensor(lab) and lab.dim() == 1 and not lab.is_floating_point(),
-              f"labels[{k!r}] must be a 1-D integer tensor under an integer K > 0")
-        check(len(lab) == counts.sum(), f"labels[{k}] has {len(lab)} entries but frame_counts sum to {counts.sum()}")
-        check(not len(lab) or 0 <= lab.min() <= lab.max() < k, f"labels[{k}] has values outside [0, {k})")
-    return {u: (s, c) for u, s, c in zip(uids, (counts.cumsum(0) - counts).tolist(), counts.tolist())}
+        check(
+            isinstance(k, int)
+            and k > 0
+            and torch.is_tensor(lab)
+            and lab.dim() == 1
+            and not lab.is_floating_point(),
+            f"labels[{k!r}] must be a 1-D integer tensor under an integer K > 0",
+        )
+        check(
+            len(lab) == counts.sum(),
+            f"labels[{k}] has {len(lab)} entries but frame_counts sum to {counts.sum()}",
+        )
+        check(
+            not len(lab) or 0 <= lab.min() <= lab.max() < k,
+            f"labels[{k}] has values outside [0, {k})",
+        )
+    return {
+        u: (s, c) for u, s, c in zip(uids, (counts.cumsum(0) - counts).tolist(), counts.tolist())
+    }
 
 
 def save_labels(path, uids, frame_counts, labels, meta):
     """Writes the labels of the frames of `uids`, concatenated in uid order, atomically: never a file that
     load_labels would refuse, in int16 when K allows (half the file, half P-TAPT's memory)."""
-    content = {"uids": [str(u) for u in uids], "frame_counts": torch.as_tensor(frame_counts, dtype=torch.long).cpu(),
-               "labels": {int(k): torch.as_tensor(v).cpu() for k, v in labels.items()}, "meta": dict(meta)}
+    content = {
+        "uids": [str(u) for u in uids],
+        "frame_counts": torch.as_tensor(frame_counts, dtype=torch.long).cpu(),
+        "labels": {int(k): torch.as_tensor(v).cpu() for k, v in labels.items()},
+        "meta": dict(meta),
+    }
     _index(content, path)
-    content["labels"] = {k: v.to(torch.int16 if k <= 32767 else torch.int32) for k, v in content["labels"].items()}
+    content["labels"] = {
+        k: v.to(torch.int16 if k <= 32767 else torch.int32) for k, v in content["labels"].items()
+    }
     save_atomic(content, path)
 
 
@@ -541,8 +652,12 @@ def load_labels(path):
     """A checked pseudo-label file, plus "index": {uid: (first frame, frame count)} and "path"."""
     try:
         content = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # a missing, truncated or foreign file: torch raises many different things
-        raise ValueError(f"{path}: not a readable pseudo-label file ({type(e).__name__}: {e})") from e
+    except (
+        Exception
+    ) as e:  # a missing, truncated or foreign file: torch raises many different things
+        raise ValueError(
+            f"{path}: not a readable pseudo-label file ({type(e).__name__}: {e})"
+        ) from e
     return {**content, "index": _index(content, path), "path": str(path)}
 
 
@@ -552,9 +667,11 @@ def labels_for(label_file, uid, num_frames):
         raise ValueError(f"{label_file['path']}: no pseudo-labels for utterance {uid}")
     start, count = label_file["index"][uid]
     if count != num_frames:
-        raise ValueError(f"{label_file['path']}: utterance {uid} has {count} pseudo-labels but {num_frames} frames "
-                         f"were expected: pseudo-labels do not match the audio")
-    return {k: v[start:start + count].long() for k, v in label_file["labels"].items()}
+        raise ValueError(
+            f"{label_file['path']}: utterance {uid} has {count} pseudo-labels but {num_frames} frames "
+            f"were expected: pseudo-labels do not match the audio"
+        )
+    return {k: v[start : start + count].long() for k, v in label_file["labels"].items()}
 
 
 # -----------------------------------------------------------------------------
@@ -564,14 +681,22 @@ def labels_for(label_file, uid, num_frames):
 def build_parser():
     from train import OneLineParser  # the scripts' shared CLI layer, which imports this file
 
-    parser = OneLineParser(description="Count an emotion corpus's utterances per session (or split) and class.",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data", required=True,
-                        help="IEMOCAP_full_release folder (or .json label file / .csv manifest) whose utterances "
-                             "to count per session (per split) and class")
+    parser = OneLineParser(
+        description="Count an emotion corpus's utterances per session (or split) and class.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="IEMOCAP_full_release folder (or .json label file / .csv manifest) whose utterances "
+        "to count per session (per split) and class",
+    )
     parser.add_argument("--json", action="store_true", help="print the counts as JSON")
-    parser.add_argument("--wav-dir", default=None,
-                        help="with a .json label file: folder its wav names are relative to (None: the json's folder)")
+    parser.add_argument(
+        "--wav-dir",
+        default=None,
+        help="with a .json label file: folder its wav names are relative to (None: the json's folder)",
+    )
     return parser
 
 
@@ -582,8 +707,11 @@ def report(args):
         return json.dumps(table, indent=2)
     text = format_count_table(table)
     if os.path.isdir(args.data):
-        text += (f"\n(the full IEMOCAP release: {sum(IEMOCAP_SESSION_SIZES.values())} = "
-                 + " + ".join(str(n) for n in IEMOCAP_SESSION_SIZES.values()) + ")")
+        text += (
+            f"\n(the full IEMOCAP release: {sum(IEMOCAP_SESSION_SIZES.values())} = "
+            + " + ".join(str(n) for n in IEMOCAP_SESSION_SIZES.values())
+            + ")"
+        )
     return text
 
 
@@ -598,7 +726,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"  # no source line for users
+    warnings.formatwarning = lambda message, *rest, **kw: (
+        f"warning: {message}\n"
+    )  # no source line for users
     import data  # the module train.user_errors knows: its DataError, not a second one in __main__
 
     sys.exit(data.main())

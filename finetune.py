@@ -18,6 +18,7 @@ utterance (RECIPES below; README "Where every default comes from").
 Output: runs/<name>/fold<k>/run<r>/{config.json, log.jsonl, model.pt, predictions.csv, metrics.json}.
 The training loop below (`train`) is the one every stage of pretrain.py uses too.
 """
+
 import argparse
 import json
 import os
@@ -32,10 +33,32 @@ from data import AudioDataset, count_table, format_count_table, load_corpus
 from evaluate import compute_metrics, predict, write_predictions
 from model import EmotionClassifier, vft_masks
 from synth import synthesize_iemocap
-from train import (COUNT, FRACTION, NATURAL, POSITIVE, PROBABILITY, OneLineParser, add_run_flags, autocast_dtype, barrier,
-                   check_run_config, class_weights, finish_args, init_distributed, load_backbone, pad_to_whole_batch,
-                   remove_training_state, resolve_device, run_lock, seed_everything, train, train_batches, user_errors,
-                   utterance_rng, world)
+from train import (
+    COUNT,
+    FRACTION,
+    NATURAL,
+    POSITIVE,
+    PROBABILITY,
+    OneLineParser,
+    add_run_flags,
+    autocast_dtype,
+    barrier,
+    check_run_config,
+    class_weights,
+    finish_args,
+    init_distributed,
+    load_backbone,
+    pad_to_whole_batch,
+    remove_training_state,
+    resolve_device,
+    run_lock,
+    seed_everything,
+    train,
+    train_batches,
+    user_errors,
+    utterance_rng,
+    world,
+)
 
 # -----------------------------------------------------------------------------
 # the method: V-FT
@@ -44,17 +67,26 @@ from train import (COUNT, FRACTION, NATURAL, POSITIVE, PROBABILITY, OneLineParse
 def vft_loss(logits, labels, weights):
     """Class-weighted cross-entropy (RECIPE.md "V-FT"): sum_i w_{y_i} CE_i / sum_i w_{y_i}.
     Returned as its (numerator, denominator) pair, which `train` adds up over processes."""
-    return F.cross_entropy(logits.float(), labels, weight=weights, reduction="sum"), weights[labels].sum()
+    return F.cross_entropy(logits.float(), labels, weight=weights, reduction="sum"), weights[
+        labels
+    ].sum()
 
 
 def finetune_run(args, fold, run, splits, classes, run_dir):
     """One V-FT run: train a fixed number of epochs, test at the end (the release had no validation set)."""
     device, seed = resolve_device(args.device), args.seed + run
-    config = {**{k: v for k, v in vars(args).items() if k not in ("fold", "runs")}, "fold": fold, "run": run,
-              "seed_of_run": seed, "classes": list(classes)}
+    config = {
+        **{k: v for k, v in vars(args).items() if k not in ("fold", "runs")},
+        "fold": fold,
+        "run": run,
+        "seed_of_run": seed,
+        "classes": list(classes),
+    }
     metrics_path = os.path.join(run_dir, "metrics.json")
     if check_run_config(run_dir, config) and os.path.exists(metrics_path):
-        print(f"{run_dir}: finished already (metrics.json); skipping. Remove the folder to redo it.")
+        print(
+            f"{run_dir}: finished already (metrics.json); skipping. Remove the folder to redo it."
+        )
         with open(metrics_path) as f:
             return json.load(f)
     seed_everything(seed)
@@ -63,7 +95,9 @@ def finetune_run(args, fold, run, splits, classes, run_dir):
     backbone.norm_over_padding = args.group_norm == "padded"
     clf = EmotionClassifier(backbone, classes, skip_last_frame=args.recipe == "release").to(device)
     params = backbone.freeze_feature_encoder() + list(clf.head.parameters())
-    dataset = AudioDataset(train_set, classes, max_seconds=args.max_seconds, crop="head", cache=args.cache)
+    dataset = AudioDataset(
+        train_set, classes, max_seconds=args.max_seconds, crop="head", cache=args.cache
+    )
     weights = class_weights(dataset.labels, len(classes))
     time_masks = (args.time_mask_prob, args.time_mask_span, args.time_mask_min)
     channel_masks = (args.channel_mask_prob, args.channel_mask_span, args.channel_mask_min)
@@ -71,29 +105,69 @@ def finetune_run(args, fold, run, splits, classes, run_dir):
     def batch_loss(batch, update):
         wav = pad_to_whole_batch(batch["wav"]) if args.group_norm == "padded" else batch["wav"]
         rngs = [utterance_rng(seed, update, i) for i in batch["indices"].tolist()]
-        masks = vft_masks(args.mask_semantics, backbone.frame_lengths(batch["lengths"]),
-                          int(backbone.frame_lengths(torch.tensor(wav.shape[1]))), backbone.cfg.embed_dim, rngs,
-                          utterance_rng(seed, update, -1), time_masks, channel_masks)
-        logits = clf(wav.to(device), batch["lengths"], *(m if m is None else m.to(device) for m in masks))
+        masks = vft_masks(
+            args.mask_semantics,
+            backbone.frame_lengths(batch["lengths"]),
+            int(backbone.frame_lengths(torch.tensor(wav.shape[1]))),
+            backbone.cfg.embed_dim,
+            rngs,
+            utterance_rng(seed, update, -1),
+            time_masks,
+            channel_masks,
+        )
+        logits = clf(
+            wav.to(device), batch["lengths"], *(m if m is None else m.to(device) for m in masks)
+        )
         return [vft_loss(logits, batch["labels"].to(device), weights.to(device))]
 
-    sampler = train_batches(dataset.lengths, args.batch_size, args.max_batch_seconds, args.bucket, seed)
-    train(clf, params, batch_loss, dataset, sampler, updates=args.epochs * len(sampler), lr=args.lr,
-          schedule=lambda update: 1.0, device=device, precision=args.precision, run_dir=run_dir, name="",
-          save_every=None, desc=f"fold {fold} run {run}", workers=args.workers, progress=args.progress)
+    sampler = train_batches(
+        dataset.lengths, args.batch_size, args.max_batch_seconds, args.bucket, seed
+    )
+    train(
+        clf,
+        params,
+        batch_loss,
+        dataset,
+        sampler,
+        updates=args.epochs * len(sampler),
+        lr=args.lr,
+        schedule=lambda update: 1.0,
+        device=device,
+        precision=args.precision,
+        run_dir=run_dir,
+        name="",
+        save_every=None,
+        desc=f"fold {fold} run {run}",
+        workers=args.workers,
+        progress=args.progress,
+    )
 
     test = splits["test"]
-    probs = predict(clf, test, classes, device, autocast_dtype(device, args.precision), workers=args.workers,
-                    progress=args.progress)
-    metrics = compute_metrics([classes.index(u.label) for u in test], probs.argmax(-1).tolist(), classes)
+    probs = predict(
+        clf,
+        test,
+        classes,
+        device,
+        autocast_dtype(device, args.precision),
+        workers=args.workers,
+        progress=args.progress,
+    )
+    metrics = compute_metrics(
+        [classes.index(u.label) for u in test], probs.argmax(-1).tolist(), classes
+    )
     if world()[0] == 0:
-        save_classifier(clf, os.path.join(run_dir, "model.pt"),
-                        meta={"fold": fold, "run": run, "source": args.init or args.checkpoint})
+        save_classifier(
+            clf,
+            os.path.join(run_dir, "model.pt"),
+            meta={"fold": fold, "run": run, "source": args.init or args.checkpoint},
+        )
         write_predictions(os.path.join(run_dir, "predictions.csv"), test, probs, classes)
         write_json(metrics_path, metrics)  # written last: its presence means the run is complete
         remove_training_state(os.path.join(run_dir, "state.pt"))
-        print(f"fold {fold} run {run}: UA {metrics['ua']:.4f}  WA {metrics['wa']:.4f}  macro-F1 {metrics['macro_f1']:.4f}"
-              f"  ({len(test)} test utterances)")
+        print(
+            f"fold {fold} run {run}: UA {metrics['ua']:.4f}  WA {metrics['wa']:.4f}  macro-F1 {metrics['macro_f1']:.4f}"
+            f"  ({len(test)} test utterances)"
+        )
     barrier()
     return metrics
 
@@ -127,37 +201,99 @@ def build_parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_flags(p)
     a = p.add_argument
-    a("--fold", default="1", help="test session 1-5, or 'all' (IEMOCAP; ignored for .json/.csv) (default: %(default)s)")
-    a("--checkpoint", help="fairseq wav2vec 2.0 checkpoint (e.g. wav2vec_small.pt) or Hugging Face wav2vec 2.0 folder")
-    a("--init", help="start from a pretrain.py output instead of --checkpoint; '{fold}' is replaced by the fold")
-    a("--runs", type=COUNT, default=1, help="runs per fold with seeds seed, seed+1, ... (the paper: 5) (default: %(default)s)")
-    a("--train-fraction", type=FRACTION, default=1.0,
-      help="fine-tune on this stratified fraction of the training utterances (low-resource) (default: %(default)s)")
+    a(
+        "--fold",
+        default="1",
+        help="test session 1-5, or 'all' (IEMOCAP; ignored for .json/.csv) (default: %(default)s)",
+    )
+    a(
+        "--checkpoint",
+        help="fairseq wav2vec 2.0 checkpoint (e.g. wav2vec_small.pt) or Hugging Face wav2vec 2.0 folder",
+    )
+    a(
+        "--init",
+        help="start from a pretrain.py output instead of --checkpoint; '{fold}' is replaced by the fold",
+    )
+    a(
+        "--runs",
+        type=COUNT,
+        default=1,
+        help="runs per fold with seeds seed, seed+1, ... (the paper: 5) (default: %(default)s)",
+    )
+    a(
+        "--train-fraction",
+        type=FRACTION,
+        default=1.0,
+        help="fine-tune on this stratified fraction of the training utterances (low-resource) (default: %(default)s)",
+    )
     a("--epochs", type=COUNT, default=15, help="RECIPE.md V-FT (default: %(default)s)")
-    a("--batch-size", type=COUNT, default=64, help="utterances per update, last partial batch dropped (default: %(default)s)")
-    a("--max-batch-seconds", type=POSITIVE, default=None,
-      help="also cap each batch at this much padded audio; smaller batches then count as full (default: %(default)s)")
-    a("--lr", type=POSITIVE, default=1e-4, help="Adam, constant, no weight decay (default: %(default)s)")
-    a("--max-seconds", type=POSITIVE, default=10.0, help="training audio truncated to its first N seconds (default: %(default)s)")
+    a(
+        "--batch-size",
+        type=COUNT,
+        default=64,
+        help="utterances per update, last partial batch dropped (default: %(default)s)",
+    )
+    a(
+        "--max-batch-seconds",
+        type=POSITIVE,
+        default=None,
+        help="also cap each batch at this much padded audio; smaller batches then count as full (default: %(default)s)",
+    )
+    a(
+        "--lr",
+        type=POSITIVE,
+        default=1e-4,
+        help="Adam, constant, no weight decay (default: %(default)s)",
+    )
+    a(
+        "--max-seconds",
+        type=POSITIVE,
+        default=10.0,
+        help="training audio truncated to its first N seconds (default: %(default)s)",
+    )
     a("--time-mask-prob", type=PROBABILITY, default=0.08, help="(default: %(default)s)")
     a("--time-mask-span", type=COUNT, default=15, help="frames (default: %(default)s)")
-    a("--time-mask-min", type=NATURAL, default=2, help="at least this many spans (default: %(default)s)")
+    a(
+        "--time-mask-min",
+        type=NATURAL,
+        default=2,
+        help="at least this many spans (default: %(default)s)",
+    )
     a("--channel-mask-prob", type=PROBABILITY, default=0.05, help="(default: %(default)s)")
     a("--channel-mask-span", type=COUNT, default=64, help="channels (default: %(default)s)")
     a("--channel-mask-min", type=NATURAL, default=1, help="(default: %(default)s)")
-    a("--bucket", action=argparse.BooleanOptionalAction, default=None,
-      help="batches of similar lengths (less padding) (default: the recipe's: release random, clean bucketed)")
-    a("--mask-semantics", choices=["batch", "utterance"], default=None,
-      help="span counts of transformers 4.10, one per batch from its padded length, or per utterance "
-           "(default: the recipe's: release batch, clean utterance)")
-    a("--group-norm", choices=["padded", "valid"], default=None,
-      help="the conv encoder's group norm over the padded batch, or over each utterance's own samples "
-           "(default: the recipe's: release padded, clean valid)")
-    a("--name", default=None, help="run name: runs/<name>/fold<k>/run<r> (default: vft; ft-<method> with "
-                                   "--init runs/<method>/fold<k>/pretrained.pt)")
-    a("--quickstart", action="store_true",
-      help="generate the synthetic corpus (data/synth) and fine-tune a tiny random wav2vec 2.0 on fold 1: "
-           "no data or checkpoint needed")
+    a(
+        "--bucket",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="batches of similar lengths (less padding) (default: the recipe's: release random, clean bucketed)",
+    )
+    a(
+        "--mask-semantics",
+        choices=["batch", "utterance"],
+        default=None,
+        help="span counts of transformers 4.10, one per batch from its padded length, or per utterance "
+        "(default: the recipe's: release batch, clean utterance)",
+    )
+    a(
+        "--group-norm",
+        choices=["padded", "valid"],
+        default=None,
+        help="the conv encoder's group norm over the padded batch, or over each utterance's own samples "
+        "(default: the recipe's: release padded, clean valid)",
+    )
+    a(
+        "--name",
+        default=None,
+        help="run name: runs/<name>/fold<k>/run<r> (default: vft; ft-<method> with "
+        "--init runs/<method>/fold<k>/pretrained.pt)",
+    )
+    a(
+        "--quickstart",
+        action="store_true",
+        help="generate the synthetic corpus (data/synth) and fine-tune a tiny random wav2vec 2.0 on fold 1: "
+        "no data or checkpoint needed",
+    )
     return p
 
 
@@ -165,15 +301,29 @@ def build_parser():
 # proportion (64 / 768 * 96 = 8); small batches give the 320-utterance training set enough updates
 # (a random transformer needs ~150 before it starts to separate the classes); 4 s truncation halves
 # the CPU time of the synthetic 1-8 s utterances.
-QUICKSTART = dict(data="data/synth", checkpoint="random-tiny", fold="1", epochs=15, batch_size=8, lr=5e-4,
-                  max_seconds=4.0, channel_mask_span=8, name="quickstart", workers=0, cache=True)
+QUICKSTART = dict(
+    data="data/synth",
+    checkpoint="random-tiny",
+    fold="1",
+    epochs=15,
+    batch_size=8,
+    lr=5e-4,
+    max_seconds=4.0,
+    channel_mask_span=8,
+    name="quickstart",
+    workers=0,
+    cache=True,
+)
 
 
 def default_run_name(init):
     """vft, or ft-<method> for --init runs/<method>/fold{fold}/pretrained.pt (ft-<file stem> otherwise)."""
     if not init:
         return "vft"
-    folder, stem = os.path.split(os.path.dirname(init))[1], os.path.splitext(os.path.basename(init))[0]
+    folder, stem = (
+        os.path.split(os.path.dirname(init))[1],
+        os.path.splitext(os.path.basename(init))[0],
+    )
     if folder == "fold{fold}" or re.fullmatch(r"fold\d+", folder):
         return "ft-" + os.path.basename(os.path.dirname(os.path.dirname(init)))
     return "ft-" + stem
@@ -181,8 +331,10 @@ def default_run_name(init):
 
 # What each recipe sets (README "Where every default comes from"); a flag given on the command line wins.
 # release: RECIPE.md "What the release actually computed"; clean: RECIPE.md "V-FT" read per utterance.
-RECIPES = {"release": dict(bucket=False, mask_semantics="batch", group_norm="padded"),
-           "clean": dict(bucket=True, mask_semantics="utterance", group_norm="valid")}
+RECIPES = {
+    "release": dict(bucket=False, mask_semantics="batch", group_norm="padded"),
+    "clean": dict(bucket=True, mask_semantics="utterance", group_norm="valid"),
+}
 
 
 def parse_args(argv):
@@ -212,15 +364,19 @@ def main(argv=None):
         for fold in [1, 2, 3, 4, 5] if args.fold == "all" else [int(args.fold)]:
             splits, classes = load_corpus(args.data, fold, args.wav_dir)
             if not results and world()[0] == 0:
-                print(format_count_table(count_table([u for split in splits.values() for u in split])))
+                print(
+                    format_count_table(count_table([u for split in splits.values() for u in split]))
+                )
             args.init = template.replace("{fold}", str(fold)) if template else None
             for run in range(args.runs):
                 run_dir = os.path.join(args.out, args.name, f"fold{fold}", f"run{run}")
                 with run_lock(run_dir):
                     results.append(finetune_run(args, fold, run, splits, classes, run_dir))
         if len(results) > 1 and world()[0] == 0:
-            print(f"mean over {len(results)} runs: UA {np.mean([r['ua'] for r in results]):.4f}  "
-                  f"WA {np.mean([r['wa'] for r in results]):.4f}; table: python evaluate.py {os.path.join(args.out, args.name)}")
+            print(
+                f"mean over {len(results)} runs: UA {np.mean([r['ua'] for r in results]):.4f}  "
+                f"WA {np.mean([r['wa'] for r in results]):.4f}; table: python evaluate.py {os.path.join(args.out, args.name)}"
+            )
 
 
 if __name__ == "__main__":

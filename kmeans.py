@@ -18,6 +18,7 @@ Lloyd as computed here (GPU first, the CPU works), every K reading the same chun
 - init: greedy k-means++ (scikit-learn's variant) or K distinct random frames, each K from its own generator
   seeded with `seed`: a K fitted alone or with others gets the same centroids.
 """
+
 import contextlib
 import itertools
 import math
@@ -49,6 +50,7 @@ def no_tf32():
 
 # ============================================================================ the method
 
+
 @dataclass
 class KMeansResult:
     centroids: torch.Tensor  # (K, D) float32 on the CPU
@@ -57,33 +59,74 @@ class KMeansResult:
 
 
 @no_tf32()
-def fit_kmeans(features, ks=(64, 512, 4096), iters=20, init="k-means++", seed=0, tol=0.0, chunk_size=16384,
-               max_samples=None, device=None, progress=True):
+def fit_kmeans(
+    features,
+    ks=(64, 512, 4096),
+    iters=20,
+    init="k-means++",
+    seed=0,
+    tol=0.0,
+    chunk_size=16384,
+    max_samples=None,
+    device=None,
+    progress=True,
+):
     """One k-means per K in `ks` on the rows of `features` (N, D): {K: KMeansResult}. init: "k-means++",
     "random" or centroids ({K: (K, D) tensor}, or the tensor for a single K). max_samples (default max(ks) x
     1000): fit on a seeded random subset. Memory besides the frames: about chunk_size x (D + max K) floats.
     Under torch.distributed each rank passes its shard and gets the fit of all shards in rank order."""
     ks, device = [int(k) for k in ks], resolve_device(device or "auto")
     if not (torch.is_tensor(features) and features.dim() == 2 and features.is_floating_point()):
-        raise ValueError(f"need 2-D floating-point features, got {getattr(features, 'shape', type(features))}")
-    inits = dict.fromkeys(ks, init) if isinstance(init, str) else {ks[0]: init} if torch.is_tensor(init) else init
-    if sorted(inits) != sorted(ks) or not all(c in ("k-means++", "random") if isinstance(c, str)
-                                              else tuple(c.shape) == (k, features.shape[1]) for k, c in inits.items()):
-        raise ValueError(f"init must be 'k-means++', 'random' or centroids of shape (K, {features.shape[1]}) for each K")
+        raise ValueError(
+            f"need 2-D floating-point features, got {getattr(features, 'shape', type(features))}"
+        )
+    inits = (
+        dict.fromkeys(ks, init)
+        if isinstance(init, str)
+        else {ks[0]: init}
+        if torch.is_tensor(init)
+        else init
+    )
+    if sorted(inits) != sorted(ks) or not all(
+        c in ("k-means++", "random")
+        if isinstance(c, str)
+        else tuple(c.shape) == (k, features.shape[1])
+        for k, c in inits.items()
+    ):
+        raise ValueError(
+            f"init must be 'k-means++', 'random' or centroids of shape (K, {features.shape[1]}) for each K"
+        )
     x, cap = gather_rows(features, device), max(ks) * 1000 if max_samples is None else max_samples
     if max(ks) > min(len(x), cap):
-        raise ValueError(f"cannot fit K={max(ks)} clusters to N={min(len(x), cap)} frames"
-                         f"{' (after max_samples)' if cap < len(x) else ''}: K must be <= N")
-    if len(x) > cap:  # in frame order: the draw decides which frames, not the order they are read in
-        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:cap].sort().values]
-    gens = {k: torch.Generator().manual_seed(seed) for k in ks}  # on the CPU: the same draws on any device or rank
+        raise ValueError(
+            f"cannot fit K={max(ks)} clusters to N={min(len(x), cap)} frames"
+            f"{' (after max_samples)' if cap < len(x) else ''}: K must be <= N"
+        )
+    if (
+        len(x) > cap
+    ):  # in frame order: the draw decides which frames, not the order they are read in
+        x = x[
+            torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:cap]
+            .sort()
+            .values
+        ]
+    gens = {
+        k: torch.Generator().manual_seed(seed) for k in ks
+    }  # on the CPU: the same draws on any device or rank
     with _threads(device) as threads:
         frames = _Frames(x, device, chunk_size, threads, ks)
-        cents = {k: c.to(device, torch.float32) - frames.shift if torch.is_tensor(c)
-                 else frames.rows(torch.randperm(len(x), generator=gens[k])[:k]) if c == "random"
-                 else _kmeans_plusplus(frames, k, gens[k]) for k, c in inits.items()}
+        cents = {
+            k: c.to(device, torch.float32) - frames.shift
+            if torch.is_tensor(c)
+            else frames.rows(torch.randperm(len(x), generator=gens[k])[:k])
+            if c == "random"
+            else _kmeans_plusplus(frames, k, gens[k])
+            for k, c in inits.items()
+        }
         history, counts = _lloyd(frames, cents, iters, tol, progress)
-    return {k: KMeansResult((cents[k] + frames.shift).cpu(), history[k], counts[k].cpu()) for k in ks}
+    return {
+        k: KMeansResult((cents[k] + frames.shift).cpu(), history[k], counts[k].cpu()) for k in ks
+    }
 
 
 def _weights(c):
@@ -95,17 +138,23 @@ def _kmeans_plusplus(frames, k, gen):
     # scikit-learn's greedy k-means++: 2 + ln K candidates per step drawn ~ D^2, keep the one that lowers the
     # potential most; K passes over the frames
     sq = torch.cat([xa[:, :-1].square().sum(1) for _, xa in frames.chunks(frames.buf)])
-    dists = lambda w: torch.cat([xa @ w for _, xa in frames.chunks(frames.buf)]).add_(sq[:, None]).clamp_(min=0)
+    dists = lambda w: (
+        torch.cat([xa @ w for _, xa in frames.chunks(frames.buf)]).add_(sq[:, None]).clamp_(min=0)
+    )
     chosen = [frames.rows(torch.randint(len(sq), (1,), generator=gen))]
     closest = dists(_weights(chosen[0]))[:, 0]
     for _ in range(1, k):
-        cum = closest.cumsum(0, dtype=torch.float64)  # a float32 cumsum over millions of frames drifts
+        cum = closest.cumsum(
+            0, dtype=torch.float64
+        )  # a float32 cumsum over millions of frames drifts
         u = torch.rand(2 + int(math.log(k)), generator=gen, dtype=torch.float64).to(cum.device)
-        candidates = frames.rows(torch.searchsorted(cum, u * cum[-1], right=True).clamp_(max=len(cum) - 1))
+        candidates = frames.rows(
+            torch.searchsorted(cum, u * cum[-1], right=True).clamp_(max=len(cum) - 1)
+        )
         d = torch.minimum(dists(_weights(candidates)), closest[:, None])
         best = int(d.sum(0, dtype=torch.float64).argmin())
         closest = d[:, best].contiguous()
-        chosen.append(candidates[best:best + 1])
+        chosen.append(candidates[best : best + 1])
     return torch.cat(chosen)
 
 
@@ -121,7 +170,16 @@ def _lloyd(frames, cents, iters, tol, progress):
             c, sums_k, counts[k] = cents[k].double(), sums[k][:, :-1], sums[k][:, -1].round().long()
             # the pass's inertia from its cluster sums: no second look at the frames
             h = history[k]
-            h.append(max(float(frames.sq_total - 2 * (sums_k * c).sum() + (counts[k] * c.square().sum(1)).sum()), 0.0))
+            h.append(
+                max(
+                    float(
+                        frames.sq_total
+                        - 2 * (sums_k * c).sum()
+                        + (counts[k] * c.square().sum(1)).sum()
+                    ),
+                    0.0,
+                )
+            )
             converged = it and torch.equal(labels[k], before[k])  # an update would change nothing
             if it == iters or converged or (tol > 0 and len(h) > 1 and h[-2] - h[-1] < tol * h[-2]):
                 continue  # these centroids are final, and h[-1] is their inertia
@@ -138,9 +196,14 @@ def _update(frames, c, labels, sums, sizes):
     its cluster, as scikit-learn does; a cluster left empty keeps its centroid."""
     empty = (sizes == 0).nonzero()[:, 0]
     if len(empty):
-        far = torch.cat([(xa[:, :-1] - c[labels[s:s + len(xa)]]).square_().sum(1) for s, xa in frames.chunks(frames.buf)])
+        far = torch.cat(
+            [
+                (xa[:, :-1] - c[labels[s : s + len(xa)]]).square_().sum(1)
+                for s, xa in frames.chunks(frames.buf)
+            ]
+        )
         idx = far.topk(min(len(empty), len(far))).indices
-        x, old, empty = frames.rows(idx).double(), labels[idx], empty[:len(idx)]
+        x, old, empty = frames.rows(idx).double(), labels[idx], empty[: len(idx)]
         sums = sums.index_add(0, old, -x)
         sizes.index_add_(0, old, -torch.ones_like(old))
         sums[empty], sizes[empty] = x, 1
@@ -152,16 +215,26 @@ def assign(features, centroids, chunk_size=16384, device=None):
     """(N,) long on the CPU: the nearest centroid of every row of `features` (N, D), by one of Lloyd's passes."""
     device, k = resolve_device(device or "auto"), len(centroids)
     if features.dim() != 2 or centroids.dim() != 2 or centroids.shape[1] != features.shape[1]:
-        raise ValueError(f"centroids {tuple(centroids.shape)} do not match features {tuple(features.shape)}")
-    c, labels = centroids.to(device, torch.float32), {k: torch.empty(len(features), dtype=torch.long, device=device)}
+        raise ValueError(
+            f"centroids {tuple(centroids.shape)} do not match features {tuple(features.shape)}"
+        )
+    c, labels = (
+        centroids.to(device, torch.float32),
+        {k: torch.empty(len(features), dtype=torch.long, device=device)},
+    )
     with _threads(device) as threads:
-        frames = _Frames(features, device, chunk_size, threads, [k], shift=c.mean(0))  # any shift: the same labels
-        if not torch.isfinite(frames.lloyd_pass({k: _weights(c - frames.shift)}, labels, split_ranks=False)[k]).all():
+        frames = _Frames(
+            features, device, chunk_size, threads, [k], shift=c.mean(0)
+        )  # any shift: the same labels
+        if not torch.isfinite(
+            frames.lloyd_pass({k: _weights(c - frames.shift)}, labels, split_ranks=False)[k]
+        ).all():
             raise ValueError("features contain NaN or inf")
     return labels[k].cpu()
 
 
 # ================================================================ engineering: threads, ranks, feature extraction
+
 
 class _Frames:
     """Frames as given (float16, on the CPU for a GPU fit...), read in chunks made float32, less `shift` (default:
@@ -169,26 +242,47 @@ class _Frames:
     pool has its chunk and sum buffers, allocated once for every pass."""
 
     def __init__(self, x, device, chunk, threads, ks, shift=None):
-        (self.pool, num_threads), free = threads, torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0
-        self.x = x.to(device) if x.numel() * x.element_size() < free // 3 else x  # read iters + 1 times: stage them
+        (self.pool, num_threads), free = (
+            threads,
+            torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0,
+        )
+        self.x = (
+            x.to(device) if x.numel() * x.element_size() < free // 3 else x
+        )  # read iters + 1 times: stage them
         # on the CPU a chunk's distances to K centroids fit a core's L2 cache (512 KB): 256 frames ran a K=512 pass
         # 10% faster than 1024 frames, which ran K=64 10% faster than 256
-        chunk = min(chunk, 1024, max(256, 2 ** 17 // max(ks))) if device.type == "cpu" else chunk
-        self.device, self.shift = device, torch.zeros(x.shape[1], device=device) if shift is None else shift
+        chunk = min(chunk, 1024, max(256, 2**17 // max(ks))) if device.type == "cpu" else chunk
+        self.device, self.shift = (
+            device,
+            torch.zeros(x.shape[1], device=device) if shift is None else shift,
+        )
         self.buf = buf = torch.ones(max(1, min(chunk, len(x))), x.shape[1] + 1, device=device)
         zeros = lambda dtype: {k: buf.new_zeros(k, buf.shape[1], dtype=dtype) for k in ks}
-        self.buffers = [(buf if t == 0 else torch.ones_like(buf), buf.new_empty(len(buf) * max(ks)),
-                         zeros(torch.float32), zeros(torch.float64)) for t in range(num_threads)]
-        self.group = max(1, FLOAT32_FRAMES // len(buf))  # chunks summed in float32 before the float64 sums
+        self.buffers = [
+            (
+                buf if t == 0 else torch.ones_like(buf),
+                buf.new_empty(len(buf) * max(ks)),
+                zeros(torch.float32),
+                zeros(torch.float64),
+            )
+            for t in range(num_threads)
+        ]
+        self.group = max(
+            1, FLOAT32_FRAMES // len(buf)
+        )  # chunks summed in float32 before the float64 sums
         if shift is None:
             s = buf.new_zeros(1, buf.shape[1], dtype=torch.float64)
-            for _, xa in self.chunks(buf):  # column sums by a matmul: sum(0) is several times slower on the CPU
+            for _, xa in self.chunks(
+                buf
+            ):  # column sums by a matmul: sum(0) is several times slower on the CPU
                 s += xa.new_ones(1, len(xa)) @ xa
             if not torch.isfinite(s).all():  # a NaN frame would silently poison its centroid
                 raise ValueError("features contain NaN or inf")
             self.shift = (s[0, :-1] / len(x)).float()
             # each pass's inertia then follows from its cluster sums
-            self.sq_total = sum(float(xa[:, :-1].square().sum(dtype=torch.float64)) for _, xa in self.chunks(buf))
+            self.sq_total = sum(
+                float(xa[:, :-1].square().sum(dtype=torch.float64)) for _, xa in self.chunks(buf)
+            )
 
     def rows(self, idx):
         return self.x[idx.to(self.x.device)].to(self.device).float() - self.shift
@@ -199,9 +293,9 @@ class _Frames:
         for start in (i * len(buf) for i in numbers or itertools.count()):
             if start >= len(self.x):
                 return
-            rows = self.x[start:start + len(buf)].to(self.device, non_blocking=True)
-            torch.sub(rows, self.shift, out=buf[:len(rows), :-1])
-            yield start, buf[:len(rows)]
+            rows = self.x[start : start + len(buf)].to(self.device, non_blocking=True)
+            torch.sub(rows, self.shift, out=buf[: len(rows), :-1])
+            yield start, buf[: len(rows)]
 
     def lloyd_pass(self, weights, labels, split_ranks=True):
         """One Lloyd pass for {K: _weights(centroids)}: labels every frame (into labels[K]) and returns {K: (K, D + 1)
@@ -228,7 +322,11 @@ class _Frames:
             for start, xa in self.chunks(buf, range(g * self.group, (g + 1) * self.group)):
                 m = len(xa)
                 for k, w in weights.items():
-                    lab = torch.argmin(torch.mm(xa, w, out=dists[:m * k].view(m, k)), 1, out=labels[k][start:start + m])
+                    lab = torch.argmin(
+                        torch.mm(xa, w, out=dists[: m * k].view(m, k)),
+                        1,
+                        out=labels[k][start : start + m],
+                    )
                     group_sums[k].index_add_(0, lab, xa)
             for k in weights:
                 sums[k] += group_sums[k]
@@ -257,29 +355,45 @@ def gather_rows(t, device):
     sizes[world()[0]] = len(t)
     dist.all_reduce(sizes)
     buf = torch.zeros((int(sizes.max()),) + t.shape[1:], dtype=t.dtype, device=device)
-    buf[:len(t)] = t
+    buf[: len(t)] = t
     parts = [torch.empty_like(buf) for _ in sizes]
     dist.all_gather(parts, buf)
     return torch.cat([p[:n] for p, n in zip(parts, sizes.tolist())]).cpu()
 
 
 @torch.no_grad()
-def extract_features(features_of, utterances, device, batch_seconds=200.0, progress=True, workers=2):
+def extract_features(
+    features_of, utterances, device, batch_seconds=200.0, progress=True, workers=2
+):
     """Every valid frame of every utterance, in utterance order: (N, D) float16 on the CPU (1.5 GB per million
     768-dimensional frames) and frame counts (U,) long. features_of(wav (B, T) on device, lengths (B,) on the
     CPU) -> (features (B, F, D), frame lengths (B,)), e.g. lambda wav, n: model(wav, n, layer=layer)."""
-    from data import AudioDataset, BucketBatchSampler, collate  # here: clustering alone needs no data.py
+    from data import (  # here: clustering alone needs no data.py
+        AudioDataset,
+        BucketBatchSampler,
+        collate,
+    )
+
     device = resolve_device(device)
     dataset = AudioDataset(utterances, classes=())  # full length; the emotion labels are not needed
     # length-sorted batches of at most batch_seconds of padded audio: little padding, bounded memory
-    sampler = BucketBatchSampler(dataset.lengths, max(1, len(dataset)), batch_seconds, shuffle=False, drop_last=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+    sampler = BucketBatchSampler(
+        dataset.lengths, max(1, len(dataset)), batch_seconds, shuffle=False, drop_last=False
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
     frames = [None] * len(dataset)
     for batch in tqdm(loader, desc="features", disable=not progress):
         hidden, lengths = features_of(batch["wav"].to(device, non_blocking=True), batch["lengths"])
         hidden, lengths = hidden.half().cpu(), lengths.tolist()
         for row, i in enumerate(batch["indices"].tolist()):
-            frames[i] = hidden[row, :lengths[row]].clone()  # a copy: a view would keep the padded batch alive
+            frames[i] = hidden[
+                row, : lengths[row]
+            ].clone()  # a copy: a view would keep the padded batch alive
     counts = torch.tensor([len(f) for f in frames], dtype=torch.long)
     return (torch.cat(frames) if frames else torch.zeros(0, 0, dtype=torch.float16)), counts

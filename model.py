@@ -6,6 +6,7 @@ recipe's P-TAPT teacher), then checkpoint I/O (a safe unpickler, fairseq and Hug
 mapping, a safetensors reader, the project's own format).
 Semantics follow fairseq's fairseq/models/wav2vec/wav2vec2.py (v1: wav2vec.py); see RECIPE.md "Backbone".
 """
+
 from __future__ import annotations
 
 import math
@@ -16,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 SAMPLE_RATE = 16000  # wav2vec 2.0 takes 16 kHz mono audio
-MIN_SAMPLES = 400    # the conv stack's receptive field (25 ms): shorter input gives no frame
+MIN_SAMPLES = 400  # the conv stack's receptive field (25 ms): shorter input gives no frame
 # fairseq's default conv stack: 7 layers, 320x downsampling, 25 ms receptive field (400 samples).
 BASE_CONV_LAYERS = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
 
@@ -25,28 +26,30 @@ BASE_CONV_LAYERS = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
 class Wav2Vec2Config:
     # defaults are wav2vec_small.pt (RECIPE.md "Backbone"); fairseq's argument names in comments
     conv_layers: list = field(default_factory=lambda: list(BASE_CONV_LAYERS))  # conv_feature_layers
-    extractor_mode: str = "default"    # "default": group norm on layer 0; "layer_norm": LN on every layer
+    extractor_mode: str = (
+        "default"  # "default": group norm on layer 0; "layer_norm": LN on every layer
+    )
     conv_bias: bool = False
-    embed_dim: int = 768               # encoder_embed_dim
-    ffn_dim: int = 3072                # encoder_ffn_embed_dim
-    num_layers: int = 12               # encoder_layers
-    num_heads: int = 12                # encoder_attention_heads
-    layer_norm_first: bool = False     # pre-LN transformer (large models)
-    pos_conv_kernel: int = 128         # conv_pos
-    pos_conv_groups: int = 16          # conv_pos_groups
+    embed_dim: int = 768  # encoder_embed_dim
+    ffn_dim: int = 3072  # encoder_ffn_embed_dim
+    num_layers: int = 12  # encoder_layers
+    num_heads: int = 12  # encoder_attention_heads
+    layer_norm_first: bool = False  # pre-LN transformer (large models)
+    pos_conv_kernel: int = 128  # conv_pos
+    pos_conv_groups: int = 16  # conv_pos_groups
     dropout: float = 0.1
     attention_dropout: float = 0.1
     activation_dropout: float = 0.0
-    dropout_input: float = 0.1         # on the projected features
-    dropout_features: float = 0.1      # on the unmasked features that feed the quantizer
-    layerdrop: float = 0.05            # encoder_layerdrop
-    feature_grad_mult: float = 0.1     # gradient scale into the conv encoder
-    normalize: bool = False            # task.normalize: zero-mean unit-variance waveform per utterance
-    has_quantizer: bool = True         # False for ASR fine-tuned checkpoints
+    dropout_input: float = 0.1  # on the projected features
+    dropout_features: float = 0.1  # on the unmasked features that feed the quantizer
+    layerdrop: float = 0.05  # encoder_layerdrop
+    feature_grad_mult: float = 0.1  # gradient scale into the conv encoder
+    normalize: bool = False  # task.normalize: zero-mean unit-variance waveform per utterance
+    has_quantizer: bool = True  # False for ASR fine-tuned checkpoints
     final_dim: int = 256
     latent_vars: int = 320
     latent_groups: int = 2
-    latent_dim: int = 0                # 0: final_dim
+    latent_dim: int = 0  # 0: final_dim
     latent_temp: tuple = (2.0, 0.5, 0.999995)  # (start, end, decay per update)
     logit_temp: float = 0.1
     num_negatives: int = 100
@@ -59,6 +62,7 @@ class Wav2Vec2Config:
 # -----------------------------------------------------------------------------
 # modules
 
+
 class FeatureEncoder(nn.Module):
     """Waveform -> 50 Hz conv features (B, C, F). Group norm on layer 0 is computed over each
     utterance's valid frames only, so an utterance gives the same features whatever it is batched
@@ -68,9 +72,13 @@ class FeatureEncoder(nn.Module):
         super().__init__()
         self.mode = cfg.extractor_mode
         in_dims = [1] + [d for d, _, _ in cfg.conv_layers[:-1]]
-        self.convs = nn.ModuleList(nn.Conv1d(i, d, k, s, bias=cfg.conv_bias)
-                                   for i, (d, k, s) in zip(in_dims, cfg.conv_layers))
-        for conv in self.convs:  # fairseq's ConvFeatureExtractionModel (conv biases keep torch's default)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(i, d, k, s, bias=cfg.conv_bias)
+            for i, (d, k, s) in zip(in_dims, cfg.conv_layers)
+        )
+        for (
+            conv
+        ) in self.convs:  # fairseq's ConvFeatureExtractionModel (conv biases keep torch's default)
             nn.init.kaiming_normal_(conv.weight)
         if self.mode == "default":
             d0 = cfg.conv_layers[0][0]
@@ -80,7 +88,9 @@ class FeatureEncoder(nn.Module):
 
     def output_lengths(self, lengths, num_layers=None):
         for conv in self.convs[:num_layers]:
-            lengths = torch.div(lengths - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1
+            lengths = (
+                torch.div(lengths - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1
+            )
         return lengths
 
     def forward(self, wav, lengths=None):
@@ -88,7 +98,9 @@ class FeatureEncoder(nn.Module):
         for i, conv in enumerate(self.convs):
             x = conv(x)
             if self.mode == "default" and i == 0:
-                x = masked_group_norm(x, None if lengths is None else self.output_lengths(lengths, 1), self.norms[0])
+                x = masked_group_norm(
+                    x, None if lengths is None else self.output_lengths(lengths, 1), self.norms[0]
+                )
             elif self.mode == "layer_norm":
                 x = self.norms[i](x.transpose(1, 2).float()).transpose(1, 2).type_as(x)
             x = F.gelu(x)
@@ -100,10 +112,13 @@ def masked_group_norm(x, lengths, norm: nn.GroupNorm):
     every block of wav2vec (v1), one group) with each utterance's statistics over its valid frames only
     (lengths None: over all frames), so the result is exactly what it gets unbatched. The padded frames
     are left as they come: no valid frame of the next conv reads them."""
-    weight, bias = (None, None) if norm.weight is None else (norm.weight.float(), norm.bias.float())  # v1: affine or not
+    weight, bias = (
+        (None, None) if norm.weight is None else (norm.weight.float(), norm.bias.float())
+    )  # v1: affine or not
 
     def group_norm(y):
         return F.group_norm(y.float(), norm.num_groups, weight, bias, norm.eps).type_as(y)
+
     if lengths is None:
         return group_norm(x)
     # Without autograd (V-FT's frozen encoder, inference) the fresh conv output is overwritten in place:
@@ -121,7 +136,9 @@ class PositionalConv(nn.Module):
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
         c, k, g = cfg.embed_dim, cfg.pos_conv_kernel, cfg.pos_conv_groups
-        std = math.sqrt(4 / (k * c))  # fairseq's init: N(0, sqrt(4 (1 - dropout) / (K C))), its dropout fixed at 0
+        std = math.sqrt(
+            4 / (k * c)
+        )  # fairseq's init: N(0, sqrt(4 (1 - dropout) / (K C))), its dropout fixed at 0
         self.weight_v = nn.Parameter(torch.randn(c, c // g, k) * std)
         self.weight_g = nn.Parameter(self.weight_v.detach().norm(dim=(0, 1), keepdim=True))
         self.bias = nn.Parameter(torch.zeros(c))
@@ -129,8 +146,13 @@ class PositionalConv(nn.Module):
 
     def forward(self, x):  # (B, T, C), padded frames already zero
         weight = self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True))
-        y = F.conv1d(x.transpose(1, 2), weight.to(x.dtype), self.bias.to(x.dtype),
-                     padding=self.kernel // 2, groups=self.groups)
+        y = F.conv1d(
+            x.transpose(1, 2),
+            weight.to(x.dtype),
+            self.bias.to(x.dtype),
+            padding=self.kernel // 2,
+            groups=self.groups,
+        )
         if self.kernel % 2 == 0:  # "same" padding for an even kernel drops the last frame
             y = y[..., :-1]
         return F.gelu(y).transpose(1, 2)
@@ -145,10 +167,13 @@ class SelfAttention(nn.Module):
 
     def forward(self, x, attn_mask):  # attn_mask: (B, 1, 1, T) True = attend, or None
         B, T, C = x.shape
-        q, k, v = (p(x).view(B, T, self.num_heads, -1).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        q, k, v = (
+            p(x).view(B, T, self.num_heads, -1).transpose(1, 2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -209,7 +234,12 @@ class Encoder(nn.Module):
         last = len(self.layers) if layer is None else layer
         for i, block in enumerate(self.layers[:last]):
             # layer drop as fairseq does it (never the requested layer's output itself)
-            if self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop and i + 1 != layer:
+            if (
+                self.training
+                and self.layerdrop > 0
+                and torch.rand(()) < self.layerdrop
+                and i + 1 != layer
+            ):
                 continue
             x = block(x, attn_mask)
         if self.layer_norm_first and layer is None:
@@ -224,7 +254,7 @@ class Quantizer(nn.Module):
 
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
-        dim = (cfg.latent_dim or cfg.final_dim)
+        dim = cfg.latent_dim or cfg.final_dim
         self.groups, self.num_vars = cfg.latent_groups, cfg.latent_vars
         self.vars = nn.Parameter(torch.rand(1, self.groups * self.num_vars, dim // self.groups))
         self.weight_proj = nn.Linear(cfg.conv_dim, self.groups * self.num_vars)
@@ -234,9 +264,11 @@ class Quantizer(nn.Module):
         self.temperature = self.max_temp
 
     def set_num_updates(self, num_updates):
-        self.temperature = max(self.max_temp * self.temp_decay ** num_updates, self.min_temp)
+        self.temperature = max(self.max_temp * self.temp_decay**num_updates, self.min_temp)
 
-    def forward(self, x, rows=None):  # (N, conv_dim) -> (N, dim), perplexity (of the `rows` given, or all)
+    def forward(
+        self, x, rows=None
+    ):  # (N, conv_dim) -> (N, dim), perplexity (of the `rows` given, or all)
         N = x.shape[0]
         logits = self.weight_proj(x).view(N * self.groups, self.num_vars)
         probs = logits.float().softmax(-1).view(N, self.groups, -1)
@@ -267,11 +299,14 @@ class GradScale(torch.autograd.Function):
 # -----------------------------------------------------------------------------
 # the model
 
+
 @dataclass
 class Encoded:
-    hidden: torch.Tensor          # (B, F, embed_dim) transformer output (or layer k's)
-    frame_lengths: torch.Tensor   # (B,) valid frames per utterance
-    features: torch.Tensor        # (B, F, conv_dim) layer-normed conv features, unmasked (quantizer input)
+    hidden: torch.Tensor  # (B, F, embed_dim) transformer output (or layer k's)
+    frame_lengths: torch.Tensor  # (B,) valid frames per utterance
+    features: (
+        torch.Tensor
+    )  # (B, F, conv_dim) layer-normed conv features, unmasked (quantizer input)
     feature_penalty: torch.Tensor  # mean of squared conv features (fairseq's features_pen)
 
 
@@ -316,39 +351,55 @@ class Wav2Vec2(nn.Module):
         """Returns the lengths as a CPU tensor (given or the full width), after checking them."""
         if not torch.is_tensor(wav) or wav.dim() != 2:
             shape = tuple(wav.shape) if torch.is_tensor(wav) else type(wav).__name__
-            raise ValueError(f"wav must be a (batch, samples) tensor of mono 16 kHz audio, got {shape}; "
-                             "average the channels of stereo audio first")
+            raise ValueError(
+                f"wav must be a (batch, samples) tensor of mono 16 kHz audio, got {shape}; "
+                "average the channels of stereo audio first"
+            )
         if not wav.is_floating_point():
             raise TypeError(f"wav must be floating point (float32 in [-1, 1]), got {wav.dtype}")
         if wav_lengths is None:
             wav_lengths = torch.full((wav.shape[0],), wav.shape[1], dtype=torch.long)
         wav_lengths = torch.as_tensor(wav_lengths).long().cpu()
         if wav_lengths.shape != (wav.shape[0],):
-            raise ValueError(f"wav_lengths must have shape ({wav.shape[0]},), got {tuple(wav_lengths.shape)}")
+            raise ValueError(
+                f"wav_lengths must have shape ({wav.shape[0]},), got {tuple(wav_lengths.shape)}"
+            )
         if int(wav_lengths.max()) > wav.shape[1]:
-            raise ValueError(f"wav_lengths exceed the padded length {wav.shape[1]}: max {int(wav_lengths.max())}")
+            raise ValueError(
+                f"wav_lengths exceed the padded length {wav.shape[1]}: max {int(wav_lengths.max())}"
+            )
         if int(wav_lengths.min()) < MIN_SAMPLES:
-            raise ValueError(f"every utterance needs at least {MIN_SAMPLES} samples (25 ms at 16 kHz), "
-                             f"got {int(wav_lengths.min())}")
+            raise ValueError(
+                f"every utterance needs at least {MIN_SAMPLES} samples (25 ms at 16 kHz), "
+                f"got {int(wav_lengths.min())}"
+            )
         return wav_lengths
 
     def features(self, wav, wav_lengths):
         """Conv features (B, C, F) and their mean square over valid frames (fairseq's features_pen).
         The group norm sees each utterance's valid samples only (see masked_group_norm)."""
         if self.cfg.normalize:  # per utterance over its valid samples, as fairseq's dataset does
-            valid = torch.arange(wav.shape[1], device=wav.device) < wav_lengths.to(wav.device)[:, None]
+            valid = (
+                torch.arange(wav.shape[1], device=wav.device) < wav_lengths.to(wav.device)[:, None]
+            )
             n = wav_lengths.to(wav.device)[:, None].to(wav.dtype)
             mean = (wav * valid).sum(1, keepdim=True) / n
             var = (((wav - mean) * valid) ** 2).sum(1, keepdim=True) / n
             wav = ((wav - mean) * torch.rsqrt(var + 1e-5)) * valid
-        per_utterance = not (self.norm_over_padding and self.training) and int(wav_lengths.min()) < wav.shape[1]
+        per_utterance = (
+            not (self.norm_over_padding and self.training) and int(wav_lengths.min()) < wav.shape[1]
+        )
         feats = self.feature_encoder(wav, wav_lengths if per_utterance else None)
         frames = self.frame_lengths(wav_lengths).to(feats.device)
         valid = torch.arange(feats.shape[-1], device=feats.device) < frames[:, None]
-        penalty = (feats.float().pow(2) * valid.unsqueeze(1)).sum() / (frames.sum() * feats.shape[1])
+        penalty = (feats.float().pow(2) * valid.unsqueeze(1)).sum() / (
+            frames.sum() * feats.shape[1]
+        )
         return feats, penalty
 
-    def encode(self, wav, wav_lengths=None, layer=None, time_mask=None, channel_mask=None) -> Encoded:
+    def encode(
+        self, wav, wav_lengths=None, layer=None, time_mask=None, channel_mask=None
+    ) -> Encoded:
         """time_mask (B, F) bool: frames replaced by the mask embedding; channel_mask (B, embed_dim)
         bool: channels zeroed. Both act on the projected features, as in fairseq and the release."""
         wav_lengths = self.check_input(wav, wav_lengths)
@@ -383,6 +434,7 @@ class Wav2Vec2(nn.Module):
 # -----------------------------------------------------------------------------
 # span masking (V-FT, TAPT, P-TAPT)
 
+
 def compute_span_mask(lengths, max_len, prob, span, min_spans, semantics="hf", generator=None):
     """Boolean (B, max_len) mask of spans inside each utterance's valid frames.
 
@@ -416,7 +468,10 @@ def compute_span_mask(lengths, max_len, prob, span, min_spans, semantics="hf", g
         chosen.append(idx)
     if semantics == "fairseq" and chosen:
         fewest = min(len(c) for c in chosen)
-        chosen = [c[torch.randperm(len(c), generator=g)[:fewest]] if len(c) > fewest else c for c in chosen]
+        chosen = [
+            c[torch.randperm(len(c), generator=g)[:fewest]] if len(c) > fewest else c
+            for c in chosen
+        ]
     for i, idx in enumerate(chosen):
         mask[i, idx] = True
     return mask
@@ -449,7 +504,7 @@ def batch_span_masks(lengths, max_len, batch_rng, rngs, prob, span, min_spans):
     for row, (length, rng) in enumerate(zip(lengths, rngs)):
         starts = torch.randperm(max_len - span + 1, generator=rng)[:n]
         mask[row, (starts[:, None] + torch.arange(span)).flatten()] = True
-        mask[row, int(length):] = False
+        mask[row, int(length) :] = False
     return mask
 
 
@@ -478,6 +533,7 @@ def vft_masks(semantics, frames, padded_frames, dim, rngs, batch_rng, time, chan
 # -----------------------------------------------------------------------------
 # emotion classifier (V-FT head, RECIPE.md "V-FT")
 
+
 class EmotionClassifier(nn.Module):
     """ReLU on the transformer output, mean over valid frames, ReLU, Linear. skip_last_frame: the
     release's mean leaves out each utterance's last frame (its PretrainedRNNHead sums frames
@@ -489,8 +545,13 @@ class EmotionClassifier(nn.Module):
         self.head = nn.Linear(backbone.cfg.embed_dim, len(self.classes))
 
     def forward(self, wav, wav_lengths=None, time_mask=None, channel_mask=None):
-        hidden, frame_lengths = self.backbone(wav, wav_lengths, time_mask=time_mask, channel_mask=channel_mask)
-        pooled = masked_mean(F.relu(hidden), (frame_lengths - 1).clamp(min=1) if self.skip_last_frame else frame_lengths)
+        hidden, frame_lengths = self.backbone(
+            wav, wav_lengths, time_mask=time_mask, channel_mask=channel_mask
+        )
+        pooled = masked_mean(
+            F.relu(hidden),
+            (frame_lengths - 1).clamp(min=1) if self.skip_last_frame else frame_lengths,
+        )
         return self.head(F.relu(pooled))
 
 
@@ -521,20 +582,32 @@ LARGE_AGG_LAYERS = [(512, k, 1) for k in range(2, 14)]
 @dataclass
 class Wav2Vec1Config:
     # defaults are wav2vec_large.pt's; fairseq's argument names in comments
-    conv_layers: list = field(default_factory=lambda: list(LARGE_CONV_LAYERS))  # conv_feature_layers
-    agg_layers: list = field(default_factory=lambda: list(LARGE_AGG_LAYERS))    # conv_aggregator_layers
-    log_compression: bool = True   # log_compression: features -> log(|x| + 1)
-    skip_feat: bool = False        # skip_connections_feat: skips between equal-width feature layers
-    skip_agg: bool = True          # skip_connections_agg
-    residual_scale: float = 0.5    # residual_scale: a skip gives (x + residual) * sqrt(residual_scale)
-    agg_zero_pad: bool = False     # agg_zero_pad: causal padding by zeros instead of repeating frame 0
-    agg_bias: bool = True          # not no_conv_bias (the aggregator's convs; the extractor's never have one)
-    affine: bool = True            # not non_affine_group_norm
-    activation: str = "relu"       # activation: relu | gelu
-    dropout: float = 0.0           # dropout: after every aggregator conv (fairseq fixes the extractor's at 0)
+    conv_layers: list = field(
+        default_factory=lambda: list(LARGE_CONV_LAYERS)
+    )  # conv_feature_layers
+    agg_layers: list = field(
+        default_factory=lambda: list(LARGE_AGG_LAYERS)
+    )  # conv_aggregator_layers
+    log_compression: bool = True  # log_compression: features -> log(|x| + 1)
+    skip_feat: bool = False  # skip_connections_feat: skips between equal-width feature layers
+    skip_agg: bool = True  # skip_connections_agg
+    residual_scale: float = (
+        0.5  # residual_scale: a skip gives (x + residual) * sqrt(residual_scale)
+    )
+    agg_zero_pad: bool = False  # agg_zero_pad: causal padding by zeros instead of repeating frame 0
+    agg_bias: bool = (
+        True  # not no_conv_bias (the aggregator's convs; the extractor's never have one)
+    )
+    affine: bool = True  # not non_affine_group_norm
+    activation: str = "relu"  # activation: relu | gelu
+    dropout: float = (
+        0.0  # dropout: after every aggregator conv (fairseq fixes the extractor's at 0)
+    )
 
     @property
-    def min_samples(self):  # the feature extractor's receptive field (Large: 465): shorter input gives no frame
+    def min_samples(
+        self,
+    ):  # the feature extractor's receptive field (Large: 465): shorter input gives no frame
         receptive, hop = 1, 1
         for _, k, s in self.conv_layers:
             receptive, hop = receptive + (k - 1) * hop, hop * s
@@ -563,7 +636,11 @@ class ConvBlock(nn.Module):
         if self.left_pad:
             x = F.pad(x, (self.left_pad, 0), mode=self.pad_mode)
         x = self.dropout(self.conv(x))
-        return self.act(masked_group_norm(x, None if lengths is None else self.output_lengths(lengths), self.norm))
+        return self.act(
+            masked_group_norm(
+                x, None if lengths is None else self.output_lengths(lengths), self.norm
+            )
+        )
 
 
 def stack_lengths(blocks, lengths):
@@ -578,9 +655,15 @@ class FeatureExtractor(nn.Module):
     def __init__(self, cfg: Wav2Vec1Config):
         super().__init__()
         dims = [1] + [d for d, _, _ in cfg.conv_layers]
-        self.blocks = nn.ModuleList(ConvBlock(i, d, k, s, False, cfg, causal=False)
-                                    for i, (d, k, s) in zip(dims, cfg.conv_layers))
-        self.skip, self.scale, self.log_compression = cfg.skip_feat, math.sqrt(cfg.residual_scale), cfg.log_compression
+        self.blocks = nn.ModuleList(
+            ConvBlock(i, d, k, s, False, cfg, causal=False)
+            for i, (d, k, s) in zip(dims, cfg.conv_layers)
+        )
+        self.skip, self.scale, self.log_compression = (
+            cfg.skip_feat,
+            math.sqrt(cfg.residual_scale),
+            cfg.log_compression,
+        )
 
     def forward(self, wav, lengths=None):
         x = wav.unsqueeze(1)
@@ -591,8 +674,14 @@ class FeatureExtractor(nn.Module):
                 # for very short input); taken from each utterance's own widths, so padding cannot change it
                 n_in = torch.tensor([residual.size(2)]) if lengths is None else lengths
                 step = n_in // block.output_lengths(n_in).clamp(min=1)
-                index = (torch.arange(x.size(2)) * step[:, None]).clamp(max=residual.size(2) - 1).to(x.device)
-                x = (x + residual.gather(2, index[:, None].expand(x.size(0), x.size(1), -1))) * self.scale
+                index = (
+                    (torch.arange(x.size(2)) * step[:, None])
+                    .clamp(max=residual.size(2) - 1)
+                    .to(x.device)
+                )
+                x = (
+                    x + residual.gather(2, index[:, None].expand(x.size(0), x.size(1), -1))
+                ) * self.scale
             lengths = None if lengths is None else block.output_lengths(lengths)
         return (x.abs() + 1).log() if self.log_compression else x
 
@@ -604,10 +693,14 @@ class Aggregator(nn.Module):
     def __init__(self, cfg: Wav2Vec1Config):
         super().__init__()
         dims = [cfg.conv_layers[-1][0]] + [d for d, _, _ in cfg.agg_layers]
-        self.blocks = nn.ModuleList(ConvBlock(i, d, k, s, cfg.agg_bias, cfg, causal=True)
-                                    for i, (d, k, s) in zip(dims, cfg.agg_layers))
-        self.residual_proj = nn.ModuleList(nn.Conv1d(i, d, 1, bias=False) if cfg.skip_agg and i != d else nn.Identity()
-                                           for i, (d, _, _) in zip(dims, cfg.agg_layers))
+        self.blocks = nn.ModuleList(
+            ConvBlock(i, d, k, s, cfg.agg_bias, cfg, causal=True)
+            for i, (d, k, s) in zip(dims, cfg.agg_layers)
+        )
+        self.residual_proj = nn.ModuleList(
+            nn.Conv1d(i, d, 1, bias=False) if cfg.skip_agg and i != d else nn.Identity()
+            for i, (d, _, _) in zip(dims, cfg.agg_layers)
+        )
         self.skip, self.scale = cfg.skip_agg, math.sqrt(cfg.residual_scale)
 
     def forward(self, x, lengths=None):
@@ -635,17 +728,27 @@ class Wav2Vec1(nn.Module):
         self.feature_extractor.requires_grad_(False)
         return list(self.aggregator.parameters())
 
-    def frame_lengths(self, wav_lengths):  # Large: (L - 465) // 160 + 1 (the aggregator keeps the length)
+    def frame_lengths(
+        self, wav_lengths
+    ):  # Large: (L - 465) // 160 + 1 (the aggregator keeps the length)
         return stack_lengths([*self.feature_extractor.blocks, *self.aggregator.blocks], wav_lengths)
 
     def forward(self, wav, lengths=None, feature_mask=None):
         """feature_mask (B, C, T) bool: features set to zero before the aggregator (the release's SpecAugment)."""
         if not torch.is_tensor(wav) or wav.dim() != 2 or not wav.is_floating_point():
-            raise ValueError("wav must be a floating-point (batch, samples) tensor of mono 16 kHz audio")
-        n = torch.full((wav.size(0),), wav.size(1)) if lengths is None else torch.as_tensor(lengths).cpu()
+            raise ValueError(
+                "wav must be a floating-point (batch, samples) tensor of mono 16 kHz audio"
+            )
+        n = (
+            torch.full((wav.size(0),), wav.size(1))
+            if lengths is None
+            else torch.as_tensor(lengths).cpu()
+        )
         if n.min() < self.cfg.min_samples or n.max() > wav.size(1):
-            raise ValueError(f"lengths {n.tolist()} must be at least {self.cfg.min_samples} samples (the receptive "
-                             f"field) and at most the batch's width {wav.size(1)}")
+            raise ValueError(
+                f"lengths {n.tolist()} must be at least {self.cfg.min_samples} samples (the receptive "
+                f"field) and at most the batch's width {wav.size(1)}"
+            )
         lengths = None if lengths is None else n
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.features_frozen):
             z = self.feature_extractor(wav, lengths)
@@ -670,7 +773,9 @@ class Wav2Vec1Teacher(nn.Module):
         self.dim = v1.cfg.agg_layers[-1][0]
         self.conv = nn.Conv1d(self.dim, self.dim, 4, 2)
         hop = math.prod(s for _, _, s in v1.cfg.conv_layers)
-        self.min_samples = v1.cfg.min_samples + 3 * hop  # 4 frames at 100 Hz: the conv's kernel (Large: 945)
+        self.min_samples = (
+            v1.cfg.min_samples + 3 * hop
+        )  # 4 frames at 100 Hz: the conv's kernel (Large: 945)
 
     def frame_lengths(self, wav_lengths):
         n100 = self.v1.frame_lengths(torch.as_tensor(wav_lengths))
@@ -678,10 +783,16 @@ class Wav2Vec1Teacher(nn.Module):
 
     def forward(self, wav, lengths=None, time_mask=None, channel_mask=None):
         """time_mask (B, T100), channel_mask (B, C): the release's SpecAugment, zeros on v1's features."""
-        n = torch.full((wav.size(0),), wav.size(1)) if lengths is None else torch.as_tensor(lengths).cpu()
+        n = (
+            torch.full((wav.size(0),), wav.size(1))
+            if lengths is None
+            else torch.as_tensor(lengths).cpu()
+        )
         frames = self.frame_lengths(n)
         if n.min() < self.min_samples:
-            raise ValueError(f"lengths {n.tolist()}: the teacher needs at least {self.min_samples} samples")
+            raise ValueError(
+                f"lengths {n.tolist()}: the teacher needs at least {self.min_samples} samples"
+            )
         drop = None
         if time_mask is not None or channel_mask is not None:
             t100 = int(self.v1.frame_lengths(torch.tensor(wav.size(1))))

@@ -21,6 +21,7 @@ stages (teacher.pt, labels.pt, pretrained.pt) are each skipped when their output
 when interrupted. Only the fold's training sessions are ever read. --mode kmeans runs the k-means stage
 alone on the untouched --checkpoint (runs/kmeans/fold<k>/labels.pt: how much emotion its clusters carry).
 """
+
 import argparse
 import math
 import os
@@ -32,14 +33,55 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kmeans
-from checkpoints import CheckpointError, load_wav2vec1, load_wav2vec1_teacher, save_wav2vec1_teacher, save_wav2vec2
-from data import SAMPLE_RATE, AudioDataset, DataError, collate, labels_for, load_corpus, load_labels, save_labels
+from checkpoints import (
+    CheckpointError,
+    load_wav2vec1,
+    load_wav2vec1_teacher,
+    save_wav2vec1_teacher,
+    save_wav2vec2,
+)
+from data import (
+    SAMPLE_RATE,
+    AudioDataset,
+    DataError,
+    collate,
+    labels_for,
+    load_corpus,
+    load_labels,
+    save_labels,
+)
 from evaluate import emotion_nmi
 from model import Wav2Vec1Teacher, span_masks, vft_masks
-from train import (COUNT, HOST_GROUP, NATURAL, POSITIVE, PROBABILITY, SECONDS, WEIGHT, OneLineParser, add_run_flags,
-                   autocast_dtype, barrier, check_run_config, class_weights, finish_args, init_distributed,
-                   load_backbone, pad_to_whole_batch, remove_training_state, resolve_device, run_files, run_lock,
-                   seed_everything, train, train_batches, tri_stage_lr, user_errors, utterance_rng, world)
+from train import (
+    COUNT,
+    HOST_GROUP,
+    NATURAL,
+    POSITIVE,
+    PROBABILITY,
+    SECONDS,
+    WEIGHT,
+    OneLineParser,
+    add_run_flags,
+    autocast_dtype,
+    barrier,
+    check_run_config,
+    class_weights,
+    finish_args,
+    init_distributed,
+    load_backbone,
+    pad_to_whole_batch,
+    remove_training_state,
+    resolve_device,
+    run_files,
+    run_lock,
+    seed_everything,
+    train,
+    train_batches,
+    tri_stage_lr,
+    user_errors,
+    utterance_rng,
+    world,
+)
 
 # -----------------------------------------------------------------------------
 # TAPT: wav2vec 2.0's objective, as fairseq defines it (RECIPE.md "TAPT")
@@ -49,10 +91,14 @@ def contrastive(context, targets, candidates, logit_temp):
     """sum over masked frames t of CE(cos(c_t, q_j) / logit_temp over j in {target, distractors}),
     target at index 0; a distractor equal to its target gets -inf. candidates (N, K, D)."""
     candidates = torch.cat([targets.unsqueeze(1), candidates], 1)  # (N, 1 + K, D)
-    logits = F.cosine_similarity(context.float().unsqueeze(1), candidates.float(), dim=-1) / logit_temp
+    logits = (
+        F.cosine_similarity(context.float().unsqueeze(1), candidates.float(), dim=-1) / logit_temp
+    )
     same = (candidates[:, 1:] == targets.unsqueeze(1)).all(-1)
     logits[:, 1:] = logits[:, 1:].masked_fill(same, float("-inf"))
-    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device), reduction="sum")
+    return F.cross_entropy(
+        logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device), reduction="sum"
+    )
 
 
 def distractors(quantized, negatives):
@@ -77,9 +123,17 @@ def tapt_loss(model, encoded, time_mask, negatives, penalty_weight=10.0):
     context = model.final_proj(encoded.hidden[time_mask])
     n = time_mask.sum()
     gv = model.quantizer.groups * model.quantizer.num_vars
-    terms = {"contrastive": contrastive(context, targets, distractors(targets, negatives), model.cfg.logit_temp),
-             "diversity": (gv - perplexity) / gv * n, "feature_penalty": encoded.feature_penalty * n, "n_masked": n}
-    terms["loss"] = terms["contrastive"] + 0.1 * terms["diversity"] + penalty_weight * terms["feature_penalty"]
+    terms = {
+        "contrastive": contrastive(
+            context, targets, distractors(targets, negatives), model.cfg.logit_temp
+        ),
+        "diversity": (gv - perplexity) / gv * n,
+        "feature_penalty": encoded.feature_penalty * n,
+        "n_masked": n,
+    }
+    terms["loss"] = (
+        terms["contrastive"] + 0.1 * terms["diversity"] + penalty_weight * terms["feature_penalty"]
+    )
     return terms
 
 
@@ -97,9 +151,13 @@ def release_tapt_loss(model, encoded, time_mask, negatives):
     quantized = model.project_q(quantized)
     context = model.final_proj(encoded.hidden[time_mask])
     gv = model.quantizer.groups * model.quantizer.num_vars
-    terms = {"contrastive": contrastive(context, quantized[rows], distractors(quantized, negatives),
-                                        model.cfg.logit_temp),
-             "diversity": (gv - perplexity) / gv, "n_masked": time_mask.sum()}
+    terms = {
+        "contrastive": contrastive(
+            context, quantized[rows], distractors(quantized, negatives), model.cfg.logit_temp
+        ),
+        "diversity": (gv - perplexity) / gv,
+        "n_masked": time_mask.sum(),
+    }
     terms["loss"] = terms["contrastive"] + 0.1 * terms["diversity"]
     return terms
 
@@ -113,9 +171,13 @@ def sample_negatives(time_mask, num_negatives, generator=None):
     row = torch.repeat_interleave(torch.arange(len(counts)), counts)
     local = torch.arange(int(counts.sum())) - starts[row]
     n = counts[row]
-    draw = (torch.rand(len(row), num_negatives, generator=generator) * (n - 1).clamp(min=1)[:, None]).long()
-    draw = draw + (draw >= local[:, None]).long()          # skip the frame itself
-    draw = torch.where((n > 1)[:, None], draw, local[:, None])  # a lone masked frame has no distractor
+    draw = (
+        torch.rand(len(row), num_negatives, generator=generator) * (n - 1).clamp(min=1)[:, None]
+    ).long()
+    draw = draw + (draw >= local[:, None]).long()  # skip the frame itself
+    draw = torch.where(
+        (n > 1)[:, None], draw, local[:, None]
+    )  # a lone masked frame has no distractor
     return starts[row][:, None] + draw
 
 
@@ -123,7 +185,7 @@ def utterance_negatives(time_mask, num_negatives, rngs):
     """sample_negatives with one generator per utterance (independent of the batch it is in)."""
     offset, parts = 0, []
     for row, rng in enumerate(rngs):
-        parts.append(sample_negatives(time_mask[row:row + 1], num_negatives, rng) + offset)
+        parts.append(sample_negatives(time_mask[row : row + 1], num_negatives, rng) + offset)
         offset += int(time_mask[row].sum())
     return torch.cat(parts)
 
@@ -137,7 +199,9 @@ def padded_negatives(time_mask, num_negatives, rngs):
     for row, rng in enumerate(rngs):
         frames = time_mask[row].nonzero().squeeze(1)
         draw = torch.randint(0, max(T - 1, 1), (len(frames), num_negatives), generator=rng)
-        parts.append(row * T + (draw + (draw >= frames[:, None]).long()).clamp(max=T - 1))  # skip the frame itself
+        parts.append(
+            row * T + (draw + (draw >= frames[:, None]).long()).clamp(max=T - 1)
+        )  # skip the frame itself
     return torch.cat(parts)
 
 
@@ -180,9 +244,12 @@ def teacher_loss(frame_logits, utterance_logits, labels, weights):
         utterances: sum_u w_{y_u} CE(utterance_logits[u], y_u) / sum_u w_{y_u}
     Batches are cropped to equal length, so every frame is a real one."""
     frame_labels = labels[:, None].expand(-1, frame_logits.shape[1])
-    frame_ce = F.cross_entropy(frame_logits.flatten(0, 1).float(), frame_labels.flatten(), weight=weights,
-                               reduction="sum")
-    utterance_ce = F.cross_entropy(utterance_logits.float(), labels, weight=weights, reduction="sum")
+    frame_ce = F.cross_entropy(
+        frame_logits.flatten(0, 1).float(), frame_labels.flatten(), weight=weights, reduction="sum"
+    )
+    utterance_ce = F.cross_entropy(
+        utterance_logits.float(), labels, weight=weights, reduction="sum"
+    )
     return [(frame_ce, weights[frame_labels].sum()), (utterance_ce, weights[labels].sum())]
 
 
@@ -202,7 +269,10 @@ def pseudo_label_loss(logits, targets):
     """For each K: sum over masked frames of CE(head_K(ReLU(h_t)), cluster_K(t)), over the number of
     masked frames that have a label; logits and targets hold the masked frames only (padding is never
     masked; -100, the frames the v1 teacher has no label for, is left out as the release's ignore_index)."""
-    return [(F.cross_entropy(lk.float(), tk, reduction="sum"), (tk != -100).sum()) for lk, tk in zip(logits, targets)]
+    return [
+        (F.cross_entropy(lk.float(), tk, reduction="sum"), (tk != -100).sum())
+        for lk, tk in zip(logits, targets)
+    ]
 
 
 class WithHeads(nn.Module):  # one module, so the resumable state holds backbone and heads together
@@ -218,8 +288,11 @@ def crop_to_shortest(batch, rngs, across_processes=True):
     if world()[1] > 1 and across_processes:
         dist.all_reduce(shortest, op=dist.ReduceOp.MIN, group=HOST_GROUP[0])
     n = int(shortest)
-    starts = [int(torch.randint(0, int(length) - n + 1, (), generator=rng)) for length, rng in zip(batch["lengths"], rngs)]
-    wav = torch.stack([row[s:s + n] for row, s in zip(batch["wav"], starts)])
+    starts = [
+        int(torch.randint(0, int(length) - n + 1, (), generator=rng))
+        for length, rng in zip(batch["lengths"], rngs)
+    ]
+    wav = torch.stack([row[s : s + n] for row, s in zip(batch["wav"], starts)])
     return wav, torch.full((len(wav),), n, dtype=torch.long)
 
 
@@ -227,11 +300,13 @@ def crop_labels(labels, batch, frames, width, hop):
     """Each utterance's pseudo-labels for the frames of its crop, one (B, width) tensor per K; -100 on
     padding. labels[index]: {K: the utterance's labels at wav2vec 2.0's frames} (aligned_labels)."""
     targets = {k: torch.full((len(frames), width), -100, dtype=torch.long) for k in labels[0]}
-    for row, (index, offset) in enumerate(zip(batch["indices"].tolist(), batch["offsets"].tolist())):
+    for row, (index, offset) in enumerate(
+        zip(batch["indices"].tolist(), batch["offsets"].tolist())
+    ):
         per_k = labels[index]
         first, n = offset // hop, int(frames[row])
         for k, t in targets.items():
-            t[row, :n] = per_k[k][first:first + n].long()
+            t[row, :n] = per_k[k][first : first + n].long()
     return list(targets.values())
 
 
@@ -240,57 +315,119 @@ def crop_labels(labels, batch, frames, width, hop):
 
 
 def run_tapt(args, fold, train_set, classes, run_dir, device):
-    seed_everything(args.seed + fold)  # every stage starts from its own seed, whichever stages ran before
+    seed_everything(
+        args.seed + fold
+    )  # every stage starts from its own seed, whichever stages ran before
     model = load_backbone(args.checkpoint, args.seed)
     if not model.cfg.has_quantizer:
-        raise DataError(f"{args.checkpoint}: TAPT needs the pretraining modules (quantizer, project_q, final_proj); "
-                        "this checkpoint has none (an ASR fine-tuned model, or a Hugging Face Wav2Vec2Model / ForCTC folder?). "
-                        "Use the pretrained checkpoint, e.g. wav2vec_small.pt rather than wav2vec_small_960h.pt")
+        raise DataError(
+            f"{args.checkpoint}: TAPT needs the pretraining modules (quantizer, project_q, final_proj); "
+            "this checkpoint has none (an ASR fine-tuned model, or a Hugging Face Wav2Vec2Model / ForCTC folder?). "
+            "Use the pretrained checkpoint, e.g. wav2vec_small.pt rather than wav2vec_small_960h.pt"
+        )
     model.to(device)
     model.feature_grad_mult = args.feature_grad_mult
     release = args.objective == "release"
-    if release:  # transformers 4.10's quantizer: temperature 1, never annealed; feat_quantizer_dropout 0
+    if (
+        release
+    ):  # transformers 4.10's quantizer: temperature 1, never annealed; feat_quantizer_dropout 0
         model.quantizer.temperature, model.dropout_features.p = 1.0, 0.0
-    dataset = AudioDataset(train_set, classes, max_seconds=args.max_seconds, crop="random", cache=args.cache,
-                           seed=args.seed)
+    dataset = AudioDataset(
+        train_set,
+        classes,
+        max_seconds=args.max_seconds,
+        crop="random",
+        cache=args.cache,
+        seed=args.seed,
+    )
 
     def batch_loss(batch, update):
         wav, rngs, mask = masked_batch(args, model, batch, update, padded=release)
-        if release:  # the release called the model without attention mask: to it the padding is audio
+        if (
+            release
+        ):  # the release called the model without attention mask: to it the padding is audio
             encoded = model.encode(wav.to(device), None, time_mask=mask.to(device))
             negatives = padded_negatives(mask, model.cfg.num_negatives, rngs)
-            return [(release_tapt_loss(model, encoded, mask.to(device), negatives)["loss"], 1)]  # a sum, as returned
+            return [
+                (release_tapt_loss(model, encoded, mask.to(device), negatives)["loss"], 1)
+            ]  # a sum, as returned
         encoded = model.encode(wav.to(device), batch["lengths"], time_mask=mask.to(device))
-        terms = tapt_loss(model, encoded, mask.to(device), utterance_negatives(mask, model.cfg.num_negatives, rngs),
-                          args.feature_penalty)
-        return [(terms["loss"], terms["n_masked"])]  # fairseq divides by the masked frames (its sample size)
+        terms = tapt_loss(
+            model,
+            encoded,
+            mask.to(device),
+            utterance_negatives(mask, model.cfg.num_negatives, rngs),
+            args.feature_penalty,
+        )
+        return [
+            (terms["loss"], terms["n_masked"])
+        ]  # fairseq divides by the masked frames (its sample size)
 
-    stage_train(args, model, list(model.parameters()), batch_loss, dataset, run_dir, f"TAPT fold {fold}", device,
-                on_update=None if release else model.quantizer.set_num_updates)
-    finish_stage(run_dir, "tapt", model, "pretrained.pt",
-                 {"mode": "tapt", "fold": fold, "source": args.checkpoint, "updates": args.updates})
+    stage_train(
+        args,
+        model,
+        list(model.parameters()),
+        batch_loss,
+        dataset,
+        run_dir,
+        f"TAPT fold {fold}",
+        device,
+        on_update=None if release else model.quantizer.set_num_updates,
+    )
+    finish_stage(
+        run_dir,
+        "tapt",
+        model,
+        "pretrained.pt",
+        {"mode": "tapt", "fold": fold, "source": args.checkpoint, "updates": args.updates},
+    )
 
 
 def run_teacher(args, fold, train_set, classes, run_dir, device):
     seed_everything(args.seed + fold)
     backbone = load_backbone(args.checkpoint, args.seed)
-    check_kmeans_settings(args, backbone, train_set)  # now, not after the teacher's hours of training
+    check_kmeans_settings(
+        args, backbone, train_set
+    )  # now, not after the teacher's hours of training
     teacher = Teacher(backbone, len(classes)).to(device)
-    params = backbone.freeze_feature_encoder() + [p for n, p in teacher.named_parameters()
-                                                  if not n.startswith("backbone.")]
-    dataset = AudioDataset(train_set, classes, max_seconds=args.max_seconds, crop="random", cache=args.cache,
-                           seed=args.seed)
+    params = backbone.freeze_feature_encoder() + [
+        p for n, p in teacher.named_parameters() if not n.startswith("backbone.")
+    ]
+    dataset = AudioDataset(
+        train_set,
+        classes,
+        max_seconds=args.max_seconds,
+        crop="random",
+        cache=args.cache,
+        seed=args.seed,
+    )
     weights = class_weights(dataset.labels, len(classes)).to(device)
 
     def batch_loss(batch, update):
-        wav, lengths = crop_to_shortest(batch, [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()])
+        wav, lengths = crop_to_shortest(
+            batch, [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()]
+        )
         frame_logits, utterance_logits, _ = teacher(wav.to(device), lengths)
         return teacher_loss(frame_logits, utterance_logits, batch["labels"].to(device), weights)
 
-    stage_train(args, teacher, params, batch_loss, dataset, run_dir, f"P-TAPT teacher fold {fold}", device,
-                teacher=True)
-    finish_stage(run_dir, "teacher", backbone, "teacher.pt",
-                 {"mode": "ptapt-teacher", "fold": fold, "source": args.checkpoint})
+    stage_train(
+        args,
+        teacher,
+        params,
+        batch_loss,
+        dataset,
+        run_dir,
+        f"P-TAPT teacher fold {fold}",
+        device,
+        teacher=True,
+    )
+    finish_stage(
+        run_dir,
+        "teacher",
+        backbone,
+        "teacher.pt",
+        {"mode": "ptapt-teacher", "fold": fold, "source": args.checkpoint},
+    )
 
 
 # The release's teacher (RECIPE.md "What the release actually computed"; release pretrain/trainer.py:12-106
@@ -298,12 +435,12 @@ def run_teacher(args, fold, train_set, classes, run_dir, device):
 # Recorded in config.json as `release_teacher`.
 RELEASE_TEACHER = {
     "model": "fairseq wav2vec (v1): feature extractor frozen (no grad), aggregator trained; "
-             "Conv1d(512, 512, 4, stride 2) + ReLU to 50 Hz",
-    "specaugment_time": [0.08, 15, 2],     # (prob, span, min spans) on v1's 100 Hz features, as zeros
+    "Conv1d(512, 512, 4, stride 2) + ReLU to 50 Hz",
+    "specaugment_time": [0.08, 15, 2],  # (prob, span, min spans) on v1's 100 Hz features, as zeros
     "specaugment_channel": [0.05, 64, 1],  # over the 512 channels: always one span of 64
     "heads": "frame LinearHead(512, 128, C); BiLSTM(512, 2 x 256), mean, ReLU, LinearHead(512, 128, C)",
-    "train_fraction": 0.9,                 # int(0.9 n) train, the rest validate (torch random_split)
-    "split_seed": 58,                      # torch.Generator().manual_seed(58)
+    "train_fraction": 0.9,  # int(0.9 n) train, the rest validate (torch random_split)
+    "split_seed": 58,  # torch.Generator().manual_seed(58)
     "selection": "the epoch end with the lowest validation loss",
 }
 
@@ -315,7 +452,9 @@ def release_split(utterances):
     ordered = sorted(utterances, key=lambda u: u.uid)
     n = len(ordered)
     fit = int(n * RELEASE_TEACHER["train_fraction"])
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(RELEASE_TEACHER["split_seed"])).tolist()
+    perm = torch.randperm(
+        n, generator=torch.Generator().manual_seed(RELEASE_TEACHER["split_seed"])
+    ).tolist()
     return [ordered[i] for i in perm[:fit]], [ordered[i] for i in perm[fit:]]
 
 
@@ -328,11 +467,17 @@ def validation_loss(teacher, dataset, weights, batch_size, seed, device, dtype):
     total = 0.0
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for start in range(0, len(dataset), batch_size):
-            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-            rngs = [utterance_rng(seed, -2, i) for i in batch["indices"].tolist()]  # update -2: validation's own
+            batch = collate(
+                [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
+            )
+            rngs = [
+                utterance_rng(seed, -2, i) for i in batch["indices"].tolist()
+            ]  # update -2: validation's own
             wav, lengths = crop_to_shortest(batch, rngs, across_processes=False)
             frame_logits, utterance_logits, _ = teacher(wav.to(device), None)
-            terms = teacher_loss(frame_logits, utterance_logits, batch["labels"].to(device), weights)
+            terms = teacher_loss(
+                frame_logits, utterance_logits, batch["labels"].to(device), weights
+            )
             total += len(wav) * float(sum(s / c for s, c in terms))
     teacher.train()
     return total / len(dataset)
@@ -342,19 +487,30 @@ def keep_best(teacher, valid_loss):
     """on_epoch_end for `train`: validate, and keep the weights of the lowest validation loss so far in
     the position (so the resume point holds them: a resumed run keeps the same ones). Lightning's
     ModelCheckpoint(monitor='valid_loss', mode='min', save_top_k=1) (release run_pretrain.py:24-31)."""
+
     def on_epoch_end(pos):
-        if pos.get("valid_update") == pos["update"]:  # validated already (stopped at an epoch's last batch)
+        if (
+            pos.get("valid_update") == pos["update"]
+        ):  # validated already (stopped at an epoch's last batch)
             return
         loss = torch.tensor([valid_loss()], dtype=torch.float64)
-        if world()[1] > 1:  # every process computed it; rank 0's decides, so all keep the same weights
+        if (
+            world()[1] > 1
+        ):  # every process computed it; rank 0's decides, so all keep the same weights
             dist.broadcast(loss, 0, group=HOST_GROUP[0])
         pos["valid_update"], loss = pos["update"], float(loss)
         if loss < pos.get("best_valid", float("inf")):
-            pos.update(best_valid=loss, best_update=pos["update"],
-                       best_model={k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()})
+            pos.update(
+                best_valid=loss,
+                best_update=pos["update"],
+                best_model={k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()},
+            )
         if world()[0] == 0:
-            print(f"teacher: validation loss {loss:.4f} at update {pos['update']} "
-                  f"(best {pos['best_valid']:.4f} at update {pos['best_update']})")
+            print(
+                f"teacher: validation loss {loss:.4f} at update {pos['update']} "
+                f"(best {pos['best_valid']:.4f} at update {pos['best_update']})"
+            )
+
     return on_epoch_end
 
 
@@ -369,90 +525,201 @@ def run_release_teacher(args, fold, train_set, classes, run_dir, device):
         raise DataError(f"--teacher: {e}") from None
     short = [u.uid for u in train_set if u.num_samples < front.min_samples]
     if short:
-        raise DataError(f"{len(short)} training utterances (first {short[0]}) are shorter than {front.min_samples} "
-                        "samples, the least the wav2vec (v1) teacher gives a frame for")
+        raise DataError(
+            f"{len(short)} training utterances (first {short[0]}) are shorter than {front.min_samples} "
+            "samples, the least the wav2vec (v1) teacher gives a frame for"
+        )
     check_kmeans_settings(args, front, train_set)
     teacher = Teacher(front, len(classes), hidden=512, dim=front.dim, head_hidden=128).to(device)
-    params = front.v1.freeze_feature_extractor() + [p for n, p in teacher.named_parameters()
-                                                    if not n.startswith("backbone.v1.")]
+    params = front.v1.freeze_feature_extractor() + [
+        p for n, p in teacher.named_parameters() if not n.startswith("backbone.v1.")
+    ]
     fit, held_out = release_split(train_set)
     # class weights over every training utterance, the held-out 10% included (release trainer.py:26-35)
     weights = class_weights(AudioDataset(train_set, classes).labels, len(classes)).to(device)
-    dataset = AudioDataset(fit, classes, crop="random", cache=args.cache, seed=args.seed)  # whole utterances
+    dataset = AudioDataset(
+        fit, classes, crop="random", cache=args.cache, seed=args.seed
+    )  # whole utterances
     valid = AudioDataset(held_out, classes, cache=args.cache)
     time, channel = RELEASE_TEACHER["specaugment_time"], RELEASE_TEACHER["specaugment_channel"]
 
     def batch_loss(batch, update):
         rngs = [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()]
         wav, _ = crop_to_shortest(batch, rngs)
-        t100 = int(front.v1.frame_lengths(torch.tensor(wav.shape[1])))  # crops are equal: the batch's span count
-        time_mask, channel_mask = vft_masks("batch", [t100] * len(wav), t100, front.dim, rngs,
-                                            utterance_rng(args.seed, update, -1), time, channel)
-        frame_logits, utterance_logits, _ = teacher(wav.to(device), None, time_mask=time_mask, channel_mask=channel_mask)
+        t100 = int(
+            front.v1.frame_lengths(torch.tensor(wav.shape[1]))
+        )  # crops are equal: the batch's span count
+        time_mask, channel_mask = vft_masks(
+            "batch",
+            [t100] * len(wav),
+            t100,
+            front.dim,
+            rngs,
+            utterance_rng(args.seed, update, -1),
+            time,
+            channel,
+        )
+        frame_logits, utterance_logits, _ = teacher(
+            wav.to(device), None, time_mask=time_mask, channel_mask=channel_mask
+        )
         return teacher_loss(frame_logits, utterance_logits, batch["labels"].to(device), weights)
 
-    valid_loss = lambda: validation_loss(teacher, valid, weights, args.batch_size, args.seed, device,
-                                         autocast_dtype(device, args.precision))
-    pos = stage_train(args, teacher, params, batch_loss, dataset, run_dir, f"P-TAPT teacher (wav2vec v1) fold {fold}",
-                      device, teacher=True, on_epoch_end=keep_best(teacher, valid_loss))
+    valid_loss = lambda: validation_loss(
+        teacher,
+        valid,
+        weights,
+        args.batch_size,
+        args.seed,
+        device,
+        autocast_dtype(device, args.precision),
+    )
+    pos = stage_train(
+        args,
+        teacher,
+        params,
+        batch_loss,
+        dataset,
+        run_dir,
+        f"P-TAPT teacher (wav2vec v1) fold {fold}",
+        device,
+        teacher=True,
+        on_epoch_end=keep_best(teacher, valid_loss),
+    )
     if "best_model" in pos:
         teacher.load_state_dict(pos["best_model"])
     elif world()[0] == 0:
-        print("warning: the teacher trained less than one epoch, so it was never validated: its last weights are used",
-              file=sys.stderr)
-    meta = {"mode": "ptapt-teacher", "fold": fold, "source": args.teacher, "teacher_model": "wav2vec (v1)",
-            "best_valid_loss": pos.get("best_valid"), "best_update": pos.get("best_update"),
-            "validation_utterances": [u.uid for u in held_out]}
+        print(
+            "warning: the teacher trained less than one epoch, so it was never validated: its last weights are used",
+            file=sys.stderr,
+        )
+    meta = {
+        "mode": "ptapt-teacher",
+        "fold": fold,
+        "source": args.teacher,
+        "teacher_model": "wav2vec (v1)",
+        "best_valid_loss": pos.get("best_valid"),
+        "best_update": pos.get("best_update"),
+        "validation_utterances": [u.uid for u in held_out],
+    }
     finish_stage(run_dir, "teacher", front, "teacher.pt", meta, save=save_wav2vec1_teacher)
 
 
 def run_pseudo_labels(args, fold, train_set, run_dir, teacher_path, device):
     """P-TAPT's k-means stage (pseudo_label_stage) on the teacher's frames; --mode kmeans: on --checkpoint's."""
-    teacher = load_wav2vec1_teacher(teacher_path) if args.teacher else load_backbone(teacher_path, args.seed)
+    teacher = (
+        load_wav2vec1_teacher(teacher_path)
+        if args.teacher
+        else load_backbone(teacher_path, args.seed)
+    )
     teacher.eval().to(device)
     layer = check_kmeans_settings(args, teacher, train_set)
-    if args.teacher:  # the release's: its ReLU'd 50 Hz output, fp32, eval, one utterance at a time (cluster.py)
-        features_of, meta = lambda wav, lengths: unpadded(teacher, wav, lengths), {"teacher_model": "wav2vec (v1)"}
+    if (
+        args.teacher
+    ):  # the release's: its ReLU'd 50 Hz output, fp32, eval, one utterance at a time (cluster.py)
+        features_of, meta = (
+            lambda wav, lengths: unpadded(teacher, wav, lengths),
+            {"teacher_model": "wav2vec (v1)"},
+        )
     else:
-        features_of, meta = lambda wav, lengths: teacher(wav, lengths, layer=layer), {"layer": layer}
+        features_of, meta = (
+            lambda wav, lengths: teacher(wav, lengths, layer=layer),
+            {"layer": layer},
+        )
     try:
-        pseudo_label_stage(features_of, train_set, args.ks, args.kmeans_iters, args.kmeans_init, args.seed, device,
-                           os.path.join(run_dir, "labels.pt"), {"teacher": teacher_path, **meta, "fold": fold},
-                           progress=args.progress, workers=args.workers)
+        pseudo_label_stage(
+            features_of,
+            train_set,
+            args.ks,
+            args.kmeans_iters,
+            args.kmeans_init,
+            args.seed,
+            device,
+            os.path.join(run_dir, "labels.pt"),
+            {"teacher": teacher_path, **meta, "fold": fold},
+            progress=args.progress,
+            workers=args.workers,
+        )
     except ValueError as e:  # e.g. K larger than the number of frames
         raise DataError(f"k-means on fold {fold}'s teacher frames: {e}") from None
 
 
-def pseudo_label_stage(features_of, utterances, ks, iters, init, seed, device, out_path, meta, progress=True,
-                       max_samples=None, workers=2, chunk_size=16384):
+def pseudo_label_stage(
+    features_of,
+    utterances,
+    ks,
+    iters,
+    init,
+    seed,
+    device,
+    out_path,
+    meta,
+    progress=True,
+    max_samples=None,
+    workers=2,
+    chunk_size=16384,
+):
     """P-TAPT's k-means stage: the frames of `utterances` (kmeans.extract_features), fit_kmeans for every K, every
     frame labelled, written to out_path (data.save_labels; meta gains the settings, the inertia and each K's NMI
     with emotion, printed) and returned as {K: (frames,) long}. Under torch.distributed every rank calls it:
     each extracts a contiguous shard of the utterances (cut by audio length), rank 0 writes, all return all."""
     (rank, size), device = world(), resolve_device(device)
     cum = torch.tensor([u.num_samples for u in utterances], dtype=torch.float64).cumsum(0)
-    cut = [0] + [int(torch.searchsorted(cum, cum[-1] * r / size)) for r in range(1, size)] + [len(utterances)]
-    feats, counts = kmeans.extract_features(features_of, utterances[cut[rank]:cut[rank + 1]], device,
-                                            progress=progress and rank == 0, workers=workers)
+    cut = (
+        [0]
+        + [int(torch.searchsorted(cum, cum[-1] * r / size)) for r in range(1, size)]
+        + [len(utterances)]
+    )
+    feats, counts = kmeans.extract_features(
+        features_of,
+        utterances[cut[rank] : cut[rank + 1]],
+        device,
+        progress=progress and rank == 0,
+        workers=workers,
+    )
     if size > 1:  # a rank without frames learns D
         dim = torch.tensor(feats.shape[1], device=device)
         dist.all_reduce(dim, dist.ReduceOp.MAX)
         feats = feats if len(feats) else torch.zeros(0, int(dim), dtype=torch.float16)
-    fits = kmeans.fit_kmeans(feats, ks, iters, init, seed, chunk_size=chunk_size, max_samples=max_samples,
-                             device=device, progress=progress)
-    labels = {k: kmeans.gather_rows(kmeans.assign(feats, f.centroids, chunk_size, device), device)
-              for k, f in fits.items()}
+    fits = kmeans.fit_kmeans(
+        feats,
+        ks,
+        iters,
+        init,
+        seed,
+        chunk_size=chunk_size,
+        max_samples=max_samples,
+        device=device,
+        progress=progress,
+    )
+    labels = {
+        k: kmeans.gather_rows(kmeans.assign(feats, f.centroids, chunk_size, device), device)
+        for k, f in fits.items()
+    }
     counts = kmeans.gather_rows(counts, device)
     if rank == 0:
         names = sorted({str(u.label) for u in utterances})
-        nmi = {k: emotion_nmi(labels[k], counts, [names.index(str(u.label)) for u in utterances]) for k in fits}
-        meta = {**meta, "num_frames": int(counts.sum()), "hours": float(cum[-1]) / SAMPLE_RATE / 3600, "nmi": nmi,
-                "ks": list(fits), "iters": iters, "init": init if isinstance(init, str) else "given", "seed": seed,
-                "max_samples": max(fits) * 1000 if max_samples is None else max_samples,
-                "num_fit_frames": int(fits[max(fits)].counts.sum()), "inertia": {k: f.inertia for k, f in fits.items()}}
+        nmi = {
+            k: emotion_nmi(labels[k], counts, [names.index(str(u.label)) for u in utterances])
+            for k in fits
+        }
+        meta = {
+            **meta,
+            "num_frames": int(counts.sum()),
+            "hours": float(cum[-1]) / SAMPLE_RATE / 3600,
+            "nmi": nmi,
+            "ks": list(fits),
+            "iters": iters,
+            "init": init if isinstance(init, str) else "given",
+            "seed": seed,
+            "max_samples": max(fits) * 1000 if max_samples is None else max_samples,
+            "num_fit_frames": int(fits[max(fits)].counts.sum()),
+            "inertia": {k: f.inertia for k, f in fits.items()},
+        }
         for k, f in fits.items():
-            print(f"K={k}: NMI between pseudo-labels and emotion {nmi[k]:.4f}, inertia {f.inertia[0]:.5g} -> "
-                  f"{f.inertia[-1]:.5g} in {len(f.inertia) - 1} updates, {int((f.counts > 0).sum())}/{k} clusters used")
+            print(
+                f"K={k}: NMI between pseudo-labels and emotion {nmi[k]:.4f}, inertia {f.inertia[0]:.5g} -> "
+                f"{f.inertia[-1]:.5g} in {len(f.inertia) - 1} updates, {int((f.counts > 0).sum())}/{k} clusters used"
+            )
         save_labels(out_path, [u.uid for u in utterances], counts, labels, meta)
     if size > 1:
         dist.barrier()  # the file exists on return, on every rank
@@ -464,7 +731,7 @@ def unpadded(teacher, wav, lengths):
     frames = teacher.frame_lengths(lengths)
     out = wav.new_zeros(len(wav), int(frames.max()), teacher.dim)
     for row, n in enumerate(lengths.tolist()):
-        out[row, :frames[row]] = teacher(wav[row:row + 1, :n])[0][0]
+        out[row, : frames[row]] = teacher(wav[row : row + 1, :n])[0][0]
     return out, frames
 
 
@@ -472,7 +739,9 @@ def check_kmeans_settings(args, backbone, train_set):
     """--layer within the model, every K at most the number of frames; returns the layer."""
     if isinstance(backbone, Wav2Vec1Teacher):
         if args.layer is not None:
-            raise DataError("--layer: the wav2vec (v1) teacher's features are its one output (ReLU of its stride-2 conv)")
+            raise DataError(
+                "--layer: the wav2vec (v1) teacher's features are its one output (ReLU of its stride-2 conv)"
+            )
         layer = None
     else:
         layer = args.layer or backbone.cfg.num_layers
@@ -480,35 +749,59 @@ def check_kmeans_settings(args, backbone, train_set):
             raise DataError(f"--layer {layer}: the teacher has layers 1..{backbone.cfg.num_layers}")
     frames = int(backbone.frame_lengths(torch.tensor([u.num_samples for u in train_set])).sum())
     if max(args.ks) > frames:
-        raise DataError(f"--ks {max(args.ks)}: more clusters than the {frames} frames of the training audio")
+        raise DataError(
+            f"--ks {max(args.ks)}: more clusters than the {frames} frames of the training audio"
+        )
     return layer
 
 
 def run_ptapt(args, fold, train_set, classes, run_dir, labels_path, device):
     stored = load_labels(labels_path)
     seed_everything(args.seed + fold)
-    backbone = load_backbone(args.checkpoint, args.seed)  # from the original checkpoint again, not the teacher
+    backbone = load_backbone(
+        args.checkpoint, args.seed
+    )  # from the original checkpoint again, not the teacher
     backbone.norm_over_padding = args.group_norm == "padded"
-    model = WithHeads(backbone, PseudoLabelHeads(backbone.cfg.embed_dim, stored["labels"])).to(device)
+    model = WithHeads(backbone, PseudoLabelHeads(backbone.cfg.embed_dim, stored["labels"])).to(
+        device
+    )
     params = backbone.freeze_feature_encoder() + list(model.heads.parameters())
     hop = math.prod(s for _, _, s in backbone.cfg.conv_layers)
-    dataset = AudioDataset(train_set, classes, max_seconds=args.max_seconds, crop="random", crop_align=hop,
-                           cache=args.cache, seed=args.seed)
+    dataset = AudioDataset(
+        train_set,
+        classes,
+        max_seconds=args.max_seconds,
+        crop="random",
+        crop_align=hop,
+        cache=args.cache,
+        seed=args.seed,
+    )
     # labels for exactly every utterance's frames: checked now, not hours in
     teacher = load_wav2vec1_teacher(os.path.join(run_dir, "teacher.pt")) if args.teacher else None
     labels = aligned_labels(stored, train_set, backbone, teacher)
 
     def batch_loss(batch, update):
-        wav, _, mask = masked_batch(args, backbone, batch, update, padded=args.group_norm == "padded")
-        targets = crop_labels(labels, batch, backbone.frame_lengths(batch["lengths"]), mask.shape[1], hop)
+        wav, _, mask = masked_batch(
+            args, backbone, batch, update, padded=args.group_norm == "padded"
+        )
+        targets = crop_labels(
+            labels, batch, backbone.frame_lengths(batch["lengths"]), mask.shape[1], hop
+        )
         targets = [t[mask].to(device) for t in targets]
         mask = mask.to(device)
         hidden, _ = backbone(wav.to(device), batch["lengths"], time_mask=mask)
-        return pseudo_label_loss(model.heads(hidden[mask]), targets)  # the heads see masked frames only
+        return pseudo_label_loss(
+            model.heads(hidden[mask]), targets
+        )  # the heads see masked frames only
 
     stage_train(args, model, params, batch_loss, dataset, run_dir, f"P-TAPT fold {fold}", device)
-    finish_stage(run_dir, "ptapt", backbone, "pretrained.pt",
-                 {"mode": "ptapt", "fold": fold, "source": args.checkpoint, "labels": labels_path})
+    finish_stage(
+        run_dir,
+        "ptapt",
+        backbone,
+        "pretrained.pt",
+        {"mode": "ptapt", "fold": fold, "source": args.checkpoint, "labels": labels_path},
+    )
 
 
 def aligned_labels(stored, utterances, backbone, teacher=None):
@@ -524,7 +817,9 @@ def aligned_labels(stored, utterances, backbone, teacher=None):
     for u, n, t in zip(utterances, frames, ours):
         per_k = labels_for(stored, u.uid, t)
         if not 0 <= n - t <= 2:  # the conv formulas above: what else would mean another alignment
-            raise DataError(f"utterance {u.uid}: {n} wav2vec 2.0 frames but {t} teacher frames; expected 0-2 fewer")
+            raise DataError(
+                f"utterance {u.uid}: {n} wav2vec 2.0 frames but {t} teacher frames; expected 0-2 fewer"
+            )
         out.append({k: F.pad(v, (0, n - t), value=-100) for k, v in per_k.items()})
     return out
 
@@ -534,31 +829,78 @@ def masked_batch(args, model, batch, update, padded):
     generators and its time mask (semantics as model.span_masks)."""
     wav = pad_to_whole_batch(batch["wav"]) if padded else batch["wav"]
     rngs = [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()]
-    mask = span_masks(args.mask_semantics, model.frame_lengths(batch["lengths"]),
-                      int(model.frame_lengths(torch.tensor(wav.shape[1]))), rngs, utterance_rng(args.seed, update, -1),
-                      args.mask_prob, args.mask_span, args.mask_min)
+    mask = span_masks(
+        args.mask_semantics,
+        model.frame_lengths(batch["lengths"]),
+        int(model.frame_lengths(torch.tensor(wav.shape[1]))),
+        rngs,
+        utterance_rng(args.seed, update, -1),
+        args.mask_prob,
+        args.mask_span,
+        args.mask_min,
+    )
     return wav, rngs, mask
 
 
-def stage_train(args, model, params, batch_loss, dataset, run_dir, desc, device, teacher=False, on_update=None,
-                on_epoch_end=None):
+def stage_train(
+    args,
+    model,
+    params,
+    batch_loss,
+    dataset,
+    run_dir,
+    desc,
+    device,
+    teacher=False,
+    on_update=None,
+    on_epoch_end=None,
+):
     """Every stage's schedule (RECIPE.md: linear warm-up, flat for 5%, linear decay to 0) and batches, the
     teacher's or (TAPT, P-TAPT) the mode's; returns train's final position."""
     if teacher:  # the release's teacher: random batches of batch_size utterances; clean: bucketed
         name, updates = "teacher", args.teacher_updates
         warmup = int(round(args.teacher_warmup_fraction * updates))
-        batches = train_batches(dataset.lengths, args.batch_size, args.max_batch_seconds, args.recipe == "clean",
-                                args.seed)
+        batches = train_batches(
+            dataset.lengths,
+            args.batch_size,
+            args.max_batch_seconds,
+            args.recipe == "clean",
+            args.seed,
+        )
     else:
         name, updates, warmup = args.mode, args.updates, args.warmup
-        budget = args.batch_seconds * args.batch_size / 64  # the release's RandomBucketSampler scales it so
-        batches = train_batches(dataset.lengths, args.batch_size, args.max_batch_seconds, True, args.seed,
-                                budget or None)
+        budget = (
+            args.batch_seconds * args.batch_size / 64
+        )  # the release's RandomBucketSampler scales it so
+        batches = train_batches(
+            dataset.lengths,
+            args.batch_size,
+            args.max_batch_seconds,
+            True,
+            args.seed,
+            budget or None,
+        )
     flat = int(round(args.flat_fraction * updates))
-    return train(model, params, batch_loss, dataset, batches,
-                 updates=updates, lr=args.lr, schedule=lambda update: tri_stage_lr(update, updates, warmup, flat),
-                 device=device, precision=args.precision, run_dir=run_dir, name=f"{name}.", save_every=args.save_every,
-                 desc=desc, workers=args.workers, progress=args.progress, on_update=on_update, on_epoch_end=on_epoch_end)
+    return train(
+        model,
+        params,
+        batch_loss,
+        dataset,
+        batches,
+        updates=updates,
+        lr=args.lr,
+        schedule=lambda update: tri_stage_lr(update, updates, warmup, flat),
+        device=device,
+        precision=args.precision,
+        run_dir=run_dir,
+        name=f"{name}.",
+        save_every=args.save_every,
+        desc=desc,
+        workers=args.workers,
+        progress=args.progress,
+        on_update=on_update,
+        on_epoch_end=on_epoch_end,
+    )
 
 
 def finish_stage(run_dir, name, model, filename, meta, save=save_wav2vec2):
@@ -571,10 +913,25 @@ def finish_stage(run_dir, name, model, filename, meta, save=save_wav2vec2):
 
 
 # P-TAPT's stages in order, with the files each computes; a setting belongs to the first stage that reads it
-PTAPT_STAGES = [("teacher", ("teacher.",)), ("k-means", ("labels.",)), ("pseudo-label", ("ptapt.", "pretrained."))]
+PTAPT_STAGES = [
+    ("teacher", ("teacher.",)),
+    ("k-means", ("labels.",)),
+    ("pseudo-label", ("ptapt.", "pretrained.")),
+]
 KMEANS_SETTINGS = {"ks", "kmeans_iters", "kmeans_init", "layer"}
-PSEUDO_LABEL_SETTINGS = {"updates", "warmup", "mask_prob", "mask_span", "mask_min", "mask_semantics",
-                         "batch_seconds", "group_norm", "objective", "feature_grad_mult", "feature_penalty"}
+PSEUDO_LABEL_SETTINGS = {
+    "updates",
+    "warmup",
+    "mask_prob",
+    "mask_span",
+    "mask_min",
+    "mask_semantics",
+    "batch_seconds",
+    "group_norm",
+    "objective",
+    "feature_grad_mult",
+    "feature_penalty",
+}
 
 
 def computed_with(run_dir, changed, mode):
@@ -583,7 +940,13 @@ def computed_with(run_dir, changed, mode):
     files = run_files(run_dir)
     if mode != "ptapt":
         return files
-    first = 0 if changed - KMEANS_SETTINGS - PSEUDO_LABEL_SETTINGS else 1 if changed & KMEANS_SETTINGS else 2
+    first = (
+        0
+        if changed - KMEANS_SETTINGS - PSEUDO_LABEL_SETTINGS
+        else 1
+        if changed & KMEANS_SETTINGS
+        else 2
+    )
     prefixes = tuple(p for _, stage_prefixes in PTAPT_STAGES[first:] for p in stage_prefixes)
     return [f for f in files if f.startswith(prefixes)]
 
@@ -597,7 +960,9 @@ def run_fold(args, fold, splits, classes, run_dir, device):
         return run_pseudo_labels(args, fold, train_set, run_dir, args.checkpoint, device)
     teacher = os.path.join(run_dir, "teacher.pt")
     if not os.path.exists(teacher):
-        (run_release_teacher if args.teacher else run_teacher)(args, fold, train_set, classes, run_dir, device)
+        (run_release_teacher if args.teacher else run_teacher)(
+            args, fold, train_set, classes, run_dir, device
+        )
     elif world()[0] == 0:
         print(f"{teacher} exists: teacher done")
     labels = os.path.join(run_dir, "labels.pt")
@@ -612,64 +977,159 @@ def run_fold(args, fold, splits, classes, run_dir, device):
 # command line
 
 # the settings that differ between the modes (RECIPE.md "TAPT" and "P-TAPT")
-MODE_DEFAULTS = {"tapt": dict(mask_prob=0.05, mask_span=10, mask_min=2),
-                 "ptapt": dict(mask_prob=0.06, mask_span=15, mask_min=2), "kmeans": {}}  # kmeans: masks nothing
+MODE_DEFAULTS = {
+    "tapt": dict(mask_prob=0.05, mask_span=10, mask_min=2),
+    "ptapt": dict(mask_prob=0.06, mask_span=15, mask_min=2),
+    "kmeans": {},
+}  # kmeans: masks nothing
 # What each recipe sets (README "Where every default comes from"); a flag given on the command line wins.
 # release: RECIPE.md "What the release actually computed"; clean: RECIPE.md "TAPT", "P-TAPT" as fairseq.
-RECIPES = {"release": dict(objective="release", mask_semantics="batch", batch_seconds=250.0, group_norm="padded"),
-           "clean": dict(objective="fairseq", mask_semantics="utterance", batch_seconds=0.0, group_norm="valid")}
+RECIPES = {
+    "release": dict(
+        objective="release", mask_semantics="batch", batch_seconds=250.0, group_norm="padded"
+    ),
+    "clean": dict(
+        objective="fairseq", mask_semantics="utterance", batch_seconds=0.0, group_norm="valid"
+    ),
+}
 
 
 def build_parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--mode", choices=["tapt", "ptapt", "kmeans"], required=True,
-      help="kmeans: P-TAPT's k-means stage alone, on the untouched --checkpoint (runs/kmeans/fold<k>/labels.pt)")
+    a(
+        "--mode",
+        choices=["tapt", "ptapt", "kmeans"],
+        required=True,
+        help="kmeans: P-TAPT's k-means stage alone, on the untouched --checkpoint (runs/kmeans/fold<k>/labels.pt)",
+    )
     add_run_flags(p)
-    a("--fold", type=int, choices=[1, 2, 3, 4, 5], default=None,
-      help="test session whose other sessions are pretrained on; default: all five")
-    a("--checkpoint", required=True, help="wav2vec 2.0 with its pretraining modules: a fairseq checkpoint (e.g. wav2vec_small.pt) "
-                           "or a Hugging Face Wav2Vec2ForPreTraining folder")
+    a(
+        "--fold",
+        type=int,
+        choices=[1, 2, 3, 4, 5],
+        default=None,
+        help="test session whose other sessions are pretrained on; default: all five",
+    )
+    a(
+        "--checkpoint",
+        required=True,
+        help="wav2vec 2.0 with its pretraining modules: a fairseq checkpoint (e.g. wav2vec_small.pt) "
+        "or a Hugging Face Wav2Vec2ForPreTraining folder",
+    )
     a("--name", default=None, help="runs/<name>/fold<k> (default: the mode)")
-    a("--updates", type=COUNT, default=20000, help="TAPT / pseudo-label pretraining updates (default: %(default)s)")
+    a(
+        "--updates",
+        type=COUNT,
+        default=20000,
+        help="TAPT / pseudo-label pretraining updates (default: %(default)s)",
+    )
     a("--batch-size", type=COUNT, default=64, help="(default: %(default)s)")
-    a("--max-batch-seconds", type=POSITIVE, default=None, help="also cap each batch's padded audio (default: %(default)s)")
+    a(
+        "--max-batch-seconds",
+        type=POSITIVE,
+        default=None,
+        help="also cap each batch's padded audio (default: %(default)s)",
+    )
     a("--lr", type=POSITIVE, default=1e-4, help="Adam (default: %(default)s)")
     a("--warmup", type=NATURAL, default=100, help="linear warm-up updates (default: %(default)s)")
-    a("--flat-fraction", type=PROBABILITY, default=0.05, help="flat part of the schedule, then linear decay to 0 (default: %(default)s)")
-    a("--max-seconds", type=POSITIVE, default=10.0, help="random crops of at most N seconds (default: %(default)s)")
-    a("--mask-prob", type=PROBABILITY, default=None, help="time-mask probability (default: 0.05 tapt, 0.06 ptapt)")
+    a(
+        "--flat-fraction",
+        type=PROBABILITY,
+        default=0.05,
+        help="flat part of the schedule, then linear decay to 0 (default: %(default)s)",
+    )
+    a(
+        "--max-seconds",
+        type=POSITIVE,
+        default=10.0,
+        help="random crops of at most N seconds (default: %(default)s)",
+    )
+    a(
+        "--mask-prob",
+        type=PROBABILITY,
+        default=None,
+        help="time-mask probability (default: 0.05 tapt, 0.06 ptapt)",
+    )
     a("--mask-span", type=COUNT, default=None, help="frames per span (default: 10 tapt, 15 ptapt)")
     a("--mask-min", type=NATURAL, default=None, help="at least this many spans (default: 2)")
-    a("--objective", choices=["release", "fairseq"], default=None,
-      help="TAPT: transformers 4.10's loss as the release ran it, or fairseq's (default: the recipe's)")
-    a("--mask-semantics", choices=["batch", "utterance", "fairseq"], default=None,
-      help="span counts of transformers 4.10 (one per batch), per utterance, or fairseq's pretraining "
-           "(default: the recipe's: release batch, clean utterance)")
-    a("--batch-seconds", type=SECONDS, default=None,
-      help="TAPT / P-TAPT: the release's dynamic batches of batch_seconds x batch_size / 64 seconds of audio "
-           "(250 s at batch size 64); 0: batches of --batch-size utterances (default: the recipe's: release 250, "
-           "clean 0)")
-    a("--group-norm", choices=["padded", "valid"], default=None,
-      help="P-TAPT: the conv encoder's group norm over the padded batch or each utterance's own samples "
-           "(default: the recipe's: release padded, clean valid)")
-    a("--feature-grad-mult", type=WEIGHT, default=1.0,
-      help="TAPT: gradient scale into the conv encoder; fairseq used 0.1, the release 1.0 (default: %(default)s)")
-    a("--feature-penalty", type=WEIGHT, default=10.0,
-      help="TAPT: weight of the feature penalty mean(conv features^2) (RECIPE.md, fairseq); 0 = Hugging Face's "
-           "objective. A tiny model trained from scratch with 10 and 5%% masking collapses: README, Results "
-           "(default: %(default)s)")
-    a("--teacher", default=None, metavar="WAV2VEC_V1.pt",
-      help="P-TAPT: the release's teacher, fairseq's wav2vec (v1) (wav2vec_large.pt), trained as the release trained "
-           "it (release recipe only; README, P-TAPT) (default: the wav2vec 2.0 --checkpoint itself)")
+    a(
+        "--objective",
+        choices=["release", "fairseq"],
+        default=None,
+        help="TAPT: transformers 4.10's loss as the release ran it, or fairseq's (default: the recipe's)",
+    )
+    a(
+        "--mask-semantics",
+        choices=["batch", "utterance", "fairseq"],
+        default=None,
+        help="span counts of transformers 4.10 (one per batch), per utterance, or fairseq's pretraining "
+        "(default: the recipe's: release batch, clean utterance)",
+    )
+    a(
+        "--batch-seconds",
+        type=SECONDS,
+        default=None,
+        help="TAPT / P-TAPT: the release's dynamic batches of batch_seconds x batch_size / 64 seconds of audio "
+        "(250 s at batch size 64); 0: batches of --batch-size utterances (default: the recipe's: release 250, "
+        "clean 0)",
+    )
+    a(
+        "--group-norm",
+        choices=["padded", "valid"],
+        default=None,
+        help="P-TAPT: the conv encoder's group norm over the padded batch or each utterance's own samples "
+        "(default: the recipe's: release padded, clean valid)",
+    )
+    a(
+        "--feature-grad-mult",
+        type=WEIGHT,
+        default=1.0,
+        help="TAPT: gradient scale into the conv encoder; fairseq used 0.1, the release 1.0 (default: %(default)s)",
+    )
+    a(
+        "--feature-penalty",
+        type=WEIGHT,
+        default=10.0,
+        help="TAPT: weight of the feature penalty mean(conv features^2) (RECIPE.md, fairseq); 0 = Hugging Face's "
+        "objective. A tiny model trained from scratch with 10 and 5%% masking collapses: README, Results "
+        "(default: %(default)s)",
+    )
+    a(
+        "--teacher",
+        default=None,
+        metavar="WAV2VEC_V1.pt",
+        help="P-TAPT: the release's teacher, fairseq's wav2vec (v1) (wav2vec_large.pt), trained as the release trained "
+        "it (release recipe only; README, P-TAPT) (default: the wav2vec 2.0 --checkpoint itself)",
+    )
     a("--teacher-updates", type=COUNT, default=10000, help="P-TAPT teacher (default: %(default)s)")
     a("--teacher-warmup-fraction", type=PROBABILITY, default=0.05, help="(default: %(default)s)")
-    a("--ks", type=COUNT, nargs="+", default=[64, 512, 4096], help="k-means cluster counts (default: %(default)s)")
+    a(
+        "--ks",
+        type=COUNT,
+        nargs="+",
+        default=[64, 512, 4096],
+        help="k-means cluster counts (default: %(default)s)",
+    )
     a("--kmeans-iters", type=COUNT, default=20, help="(default: %(default)s)")
-    a("--kmeans-init", choices=["k-means++", "random"], default=None,
-      help="(default: random, K random frames as faiss, with --teacher; k-means++ otherwise)")
-    a("--layer", type=COUNT, default=None, help="teacher layer for k-means features (default: the last)")
-    a("--save-every", type=COUNT, default=500, help="updates between resumable checkpoints (default: %(default)s)")
+    a(
+        "--kmeans-init",
+        choices=["k-means++", "random"],
+        default=None,
+        help="(default: random, K random frames as faiss, with --teacher; k-means++ otherwise)",
+    )
+    a(
+        "--layer",
+        type=COUNT,
+        default=None,
+        help="teacher layer for k-means features (default: the last)",
+    )
+    a(
+        "--save-every",
+        type=COUNT,
+        default=500,
+        help="updates between resumable checkpoints (default: %(default)s)",
+    )
     return p
 
 
@@ -680,15 +1140,19 @@ def parse_args(argv):
     if args.teacher is not None and args.mode != "ptapt":
         p.error("argument --teacher: only P-TAPT has a teacher (--mode ptapt)")
     if args.teacher is not None and args.recipe == "clean":  # README, P-TAPT: why
-        p.error("argument --teacher: the wav2vec (v1) teacher is the release recipe's; the clean recipe's teacher is "
-                "the wav2vec 2.0 --checkpoint itself (leave out --teacher or --recipe clean)")
+        p.error(
+            "argument --teacher: the wav2vec (v1) teacher is the release recipe's; the clean recipe's teacher is "
+            "the wav2vec 2.0 --checkpoint itself (leave out --teacher or --recipe clean)"
+        )
     args.release_teacher = RELEASE_TEACHER if args.teacher else None  # recorded in config.json
     args.kmeans_init = args.kmeans_init or ("random" if args.teacher else "k-means++")
     if len(set(args.ks)) != len(args.ks):
         p.error(f"argument --ks: {args.ks} repeats a K")
     if args.warmup > args.updates:
-        p.error(f"argument --warmup: {args.warmup} warm-up updates, more than --updates {args.updates}: "
-                "the learning rate would never reach --lr")
+        p.error(
+            f"argument --warmup: {args.warmup} warm-up updates, more than --updates {args.updates}: "
+            "the learning rate would never reach --lr"
+        )
     return args
 
 
@@ -702,8 +1166,14 @@ def main(argv=None):
             splits, classes = load_corpus(args.data, fold, args.wav_dir)
             run_dir = os.path.join(args.out, name, f"fold{fold}")
             with run_lock(run_dir):
-                check_run_config(run_dir, {**vars(args), "fold": fold}, lambda changed: computed_with(run_dir, changed, args.mode))
-                out = os.path.join(run_dir, "labels.pt" if args.mode == "kmeans" else "pretrained.pt")
+                check_run_config(
+                    run_dir,
+                    {**vars(args), "fold": fold},
+                    lambda changed, run_dir=run_dir: computed_with(run_dir, changed, args.mode),
+                )
+                out = os.path.join(
+                    run_dir, "labels.pt" if args.mode == "kmeans" else "pretrained.pt"
+                )
                 if os.path.exists(out):
                     if world()[0] == 0:
                         print(f"{out} exists: fold {fold} done (remove it to redo)")

@@ -1,6 +1,7 @@
 """The project's tests: `pytest test_all.py`. Independent references where they exist
 (torchaudio's wav2vec 2.0 and fairseq key converter, scikit-learn's k-means, hand-computed
 metrics, loss references written from the formulas)."""
+
 import argparse
 import csv
 import dataclasses
@@ -25,14 +26,23 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 import transformers
 
-import data
 import checkpoints as C
+import data
+import evaluate as E
 import model as M
+import pretrain as P
 import synth as S
 import train as T
-from bench import (fairseq_args, hf_backbone, pretrain_parity, random_model, to_fairseq_state, torchaudio_layers,
-                   torchaudio_model, write_fairseq)  # fairseq-format files and torchaudio's twin, shared with the benchmarks
-import pretrain as P
+from bench import (
+    fairseq_args,
+    hf_backbone,
+    pretrain_parity,
+    random_model,
+    to_fairseq_state,
+    torchaudio_layers,
+    torchaudio_model,  # fairseq-format files and torchaudio's twin, shared with the benchmarks
+    write_fairseq,
+)
 from data import labels_for, load_labels, save_labels
 from kmeans import assign, fit_kmeans
 
@@ -43,22 +53,53 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def tiny_config(**kw):
-    base = dict(conv_layers=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2, embed_dim=64, ffn_dim=128,
-                num_layers=3, num_heads=4, pos_conv_kernel=16, pos_conv_groups=4, final_dim=32, latent_vars=20)
+    base = dict(
+        conv_layers=[(32, 10, 5)] + [(32, 3, 2)] * 4 + [(32, 2, 2)] * 2,
+        embed_dim=64,
+        ffn_dim=128,
+        num_layers=3,
+        num_heads=4,
+        pos_conv_kernel=16,
+        pos_conv_groups=4,
+        final_dim=32,
+        latent_vars=20,
+    )
     base.update(kw)
     return M.Wav2Vec2Config(**base)
 
 
-TINY_GN = dict()                                                           # group norm, post-LN
+TINY_GN = dict()  # group norm, post-LN
 TINY_LN = dict(extractor_mode="layer_norm", conv_bias=True, layer_norm_first=True, normalize=True)
-BASE = dict(conv_layers=list(M.BASE_CONV_LAYERS), embed_dim=768, ffn_dim=3072, num_layers=12, num_heads=12,
-            pos_conv_kernel=128, pos_conv_groups=16, final_dim=256, latent_vars=320)
+BASE = dict(
+    conv_layers=list(M.BASE_CONV_LAYERS),
+    embed_dim=768,
+    ffn_dim=3072,
+    num_layers=12,
+    num_heads=12,
+    pos_conv_kernel=128,
+    pos_conv_groups=16,
+    final_dim=256,
+    latent_vars=320,
+)
 
 
-@pytest.mark.parametrize("variant,style", [("gn", "args"), ("gn", "omegaconf"), ("gn", "legacy"),
-                                           ("ln", "cfg"), ("ln", "asr"), ("base", "args")])
+@pytest.mark.parametrize(
+    "variant,style",
+    [
+        ("gn", "args"),
+        ("gn", "omegaconf"),
+        ("gn", "legacy"),
+        ("ln", "cfg"),
+        ("ln", "asr"),
+        ("base", "args"),
+    ],
+)
 def test_matches_torchaudio(tmp_path, variant, style):
-    cfg = tiny_config(**{"gn": TINY_GN, "ln": TINY_LN}[variant]) if variant != "base" else M.Wav2Vec2Config(**BASE)
+    cfg = (
+        tiny_config(**{"gn": TINY_GN, "ln": TINY_LN}[variant])
+        if variant != "base"
+        else M.Wav2Vec2Config(**BASE)
+    )
     net = random_model(cfg)
     path = tmp_path / "ckpt.pt"
     fs_state = write_fairseq(path, net, style)
@@ -72,7 +113,7 @@ def test_matches_torchaudio(tmp_path, variant, style):
     for i, n in enumerate(lengths):
         wav[i, :n] = torch.randn(n, generator=g) * 0.1
     lens = torch.tensor(lengths)
-    refs = [torchaudio_layers(ta, cfg, wav[i:i + 1, :n]) for i, n in enumerate(lengths)]
+    refs = [torchaudio_layers(ta, cfg, wav[i : i + 1, :n]) for i, n in enumerate(lengths)]
     with torch.no_grad():
         for k in list(range(1, cfg.num_layers + 1)) + [None]:
             hidden, frames = ours(wav, lens, layer=k)
@@ -81,10 +122,10 @@ def test_matches_torchaudio(tmp_path, variant, style):
                 ref = ta_final[0] if k is None else ta_layers[k - 1][0]
                 assert frames[i] == ref.shape[0]
                 # batched (padded) and single unpadded utterances both match the reference
-                torch.testing.assert_close(hidden[i, :frames[i]], ref, atol=1e-4, rtol=1e-4)
-                single, _ = ours(wav[i:i + 1, :n], layer=k)
+                torch.testing.assert_close(hidden[i, : frames[i]], ref, atol=1e-4, rtol=1e-4)
+                single, _ = ours(wav[i : i + 1, :n], layer=k)
                 torch.testing.assert_close(single[0], ref, atol=1e-4, rtol=1e-4)
-            assert hidden[2:, frames[-1]:].abs().sum() == 0 if len(lengths) > 2 else True
+            assert hidden[2:, frames[-1] :].abs().sum() == 0 if len(lengths) > 2 else True
 
 
 def test_layer_norm_extractor_batch_matches_torchaudio_batch(tmp_path):
@@ -98,7 +139,7 @@ def test_layer_norm_extractor_batch_matches_torchaudio_batch(tmp_path):
         ref, ref_frames = ta(wav, lens)
     assert torch.equal(frames, ref_frames)
     for i in range(3):
-        torch.testing.assert_close(ours[i, :frames[i]], ref[i, :frames[i]], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours[i, : frames[i]], ref[i, : frames[i]], atol=1e-4, rtol=1e-4)
 
 
 def test_batch_invariance_group_norm():
@@ -108,13 +149,19 @@ def test_batch_invariance_group_norm():
     with torch.no_grad():
         batched, frames = net(wav, lens)
         alone, _ = net(wav[1:, :5000])
-    torch.testing.assert_close(batched[1, :frames[1]], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched[1, : frames[1]], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_frame_lengths_conv_arithmetic():
     net = M.Wav2Vec2(M.Wav2Vec2Config(**BASE))
     # fairseq base: 400-sample receptive field, 320-sample hop: 1 s -> 49 frames
-    assert net.frame_lengths(torch.tensor([400, 719, 720, 16000, 160000])).tolist() == [1, 1, 2, 49, 499]
+    assert net.frame_lengths(torch.tensor([400, 719, 720, 16000, 160000])).tolist() == [
+        1,
+        1,
+        2,
+        49,
+        499,
+    ]
 
 
 def test_project_checkpoint_roundtrip_weights_only(tmp_path):
@@ -161,22 +208,41 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
         C.load_wav2vec2(tmp_path / "other.pt")
     # another model family, named as such
     state = to_fairseq_state(net)
-    torch.save({"cfg": {"model": {"_name": "hubert"}}, "model": {**state, "label_embs_concat": torch.zeros(3)}},
-               tmp_path / "hubert.pt")
+    torch.save(
+        {
+            "cfg": {"model": {"_name": "hubert"}},
+            "model": {**state, "label_embs_concat": torch.zeros(3)},
+        },
+        tmp_path / "hubert.pt",
+    )
     with pytest.raises(C.CheckpointError, match="HuBERT"):
         C.load_wav2vec2(tmp_path / "hubert.pt")
-    torch.save({"args": argparse.Namespace(arch="wav2vec"), "model": {"feature_aggregator.0.weight": torch.zeros(1)}},
-               tmp_path / "v1.pt")
+    torch.save(
+        {
+            "args": argparse.Namespace(arch="wav2vec"),
+            "model": {"feature_aggregator.0.weight": torch.zeros(1)},
+        },
+        tmp_path / "v1.pt",
+    )
     with pytest.raises(C.CheckpointError, match=r"wav2vec \(v1\)"):
         C.load_wav2vec2(tmp_path / "v1.pt")
     # a missing key, an unexpected key, a shape that does not fit the configuration: all named
-    for edit, pattern in [(lambda s: s.pop("encoder.layers.0.fc1.weight"), "missing.*encoder.layers.0.fc1.weight"),
-                          (lambda s: s.__setitem__("encoder.layers.0.extra.weight", torch.zeros(1)), "encoder.layers.0.extra"),
-                          (lambda s: s.__setitem__("post_extract_proj.weight", torch.zeros(64, 31)),
-                           "post_extract_proj.weight: file \\(64, 31\\)")]:
+    for edit, pattern in [
+        (lambda s: s.pop("encoder.layers.0.fc1.weight"), "missing.*encoder.layers.0.fc1.weight"),
+        (
+            lambda s: s.__setitem__("encoder.layers.0.extra.weight", torch.zeros(1)),
+            "encoder.layers.0.extra",
+        ),
+        (
+            lambda s: s.__setitem__("post_extract_proj.weight", torch.zeros(64, 31)),
+            "post_extract_proj.weight: file \\(64, 31\\)",
+        ),
+    ]:
         s = to_fairseq_state(net)
         edit(s)
-        torch.save({"args": argparse.Namespace(**fairseq_args(net.cfg)), "model": s}, tmp_path / "bad.pt")
+        torch.save(
+            {"args": argparse.Namespace(**fairseq_args(net.cfg)), "model": s}, tmp_path / "bad.pt"
+        )
         with pytest.raises(C.CheckpointError, match=pattern):
             C.load_wav2vec2(tmp_path / "bad.pt")
 
@@ -201,25 +267,41 @@ def test_quantizer_eval_is_argmax_and_temperature_schedule():
     x = torch.randn(10, net.cfg.conv_dim)
     codes, ppl = q(x)
     logits = q.weight_proj(x).view(10, q.groups, q.num_vars)
-    expect = torch.cat([q.vars[0, g * q.num_vars + logits[:, g].argmax(-1)] for g in range(q.groups)], -1)
+    expect = torch.cat(
+        [q.vars[0, g * q.num_vars + logits[:, g].argmax(-1)] for g in range(q.groups)], -1
+    )
     torch.testing.assert_close(codes, expect)
     assert 1 <= ppl.item() <= q.groups * q.num_vars
     q.set_num_updates(0)
     assert q.temperature == 2.0
     q.set_num_updates(1000)
-    assert q.temperature == pytest.approx(2.0 * 0.999995 ** 1000)
-    q.set_num_updates(10 ** 7)
+    assert q.temperature == pytest.approx(2.0 * 0.999995**1000)
+    q.set_num_updates(10**7)
     assert q.temperature == 0.5
 
 
 # ----------------------------------------------------------------------------- Hugging Face folders
 # written by transformers (a test requirement only); model.py reads them without it or safetensors
 transformers.logging.set_verbosity_error()
-SHAPES = {"gn": dict(),                                                            # group norm, post-LN
-          "ln": dict(extractor_mode="layer_norm", conv_bias=True, layer_norm_first=True, normalize=True),
-          "base": dict(conv_layers=list(M.BASE_CONV_LAYERS), embed_dim=768, ffn_dim=3072, num_layers=12,
-                       num_heads=12, pos_conv_kernel=128, pos_conv_groups=16, final_dim=256, latent_vars=320)}
-OLD_SPELLING = {"parametrizations.weight.original0": "weight_g", "parametrizations.weight.original1": "weight_v"}
+SHAPES = {
+    "gn": dict(),  # group norm, post-LN
+    "ln": dict(extractor_mode="layer_norm", conv_bias=True, layer_norm_first=True, normalize=True),
+    "base": dict(
+        conv_layers=list(M.BASE_CONV_LAYERS),
+        embed_dim=768,
+        ffn_dim=3072,
+        num_layers=12,
+        num_heads=12,
+        pos_conv_kernel=128,
+        pos_conv_groups=16,
+        final_dim=256,
+        latent_vars=320,
+    ),
+}
+OLD_SPELLING = {
+    "parametrizations.weight.original0": "weight_g",
+    "parametrizations.weight.original1": "weight_v",
+}
 
 
 def write_hf(folder, hf, fmt, spelling, normalize):
@@ -232,7 +314,9 @@ def write_hf(folder, hf, fmt, spelling, normalize):
         for new, old in OLD_SPELLING.items():
             state = {k.replace(new, old): v for k, v in state.items()}
     if fmt == "safetensors":
-        safetensors_torch.save_file(state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+        safetensors_torch.save_file(
+            state, os.path.join(folder, "model.safetensors"), metadata={"format": "pt"}
+        )
     else:
         torch.save(state, os.path.join(folder, "pytorch_model.bin"))
 
@@ -241,18 +325,28 @@ def reference_input(hf_folder, seconds, seed=1):
     """A waveform and what transformers' own feature extractor makes of it (do_normalize from the folder)."""
     wav = np.random.default_rng(seed).standard_normal(int(seconds * 16000)).astype(np.float32)
     fe = transformers.Wav2Vec2FeatureExtractor.from_pretrained(hf_folder)
-    return torch.from_numpy(wav)[None], torch.from_numpy(fe(wav, sampling_rate=16000).input_values[0])[None]
+    return torch.from_numpy(wav)[None], torch.from_numpy(
+        fe(wav, sampling_rate=16000).input_values[0]
+    )[None]
 
 
 def same_config(a, b):  # fairseq leaves latent_dim 0 (= final_dim), Hugging Face names it
     def plain(c):
         return dataclasses.replace(c, latent_dim=c.latent_dim or c.final_dim, has_quantizer=True)
+
     return plain(a) == plain(b)
 
 
-@pytest.mark.parametrize("shape,fmt,spelling", [(s, f, w) for s in ("gn", "ln") for f in ("safetensors", "bin")
-                                                for w in ("parametrizations", "weight_g")]
-                         + [("base", "safetensors", "weight_g")])  # the Base shape as on the hub
+@pytest.mark.parametrize(
+    "shape,fmt,spelling",
+    [
+        (s, f, w)
+        for s in ("gn", "ln")
+        for f in ("safetensors", "bin")
+        for w in ("parametrizations", "weight_g")
+    ]
+    + [("base", "safetensors", "weight_g")],
+)  # the Base shape as on the hub
 def test_hf_folder_matches_transformers_and_fairseq(tmp_path, shape, fmt, spelling):
     cfg = tiny_config(**SHAPES[shape]) if shape != "base" else M.Wav2Vec2Config(**SHAPES["base"])
     net = random_model(cfg)
@@ -260,13 +354,21 @@ def test_hf_folder_matches_transformers_and_fairseq(tmp_path, shape, fmt, spelli
     hf = hf_backbone(net, "eager", pretraining).eval()
     write_hf(tmp_path, hf, fmt, spelling, cfg.normalize)
     weights = tmp_path / ("model.safetensors" if fmt == "safetensors" else "pytorch_model.bin")
-    ours = C.load_wav2vec2(tmp_path if spelling == "parametrizations" else weights)  # the folder or its weights file
-    if shape == "base":  # the fairseq path is the tiny cases'; here the weights it would load (seconds saved)
+    ours = C.load_wav2vec2(
+        tmp_path if spelling == "parametrizations" else weights
+    )  # the folder or its weights file
+    if (
+        shape == "base"
+    ):  # the fairseq path is the tiny cases'; here the weights it would load (seconds saved)
         fs = net
     else:
         write_fairseq(tmp_path / "fairseq.pt", net, "args")
         fs = C.load_wav2vec2(tmp_path / "fairseq.pt")
-    assert not ours.training and ours.cfg.has_quantizer == pretraining and ours.cfg.normalize == cfg.normalize
+    assert (
+        not ours.training
+        and ours.cfg.has_quantizer == pretraining
+        and ours.cfg.normalize == cfg.normalize
+    )
     assert same_config(ours.cfg, fs.cfg)
     own, fs_state = ours.state_dict(), fs.state_dict()
     assert own.keys() == fs_state.keys() if pretraining else set(own) < set(fs_state)
@@ -275,13 +377,19 @@ def test_hf_folder_matches_transformers_and_fairseq(tmp_path, shape, fmt, spelli
     backbone = hf.wav2vec2 if pretraining else hf
     with torch.no_grad():
         out = backbone(hf_input, output_hidden_states=True)
-        layers = range(1, cfg.num_layers + 1) if shape != "base" else [6]  # Base: one layer and the output
+        layers = (
+            range(1, cfg.num_layers + 1) if shape != "base" else [6]
+        )  # Base: one layer and the output
         for k in layers:  # hidden_states[k]: layer k's output (pre-LN: before the final LN)
-            torch.testing.assert_close(ours(wav, layer=k)[0], out.hidden_states[k], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(
+                ours(wav, layer=k)[0], out.hidden_states[k], atol=1e-4, rtol=1e-4
+            )
         final = ours(wav)[0]
         torch.testing.assert_close(final, out.last_hidden_state, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(final, fs(wav)[0], atol=0, rtol=0)
-    if pretraining:  # the quantizer, project_q and project_hid (final_proj) too; unnormalised input here
+    if (
+        pretraining
+    ):  # the quantizer, project_q and project_hid (final_proj) too; unnormalised input here
         assert pretrain_parity(ours, hf, wav) < 1e-4
 
 
@@ -289,17 +397,23 @@ def test_hf_folder_matches_transformers_and_fairseq(tmp_path, shape, fmt, spelli
 def test_hf_heads_are_reported_and_dropped(tmp_path, capfd, head):
     net = random_model(tiny_config())
     backbone = hf_backbone(net, "eager")
-    config = dict(backbone.config.to_dict(), vocab_size=32, use_weighted_layer_sum=True, num_labels=4)
+    config = dict(
+        backbone.config.to_dict(), vocab_size=32, use_weighted_layer_sum=True, num_labels=4
+    )
     hf = getattr(transformers, head)(type(backbone.config).from_dict(config)).eval()
     hf.wav2vec2.load_state_dict(backbone.state_dict())
     write_hf(tmp_path, hf, "safetensors", "parametrizations", False)
     ours = C.load_wav2vec2(tmp_path)
     err = capfd.readouterr().err
-    assert "not used by wav2vec 2.0" in err and ("lm_head.weight" in err if "CTC" in head else "layer_weights" in err)
+    assert "not used by wav2vec 2.0" in err and (
+        "lm_head.weight" in err if "CTC" in head else "layer_weights" in err
+    )
     assert not ours.cfg.has_quantizer
     wav = torch.randn(1, 12000, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(ours(wav)[0], hf.wav2vec2(wav).last_hidden_state, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            ours(wav)[0], hf.wav2vec2(wav).last_hidden_state, atol=1e-4, rtol=1e-4
+        )
 
 
 def one_line_error(path, pattern):
@@ -315,7 +429,7 @@ def test_hf_bad_folders_get_one_line_errors(tmp_path):
     write_hf(good, hf, "safetensors", "parametrizations", False)
     blob = (good / "model.safetensors").read_bytes()
     n = int.from_bytes(blob[:8], "little")
-    header = json.loads(blob[8:8 + n])
+    header = json.loads(blob[8 : 8 + n])
 
     def variant(name, weights, weights_name="model.safetensors"):
         folder = tmp_path / name
@@ -327,7 +441,10 @@ def test_hf_bad_folders_get_one_line_errors(tmp_path):
 
     # a pytorch_model.bin holding a pickle that runs code: refused, never run
     marker = tmp_path / "ran"
-    torch.save({"feature_projection.projection.weight": RunsCommand(f"touch {marker}")}, tmp_path / "evil.bin")
+    torch.save(
+        {"feature_projection.projection.weight": RunsCommand(f"touch {marker}")},
+        tmp_path / "evil.bin",
+    )
     evil = variant("evil", (tmp_path / "evil.bin").read_bytes(), "pytorch_model.bin")
     one_line_error(evil, "refusing to load posix.system|refusing to load os.system")
     assert not marker.exists()
@@ -339,20 +456,38 @@ def test_hf_bad_folders_get_one_line_errors(tmp_path):
     lie = dict(header, **{name: dict(header[name], data_offsets=[begin + 4, end + 4])})
     text = json.dumps(lie, separators=(",", ":")).encode().ljust(n)
     assert len(text) == n
-    one_line_error(variant("lie", blob[:8] + text + blob[8 + n:]), f"offsets for '{name}'")
+    one_line_error(variant("lie", blob[:8] + text + blob[8 + n :]), f"offsets for '{name}'")
     # another model type, named
     hubert = variant("hubert", blob)
-    (hubert / "config.json").write_text(json.dumps({**json.loads((good / "config.json").read_text()), "model_type": "hubert"}))
+    (hubert / "config.json").write_text(
+        json.dumps({**json.loads((good / "config.json").read_text()), "model_type": "hubert"})
+    )
     one_line_error(hubert, "config.json: model_type 'hubert', not wav2vec 2.0")
     relu = variant("relu", blob)
-    (relu / "config.json").write_text(json.dumps({**json.loads((good / "config.json").read_text()), "hidden_act": "relu"}))
+    (relu / "config.json").write_text(
+        json.dumps({**json.loads((good / "config.json").read_text()), "hidden_act": "relu"})
+    )
     one_line_error(relu, "hidden_act='relu'")
     # strict key accounting: an unknown tensor, a missing one, a wrong shape, all named
     state = safetensors_torch.load_file(good / "model.safetensors")
-    for i, (edit, pattern) in enumerate([(lambda s: s.__setitem__("encoder.layers.0.adapter.weight", torch.zeros(1)), "does not know.*adapter"),
-                          (lambda s: s.pop("encoder.layers.1.feed_forward.output_dense.weight"), "missing.*encoder.layers.1.fc2.weight"),
-                          (lambda s: s.__setitem__("feature_projection.projection.weight", torch.zeros(64, 31)),
-                           r"post_extract_proj.weight: file \(64, 31\)")]):
+    for i, (edit, pattern) in enumerate(
+        [
+            (
+                lambda s: s.__setitem__("encoder.layers.0.adapter.weight", torch.zeros(1)),
+                "does not know.*adapter",
+            ),
+            (
+                lambda s: s.pop("encoder.layers.1.feed_forward.output_dense.weight"),
+                "missing.*encoder.layers.1.fc2.weight",
+            ),
+            (
+                lambda s: s.__setitem__(
+                    "feature_projection.projection.weight", torch.zeros(64, 31)
+                ),
+                r"post_extract_proj.weight: file \(64, 31\)",
+            ),
+        ]
+    ):
         s = dict(state)
         edit(s)
         safetensors_torch.save_file(s, tmp_path / "edited.safetensors")
@@ -363,16 +498,46 @@ def test_hf_bad_folders_get_one_line_errors(tmp_path):
 
 
 def first_tapt_loss(checkpoint, corpus, out, name):
-    r = script("pretrain.py", "--mode", "tapt", "--fold", 1, "--data", corpus, "--out", out, "--name", name,
-               "--checkpoint", checkpoint, "--batch-size", 4, "--updates", 1, "--warmup", 1, "--workers", 0,
-               "--no-progress", "--recipe", "clean", env=ONE_THREAD)
+    r = script(
+        "pretrain.py",
+        "--mode",
+        "tapt",
+        "--fold",
+        1,
+        "--data",
+        corpus,
+        "--out",
+        out,
+        "--name",
+        name,
+        "--checkpoint",
+        checkpoint,
+        "--batch-size",
+        4,
+        "--updates",
+        1,
+        "--warmup",
+        1,
+        "--workers",
+        0,
+        "--no-progress",
+        "--recipe",
+        "clean",
+        env=ONE_THREAD,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     return json.loads(open(os.path.join(out, name, "fold1", "tapt.log.jsonl")).readline())["loss"]
 
 
 def test_tapt_from_hf_pretraining_folder_equals_fairseq(corpus, tmp_path):
     net = random_model(tiny_config())
-    write_hf(tmp_path / "hf", hf_backbone(net, "eager", pretraining=True), "safetensors", "weight_g", False)
+    write_hf(
+        tmp_path / "hf",
+        hf_backbone(net, "eager", pretraining=True),
+        "safetensors",
+        "weight_g",
+        False,
+    )
     write_fairseq(tmp_path / "fairseq.pt", net, "args")
     from_hf = first_tapt_loss(tmp_path / "hf", corpus, tmp_path, "hf")
     from_fairseq = first_tapt_loss(tmp_path / "fairseq.pt", corpus, tmp_path, "fs")
@@ -384,7 +549,9 @@ def test_hf_sharded_folder(tmp_path):
     net = random_model(tiny_config())
     hf = hf_backbone(net, "eager", pretraining=True).eval()
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
-    assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("*.safetensors"))) > 1
+    assert (tmp_path / "model.safetensors.index.json").exists() and len(
+        list(tmp_path.glob("*.safetensors"))
+    ) > 1
     ours = C.load_wav2vec2(tmp_path)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in ours.state_dict().items())
 
@@ -393,21 +560,42 @@ def test_hf_sharded_folder(tmp_path):
 # fairseq-format v1 files written here (args, cfg and pickled-omegaconf styles); a float64 reference from fairseq's
 # wav2vec.py formulas on the file's own tensors; frame counts against wav2vec 2.0's; refusals
 
-LARGE = dict(conv_feature_layers="[(512, 10, 5), (512, 8, 4), (512, 4, 2), (512, 4, 2), (512, 4, 2), (512, 1, 1), (512, 1, 1)]",
-             conv_aggregator_layers="[(512, 2, 1), (512, 3, 1), (512, 4, 1), (512, 5, 1), (512, 6, 1), (512, 7, 1), "
-                                    "(512, 8, 1), (512, 9, 1), (512, 10, 1), (512, 11, 1), (512, 12, 1), (512, 13, 1)]",
-             skip_connections_feat=False, skip_connections_agg=True, residual_scale=0.5, log_compression=True,
-             agg_zero_pad=False, no_conv_bias=False, non_affine_group_norm=False, dropout=0.0, aggregator="cnn")
+LARGE = dict(
+    conv_feature_layers="[(512, 10, 5), (512, 8, 4), (512, 4, 2), (512, 4, 2), (512, 4, 2), (512, 1, 1), (512, 1, 1)]",
+    conv_aggregator_layers="[(512, 2, 1), (512, 3, 1), (512, 4, 1), (512, 5, 1), (512, 6, 1), (512, 7, 1), "
+    "(512, 8, 1), (512, 9, 1), (512, 10, 1), (512, 11, 1), (512, 12, 1), (512, 13, 1)]",
+    skip_connections_feat=False,
+    skip_connections_agg=True,
+    residual_scale=0.5,
+    log_compression=True,
+    agg_zero_pad=False,
+    no_conv_bias=False,
+    non_affine_group_norm=False,
+    dropout=0.0,
+    aggregator="cnn",
+)
 # the Large geometry and settings at a width the CPU runs in no time
-NARROW = {**LARGE, "conv_feature_layers": LARGE["conv_feature_layers"].replace("512", "8"),
-          "conv_aggregator_layers": LARGE["conv_aggregator_layers"].replace("512", "8")}
+NARROW = {
+    **LARGE,
+    "conv_feature_layers": LARGE["conv_feature_layers"].replace("512", "8"),
+    "conv_aggregator_layers": LARGE["conv_aggregator_layers"].replace("512", "8"),
+}
 # every other option: skips in the extractor, zero padding, width changes (residual_proj), no biases,
 # no affine norms, gelu, no log compression
-OPTIONS = dict(conv_feature_layers="[(12, 10, 5), (12, 8, 4), (12, 4, 2), (12, 1, 1)]",
-               conv_aggregator_layers="[(12, 2, 1), (20, 3, 1), (20, 5, 1), (16, 4, 1)]",
-               skip_connections_feat=True, skip_connections_agg=True, residual_scale=0.3, log_compression=False,
-               agg_zero_pad=True, no_conv_bias=True, non_affine_group_norm=True, dropout=0.1, aggregator="cnn",
-               activation="gelu")
+OPTIONS = dict(
+    conv_feature_layers="[(12, 10, 5), (12, 8, 4), (12, 4, 2), (12, 1, 1)]",
+    conv_aggregator_layers="[(12, 2, 1), (20, 3, 1), (20, 5, 1), (16, 4, 1)]",
+    skip_connections_feat=True,
+    skip_connections_agg=True,
+    residual_scale=0.3,
+    log_compression=False,
+    agg_zero_pad=True,
+    no_conv_bias=True,
+    non_affine_group_norm=True,
+    dropout=0.1,
+    aggregator="cnn",
+    activation="gelu",
+)
 PREDICTION_STEPS = 12
 
 
@@ -421,10 +609,13 @@ def v1_fairseq_state(s, seed=0, dtype=torch.float32):
 
     def rand(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
     state, affine = {}, not s.get("non_affine_group_norm", False)
     d_in = 1
     for i, (d, k, _) in enumerate(v1_layers(s["conv_feature_layers"])):
-        state[f"feature_extractor.conv_layers.{i}.0.weight"] = rand(d, d_in, k, scale=(d_in * k) ** -0.5)
+        state[f"feature_extractor.conv_layers.{i}.0.weight"] = rand(
+            d, d_in, k, scale=(d_in * k) ** -0.5
+        )
         if affine:
             state[f"feature_extractor.conv_layers.{i}.2.weight"] = 1 + rand(d, scale=0.1)
             state[f"feature_extractor.conv_layers.{i}.2.bias"] = rand(d, scale=0.1)
@@ -432,24 +623,41 @@ def v1_fairseq_state(s, seed=0, dtype=torch.float32):
     embed = d_in
     for i, (d, k, _) in enumerate(v1_layers(s["conv_aggregator_layers"])):
         if s["skip_connections_agg"] and d != d_in:
-            state[f"feature_aggregator.residual_proj.{i}.weight"] = rand(d, d_in, 1, scale=d_in ** -0.5)
-        state[f"feature_aggregator.conv_layers.{i}.1.weight"] = rand(d, d_in, k, scale=(d_in * k) ** -0.5)
+            state[f"feature_aggregator.residual_proj.{i}.weight"] = rand(
+                d, d_in, 1, scale=d_in**-0.5
+            )
+        state[f"feature_aggregator.conv_layers.{i}.1.weight"] = rand(
+            d, d_in, k, scale=(d_in * k) ** -0.5
+        )
         if not s.get("no_conv_bias", False):
             state[f"feature_aggregator.conv_layers.{i}.1.bias"] = rand(d, scale=0.1)
         if affine:
             state[f"feature_aggregator.conv_layers.{i}.3.weight"] = 1 + rand(d, scale=0.1)
             state[f"feature_aggregator.conv_layers.{i}.3.bias"] = rand(d, scale=0.1)
         d_in = d
-    state["wav2vec_predictions.project_to_steps.weight"] = rand(d_in, embed, 1, PREDICTION_STEPS, scale=0.01)
+    state["wav2vec_predictions.project_to_steps.weight"] = rand(
+        d_in, embed, 1, PREDICTION_STEPS, scale=0.01
+    )
     state["wav2vec_predictions.project_to_steps.bias"] = rand(embed, scale=0.01)
     return state
 
 
 def v1_model_args(s):
     """Model settings as a 2019 fairseq run stored them: base_wav2vec_architecture fills every one it knows."""
-    return dict(prediction_steps=PREDICTION_STEPS, num_negatives=10, sample_distance=None, cross_sample_negatives=False,
-                dropout_features=0.0, dropout_agg=0.0, encoder="cnn", gru_dim=512, balanced_classes=False,
-                project_features="none", offset="auto", **s)
+    return dict(
+        prediction_steps=PREDICTION_STEPS,
+        num_negatives=10,
+        sample_distance=None,
+        cross_sample_negatives=False,
+        dropout_features=0.0,
+        dropout_agg=0.0,
+        encoder="cnn",
+        gru_dim=512,
+        balanced_classes=False,
+        project_features="none",
+        offset="auto",
+        **s,
+    )
 
 
 def write_v1(path, s, style, state):
@@ -457,38 +665,105 @@ def write_v1(path, s, style, state):
     Namespace, the legacy (pre-zip) torch format, fp16 training's half-precision weights and the optimizer state.
     cfg: fairseq's trainer today (cfg converted to plain containers, args None). omegaconf: fairseq of late 2020
     (the release's pin b8ea8a9b) pickles the DictConfig itself."""
-    history = [{"criterion_name": "BinaryCrossEntropyCriterion", "optimizer_name": "FairseqAdam",
-                "lr_scheduler_state": {"best": 2.1}, "num_updates": 400000}]
+    history = [
+        {
+            "criterion_name": "BinaryCrossEntropyCriterion",
+            "optimizer_name": "FairseqAdam",
+            "lr_scheduler_state": {"best": 2.1},
+            "num_updates": 400000,
+        }
+    ]
     first = next(iter(state.values()))
-    optimizer = {"state": {0: {"step": 400000, "exp_avg": torch.zeros_like(first), "exp_avg_sq": torch.zeros_like(first)}},
-                 "param_groups": [{"lr": 1e-6, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0, "params": [0]}]}
+    optimizer = {
+        "state": {
+            0: {
+                "step": 400000,
+                "exp_avg": torch.zeros_like(first),
+                "exp_avg_sq": torch.zeros_like(first),
+            }
+        },
+        "param_groups": [
+            {"lr": 1e-6, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0, "params": [0]}
+        ],
+    }
     if style == "args":
-        args = argparse.Namespace(arch="wav2vec", task="speech_pretraining", criterion="binary_cross_entropy",
-                                  optimizer="adam", lr=[0.005], lr_scheduler="cosine", max_update=400000, fp16=True,
-                                  data="/manifest/path", sample_rate=16000, max_sample_size=150000, seed=1,
-                                  **v1_model_args(s))
-        obj = {"args": args, "model": state, "optimizer_history": history, "last_optimizer_state": optimizer,
-               "extra_state": {"train_iterator": {"epoch": 112, "iterations_in_epoch": 0}, "val_loss": 2.1}}
+        args = argparse.Namespace(
+            arch="wav2vec",
+            task="speech_pretraining",
+            criterion="binary_cross_entropy",
+            optimizer="adam",
+            lr=[0.005],
+            lr_scheduler="cosine",
+            max_update=400000,
+            fp16=True,
+            data="/manifest/path",
+            sample_rate=16000,
+            max_sample_size=150000,
+            seed=1,
+            **v1_model_args(s),
+        )
+        obj = {
+            "args": args,
+            "model": state,
+            "optimizer_history": history,
+            "last_optimizer_state": optimizer,
+            "extra_state": {
+                "train_iterator": {"epoch": 112, "iterations_in_epoch": 0},
+                "val_loss": 2.1,
+            },
+        }
         torch.save(obj, path, _use_new_zipfile_serialization=False)
         return
-    fields = {"_name": "wav2vec", "vq_type": "none", "vq_vars": 320, "vq_groups": 2, "vq_dim": 0, "vq_depth": 1,
-              "combine_groups": False, "vq_temp": [2.0, 0.5, 0.999995], "vq_gamma": 0.25, "infonce": False,
-              "activation": "relu", **v1_model_args(s), "cross_sample_negatives": 0}  # Wav2VecConfig's every field
-    cfg = {"common": {"fp16": True, "seed": 1}, "model": fields, "criterion": {"_name": "wav2vec", "infonce": False},
-           "task": {"_name": "audio_pretraining", "data": "/manifest/path", "sample_rate": 16000, "normalize": False},
-           "optimization": {"max_update": 400000, "lr": [0.005]}}
+    fields = {
+        "_name": "wav2vec",
+        "vq_type": "none",
+        "vq_vars": 320,
+        "vq_groups": 2,
+        "vq_dim": 0,
+        "vq_depth": 1,
+        "combine_groups": False,
+        "vq_temp": [2.0, 0.5, 0.999995],
+        "vq_gamma": 0.25,
+        "infonce": False,
+        "activation": "relu",
+        **v1_model_args(s),
+        "cross_sample_negatives": 0,
+    }  # Wav2VecConfig's every field
+    cfg = {
+        "common": {"fp16": True, "seed": 1},
+        "model": fields,
+        "criterion": {"_name": "wav2vec", "infonce": False},
+        "task": {
+            "_name": "audio_pretraining",
+            "data": "/manifest/path",
+            "sample_rate": 16000,
+            "normalize": False,
+        },
+        "optimization": {"max_update": 400000, "lr": [0.005]},
+    }
     if style == "omegaconf_no_lists":  # a cfg without lists (no protocol-2 int in the pickle)
         cfg["model"].pop("vq_temp"), cfg["optimization"].pop("lr")
     if style.startswith("omegaconf"):
-        from omegaconf import OmegaConf  # only the tests write omegaconf objects; the loader never imports it
+        from omegaconf import (
+            OmegaConf,  # only the tests write omegaconf objects; the loader never imports it
+        )
+
         cfg = OmegaConf.create(cfg)
-    obj = {"args": None, "cfg": cfg, "model": state, "criterion": None, "optimizer_history": history,
-           "task_state": {}, "extra_state": {"metrics": {}, "previous_training_time": 1.0},
-           "last_optimizer_state": optimizer}
+    obj = {
+        "args": None,
+        "cfg": cfg,
+        "model": state,
+        "criterion": None,
+        "optimizer_history": history,
+        "task_state": {},
+        "extra_state": {"metrics": {}, "previous_training_time": 1.0},
+        "last_optimizer_state": optimizer,
+    }
     torch.save(obj, path)
 
 
 # ---- the reference: fairseq's wav2vec.py formulas, functional, float64, on the file's own tensors
+
 
 def v1_reference(state, s, wav):
     """Wav2VecModel.feature_extractor then .feature_aggregator (ConvFeatureExtractionModel, ConvAggegator)."""
@@ -499,10 +774,17 @@ def v1_reference(state, s, wav):
     for i, (_, _, stride) in enumerate(v1_layers(s["conv_feature_layers"])):
         residual = x
         x = F.conv1d(x, p[f"feature_extractor.conv_layers.{i}.0.weight"], stride=stride)
-        x = act(F.group_norm(x, 1, p.get(f"feature_extractor.conv_layers.{i}.2.weight"),
-                             p.get(f"feature_extractor.conv_layers.{i}.2.bias"), 1e-5))
+        x = act(
+            F.group_norm(
+                x,
+                1,
+                p.get(f"feature_extractor.conv_layers.{i}.2.weight"),
+                p.get(f"feature_extractor.conv_layers.{i}.2.bias"),
+                1e-5,
+            )
+        )
         if s["skip_connections_feat"] and x.size(1) == residual.size(1):
-            residual = residual[..., ::residual.size(2) // x.size(2)][..., :x.size(2)]
+            residual = residual[..., :: residual.size(2) // x.size(2)][..., : x.size(2)]
             x = (x + residual) * scale
     if s["log_compression"]:
         x = (x.abs() + 1).log()
@@ -511,10 +793,21 @@ def v1_reference(state, s, wav):
         ka = k // 2
         kb = ka - 1 if k % 2 == 0 else ka
         x = F.pad(x, (ka + kb, 0), mode="constant" if s["agg_zero_pad"] else "replicate")
-        x = F.conv1d(x, p[f"feature_aggregator.conv_layers.{i}.1.weight"],
-                     p.get(f"feature_aggregator.conv_layers.{i}.1.bias"), stride=stride)
-        x = act(F.group_norm(x, 1, p.get(f"feature_aggregator.conv_layers.{i}.3.weight"),
-                             p.get(f"feature_aggregator.conv_layers.{i}.3.bias"), 1e-5))
+        x = F.conv1d(
+            x,
+            p[f"feature_aggregator.conv_layers.{i}.1.weight"],
+            p.get(f"feature_aggregator.conv_layers.{i}.1.bias"),
+            stride=stride,
+        )
+        x = act(
+            F.group_norm(
+                x,
+                1,
+                p.get(f"feature_aggregator.conv_layers.{i}.3.weight"),
+                p.get(f"feature_aggregator.conv_layers.{i}.3.bias"),
+                1e-5,
+            )
+        )
         if s["skip_connections_agg"]:
             proj = p.get(f"feature_aggregator.residual_proj.{i}.weight")
             x = (x + (residual if proj is None else F.conv1d(residual, proj))) * scale
@@ -527,6 +820,7 @@ def v1_max_diff(a, b):
 
 # ---- loading
 
+
 @pytest.mark.parametrize("settings", ["narrow", "options"])
 @pytest.mark.parametrize("style", ["args", "cfg", "omegaconf", "omegaconf_no_lists"])
 def test_v1_every_key_accounted_for(tmp_path, style, settings):
@@ -536,16 +830,36 @@ def test_v1_every_key_accounted_for(tmp_path, style, settings):
     net = C.load_wav2vec1(tmp_path / "v1.pt")
     assert not net.training and all(p.dtype == torch.float32 for p in net.parameters())
     cfg = net.cfg
-    assert cfg.conv_layers == v1_layers(s["conv_feature_layers"]) and cfg.agg_layers == v1_layers(s["conv_aggregator_layers"])
-    assert (cfg.skip_feat, cfg.skip_agg, cfg.residual_scale, cfg.log_compression, cfg.agg_zero_pad) == (
-        s["skip_connections_feat"], s["skip_connections_agg"], s["residual_scale"], s["log_compression"], s["agg_zero_pad"])
-    assert (cfg.agg_bias, cfg.affine, cfg.dropout) == (not s["no_conv_bias"], not s["non_affine_group_norm"], s["dropout"])
+    assert cfg.conv_layers == v1_layers(s["conv_feature_layers"]) and cfg.agg_layers == v1_layers(
+        s["conv_aggregator_layers"]
+    )
+    assert (
+        cfg.skip_feat,
+        cfg.skip_agg,
+        cfg.residual_scale,
+        cfg.log_compression,
+        cfg.agg_zero_pad,
+    ) == (
+        s["skip_connections_feat"],
+        s["skip_connections_agg"],
+        s["residual_scale"],
+        s["log_compression"],
+        s["agg_zero_pad"],
+    )
+    assert (cfg.agg_bias, cfg.affine, cfg.dropout) == (
+        not s["no_conv_bias"],
+        not s["non_affine_group_norm"],
+        s["dropout"],
+    )
     assert cfg.activation == s.get("activation", "relu")
     # every file key: mapped onto exactly one parameter with its values, or in the ignore list
     ours = net.state_dict()
     mapped = {k: C.fairseq_key(k, C.V1_KEYS) for k in state}
     ignored = {k for k in state if any(re.fullmatch(p, k) for p in C.V1_IGNORED)}
-    assert ignored == {"wav2vec_predictions.project_to_steps.weight", "wav2vec_predictions.project_to_steps.bias"}
+    assert ignored == {
+        "wav2vec_predictions.project_to_steps.weight",
+        "wav2vec_predictions.project_to_steps.bias",
+    }
     assert all((mapped[k] is None) == (k in ignored) for k in state)
     assert sorted(v for v in mapped.values() if v) == sorted(ours)
     for k, name in mapped.items():
@@ -560,7 +874,9 @@ def test_v1_real_large_shapes(tmp_path):
     net = C.load_wav2vec1(tmp_path / "wav2vec_large.pt")
     assert net.cfg == M.Wav2Vec1Config()  # the config's defaults are Large's
     n_params = sum(p.numel() for p in net.parameters())
-    assert n_params == sum(v.numel() for k, v in state.items() if not k.startswith("wav2vec_predictions"))
+    assert n_params == sum(
+        v.numel() for k, v in state.items() if not k.startswith("wav2vec_predictions")
+    )
     assert n_params == 29_390_848
     g = torch.Generator().manual_seed(2)
     lengths = [2400, 1500]
@@ -570,10 +886,14 @@ def test_v1_real_large_shapes(tmp_path):
     with torch.no_grad():
         batched = net(wav, torch.tensor(lengths))
         for i, n in enumerate(lengths):
-            ref = v1_reference(state, LARGE, wav[i:i + 1, :n])[0]
-            assert ref.shape == (512, (n - 465) // 160 + 1) == (512, net.frame_lengths(torch.tensor(n)))
-            assert v1_max_diff(net(wav[i:i + 1, :n])[0], ref) < 1e-4
-            assert v1_max_diff(batched[i, :, :ref.shape[1]], ref) < 1e-4
+            ref = v1_reference(state, LARGE, wav[i : i + 1, :n])[0]
+            assert (
+                ref.shape
+                == (512, (n - 465) // 160 + 1)
+                == (512, net.frame_lengths(torch.tensor(n)))
+            )
+            assert v1_max_diff(net(wav[i : i + 1, :n])[0], ref) < 1e-4
+            assert v1_max_diff(batched[i, :, : ref.shape[1]], ref) < 1e-4
 
 
 @pytest.mark.parametrize("settings", ["narrow", "options"])
@@ -596,67 +916,97 @@ def test_v1_matches_reference(tmp_path, settings):
         # unpadded utterances, and each utterance's valid frames in the padded batch given lengths
         batched = net(wav, lens)
         for i, n in enumerate(lengths):
-            ref = v1_reference(state, s, wav[i:i + 1, :n])[0]
+            ref = v1_reference(state, s, wav[i : i + 1, :n])[0]
             assert ref.shape[1] == frames[i]
-            assert v1_max_diff(net(wav[i:i + 1, :n])[0], ref) < 1e-4
-            assert v1_max_diff(batched[i, :, :frames[i]], ref) < 1e-4
-            assert batched[i, :, frames[i]:].abs().sum() == 0
+            assert v1_max_diff(net(wav[i : i + 1, :n])[0], ref) < 1e-4
+            assert v1_max_diff(batched[i, :, : frames[i]], ref) < 1e-4
+            assert batched[i, :, frames[i] :].abs().sum() == 0
         # without lengths the padding reaches every frame of a padded utterance: the group norms' statistics
         # run over the padded width (and in the options model the extractor's skips subsample by its ratio)
         unaware = net(wav)
         for i in (1, 2):
-            ref = v1_reference(state, s, wav[i:i + 1, :lengths[i]])[0]
-            per_frame = (unaware[i, :, :frames[i]].double() - ref).abs().amax(0)
+            ref = v1_reference(state, s, wav[i : i + 1, : lengths[i]])[0]
+            per_frame = (unaware[i, :, : frames[i]].double() - ref).abs().amax(0)
             assert (per_frame > 1e-3).all(), per_frame
 
 
 def test_v1_padding_and_grad_through_aggregator_only():
     """The release's teacher: frozen extractor (no grad), trained aggregator; padding changes no valid frame's grad."""
-    net = M.Wav2Vec1(M.Wav2Vec1Config(conv_layers=v1_layers(NARROW["conv_feature_layers"]),
-                                      agg_layers=v1_layers(NARROW["conv_aggregator_layers"])))
+    net = M.Wav2Vec1(
+        M.Wav2Vec1Config(
+            conv_layers=v1_layers(NARROW["conv_feature_layers"]),
+            agg_layers=v1_layers(NARROW["conv_aggregator_layers"]),
+        )
+    )
     params = net.freeze_feature_extractor()
     assert {id(p) for p in params} == {id(p) for p in net.aggregator.parameters()}
     wav = torch.randn(2, 3000, generator=torch.Generator().manual_seed(0))
     out = net(wav, torch.tensor([3000, 2000]))
-    out[1, :, :net.frame_lengths(torch.tensor(2000))].sum().backward()
+    out[1, :, : net.frame_lengths(torch.tensor(2000))].sum().backward()
     assert all(p.grad is None for p in net.feature_extractor.parameters())
     alone = M.Wav2Vec1(net.cfg)
     alone.load_state_dict(net.state_dict())
     alone.freeze_feature_extractor()
     alone(wav[1:, :2000]).sum().backward()
-    for a, b in zip(net.aggregator.parameters(), alone.aggregator.parameters()):  # float32 sums in another order
+    for a, b in zip(
+        net.aggregator.parameters(), alone.aggregator.parameters()
+    ):  # float32 sums in another order
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-4)
 
 
 # ---- frame counts: the release's teacher (v1 at 100 Hz, then Conv1d(k=4, s=2), no padding) against wav2vec 2.0
 
+
 def test_frame_counts_teacher_vs_wav2vec2():
     lengths = torch.arange(400, 20 * 16000 + 1)  # every length from 400 samples to 20 s
-    v1 = M.Wav2Vec1(M.Wav2Vec1Config(conv_layers=v1_layers(NARROW["conv_feature_layers"]),
-                                     agg_layers=v1_layers(NARROW["conv_aggregator_layers"])))
+    v1 = M.Wav2Vec1(
+        M.Wav2Vec1Config(
+            conv_layers=v1_layers(NARROW["conv_feature_layers"]),
+            agg_layers=v1_layers(NARROW["conv_aggregator_layers"]),
+        )
+    )
     n100 = v1.frame_lengths(lengths)
-    teacher = torch.where(n100 >= 4, torch.div(n100 - 4, 2, rounding_mode="floor") + 1, torch.zeros_like(n100))
-    w2v2 = M.FeatureEncoder(M.Wav2Vec2Config()).output_lengths(lengths)  # what model.Wav2Vec2.frame_lengths returns
-    assert torch.equal(n100, ((lengths - 465) // 160 + 1).clamp(min=0))  # receptive field 465, hop 160
-    assert torch.equal(w2v2, (lengths - 400) // 320 + 1)                  # receptive field 400, hop 320
+    teacher = torch.where(
+        n100 >= 4, torch.div(n100 - 4, 2, rounding_mode="floor") + 1, torch.zeros_like(n100)
+    )
+    w2v2 = M.FeatureEncoder(M.Wav2Vec2Config()).output_lengths(
+        lengths
+    )  # what model.Wav2Vec2.frame_lengths returns
+    assert torch.equal(
+        n100, ((lengths - 465) // 160 + 1).clamp(min=0)
+    )  # receptive field 465, hop 160
+    assert torch.equal(w2v2, (lengths - 400) // 320 + 1)  # receptive field 400, hop 320
     diff = w2v2 - teacher
     # 400..464: no v1 frame (fairseq's conv raises); 465..944: 1-3 frames at 100 Hz, too few for the teacher's
     # kernel of 4 (its Conv1d raises); from 945 (teacher receptive field 465 + 3 * 160) on, teacher = (L - 945) // 320 + 1
-    assert (n100[lengths < 465] == 0).all() and (n100[(lengths >= 465) & (lengths < 945)] <= 3).all()
+    assert (n100[lengths < 465] == 0).all() and (
+        n100[(lengths >= 465) & (lengths < 945)] <= 3
+    ).all()
     long = lengths >= 945
     assert torch.equal(teacher[long], (lengths[long] - 945) // 320 + 1)
     # wav2vec 2.0 has 2 more frames when (L - 400) mod 320 <= 224, 1 more when it is 225..319; never equal
     expect = torch.where((lengths[long] - 400) % 320 <= 224, 2, 1)
     assert torch.equal(diff[long], expect)
     assert int((diff[long] == 2).sum()) == 224_325 and int((diff[long] == 1).sum()) == 94_731
-    for n, w, t in [(16000, 49, 48), (160000, 499, 498), (945, 2, 1), (1264, 3, 1), (1265, 3, 2), (1520, 4, 2)]:
+    for n, w, t in [
+        (16000, 49, 48),
+        (160000, 499, 498),
+        (945, 2, 1),
+        (1264, 3, 1),
+        (1265, 3, 2),
+        (1520, 4, 2),
+    ]:
         assert (int(w2v2[n - 400]), int(teacher[n - 400])) == (w, t), n
 
 
 def test_v1_frame_lengths_match_the_convs():
     """frame_lengths against real forward passes at every boundary, the teacher's Conv1d included."""
-    net = M.Wav2Vec1(M.Wav2Vec1Config(conv_layers=v1_layers(NARROW["conv_feature_layers"]),
-                                      agg_layers=v1_layers(NARROW["conv_aggregator_layers"]))).eval()
+    net = M.Wav2Vec1(
+        M.Wav2Vec1Config(
+            conv_layers=v1_layers(NARROW["conv_feature_layers"]),
+            agg_layers=v1_layers(NARROW["conv_aggregator_layers"]),
+        )
+    ).eval()
     conv = torch.nn.Conv1d(8, 8, 4, stride=2)
     with torch.no_grad():
         for n in [465, 466, 624, 625, 944, 945, 1104, 1105, 1264, 1265, 4000]:
@@ -672,10 +1022,13 @@ def test_v1_frame_lengths_match_the_convs():
 
 # ---- refusals
 
+
 def test_v1_refuses_code_in_pickle(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"args": RunsCommand(f"touch {marker}"), "model": {}}, tmp_path / "evil.pt")
-    with pytest.raises(C.CheckpointError, match="refusing to load posix.system|refusing to load os.system"):
+    with pytest.raises(
+        C.CheckpointError, match="refusing to load posix.system|refusing to load os.system"
+    ):
         C.load_wav2vec1(tmp_path / "evil.pt")
     assert not marker.exists()
 
@@ -690,19 +1043,33 @@ def v1_one_line_error(load, path, pattern):
 
 def test_v1_other_families_and_bad_files_one_line(tmp_path):
     # a wav2vec 2.0 file (cfg and args styles) to the v1 loader
-    w2v2 = {"feature_extractor.conv_layers.0.0.weight": torch.zeros(512, 1, 10), "mask_emb": torch.zeros(768)}
-    torch.save({"cfg": {"model": {"_name": "wav2vec2"}, "task": {}}, "model": w2v2}, tmp_path / "w2v2.pt")
-    v1_one_line_error(C.load_wav2vec1, tmp_path / "w2v2.pt", r"wav2vec 2\.0 .*\('wav2vec2'\), not wav2vec \(v1\)")
+    w2v2 = {
+        "feature_extractor.conv_layers.0.0.weight": torch.zeros(512, 1, 10),
+        "mask_emb": torch.zeros(768),
+    }
+    torch.save(
+        {"cfg": {"model": {"_name": "wav2vec2"}, "task": {}}, "model": w2v2}, tmp_path / "w2v2.pt"
+    )
+    v1_one_line_error(
+        C.load_wav2vec1, tmp_path / "w2v2.pt", r"wav2vec 2\.0 .*\('wav2vec2'\), not wav2vec \(v1\)"
+    )
     torch.save({"args": argparse.Namespace(arch="hubert"), "model": w2v2}, tmp_path / "hubert.pt")
     v1_one_line_error(C.load_wav2vec1, tmp_path / "hubert.pt", r"HuBERT.*not wav2vec \(v1\)")
     # a v1 file to the wav2vec 2.0 loader: refused by name
     state = v1_fairseq_state(NARROW)
     for style in ("args", "cfg"):
         write_v1(tmp_path / f"v1_{style}.pt", NARROW, style, state)
-        v1_one_line_error(C.load_wav2vec2, tmp_path / f"v1_{style}.pt", r"holds a wav2vec \(v1\) model \('wav2vec'\)")
+        v1_one_line_error(
+            C.load_wav2vec2,
+            tmp_path / f"v1_{style}.pt",
+            r"holds a wav2vec \(v1\) model \('wav2vec'\)",
+        )
     # vq-wav2vec, the GRU aggregator, a file that leaves a version-dependent setting unstated
-    for edit, pattern in [({"vq_type": "gumbel"}, "vq-wav2vec"), ({"aggregator": "gru"}, "aggregator='gru'"),
-                          ({"log_compression": None}, r"\['log_compression'\] are not in the file")]:
+    for edit, pattern in [
+        ({"vq_type": "gumbel"}, "vq-wav2vec"),
+        ({"aggregator": "gru"}, "aggregator='gru'"),
+        ({"log_compression": None}, r"\['log_compression'\] are not in the file"),
+    ]:
         write_v1(tmp_path / "odd.pt", {**NARROW, **edit}, "cfg", state)
         v1_one_line_error(C.load_wav2vec1, tmp_path / "odd.pt", pattern)
     # missing, unexpected and wrong-shape parameters: all named in one line
@@ -711,9 +1078,12 @@ def test_v1_other_families_and_bad_files_one_line(tmp_path):
     bad["feature_aggregator.extra.weight"] = torch.zeros(1)
     bad["feature_extractor.conv_layers.1.0.weight"] = torch.zeros(8, 8, 3)
     write_v1(tmp_path / "bad.pt", NARROW, "args", bad)
-    v1_one_line_error(C.load_wav2vec1, tmp_path / "bad.pt",
-                   r"missing \['aggregator\.blocks\.3\.conv\.bias'\]; unexpected \['feature_aggregator\.extra\.weight'\]; "
-                   r"shapes .*feature_extractor\.blocks\.1\.conv\.weight: file \(8, 8, 3\) vs config \(8, 8, 8\)")
+    v1_one_line_error(
+        C.load_wav2vec1,
+        tmp_path / "bad.pt",
+        r"missing \['aggregator\.blocks\.3\.conv\.bias'\]; unexpected \['feature_aggregator\.extra\.weight'\]; "
+        r"shapes .*feature_extractor\.blocks\.1\.conv\.weight: file \(8, 8, 3\) vs config \(8, 8, 8\)",
+    )
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     v1_one_line_error(C.load_wav2vec1, tmp_path / "other.pt", "not a model checkpoint")
 
@@ -721,9 +1091,12 @@ def test_v1_other_families_and_bad_files_one_line(tmp_path):
 # =============================================================================
 # data: data.py
 
+
 def write_wav(path, num_samples, samplerate=16000, channels=1, seed=0):
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    x = 0.1 * np.random.default_rng(seed).standard_normal((num_samples, channels)).astype(np.float32)
+    x = 0.1 * np.random.default_rng(seed).standard_normal((num_samples, channels)).astype(
+        np.float32
+    )
     sf.write(path, x, samplerate, subtype="PCM_16")
     return path
 
@@ -736,7 +1109,9 @@ def write_release(root, utterances, extra_lines=()):
     files = {}
     for j, (s, uid, label, audio) in enumerate(utterances):
         dialog = uid.rsplit("_", 1)[0]
-        files.setdefault((s, dialog), []).append(f"[{j}.0000 - {j + 1}.0000]\t{uid}\t{label}\t[2.5000, 2.5000, 2.5000]")
+        files.setdefault((s, dialog), []).append(
+            f"[{j}.0000 - {j + 1}.0000]\t{uid}\t{label}\t[2.5000, 2.5000, 2.5000]"
+        )
         wav = os.path.join(root, f"Session{s}", "sentences", "wav", dialog, uid + ".wav")
         if isinstance(audio, int):
             write_wav(wav, audio, seed=j)
@@ -749,7 +1124,11 @@ def write_release(root, utterances, extra_lines=()):
             lines = lines + list(extra_lines)
         path = os.path.join(root, f"Session{s}", "dialog", "EmoEvaluation", dialog + ".txt")
         with open(path, "w") as f:
-            f.write("% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n" + "\n".join(lines) + "\n")
+            f.write(
+                "% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n"
+                + "\n".join(lines)
+                + "\n"
+            )
     return root
 
 
@@ -768,7 +1147,9 @@ def simple_parse(root):
     """Independent reading of the top-level label files: uid -> (session, label)."""
     labels = {}
     for s in data.SESSIONS:
-        for path in glob.glob(os.path.join(root, f"Session{s}", "dialog", "EmoEvaluation", "Ses*.txt")):
+        for path in glob.glob(
+            os.path.join(root, f"Session{s}", "dialog", "EmoEvaluation", "Ses*.txt")
+        ):
             for line in open(path):
                 fields = line.rstrip("\n").split("\t")
                 if line.startswith("[") and len(fields) == 4:
@@ -787,13 +1168,16 @@ def expected_counts(labels):
 
 # ----------------------------------------------------------------------------- IEMOCAP reading
 
+
 def test_synthetic_round_trip(synth):
     utterances = data.load_iemocap(synth)
     labels = simple_parse(synth)
     table = data.count_table(utterances)
     assert table["sessions"] == expected_counts(labels)
     assert table["total"] == 5 * 8 and all(sum(r.values()) == 8 for r in table["sessions"].values())
-    assert len(labels) > table["total"]  # the dropped labels (fru, sur, ...) are there, and not counted
+    assert (
+        len(labels) > table["total"]
+    )  # the dropped labels (fru, sur, ...) are there, and not counted
     assert {lab for _, lab in labels.values()} - set(data.IEMOCAP_LABELS)
     assert [u.uid for u in utterances] == sorted(u.uid for u in utterances)
     for u in utterances[:10]:
@@ -809,7 +1193,11 @@ def test_synthetic_round_trip(synth):
 def test_synthetic_decoys_and_junk_are_not_counted(synth):
     emo = os.path.join(synth, "Session1", "dialog", "EmoEvaluation")
     decoys = glob.glob(os.path.join(emo, "*", "*.txt"))
-    assert {os.path.basename(os.path.dirname(p)) for p in decoys} == {"Categorical", "Attribute", "Self-evaluation"}
+    assert {os.path.basename(os.path.dirname(p)) for p in decoys} == {
+        "Categorical",
+        "Attribute",
+        "Self-evaluation",
+    }
     # The decoys do parse as label lines with other labels: a reader walking subfolders would miscount.
     decoy_labels = {}
     for path in decoys:
@@ -830,17 +1218,27 @@ def test_synthetic_decoys_and_junk_are_not_counted(synth):
 def test_synthesis_is_deterministic_and_realistic(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     for out in (a, b):
-        S.synthesize_iemocap(out, utterances_per_session=2, seed=7, min_seconds=1.0, max_seconds=2.0)
-    files = sorted(os.path.relpath(p, a) for p in glob.glob(os.path.join(a, "**", "*"), recursive=True))
-    assert files == sorted(os.path.relpath(p, b) for p in glob.glob(os.path.join(b, "**", "*"), recursive=True))
+        S.synthesize_iemocap(
+            out, utterances_per_session=2, seed=7, min_seconds=1.0, max_seconds=2.0
+        )
+    files = sorted(
+        os.path.relpath(p, a) for p in glob.glob(os.path.join(a, "**", "*"), recursive=True)
+    )
+    assert files == sorted(
+        os.path.relpath(p, b) for p in glob.glob(os.path.join(b, "**", "*"), recursive=True)
+    )
     for rel in files:
         if os.path.isfile(os.path.join(a, rel)):
-            assert open(os.path.join(a, rel), "rb").read() == open(os.path.join(b, rel), "rb").read(), rel
+            assert (
+                open(os.path.join(a, rel), "rb").read() == open(os.path.join(b, rel), "rb").read()
+            ), rel
     utterances = data.load_iemocap(a)
     info = sf.info(utterances[0].path)
     assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
     assert all(1.0 * 16000 <= u.num_samples <= 2.0 * 16000 + 1 for u in utterances)
-    S.synthesize_iemocap(a, utterances_per_session=1, seed=7, min_seconds=1.0, max_seconds=2.0)  # rewrite: ok
+    S.synthesize_iemocap(
+        a, utterances_per_session=1, seed=7, min_seconds=1.0, max_seconds=2.0
+    )  # rewrite: ok
     assert data.count_table(data.load_iemocap(a))["total"] == 5
     with pytest.raises(data.DataError, match="not empty"):
         S.synthesize_iemocap(str(tmp_path), utterances_per_session=1)  # a folder it did not write
@@ -868,11 +1266,21 @@ def test_load_corpus_iemocap(synth):
 
 
 def test_unparsable_label_line_is_skipped_and_counted(tmp_path):
-    root = write_release(str(tmp_path / "r"), one_per_session(), extra_lines=[
-        "[6.2901 - 8.2357]\tSes01F_impro01_F001 neu",  # looks like a label, does not parse
-        "[oops]",
-        "C-E2:\tNeutral;\t()", "A-E1:\tval 3; act 2; dom  2;\t()", "% a comment", ""])
-    with pytest.warns(data.DataWarning, match=r"skipped 2 label line.*Ses01F_impro01\.txt line \d+"):
+    root = write_release(
+        str(tmp_path / "r"),
+        one_per_session(),
+        extra_lines=[
+            "[6.2901 - 8.2357]\tSes01F_impro01_F001 neu",  # looks like a label, does not parse
+            "[oops]",
+            "C-E2:\tNeutral;\t()",
+            "A-E1:\tval 3; act 2; dom  2;\t()",
+            "% a comment",
+            "",
+        ],
+    )
+    with pytest.warns(
+        data.DataWarning, match=r"skipped 2 label line.*Ses01F_impro01\.txt line \d+"
+    ):
         utterances = data.load_iemocap(root)
     assert len(utterances) == 5
 
@@ -898,11 +1306,16 @@ def test_bad_wavs_are_skipped_with_one_warning(tmp_path):
     with pytest.warns(data.DataWarning) as record:
         loaded = data.load_iemocap(root)
     messages = [str(w.message) for w in record]
-    assert len(messages) == 1 and "skipped 4 labelled" in messages[0] and "Ses01F_impro01_F001.wav" in messages[0]
+    assert (
+        len(messages) == 1
+        and "skipped 4 labelled" in messages[0]
+        and "Ses01F_impro01_F001.wav" in messages[0]
+    )
     assert [u.uid for u in loaded] == sorted(f"Ses0{s}F_impro01_F000" for s in data.SESSIONS)
 
 
 # ----------------------------------------------------------------------------- audio
+
 
 def test_read_audio_stereo_8k(tmp_path):
     path = str(tmp_path / "stereo.wav")
@@ -922,7 +1335,9 @@ def test_read_audio_stereo_8k(tmp_path):
         data.read_audio(str(garbage))
 
 
-@pytest.mark.parametrize("samplerate,frames", [(8000, 8001), (22050, 22051), (44100, 44101), (48000, 48007)])
+@pytest.mark.parametrize(
+    "samplerate,frames", [(8000, 8001), (22050, 22051), (44100, 44101), (48000, 48007)]
+)
 def test_num_samples_matches_decoded_length(tmp_path, samplerate, frames):
     path = write_wav(str(tmp_path / "x.wav"), frames, samplerate)
     assert data.audio_num_samples(path) == len(data.read_audio(path))
@@ -931,7 +1346,11 @@ def test_num_samples_matches_decoded_length(tmp_path, samplerate, frames):
 def test_label_json(tmp_path):
     for name in ("a", "b", "c", "d", "e"):
         write_wav(str(tmp_path / "wavs" / f"{name}.wav"), 4000)
-    spec = {"Train": {"a.wav": "ang", "b.wav": "neu", "c.wav": "sad"}, "Val": {"d.wav": "neu"}, "Test": {"e.wav": "ang"}}
+    spec = {
+        "Train": {"a.wav": "ang", "b.wav": "neu", "c.wav": "sad"},
+        "Val": {"d.wav": "neu"},
+        "Test": {"e.wav": "ang"},
+    }
     path = tmp_path / "labels.json"
     path.write_text(json.dumps(spec))
     splits, classes = data.load_corpus(str(path), wav_dir=str(tmp_path / "wavs"))
@@ -959,15 +1378,21 @@ def test_manifest(tmp_path):
     for name in ("a", "b", "c"):
         write_wav(str(tmp_path / "audio" / f"{name}.wav"), 4000)
     path = tmp_path / "corpus.csv"
-    path.write_text(f"path,label,split\naudio/a.wav,calm,train\n{tmp_path}/audio/b.wav,loud,train\naudio/c.wav,calm,test\n")
+    path.write_text(
+        f"path,label,split\naudio/a.wav,calm,train\n{tmp_path}/audio/b.wav,loud,train\naudio/c.wav,calm,test\n"
+    )
     splits, classes = data.load_corpus(str(path))
     assert classes == ("calm", "loud") and set(splits) == {"train", "test"}
     assert splits["train"][0].path == os.path.join(str(tmp_path), "audio/a.wav")
     assert splits["train"][0].num_samples == 4000
-    path.write_text("path,label,split\naudio/a.wav,calm,train\naudio/b.wav,loud,train\naudio/c.wav,angry,test\n")
+    path.write_text(
+        "path,label,split\naudio/a.wav,calm,train\naudio/b.wav,loud,train\naudio/c.wav,angry,test\n"
+    )
     with pytest.raises(data.DataError, match=r"'angry'.*c\.wav"):
         data.load_corpus(str(path))
-    path.write_text("path,label,split\naudio/a.wav,calm,train\naudio/b.wav,loud,train\naudio/a.wav,calm,test\n")
+    path.write_text(
+        "path,label,split\naudio/a.wav,calm,train\naudio/b.wav,loud,train\naudio/a.wav,calm,test\n"
+    )
     with pytest.raises(data.DataError, match="both train and test"):
         data.load_corpus(str(path))
     path.write_text("path,label,split\naudio/a.wav,calm,training\n")
@@ -982,26 +1407,37 @@ def test_manifest(tmp_path):
 
 # ----------------------------------------------------------------------------- dataset and batching
 
+
 def test_dataset_crops_and_collate(tmp_path):
-    utterances = [data.Utterance(f"u{i}", write_wav(str(tmp_path / f"u{i}.wav"), n, seed=i), lab, n)
-                  for i, (n, lab) in enumerate([(20000, "ang"), (5000, "sad"), (40000, "xxx")])]
+    utterances = [
+        data.Utterance(f"u{i}", write_wav(str(tmp_path / f"u{i}.wav"), n, seed=i), lab, n)
+        for i, (n, lab) in enumerate([(20000, "ang"), (5000, "sad"), (40000, "xxx")])
+    ]
     full = data.AudioDataset(utterances, ("ang", "sad"))
-    assert full.lengths == [20000, 5000, 40000] and [full[i]["label"] for i in range(3)] == [0, 1, -1]
+    assert full.lengths == [20000, 5000, 40000] and [full[i]["label"] for i in range(3)] == [
+        0,
+        1,
+        -1,
+    ]
     head = data.AudioDataset(utterances, ("ang", "sad"), max_seconds=0.5)
     assert head.lengths == [8000, 5000, 8000]
     assert head[2]["offset"] == 0 and torch.equal(head[2]["wav"], full[2]["wav"][:8000])
 
-    ds = data.AudioDataset(utterances, ("ang", "sad"), max_seconds=0.5, crop="random", crop_align=320, seed=1)
+    ds = data.AudioDataset(
+        utterances, ("ang", "sad"), max_seconds=0.5, crop="random", crop_align=320, seed=1
+    )
     offsets = {}
     for epoch in range(6):
         ds.set_epoch(epoch)
         item = ds[2]
         assert item["offset"] % 320 == 0 and len(item["wav"]) == 8000
-        assert torch.equal(item["wav"], full[2]["wav"][item["offset"]:item["offset"] + 8000])
+        assert torch.equal(item["wav"], full[2]["wav"][item["offset"] : item["offset"] + 8000])
         assert ds[1]["offset"] == 0 and len(ds[1]["wav"]) == 5000
         offsets[epoch] = item["offset"]
     assert len(set(offsets.values())) > 1  # epochs differ
-    again = data.AudioDataset(utterances, ("ang", "sad"), max_seconds=0.5, crop="random", crop_align=320, seed=1)
+    again = data.AudioDataset(
+        utterances, ("ang", "sad"), max_seconds=0.5, crop="random", crop_align=320, seed=1
+    )
     again.set_epoch(4)
     assert again[2]["offset"] == offsets[4]  # a function of (seed, epoch, index) only
 
@@ -1009,7 +1445,9 @@ def test_dataset_crops_and_collate(tmp_path):
     assert batch["wav"].shape == (2, 8000) and batch["wav"].dtype == torch.float32
     assert batch["lengths"].tolist() == [8000, 5000] and batch["labels"].tolist() == [0, 1]
     assert batch["indices"].tolist() == [0, 1] and batch["offsets"].tolist() == [0, 0]
-    assert torch.all(batch["wav"][1, 5000:] == 0) and torch.equal(batch["wav"][1, :5000], head[1]["wav"])
+    assert torch.all(batch["wav"][1, 5000:] == 0) and torch.equal(
+        batch["wav"][1, :5000], head[1]["wav"]
+    )
 
     sampler = data.BucketBatchSampler(head.lengths, batch_size=2, drop_last=False)
     loader = torch.utils.data.DataLoader(head, batch_sampler=sampler, collate_fn=data.collate)
@@ -1038,7 +1476,9 @@ def test_sampler_covers_every_index_once():
         assert sorted(i for b in batches for i in b) == list(range(len(lengths))), kwargs
     full = list(data.BucketBatchSampler(lengths, batch_size=16, drop_last=True))
     assert all(len(b) == 16 for b in full) and len(full) == len(lengths) // 16
-    evaluation = list(data.BucketBatchSampler(lengths, batch_size=16, shuffle=False, drop_last=True))
+    evaluation = list(
+        data.BucketBatchSampler(lengths, batch_size=16, shuffle=False, drop_last=True)
+    )
     flat = [i for b in evaluation for i in b]
     assert sorted(flat) == list(range(len(lengths)))  # never drops
     assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
@@ -1053,7 +1493,10 @@ def test_sampler_bucketing_reduces_padding():
 
 def test_sampler_seeds_and_epochs():
     lengths = varied_lengths()
-    a, b = data.BucketBatchSampler(lengths, 16, seed=5), data.BucketBatchSampler(lengths, 16, seed=5)
+    a, b = (
+        data.BucketBatchSampler(lengths, 16, seed=5),
+        data.BucketBatchSampler(lengths, 16, seed=5),
+    )
     assert list(a) == list(b)
     first = list(a)
     a.set_epoch(1)
@@ -1071,31 +1514,51 @@ def test_sampler_max_batch_seconds():
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))  # nothing dropped
     assert all(len(b) * max(lengths[i] for i in b) <= 30 * 16000 for b in batches)
     assert max(len(b) for b in batches) > 3  # and batches are not trivially small
-    huge = data.BucketBatchSampler([16000 * 60, 16000], batch_size=8, max_batch_seconds=30, drop_last=False)
+    huge = data.BucketBatchSampler(
+        [16000 * 60, 16000], batch_size=8, max_batch_seconds=30, drop_last=False
+    )
     assert sorted(map(len, huge)) == [1, 1]  # an utterance over the limit gets a batch of its own
 
 
 def test_sampler_distributed_shards():
     lengths = varied_lengths(500)
-    for kwargs in ({"drop_last": True}, {"drop_last": False, "max_batch_seconds": 60}, {"shuffle": False}):
+    for kwargs in (
+        {"drop_last": True},
+        {"drop_last": False, "max_batch_seconds": 60},
+        {"shuffle": False},
+    ):
         single = list(data.BucketBatchSampler(lengths, 16, seed=2, **kwargs))
-        ranks = [data.BucketBatchSampler(lengths, 16, seed=2, num_replicas=2, rank=r, **kwargs) for r in (0, 1)]
+        ranks = [
+            data.BucketBatchSampler(lengths, 16, seed=2, num_replicas=2, rank=r, **kwargs)
+            for r in (0, 1)
+        ]
         shards = [list(r) for r in ranks]
         assert len(shards[0]) == len(shards[1]) == len(single)
         for batch, s0, s1 in zip(single, *shards):
             assert sorted(s0 + s1) == sorted(batch) and s0 and s1
     # A batch smaller than the number of replicas: every rank still gets an utterance.
-    tiny = [list(data.BucketBatchSampler([16000] * 5, 4, drop_last=False, shuffle=False, num_replicas=3, rank=r))
-            for r in range(3)]
+    tiny = [
+        list(
+            data.BucketBatchSampler(
+                [16000] * 5, 4, drop_last=False, shuffle=False, num_replicas=3, rank=r
+            )
+        )
+        for r in range(3)
+    ]
     assert [len(t) for t in tiny] == [2, 2, 2] and all(len(b) >= 1 for t in tiny for b in t)
     assert set(i for t in tiny for b in t for i in b) == set(range(5))
 
 
 # ----------------------------------------------------------------------------- command line
 
+
 def run_cli(*args, name="data.py"):
-    return subprocess.run([sys.executable, os.path.join(HERE, name), *args], capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, name), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli(tmp_path):
@@ -1120,7 +1583,6 @@ def test_cli_table_in_process(synth, capsys):
 
 # =============================================================================
 # losses: masking, negatives, every loss alone, the release recipe's pieces
-
 
 
 @pytest.mark.parametrize("semantics", ["hf", "fairseq"])
@@ -1173,7 +1635,7 @@ def reference_wav2vec2_loss(model, wav, lens, mask, negatives):
     enc = model.encode(wav, lens, time_mask=mask)
     conv = model.feature_encoder(wav, lens)  # (B, C, F)
     frames = model.frame_lengths(lens)
-    squares = [conv[b, :, :frames[b]].pow(2) for b in range(len(lens))]
+    squares = [conv[b, :, : frames[b]].pow(2) for b in range(len(lens))]
     penalty = sum(s.sum() for s in squares) / sum(s.numel() for s in squares)
     q = model.quantizer
     positions = mask.nonzero().tolist()
@@ -1182,7 +1644,7 @@ def reference_wav2vec2_loss(model, wav, lens, mask, negatives):
         logits = q.weight_proj(enc.features[b, t])
         codes = []
         for grp in range(q.groups):
-            lg = logits[grp * q.num_vars:(grp + 1) * q.num_vars]
+            lg = logits[grp * q.num_vars : (grp + 1) * q.num_vars]
             codes.append(q.vars[0, grp * q.num_vars + int(lg.argmax())])
             probs.append(torch.softmax(lg, 0))
         targets.append(model.project_q(torch.cat(codes)))
@@ -1201,7 +1663,7 @@ def reference_wav2vec2_loss(model, wav, lens, mask, negatives):
     n = len(positions)
     ppl = 0.0
     for grp in range(q.groups):
-        avg = torch.stack(probs[grp::q.groups]).mean(0)
+        avg = torch.stack(probs[grp :: q.groups]).mean(0)
         ppl = ppl + torch.exp(-(avg * torch.log(avg + 1e-7)).sum())
     gv = q.groups * q.num_vars
     return {"contrastive": ce, "diversity": (gv - ppl) / gv * n, "feature_penalty": penalty * n}
@@ -1224,12 +1686,20 @@ def test_wav2vec2_loss_matches_reference_from_formulas():
     assert got["n_masked"] == int(mask.sum()) and first.any()
     for key in ("contrastive", "diversity", "feature_penalty"):
         torch.testing.assert_close(got[key].double(), ref[key].double(), rtol=1e-6, atol=1e-8)
-    torch.testing.assert_close(got["loss"].double(),
-                               (ref["contrastive"] + 0.1 * ref["diversity"] + 10 * ref["feature_penalty"]).double())
-    with torch.no_grad():  # --feature-penalty 0: Hugging Face's objective, the other terms unchanged
-        hf = P.tapt_loss(model, model.encode(wav, lens, time_mask=mask), mask, negatives, penalty_weight=0.0)
+    torch.testing.assert_close(
+        got["loss"].double(),
+        (ref["contrastive"] + 0.1 * ref["diversity"] + 10 * ref["feature_penalty"]).double(),
+    )
+    with (
+        torch.no_grad()
+    ):  # --feature-penalty 0: Hugging Face's objective, the other terms unchanged
+        hf = P.tapt_loss(
+            model, model.encode(wav, lens, time_mask=mask), mask, negatives, penalty_weight=0.0
+        )
     assert ref["feature_penalty"] > 0
-    torch.testing.assert_close(hf["loss"].double(), (ref["contrastive"] + 0.1 * ref["diversity"]).double())
+    torch.testing.assert_close(
+        hf["loss"].double(), (ref["contrastive"] + 0.1 * ref["diversity"]).double()
+    )
 
 
 def test_fresh_model_initialised_as_fairseq():
@@ -1247,7 +1717,9 @@ def test_fresh_model_initialised_as_fairseq():
     pos = net.encoder.pos_conv
     k, c = cfg.pos_conv_kernel, cfg.embed_dim
     assert abs(pos.weight_v.std().item() / math.sqrt(4 / (k * c)) - 1) < 0.1 and not pos.bias.any()
-    torch.testing.assert_close(pos.weight_g, pos.weight_v.norm(dim=(0, 1), keepdim=True))  # weight norm, dim=2
+    torch.testing.assert_close(
+        pos.weight_g, pos.weight_v.norm(dim=(0, 1), keepdim=True)
+    )  # weight norm, dim=2
     assert 0 <= net.mask_emb.min() and net.mask_emb.max() < 1  # uniform_
     q = net.quantizer
     assert 0 <= q.vars.min() and q.vars.max() < 1 and not q.weight_proj.bias.any()
@@ -1281,9 +1753,9 @@ def assert_per_utterance_group_norm(y, grad, x, lengths, dy, norm, tol):
     """y and the gradient into x are each utterance's float64 group norm over its valid frames alone."""
     w, b = norm.weight.detach().double(), norm.bias.detach().double()
     for i, n in enumerate(lengths.tolist()):
-        xi = x.detach()[i:i + 1, :, :n].double().requires_grad_()
+        xi = x.detach()[i : i + 1, :, :n].double().requires_grad_()
         ref = F.group_norm(xi, 16, w, b, norm.eps)
-        (ref * dy[i:i + 1, :, :n].double()).sum().backward()
+        (ref * dy[i : i + 1, :, :n].double()).sum().backward()
         torch.testing.assert_close(y[i, :, :n].double(), ref[0].detach(), atol=tol, rtol=tol)
         torch.testing.assert_close(grad[i, :, :n].double(), xi.grad[0], atol=tol, rtol=tol)
 
@@ -1324,9 +1796,23 @@ def test_wav2vec2_objective_learns_on_a_tiny_model():
     their targets, which get -inf)."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
-    wav = torch.stack([torch.from_numpy(np.asarray(S.synth_utterance(
-        rng, S.speaker_voice(rng, "FM"[i % 2]), S.EMOTION_STYLE[("neu", "ang", "sad", "hap")[i]],
-        1.0, -50.0), dtype=np.float32)) for i in range(4)])
+    wav = torch.stack(
+        [
+            torch.from_numpy(
+                np.asarray(
+                    S.synth_utterance(
+                        rng,
+                        S.speaker_voice(rng, "FM"[i % 2]),
+                        S.EMOTION_STYLE[("neu", "ang", "sad", "hap")[i]],
+                        1.0,
+                        -50.0,
+                    ),
+                    dtype=np.float32,
+                )
+            )
+            for i in range(4)
+        ]
+    )
     wav = 0.5 * wav / wav.abs().amax(1, keepdim=True)
     lens = torch.full((4,), wav.shape[1])
     num_negatives = 20
@@ -1352,12 +1838,18 @@ def test_wav2vec2_objective_learns_on_a_tiny_model():
     before, _ = evaluate()
     g = torch.Generator().manual_seed(1)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors this small: one thread is faster, and immune to a busy machine
+    torch.set_num_threads(
+        1
+    )  # tensors this small: one thread is faster, and immune to a busy machine
     try:
         for update in range(100):
             mask = M.compute_span_mask(frames, int(frames.max()), 0.3, 5, 2, "hf", g)
-            terms = P.tapt_loss(model, model.encode(wav, lens, time_mask=mask), mask,
-                                       P.sample_negatives(mask, num_negatives, g))
+            terms = P.tapt_loss(
+                model,
+                model.encode(wav, lens, time_mask=mask),
+                mask,
+                P.sample_negatives(mask, num_negatives, g),
+            )
             opt.zero_grad()
             (terms["loss"] / terms["n_masked"]).backward()
             opt.step()
@@ -1376,6 +1868,7 @@ def test_wav2vec2_objective_learns_on_a_tiny_model():
 def test_vft_loss_is_class_weighted_cross_entropy():
     """vft_loss's pair, numerator / denominator, is sum_i w_{y_i} CE_i / sum_i w_{y_i}, written out in float64."""
     import finetune
+
     g = torch.Generator().manual_seed(0)
     logits, labels = torch.randn(6, 4, generator=g), torch.tensor([0, 1, 1, 2, 3, 3])
     weights = T.class_weights([0, 0, 1, 2, 2, 2, 3], 4)
@@ -1391,14 +1884,27 @@ def test_teacher_loss_labels_every_frame_with_its_utterance():
     """teacher_loss: a class-weighted CE over every frame (each carrying its utterance's label) and one over
     the utterances, each written out in float64."""
     g = torch.Generator().manual_seed(1)
-    frame_logits, utterance_logits = torch.randn(3, 5, 4, generator=g), torch.randn(3, 4, generator=g)
+    frame_logits, utterance_logits = (
+        torch.randn(3, 5, 4, generator=g),
+        torch.randn(3, 4, generator=g),
+    )
     labels, weights = torch.tensor([2, 0, 2]), torch.tensor([0.1, 0.2, 0.3, 0.4])
     (fs, fc), (us, uc) = P.teacher_loss(frame_logits, utterance_logits, labels, weights)
     w = weights.double()
-    frame = -sum(w[labels[u]] * frame_logits[u, t].double().log_softmax(-1)[labels[u]] for u in range(3) for t in range(5))
-    utterance = -sum(w[labels[u]] * utterance_logits[u].double().log_softmax(-1)[labels[u]] for u in range(3))
-    assert float(fs) == pytest.approx(float(frame), rel=1e-6) and float(fc) == pytest.approx(5 * float(w[labels].sum()))
-    assert float(us) == pytest.approx(float(utterance), rel=1e-6) and float(uc) == pytest.approx(float(w[labels].sum()))
+    frame = -sum(
+        w[labels[u]] * frame_logits[u, t].double().log_softmax(-1)[labels[u]]
+        for u in range(3)
+        for t in range(5)
+    )
+    utterance = -sum(
+        w[labels[u]] * utterance_logits[u].double().log_softmax(-1)[labels[u]] for u in range(3)
+    )
+    assert float(fs) == pytest.approx(float(frame), rel=1e-6) and float(fc) == pytest.approx(
+        5 * float(w[labels].sum())
+    )
+    assert float(us) == pytest.approx(float(utterance), rel=1e-6) and float(uc) == pytest.approx(
+        float(w[labels].sum())
+    )
 
 
 def test_pseudo_label_loss_one_term_per_k():
@@ -1427,7 +1933,9 @@ def test_resume_points_never_run_code(tmp_path, capsys):
     path = str(tmp_path / "state.pt")
     T.save_training_state({"update": 1}, path)
     marker = tmp_path / "ran"
-    torch.save({"update": RunsCommand(f"touch {marker}")}, f"{path}.new")  # a newer 'resume point' that runs code
+    torch.save(
+        {"update": RunsCommand(f"touch {marker}")}, f"{path}.new"
+    )  # a newer 'resume point' that runs code
     assert T.load_training_state(path)["update"] == 1
     assert not marker.exists() and "state.pt.new is unreadable" in capsys.readouterr().err
 
@@ -1443,19 +1951,26 @@ def reference_release_tapt_loss(model, features, hidden, mask, negatives):
     q = model.quantizer
     B, T, C = features.shape
     x = features.double().reshape(B * T, C)
-    logits = (x @ q.weight_proj.weight.double().T + q.weight_proj.bias.double()).view(B * T, q.groups, q.num_vars)
+    logits = (x @ q.weight_proj.weight.double().T + q.weight_proj.bias.double()).view(
+        B * T, q.groups, q.num_vars
+    )
     probs = logits.softmax(-1)[mask.flatten()].mean(0)
     perplexity = torch.exp(-(probs * torch.log(probs + 1e-7)).sum(-1)).sum()
     codes = logits.argmax(-1)  # (B T, G)
     book = q.vars.double().view(q.groups, q.num_vars, -1)
     quantized = torch.cat([book[g][codes[:, g]] for g in range(q.groups)], -1)
     projected = quantized @ model.project_q.weight.double().T + model.project_q.bias.double()
-    context = hidden.double()[mask] @ model.final_proj.weight.double().T + model.final_proj.bias.double()
+    context = (
+        hidden.double()[mask] @ model.final_proj.weight.double().T + model.final_proj.bias.double()
+    )
     flat = mask.flatten().nonzero().squeeze(1)
     total = 0.0
     for i, frame in enumerate(flat.tolist()):
         candidates = torch.cat([projected[frame][None], projected[negatives[i]]])
-        sims = torch.nn.functional.cosine_similarity(context[i][None], candidates, dim=-1) / model.cfg.logit_temp
+        sims = (
+            torch.nn.functional.cosine_similarity(context[i][None], candidates, dim=-1)
+            / model.cfg.logit_temp
+        )
         sims[1:][(projected[negatives[i]] == projected[frame]).all(-1)] = float("-inf")
         total = total - sims.log_softmax(0)[0]
     gv = q.groups * q.num_vars
@@ -1467,7 +1982,9 @@ def test_release_tapt_loss_matches_transformers_410_formulas():
     release ran it (no attention mask: padding is audio), against the float64 reference; some distractors
     fall on the padding."""
     torch.manual_seed(0)
-    model = M.Wav2Vec2(tiny_config(dropout=0.0, attention_dropout=0.0, dropout_input=0.0, dropout_features=0.0)).eval()
+    model = M.Wav2Vec2(
+        tiny_config(dropout=0.0, attention_dropout=0.0, dropout_input=0.0, dropout_features=0.0)
+    ).eval()
     wav = torch.randn(2, 16000, generator=torch.Generator().manual_seed(1)) * 0.1
     lengths = torch.tensor([16000, 3200])
     wav[1, 3200:] = 0.0
@@ -1475,16 +1992,20 @@ def test_release_tapt_loss_matches_transformers_410_formulas():
     T = int(frames.max())
     g = lambda s: torch.Generator().manual_seed(s)
     mask = M.batch_span_masks(frames, T, g(5), [g(6), g(7)], 0.2, 3, 2)
-    assert mask[1].any() and not mask[1, int(frames[1]):].any()
+    assert mask[1].any() and not mask[1, int(frames[1]) :].any()
     negatives = P.padded_negatives(mask, 20, [g(8), g(9)])
-    row1 = negatives[int(mask[0].sum()):] - T  # the short utterance's distractors, as frame indices of its row
+    row1 = (
+        negatives[int(mask[0].sum()) :] - T
+    )  # the short utterance's distractors, as frame indices of its row
     assert (row1 >= int(frames[1])).any() and ((row1 >= 0) & (row1 < T)).all()
     flat = mask.flatten().nonzero().squeeze(1)
     assert not (negatives == flat[:, None]).any()  # never the frame itself
     with torch.no_grad():
         encoded = model.encode(wav, None, time_mask=mask)
         terms = P.release_tapt_loss(model, encoded, mask, negatives)
-        expected = reference_release_tapt_loss(model, encoded.features, encoded.hidden, mask, negatives)
+        expected = reference_release_tapt_loss(
+            model, encoded.features, encoded.hidden, mask, negatives
+        )
     assert float(terms["loss"]) == pytest.approx(float(expected), rel=1e-5)
     assert float(terms["diversity"]) < 1 and int(terms["n_masked"]) == int(mask.sum())
 
@@ -1512,9 +2033,13 @@ def test_release_span_masks_follow_the_410_formula():
         long_masked += int(m[0].sum())
         assert not m[1, 49:].any()
     p2 = 1 - (0.08 * 499 / span - 2)  # P(int(2.661 + u) == 2)
-    expected_unmasked = p2 * math.comb(436, 2) / math.comb(485, 2) + (1 - p2) * math.comb(436, 3) / math.comb(485, 3)
+    expected_unmasked = p2 * math.comb(436, 2) / math.comb(485, 2) + (1 - p2) * math.comb(
+        436, 3
+    ) / math.comb(485, 3)
     assert short_unmasked / draws == pytest.approx(expected_unmasked, abs=0.025)
-    expected_long = p2 * sum(covered_probability(499, span, 2)) + (1 - p2) * sum(covered_probability(499, span, 3))
+    expected_long = p2 * sum(covered_probability(499, span, 2)) + (1 - p2) * sum(
+        covered_probability(499, span, 3)
+    )
     assert long_masked / draws == pytest.approx(expected_long, rel=0.02)
     per_utterance = M.span_masks("utterance", frames, 499, [g(1), g(2)], g(0), 0.08, span, 2)
     assert per_utterance[1].sum() >= span  # at least two spans inside its own 49 frames
@@ -1525,11 +2050,21 @@ def test_release_vft_group_norm_sees_the_padding_and_the_transformer_does_not():
     over the padded row), not on what else is in the batch (attention mask); eval (its one-utterance test)
     and the clean recipe give each utterance its unbatched result."""
     torch.manual_seed(0)
-    net = M.Wav2Vec2(tiny_config(dropout=0.0, attention_dropout=0.0, dropout_input=0.0, dropout_features=0.0,
-                                 layerdrop=0.0))
+    net = M.Wav2Vec2(
+        tiny_config(
+            dropout=0.0,
+            attention_dropout=0.0,
+            dropout_input=0.0,
+            dropout_features=0.0,
+            layerdrop=0.0,
+        )
+    )
     g = torch.Generator().manual_seed(2)
     short, other_a, other_b = (torch.randn(n, generator=g) * 0.1 for n in (6000, 16000, 16000))
-    batch = lambda other: (torch.stack([torch.nn.functional.pad(short, (0, 10000)), other]), torch.tensor([6000, 16000]))
+    batch = lambda other: (
+        torch.stack([torch.nn.functional.pad(short, (0, 10000)), other]),
+        torch.tensor([6000, 16000]),
+    )
     net.norm_over_padding = True
     net.train()
     with torch.no_grad():
@@ -1537,13 +2072,19 @@ def test_release_vft_group_norm_sees_the_padding_and_the_transformer_does_not():
         with_a, frames = net(*batch(other_a))
         with_b, _ = net(*batch(other_b))
         n = int(frames[0])
-        torch.testing.assert_close(with_a[0, :n], with_b[0, :n], atol=1e-6, rtol=0)  # the transformer: masked
-        assert (with_a[0, :n] - alone[0, :n]).abs().max() > 1e-3                    # the group norm: padded
+        torch.testing.assert_close(
+            with_a[0, :n], with_b[0, :n], atol=1e-6, rtol=0
+        )  # the transformer: masked
+        assert (with_a[0, :n] - alone[0, :n]).abs().max() > 1e-3  # the group norm: padded
         net.eval()
-        torch.testing.assert_close(net(*batch(other_a))[0][0, :n], net(short[None])[0][0, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            net(*batch(other_a))[0][0, :n], net(short[None])[0][0, :n], atol=1e-5, rtol=1e-5
+        )
         net.norm_over_padding = False
         net.train()
-        torch.testing.assert_close(net(*batch(other_a))[0][0, :n], alone[0, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            net(*batch(other_a))[0][0, :n], alone[0, :n], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_release_dynamic_batches():
@@ -1560,15 +2101,22 @@ def test_release_dynamic_batches():
     order = np.argsort(lengths, kind="stable")
     bucket_of = np.empty(len(lengths), int)
     bucket_of[order] = np.arange(len(lengths)) // (len(lengths) // 50)
-    assert all(np.ptp(bucket_of[b]) <= len(b) // 20 + 1 for b in batches)  # neighbouring buckets of 20 only
-    assert batches != sorted(batches, key=lambda b: bucket_of[b].min())  # the batch order is shuffled
-    assert sampler.global_batches(1) != batches and data.BucketBatchSampler(lengths, batch_seconds=250, seed=3).global_batches(0) == batches
+    assert all(
+        np.ptp(bucket_of[b]) <= len(b) // 20 + 1 for b in batches
+    )  # neighbouring buckets of 20 only
+    assert batches != sorted(
+        batches, key=lambda b: bucket_of[b].min()
+    )  # the batch order is shuffled
+    assert (
+        sampler.global_batches(1) != batches
+        and data.BucketBatchSampler(lengths, batch_seconds=250, seed=3).global_batches(0) == batches
+    )
 
 
 # =============================================================================
 # k-means: kmeans.py
 
-BIG = 10 ** 9  # max_samples that never subsamples
+BIG = 10**9  # max_samples that never subsamples
 
 
 @pytest.fixture
@@ -1582,7 +2130,10 @@ def one_thread():
 
 
 def blobs(n=20000, dim=32, centers=50, seed=0):
-    from sklearn.datasets import make_blobs  # imported here: the spawned distributed workers need no sklearn
+    from sklearn.datasets import (
+        make_blobs,  # imported here: the spawned distributed workers need no sklearn
+    )
+
     x, _ = make_blobs(n, dim, centers=centers, random_state=seed)
     return x.astype(np.float32)
 
@@ -1595,17 +2146,29 @@ def frames_like(n, dim=320, seed=0, rank=24):
     z = (modes[torch.randint(16, (n,), generator=g)] + torch.randn(n, rank, generator=g)) * 2
     offset = torch.randn(dim, generator=g) * 0.5
     offset[:4] += 20.0
-    return torch.randn(n, dim, generator=g).mul_(0.3).addmm_(z, torch.randn(rank, dim, generator=g) / rank ** 0.5).add_(offset)
+    return (
+        torch.randn(n, dim, generator=g)
+        .mul_(0.3)
+        .addmm_(z, torch.randn(rank, dim, generator=g) / rank**0.5)
+        .add_(offset)
+    )
 
 
 @pytest.mark.usefixtures("one_thread")
 @pytest.mark.parametrize("k", [8, 64])
 def test_same_init_matches_sklearn(k):
     from sklearn.cluster import KMeans
+
     x = blobs()
     init = x[np.random.default_rng(k).choice(len(x), k, replace=False)]
-    ours = fit_kmeans(torch.from_numpy(x), ks=(k,), iters=20, init=torch.from_numpy(init), max_samples=BIG,
-                      progress=False)[k]
+    ours = fit_kmeans(
+        torch.from_numpy(x),
+        ks=(k,),
+        iters=20,
+        init=torch.from_numpy(init),
+        max_samples=BIG,
+        progress=False,
+    )[k]
     sk = KMeans(k, init=init, n_init=1, max_iter=20, algorithm="lloyd", tol=0).fit(x)
     assert abs(ours.inertia[-1] / sk.inertia_ - 1) < 1e-3
     # a frame on a boundary (a float32 tie: the two sides' matmuls round differently) may go either way and
@@ -1614,8 +2177,14 @@ def test_same_init_matches_sklearn(k):
     assert (assign(torch.from_numpy(x), ours.centroids).numpy() == sk.labels_).mean() > 0.995
     assert np.isclose(ours.centroids.numpy(), sk.cluster_centers_, atol=1e-3).all(1).mean() > 0.9
     # one iteration, before any tie: the same labels and centroids
-    one = fit_kmeans(torch.from_numpy(x), ks=(k,), iters=1, init=torch.from_numpy(init), max_samples=BIG,
-                     progress=False)[k]
+    one = fit_kmeans(
+        torch.from_numpy(x),
+        ks=(k,),
+        iters=1,
+        init=torch.from_numpy(init),
+        max_samples=BIG,
+        progress=False,
+    )[k]
     sk1 = KMeans(k, init=init, n_init=1, max_iter=1, algorithm="lloyd", tol=0).fit(x)
     np.testing.assert_allclose(one.centroids.numpy(), sk1.cluster_centers_, atol=1e-4)
     assert (assign(torch.from_numpy(x), one.centroids).numpy() == sk1.labels_).all()
@@ -1626,26 +2195,42 @@ def test_stops_when_labels_stop_changing_as_sklearn():
     # Both stop at the pass whose labels equal the previous pass's: sklearn's n_iter_ counts the passes
     # run, our inertia has one entry per pass (the last measures the final centroids).
     from sklearn.cluster import KMeans
+
     x = blobs(5000, dim=8, centers=10, seed=1)
     for seed in range(3):
         init = x[np.random.default_rng(seed).choice(len(x), 10, replace=False)]
-        ours = fit_kmeans(torch.from_numpy(x), ks=(10,), iters=50, init=torch.from_numpy(init), max_samples=BIG,
-                          progress=False)[10]
+        ours = fit_kmeans(
+            torch.from_numpy(x),
+            ks=(10,),
+            iters=50,
+            init=torch.from_numpy(init),
+            max_samples=BIG,
+            progress=False,
+        )[10]
         sk = KMeans(10, init=init, n_init=1, max_iter=50, algorithm="lloyd", tol=0).fit(x)
         assert 2 <= len(ours.inertia) == sk.n_iter_ < 50
         assert ours.inertia[-1] == pytest.approx(sk.inertia_, rel=1e-5)
-        torch.testing.assert_close(ours.centroids, torch.from_numpy(sk.cluster_centers_), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            ours.centroids, torch.from_numpy(sk.cluster_centers_), atol=1e-4, rtol=0
+        )
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_kmeanspp_as_good_as_sklearn():
     # Each side's own k-means++; compare over a few seeds since one draw can be lucky either way.
     from sklearn.cluster import KMeans
+
     x = blobs(centers=64)
-    ours = sum(fit_kmeans(torch.from_numpy(x), ks=(64,), seed=s, max_samples=BIG, progress=False)[64].inertia[-1]
-               for s in range(3))
-    sk = sum(KMeans(64, n_init=1, max_iter=20, algorithm="lloyd", tol=0, random_state=s).fit(x).inertia_
-             for s in range(3))
+    ours = sum(
+        fit_kmeans(torch.from_numpy(x), ks=(64,), seed=s, max_samples=BIG, progress=False)[
+            64
+        ].inertia[-1]
+        for s in range(3)
+    )
+    sk = sum(
+        KMeans(64, n_init=1, max_iter=20, algorithm="lloyd", tol=0, random_state=s).fit(x).inertia_
+        for s in range(3)
+    )
     assert ours <= 1.01 * sk
 
 
@@ -1653,9 +2238,13 @@ def test_kmeanspp_as_good_as_sklearn():
 def test_multi_k_one_pass_equals_single_k():
     x = torch.from_numpy(blobs(5000))
     for init in ("k-means++", "random"):
-        together = fit_kmeans(x, ks=(8, 64), iters=10, init=init, seed=3, max_samples=BIG, progress=False)
+        together = fit_kmeans(
+            x, ks=(8, 64), iters=10, init=init, seed=3, max_samples=BIG, progress=False
+        )
         for k in (8, 64):
-            alone = fit_kmeans(x, ks=(k,), iters=10, init=init, seed=3, max_samples=BIG, progress=False)[k]
+            alone = fit_kmeans(
+                x, ks=(k,), iters=10, init=init, seed=3, max_samples=BIG, progress=False
+            )[k]
             torch.testing.assert_close(together[k].centroids, alone.centroids)
             assert together[k].inertia == pytest.approx(alone.inertia, rel=1e-9)
 
@@ -1664,7 +2253,7 @@ def test_multi_k_one_pass_equals_single_k():
 def test_chunk_size_does_not_matter():
     x = torch.from_numpy(blobs(5000))
     small = fit_kmeans(x, ks=(16,), iters=10, chunk_size=100, max_samples=BIG, progress=False)[16]
-    huge = fit_kmeans(x, ks=(16,), iters=10, chunk_size=10 ** 7, max_samples=BIG, progress=False)[16]
+    huge = fit_kmeans(x, ks=(16,), iters=10, chunk_size=10**7, max_samples=BIG, progress=False)[16]
     torch.testing.assert_close(small.centroids, huge.centroids, atol=1e-4, rtol=1e-5)
     assert small.inertia == pytest.approx(huge.inertia, rel=1e-5)
 
@@ -1694,7 +2283,9 @@ def test_threads_do_not_matter():
         torch.set_num_threads(n)
     for k in (16, 40):
         torch.testing.assert_close(one[k].centroids, two[k].centroids, atol=1e-5, rtol=0)
-        assert one[k].inertia == pytest.approx(two[k].inertia, rel=1e-9) and torch.equal(one[k].counts, two[k].counts)
+        assert one[k].inertia == pytest.approx(two[k].inertia, rel=1e-9) and torch.equal(
+            one[k].counts, two[k].counts
+        )
     assert torch.equal(labels_one, labels_two)
 
 
@@ -1702,13 +2293,19 @@ def test_threads_do_not_matter():
 def test_empty_cluster_is_reseeded():
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(300, 4, generator=g) * 0.1 + m for m in (0.0, 5.0, 10.0)])
-    init = torch.tensor([[0.0] * 4, [5.0] * 4, [10.0] * 4, [1000.0] * 4])  # the last one attracts nobody
+    init = torch.tensor(
+        [[0.0] * 4, [5.0] * 4, [10.0] * 4, [1000.0] * 4]
+    )  # the last one attracts nobody
     r = fit_kmeans(x, ks=(4,), iters=5, init=init, max_samples=BIG, progress=False)[4]
     assert r.counts.min() > 0 and r.counts.sum() == len(x)
     # duplicated frames: random init picks identical points, i.e. identical centroids, one of them empty
-    dup = torch.cat([torch.arange(5.0)[:, None].repeat(200, 3), torch.randn(50, 3, generator=g) * 10])
+    dup = torch.cat(
+        [torch.arange(5.0)[:, None].repeat(200, 3), torch.randn(50, 3, generator=g) * 10]
+    )
     for seed in range(3):
-        r = fit_kmeans(dup, ks=(12,), iters=20, init="random", seed=seed, max_samples=BIG, progress=False)[12]
+        r = fit_kmeans(
+            dup, ks=(12,), iters=20, init="random", seed=seed, max_samples=BIG, progress=False
+        )[12]
         assert r.counts.min() > 0
 
 
@@ -1739,11 +2336,15 @@ def test_known_answer_four_tight_clusters():
     centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
     g = torch.Generator().manual_seed(1)
     noise = torch.randn(400, 2, generator=g) * 0.01
-    noise -= noise.view(4, 100, 2).mean(1).repeat_interleave(100, 0)  # each cluster's mean is its centre exactly
+    noise -= (
+        noise.view(4, 100, 2).mean(1).repeat_interleave(100, 0)
+    )  # each cluster's mean is its centre exactly
     x = centres.repeat_interleave(100, 0) + noise
     for init in ("k-means++", "random"):
         r = fit_kmeans(x, ks=(4,), iters=10, init=init, seed=0, max_samples=BIG, progress=False)[4]
-        d = torch.cdist(centres.double(), r.centroids.double())  # each centre found, by a centroid of its own
+        d = torch.cdist(
+            centres.double(), r.centroids.double()
+        )  # each centre found, by a centroid of its own
         assert d.min(1).values.max() < 1e-5 and sorted(d.argmin(1).tolist()) == [0, 1, 2, 3]
         assert r.counts.tolist() == [100] * 4
 
@@ -1772,12 +2373,16 @@ def test_subsampling_and_bad_input():
 
 def test_no_tf32_restores_the_settings():
     from kmeans import no_tf32
+
     old = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
         torch.set_float32_matmul_precision("high")
         torch.backends.cudnn.allow_tf32 = True
         with no_tf32():
-            assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
+            assert (
+                torch.get_float32_matmul_precision() == "highest"
+                and not torch.backends.cudnn.allow_tf32
+            )
         assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
     finally:
         torch.set_float32_matmul_precision(old[0])
@@ -1809,14 +2414,18 @@ def test_label_file_round_trip(tmp_path):
 def test_label_file_errors(tmp_path):
     path, _ = _label_file(tmp_path)
     lf = load_labels(path)
-    with pytest.raises(ValueError, match=r"utterance c has 5 pseudo-labels but 6 frames.*do not match the audio"):
+    with pytest.raises(
+        ValueError, match=r"utterance c has 5 pseudo-labels but 6 frames.*do not match the audio"
+    ):
         labels_for(lf, "c", 6)
     with pytest.raises(ValueError, match="no pseudo-labels for utterance zz"):
         labels_for(lf, "zz", 1)
     raw = torch.load(path, weights_only=True)
-    for corrupt, problem in [(lambda r: r["labels"].__setitem__(4, r["labels"][4][:-1]), "7 entries"),
-                             (lambda r: r["labels"][4].__setitem__(0, 4), r"outside \[0, 4\)"),
-                             (lambda r: r.__setitem__("uids", ["a", "b"]), "2 uids but 3 frame counts")]:
+    for corrupt, problem in [
+        (lambda r: r["labels"].__setitem__(4, r["labels"][4][:-1]), "7 entries"),
+        (lambda r: r["labels"][4].__setitem__(0, 4), r"outside \[0, 4\)"),
+        (lambda r: r.__setitem__("uids", ["a", "b"]), "2 uids but 3 frame counts"),
+    ]:
         bad = {**raw, "labels": dict(raw["labels"]), "uids": list(raw["uids"])}
         bad["labels"][4] = bad["labels"][4].clone()
         corrupt(bad)
@@ -1834,13 +2443,22 @@ def test_label_file_errors(tmp_path):
 
 # -- distributed: 2 gloo processes, each with half the frames, must agree with one process --------
 
+
 def _dist_worker(rank, init_file, x, init, out):
     import torch.distributed as dist
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         half = len(x) // 2
-        r = fit_kmeans(x[rank * half:(rank + 1) * half], ks=(8, 16), iters=8, init=init, max_samples=BIG,
-                       device="cpu", progress=False)
+        r = fit_kmeans(
+            x[rank * half : (rank + 1) * half],
+            ks=(8, 16),
+            iters=8,
+            init=init,
+            max_samples=BIG,
+            device="cpu",
+            progress=False,
+        )
         torch.save({k: (v.centroids, v.inertia, v.counts) for k, v in r.items()}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -1852,7 +2470,9 @@ def test_distributed_matches_single_process(tmp_path):
     g = torch.Generator().manual_seed(0)
     init = {k: x[torch.randperm(len(x), generator=g)[:k]].clone() for k in (8, 16)}
     init[16][0] = 1e4  # an empty cluster: exercises the cross-rank re-seeding
-    single = fit_kmeans(x, ks=(8, 16), iters=8, init=init, max_samples=BIG, device="cpu", progress=False)
+    single = fit_kmeans(
+        x, ks=(8, 16), iters=8, init=init, max_samples=BIG, device="cpu", progress=False
+    )
     out = str(tmp_path / "res")
     mp.spawn(_dist_worker, args=(str(tmp_path / "pg"), x, init, out), nprocs=2, join=True)
     for rank in (0, 1):
@@ -1866,30 +2486,57 @@ def test_distributed_matches_single_process(tmp_path):
 
 # -- P-TAPT's k-means stage (pretrain.pseudo_label_stage): 2 gloo processes = 1 process -------------
 
+
 def _tiny_teacher():
     from train import tiny_random_config
+
     torch.manual_seed(0)
     return M.Wav2Vec2(tiny_random_config()).eval()
 
 
 def _stage(utterances, out, max_samples=None, init="k-means++"):
     teacher = _tiny_teacher()
-    return P.pseudo_label_stage(lambda wav, lengths: teacher(wav, lengths, layer=1), utterances, (4, 16), 6, init, 3,
-                              "cpu", str(out), {"fold": 1}, progress=False, max_samples=max_samples, workers=0,
-                              chunk_size=500)
+    return P.pseudo_label_stage(
+        lambda wav, lengths: teacher(wav, lengths, layer=1),
+        utterances,
+        (4, 16),
+        6,
+        init,
+        3,
+        "cpu",
+        str(out),
+        {"fold": 1},
+        progress=False,
+        max_samples=max_samples,
+        workers=0,
+        chunk_size=500,
+    )
 
 
 def _stage_worker(rank, init_file, utterances, tmp, x, shard):
     import torch.distributed as dist
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        got = {"full": _stage(utterances, os.path.join(tmp, "two.pt")),
-               "sampled": _stage(utterances, os.path.join(tmp, "two-sampled.pt"), max_samples=700, init="random")}
+        got = {
+            "full": _stage(utterances, os.path.join(tmp, "two.pt")),
+            "sampled": _stage(
+                utterances, os.path.join(tmp, "two-sampled.pt"), max_samples=700, init="random"
+            ),
+        }
         part = x[:shard] if rank == 0 else x[shard:]  # unequal shards
         for init in ("k-means++", "random"):
-            r = fit_kmeans(part, ks=(8, 16), iters=6, init=init, seed=5, max_samples=3000, device="cpu",
-                           progress=False)
+            r = fit_kmeans(
+                part,
+                ks=(8, 16),
+                iters=6,
+                init=init,
+                seed=5,
+                max_samples=3000,
+                device="cpu",
+                progress=False,
+            )
             got[init] = {k: (v.centroids, v.inertia, v.counts) for k, v in r.items()}
         torch.save(got, os.path.join(tmp, f"rank{rank}.pt"))
     finally:
@@ -1899,15 +2546,33 @@ def _stage_worker(rank, init_file, utterances, tmp, x, shard):
 @pytest.mark.usefixtures("one_thread")
 def test_pseudo_label_stage_two_processes_equal_one(tmp_path):
     root = tmp_path / "IEMOCAP_full_release"
-    S.synthesize_iemocap(str(root), utterances_per_session=4, seed=2, min_seconds=0.6, max_seconds=2.0)
+    S.synthesize_iemocap(
+        str(root), utterances_per_session=4, seed=2, min_seconds=0.6, max_seconds=2.0
+    )
     train = data.load_corpus(str(root), 1)[0]["train"]
     x = torch.from_numpy(blobs(5000, dim=8, centers=12))
 
     one = _stage(train, tmp_path / "one.pt")
     sampled = _stage(train, tmp_path / "one-sampled.pt", max_samples=700, init="random")
-    single = {init: fit_kmeans(x, ks=(8, 16), iters=6, init=init, seed=5, max_samples=3000, device="cpu",
-                               progress=False) for init in ("k-means++", "random")}
-    mp.spawn(_stage_worker, args=(str(tmp_path / "pg"), train, str(tmp_path), x, 1234), nprocs=2, join=True)
+    single = {
+        init: fit_kmeans(
+            x,
+            ks=(8, 16),
+            iters=6,
+            init=init,
+            seed=5,
+            max_samples=3000,
+            device="cpu",
+            progress=False,
+        )
+        for init in ("k-means++", "random")
+    }
+    mp.spawn(
+        _stage_worker,
+        args=(str(tmp_path / "pg"), train, str(tmp_path), x, 1234),
+        nprocs=2,
+        join=True,
+    )
 
     a = load_labels(tmp_path / "one.pt")
     n = int(a["frame_counts"].sum())
@@ -1918,7 +2583,11 @@ def test_pseudo_label_stage_two_processes_equal_one(tmp_path):
     for name in ("two.pt", "two-sampled.pt", "one-sampled.pt"):
         b = load_labels(tmp_path / name)
         assert b["uids"] == a["uids"] and torch.equal(b["frame_counts"], a["frame_counts"])
-        assert b["meta"]["fold"] == 1 and b["meta"]["num_frames"] == n and set(b["meta"]["nmi"]) == {4, 16}
+        assert (
+            b["meta"]["fold"] == 1
+            and b["meta"]["num_frames"] == n
+            and set(b["meta"]["nmi"]) == {4, 16}
+        )
     two, two_sampled = load_labels(tmp_path / "two.pt"), load_labels(tmp_path / "two-sampled.pt")
     one_sampled = load_labels(tmp_path / "one-sampled.pt")
     assert one_sampled["meta"]["num_fit_frames"] == two_sampled["meta"]["num_fit_frames"] == 700
@@ -1928,22 +2597,36 @@ def test_pseudo_label_stage_two_processes_equal_one(tmp_path):
         # max_samples below the number of frames: the same 700 frames are drawn whatever the world size
         assert torch.equal(two_sampled["labels"][k], one_sampled["labels"][k])
         assert torch.equal(one_sampled["labels"][k].long(), sampled[k])
-    assert sorted(set(os.listdir(tmp_path)) - {"pg"}) == sorted(["IEMOCAP_full_release", "one.pt", "one-sampled.pt",
-                                                                 "two.pt", "two-sampled.pt", "rank0.pt", "rank1.pt"])
+    assert sorted(set(os.listdir(tmp_path)) - {"pg"}) == sorted(
+        [
+            "IEMOCAP_full_release",
+            "one.pt",
+            "one-sampled.pt",
+            "two.pt",
+            "two-sampled.pt",
+            "rank0.pt",
+            "rank1.pt",
+        ]
+    )
     for rank in (0, 1):  # rank 1 wrote no label file (above); every rank returns the full labels
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for k in (4, 16):
-            assert torch.equal(got["full"][k], one[k]) and torch.equal(got["sampled"][k], sampled[k])
+            assert torch.equal(got["full"][k], one[k]) and torch.equal(
+                got["sampled"][k], sampled[k]
+            )
         # fit_kmeans under torch.distributed: k-means++ and random init, subsampling, unequal shards
         for init in ("k-means++", "random"):
             for k in (8, 16):
                 centroids, inertia, counts = got[init][k]
                 torch.testing.assert_close(centroids, single[init][k].centroids, atol=1e-5, rtol=0)
                 assert inertia == pytest.approx(single[init][k].inertia, rel=1e-5)
-                assert counts.tolist() == single[init][k].counts.tolist() and int(counts.sum()) == 3000
+                assert (
+                    counts.tolist() == single[init][k].counts.tolist() and int(counts.sum()) == 3000
+                )
 
 
 # -- feature extraction, pretrain.py --mode kmeans ---------------------------------------------------
+
 
 class _FakeTeacher(torch.nn.Module):
     # One frame per 320 samples; every frame of an utterance carries its first sample, so the test can
@@ -1951,20 +2634,25 @@ class _FakeTeacher(torch.nn.Module):
     def forward(self, wav, wav_lengths):
         lengths = wav_lengths // 320
         hidden = wav[:, :1, None].expand(-1, int(lengths.max()), 3).clone()
-        hidden[torch.arange(hidden.shape[1]) >= lengths[:, None]] = 99.0  # padding must never come out
+        hidden[torch.arange(hidden.shape[1]) >= lengths[:, None]] = (
+            99.0  # padding must never come out
+        )
         return hidden, lengths
 
 
 @pytest.mark.usefixtures("one_thread")
 def test_extract_features_order_and_counts(tmp_path):
     from kmeans import extract_features
+
     utterances = []
     for i, seconds in enumerate([0.5, 2.0, 0.1, 1.3, 0.7]):
         path = str(tmp_path / f"u{i}.wav")
         n = int(seconds * 16000)
         sf.write(path, np.full(n, i / 8, dtype=np.float32), 16000, subtype="FLOAT")
         utterances.append(data.Utterance(f"u{i}", path, "neu", n))
-    feats, counts = extract_features(_FakeTeacher(), utterances, "cpu", batch_seconds=2.5, progress=False, workers=0)
+    feats, counts = extract_features(
+        _FakeTeacher(), utterances, "cpu", batch_seconds=2.5, progress=False, workers=0
+    )
     assert counts.tolist() == [u.num_samples // 320 for u in utterances]
     assert feats.dtype == torch.float16 and feats.shape == (sum(counts.tolist()), 3)
     expected = torch.cat([torch.full((c, 3), i / 8) for i, c in enumerate(counts.tolist())])
@@ -1976,15 +2664,34 @@ def test_extract_features_order_and_counts(tmp_path):
 def test_kmeans_mode_labels_the_untouched_checkpoint(corpus, tmp_path, capsys):
     """pretrain.py --mode kmeans: P-TAPT's k-means stage alone, on --checkpoint's frames. A --layer the model
     lacks is one line, and the corrected command then runs in the same folder; a finished fold is skipped."""
-    argv = ["--mode", "kmeans", "--data", corpus, "--fold", 1, "--out", tmp_path, "--checkpoint", "random-tiny",
-            "--ks", 4, "--kmeans-iters", 3, "--no-progress", "--workers", 0]
+    argv = [
+        "--mode",
+        "kmeans",
+        "--data",
+        corpus,
+        "--fold",
+        1,
+        "--out",
+        tmp_path,
+        "--checkpoint",
+        "random-tiny",
+        "--ks",
+        4,
+        "--kmeans-iters",
+        3,
+        "--no-progress",
+        "--workers",
+        0,
+    ]
     with pytest.raises(SystemExit) as e:
         P.main(list(map(str, argv + ["--layer", 9])))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--layer 9" in err[0], err
     P.main(list(map(str, argv)))
     labels = load_labels(tmp_path / "kmeans" / "fold1" / "labels.pt")
-    assert labels["uids"] == [u.uid for u in data.load_corpus(corpus, 1)[0]["train"]] and list(labels["labels"]) == [4]
+    assert labels["uids"] == [u.uid for u in data.load_corpus(corpus, 1)[0]["train"]] and list(
+        labels["labels"]
+    ) == [4]
     assert labels["meta"]["layer"] == 2 and 0 <= labels["meta"]["nmi"][4] <= 1
     assert "NMI between pseudo-labels and emotion" in capsys.readouterr().out
     P.main(list(map(str, argv)))
@@ -1994,18 +2701,24 @@ def test_kmeans_mode_labels_the_untouched_checkpoint(corpus, tmp_path, capsys):
 # =============================================================================
 # metrics: evaluate.py and the results table
 
-import evaluate as E
-
 
 def test_emotion_nmi_equals_sklearn():
     from sklearn.metrics import normalized_mutual_info_score
+
     g = torch.Generator().manual_seed(0)
-    counts, emotions = torch.randint(1, 30, (40,), generator=g), torch.randint(0, 4, (40,), generator=g)
+    counts, emotions = (
+        torch.randint(1, 30, (40,), generator=g),
+        torch.randint(0, 4, (40,), generator=g),
+    )
     frame_emotion = torch.repeat_interleave(emotions, counts)
     labels = torch.randint(0, 16, (int(counts.sum()),), generator=g)
-    labels = torch.where(torch.rand(len(labels), generator=g) < 0.5, frame_emotion * 4, labels)  # clusters carry some
+    labels = torch.where(
+        torch.rand(len(labels), generator=g) < 0.5, frame_emotion * 4, labels
+    )  # clusters carry some
     nmi = E.emotion_nmi(labels, counts, emotions.tolist())
-    assert 0.1 < nmi < 0.9 and nmi == pytest.approx(normalized_mutual_info_score(frame_emotion, labels), abs=1e-12)
+    assert 0.1 < nmi < 0.9 and nmi == pytest.approx(
+        normalized_mutual_info_score(frame_emotion, labels), abs=1e-12
+    )
 
 
 def test_metrics_hand_computed():
@@ -2013,7 +2726,7 @@ def test_metrics_hand_computed():
     y_true, y_pred = [0, 0, 1, 1, 2, 2], [0, 1, 1, 1, 0, 0]
     m = E.compute_metrics(y_true, y_pred, ["a", "b", "c", "d"])
     assert m["confusion"] == [[1, 1, 0, 0], [0, 2, 0, 0], [2, 0, 0, 0], [0, 0, 0, 0]]
-    assert m["ua"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)   # recall over the 3 classes present
+    assert m["ua"] == pytest.approx((0.5 + 1.0 + 0.0) / 3)  # recall over the 3 classes present
     assert m["wa"] == pytest.approx(3 / 6)
     # F1: a = 2(1/3)(1/2)/(1/3+1/2) = 0.4, b = 2(2/3)(1)/(2/3+1) = 0.8, c = 0 (never predicted)
     assert m["macro_f1"] == pytest.approx((0.4 + 0.8 + 0.0) / 3)
@@ -2024,6 +2737,7 @@ def test_metrics_hand_computed():
 
 def test_metrics_agree_with_sklearn():
     from sklearn.metrics import balanced_accuracy_score, f1_score
+
     rng = np.random.default_rng(0)
     y_true, y_pred = rng.integers(0, 4, 300), rng.integers(0, 4, 300)
     m = E.compute_metrics(y_true, y_pred, list("abcd"))
@@ -2035,8 +2749,18 @@ def test_results_table(tmp_path):
     def put(fold, run, ua, wa):
         d = tmp_path / "vft" / f"fold{fold}" / f"run{run}"
         d.mkdir(parents=True)
-        (d / "metrics.json").write_text(json.dumps({"ua": ua, "wa": wa, "macro_f1": ua, "classes": ["a", "b"],
-                                                    "confusion": [[run + 1, 0], [0, 1]]}))
+        (d / "metrics.json").write_text(
+            json.dumps(
+                {
+                    "ua": ua,
+                    "wa": wa,
+                    "macro_f1": ua,
+                    "classes": ["a", "b"],
+                    "confusion": [[run + 1, 0], [0, 1]],
+                }
+            )
+        )
+
     put(1, 0, 0.70, 0.60)
     put(1, 1, 0.80, 0.70)
     put(2, 0, 0.50, 0.40)
@@ -2045,29 +2769,59 @@ def test_results_table(tmp_path):
     assert result["folds"]["1"]["ua_std"] == pytest.approx(np.std([0.7, 0.8], ddof=0))
     assert result["average"]["ua"] == pytest.approx((0.75 + 0.5) / 2)
     assert result["confusion"] == [[4, 0], [0, 3]]
-    out = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), str(tmp_path / "vft")],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, os.path.join(HERE, "evaluate.py"), str(tmp_path / "vft")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "| vft UA | 75.0 ± 5.0 | 50.0 ± 0.0 | 62.5 |" in out.stdout and "ddof 0" in out.stdout
-    assert json.loads((tmp_path / "vft" / "results.json").read_text())["average"]["wa"] == pytest.approx(0.525)
-    empty = subprocess.run([sys.executable, os.path.join(HERE, "evaluate.py"), str(tmp_path)], capture_output=True,
-                           text=True, timeout=120)
+    assert json.loads((tmp_path / "vft" / "results.json").read_text())["average"][
+        "wa"
+    ] == pytest.approx(0.525)
+    empty = subprocess.run(
+        [sys.executable, os.path.join(HERE, "evaluate.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert empty.returncode == 2 and "no fold*/run*/metrics.json" in empty.stderr
 
 
 # =============================================================================
 # training: finetune.py and pretrain.py on a small synthetic corpus, as a user runs them
 
-TINY_RUN = ["--checkpoint", "random-tiny", "--batch-size", "8", "--lr", "5e-4", "--channel-mask-span", "8",
-            "--workers", "0", "--cache", "--no-progress"]
+TINY_RUN = [
+    "--checkpoint",
+    "random-tiny",
+    "--batch-size",
+    "8",
+    "--lr",
+    "5e-4",
+    "--channel-mask-span",
+    "8",
+    "--workers",
+    "0",
+    "--cache",
+    "--no-progress",
+]
 
 
 def script(name, *args, timeout=600, env=None):
-    return subprocess.run([sys.executable, os.path.join(HERE, name), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, os.path.join(HERE, name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
-ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}  # CPU results bit for bit: several threads round scatter-adds differently
+ONE_THREAD = {
+    **os.environ,
+    "OMP_NUM_THREADS": "1",
+}  # CPU results bit for bit: several threads round scatter-adds differently
 
 
 @pytest.fixture(scope="module")
@@ -2113,8 +2867,12 @@ def test_finetuned_model_retests_and_predicts(vft_run, corpus):
     r = script("evaluate.py", "--checkpoint", run_dir / "model.pt", "--data", corpus, "--fold", 1)
     assert r.returncode == 0, r.stderr
     again = json.loads(r.stdout.strip().splitlines()[-1])
-    assert again["ua"] == pytest.approx(metrics["ua"]) and again["wa"] == pytest.approx(metrics["wa"])
-    wavs = sorted(glob.glob(os.path.join(corpus, "Session1", "sentences", "wav", "*", "Ses01*.wav")))[:2]
+    assert again["ua"] == pytest.approx(metrics["ua"]) and again["wa"] == pytest.approx(
+        metrics["wa"]
+    )
+    wavs = sorted(
+        glob.glob(os.path.join(corpus, "Session1", "sentences", "wav", "*", "Ses01*.wav"))
+    )[:2]
     r = script("evaluate.py", "--checkpoint", run_dir / "model.pt", "--predict", *wavs)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
@@ -2138,49 +2896,126 @@ def test_finished_run_is_not_overwritten(vft_run, corpus):
 def test_interrupted_finetuning_resumes_to_the_same_result(corpus, tmp_path, recipe):
     """SIGKILL at a random moment after the first epoch's checkpoint; the rerun ends where an
     uninterrupted run does."""
-    args = ["--fold", 2, "--data", corpus, "--epochs", 3, "--train-fraction", 0.25, "--recipe", recipe, *TINY_RUN]
+    args = [
+        "--fold",
+        2,
+        "--data",
+        corpus,
+        "--epochs",
+        3,
+        "--train-fraction",
+        0.25,
+        "--recipe",
+        recipe,
+        *TINY_RUN,
+    ]
     r = script("finetune.py", *args, "--out", tmp_path / "straight", env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-2000:]
-    cmd = [sys.executable, os.path.join(HERE, "finetune.py"), *map(str, args), "--out", str(tmp_path / "killed")]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "finetune.py"),
+        *map(str, args),
+        "--out",
+        str(tmp_path / "killed"),
+    ]
     run = tmp_path / "killed" / "vft" / "fold2" / "run0"
-    r = run_killed_in_stages(cmd, [(run / "state.pt", run / "metrics.json")], np.random.default_rng())
+    r = run_killed_in_stages(
+        cmd, [(run / "state.pt", run / "metrics.json")], np.random.default_rng()
+    )
     assert "resuming" in r.stdout
     a = json.loads((tmp_path / "straight" / "vft" / "fold2" / "run0" / "metrics.json").read_text())
     b = json.loads((run / "metrics.json").read_text())
     assert a["confusion"] == b["confusion"] and a["ua"] == b["ua"]
-    assert_same_weights(tmp_path / "straight" / "vft" / "fold2" / "run0" / "model.pt", run / "model.pt", atol=0)
-    assert read_log(tmp_path / "straight" / "vft" / "fold2" / "run0" / "log.jsonl")[-1]["loss"] == read_log(
-        run / "log.jsonl")[-1]["loss"]
+    assert_same_weights(
+        tmp_path / "straight" / "vft" / "fold2" / "run0" / "model.pt", run / "model.pt", atol=0
+    )
+    assert (
+        read_log(tmp_path / "straight" / "vft" / "fold2" / "run0" / "log.jsonl")[-1]["loss"]
+        == read_log(run / "log.jsonl")[-1]["loss"]
+    )
 
 
 def test_finetune_bad_input(corpus, tmp_path):
-    r = script("finetune.py", "--fold", 6, "--data", corpus, "--out", tmp_path, *TINY_RUN)  # 0 fails the same check
+    r = script(
+        "finetune.py", "--fold", 6, "--data", corpus, "--out", tmp_path, *TINY_RUN
+    )  # 0 fails the same check
     assert r.returncode == 2 and "fold" in r.stderr and "Traceback" not in r.stderr
     (tmp_path / "notckpt.pt").write_text("not a checkpoint")
-    r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", tmp_path, "--init", tmp_path / "notckpt.pt",
-               *TINY_RUN[2:])
+    r = script(
+        "finetune.py",
+        "--fold",
+        1,
+        "--data",
+        corpus,
+        "--out",
+        tmp_path,
+        "--init",
+        tmp_path / "notckpt.pt",
+        *TINY_RUN[2:],
+    )
     assert r.returncode == 2 and "notckpt.pt" in r.stderr and "wav2vec 2.0" in r.stderr
-    r = script("finetune.py", "--fold", 1, "--data", tmp_path / "nowhere", "--out", tmp_path, *TINY_RUN)
+    r = script(
+        "finetune.py", "--fold", 1, "--data", tmp_path / "nowhere", "--out", tmp_path, *TINY_RUN
+    )
     assert r.returncode == 2 and "nowhere" in r.stderr and "Traceback" not in r.stderr
     # several processes without torchrun's LOCAL_RANK would all take GPU 0
-    r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", tmp_path, *TINY_RUN, "--device", "cuda",
-               env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"})
-    assert r.returncode == 2 and "LOCAL_RANK" in r.stderr and "torchrun" in r.stderr and "Traceback" not in r.stderr
+    r = script(
+        "finetune.py",
+        "--fold",
+        1,
+        "--data",
+        corpus,
+        "--out",
+        tmp_path,
+        *TINY_RUN,
+        "--device",
+        "cuda",
+        env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"},
+    )
+    assert (
+        r.returncode == 2
+        and "LOCAL_RANK" in r.stderr
+        and "torchrun" in r.stderr
+        and "Traceback" not in r.stderr
+    )
 
 
 def test_quickstart_fills_in_its_preset(corpus, tmp_path):
     """--quickstart fills in its preset where no flag was given; flags given win; the recipe is recorded."""
-    r = script("finetune.py", "--quickstart", "--data", corpus, "--out", tmp_path, "--epochs", 1,
-               "--train-fraction", 0.25, "--no-progress")
+    r = script(
+        "finetune.py",
+        "--quickstart",
+        "--data",
+        corpus,
+        "--out",
+        tmp_path,
+        "--epochs",
+        1,
+        "--train-fraction",
+        0.25,
+        "--no-progress",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     config = json.loads((tmp_path / "quickstart" / "fold1" / "run0" / "config.json").read_text())
-    assert config["checkpoint"] == "random-tiny" and config["batch_size"] == 8 and config["epochs"] == 1
-    assert config["recipe"] == "release" and config["group_norm"] == "padded" and config["bucket"] is False
-    assert json.loads((tmp_path / "quickstart" / "fold1" / "run0" / "metrics.json").read_text())["n"] == 24
+    assert (
+        config["checkpoint"] == "random-tiny"
+        and config["batch_size"] == 8
+        and config["epochs"] == 1
+    )
+    assert (
+        config["recipe"] == "release"
+        and config["group_norm"] == "padded"
+        and config["bucket"] is False
+    )
+    assert (
+        json.loads((tmp_path / "quickstart" / "fold1" / "run0" / "metrics.json").read_text())["n"]
+        == 24
+    )
 
 
 def test_class_weights_and_stratified_fraction():
     import finetune
+
     w = T.class_weights([0, 0, 0, 1], 2)  # N / n_c = 4/3, 4 -> normalised 0.25, 0.75
     torch.testing.assert_close(w, torch.tensor([0.25, 0.75]))
     utts = [data.Utterance(f"u{i}", f"u{i}.wav", "ab"[i % 2], 16000) for i in range(40)]
@@ -2198,9 +3033,38 @@ def test_tri_stage_schedule():
 
 # P-TAPT and TAPT on fold 2 as the tests run them: stages long enough to be killed inside (a resume point every
 # 2 updates), on one thread so that a killed and resumed run can be compared bit for bit
-PRETRAIN_RUN = ["--fold", 2, "--checkpoint", "random-tiny", "--batch-size", 8, "--warmup", 2, "--lr", "5e-4",
-                "--workers", 0, "--cache", "--no-progress", "--save-every", 2, "--device", "cpu"]
-PTAPT_RUN = ["--mode", "ptapt", "--updates", 8, "--teacher-updates", 8, "--ks", 4, 16, *PRETRAIN_RUN]
+PRETRAIN_RUN = [
+    "--fold",
+    2,
+    "--checkpoint",
+    "random-tiny",
+    "--batch-size",
+    8,
+    "--warmup",
+    2,
+    "--lr",
+    "5e-4",
+    "--workers",
+    0,
+    "--cache",
+    "--no-progress",
+    "--save-every",
+    2,
+    "--device",
+    "cpu",
+]
+PTAPT_RUN = [
+    "--mode",
+    "ptapt",
+    "--updates",
+    8,
+    "--teacher-updates",
+    8,
+    "--ks",
+    4,
+    16,
+    *PRETRAIN_RUN,
+]
 TAPT_RUN = ["--mode", "tapt", "--updates", 6, *PRETRAIN_RUN]
 
 
@@ -2213,11 +3077,26 @@ def straight_runs(corpus, tmp_path_factory):
     def get(recipe):
         if recipe not in runs:
             out = tmp_path_factory.mktemp(f"straight-{recipe}")
-            ptapt, tapt = (script("pretrain.py", *args, "--data", corpus, "--out", out, "--recipe", recipe,
-                                  env=ONE_THREAD) for args in (PTAPT_RUN, TAPT_RUN))
-            assert ptapt.returncode == 0 and tapt.returncode == 0, ptapt.stderr[-3000:] + tapt.stderr[-3000:]
+            ptapt, tapt = (
+                script(
+                    "pretrain.py",
+                    *args,
+                    "--data",
+                    corpus,
+                    "--out",
+                    out,
+                    "--recipe",
+                    recipe,
+                    env=ONE_THREAD,
+                )
+                for args in (PTAPT_RUN, TAPT_RUN)
+            )
+            assert ptapt.returncode == 0 and tapt.returncode == 0, (
+                ptapt.stderr[-3000:] + tapt.stderr[-3000:]
+            )
             runs[recipe] = out, ptapt
         return runs[recipe]
+
     return get
 
 
@@ -2227,7 +3106,9 @@ def test_tapt_and_ptapt_end_to_end(corpus, straight_runs, tmp_path):
     assert "NMI between pseudo-labels and emotion" in r.stdout
     fold = out / "ptapt" / "fold2"
     labels = load_labels(fold / "labels.pt")
-    assert labels["uids"] and not any(u.startswith("Ses02") for u in labels["uids"])  # never the test session
+    assert labels["uids"] and not any(
+        u.startswith("Ses02") for u in labels["uids"]
+    )  # never the test session
     assert sorted(int(k) for k in labels["labels"]) == [4, 16]
     assert not list(fold.glob("*.state.pt"))
     r = script("pretrain.py", *PTAPT_RUN, "--data", corpus, "--out", out)
@@ -2241,10 +3122,26 @@ def test_tapt_and_ptapt_end_to_end(corpus, straight_runs, tmp_path):
     stored["frame_counts"][1] += 1
     torch.save(stored, broken / "labels.pt")
     r = script("pretrain.py", *PTAPT_RUN, "--data", corpus, "--out", tmp_path, "--name", "broken")
-    assert r.returncode == 2 and stored["uids"][0] in r.stderr and "do not match the audio" in r.stderr
+    assert (
+        r.returncode == 2 and stored["uids"][0] in r.stderr and "do not match the audio" in r.stderr
+    )
     for mode in ("tapt", "ptapt"):
-        r = script("finetune.py", "--fold", 2, "--data", corpus, "--out", tmp_path, "--epochs", 1, "--train-fraction",
-                   0.25, "--init", out / mode / "fold2" / "pretrained.pt", *TINY_RUN[2:])
+        r = script(
+            "finetune.py",
+            "--fold",
+            2,
+            "--data",
+            corpus,
+            "--out",
+            tmp_path,
+            "--epochs",
+            1,
+            "--train-fraction",
+            0.25,
+            "--init",
+            out / mode / "fold2" / "pretrained.pt",
+            *TINY_RUN[2:],
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         assert (tmp_path / f"ft-{mode}" / "fold2" / "run0" / "metrics.json").exists()
 
@@ -2254,12 +3151,43 @@ def test_tapt_feature_penalty_flag_weights_the_penalty(corpus, tmp_path):
     logs a loss linear in the weight, and the weight is recorded with the run."""
     loss = {}
     for weight in (0, 10, 20):
-        r = script("pretrain.py", "--mode", "tapt", "--fold", 1, "--data", corpus, "--out", tmp_path, "--name",
-                   f"w{weight}", "--checkpoint", "random-tiny", "--batch-size", 4, "--updates", 1, "--warmup", 1,
-                   "--workers", 0, "--no-progress", "--feature-penalty", weight, "--recipe", "clean", env=ONE_THREAD)
+        r = script(
+            "pretrain.py",
+            "--mode",
+            "tapt",
+            "--fold",
+            1,
+            "--data",
+            corpus,
+            "--out",
+            tmp_path,
+            "--name",
+            f"w{weight}",
+            "--checkpoint",
+            "random-tiny",
+            "--batch-size",
+            4,
+            "--updates",
+            1,
+            "--warmup",
+            1,
+            "--workers",
+            0,
+            "--no-progress",
+            "--feature-penalty",
+            weight,
+            "--recipe",
+            "clean",
+            env=ONE_THREAD,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         loss[weight] = read_log(tmp_path / f"w{weight}" / "fold1" / "tapt.log.jsonl")[0]["loss"]
-        assert json.loads((tmp_path / f"w{weight}" / "fold1" / "config.json").read_text())["feature_penalty"] == weight
+        assert (
+            json.loads((tmp_path / f"w{weight}" / "fold1" / "config.json").read_text())[
+                "feature_penalty"
+            ]
+            == weight
+        )
     assert loss[10] - loss[0] > 0.01  # the penalty term is there, and weighted
     assert loss[20] - loss[10] == pytest.approx(loss[10] - loss[0], rel=1e-4)
 
@@ -2269,7 +3197,9 @@ def test_teacher_lstm_runs_in_float32_under_autocast():
     bf16 autocast (the CPU's autocast would run it in bf16)."""
     teacher = P.Teacher(random_model(tiny_config()), num_classes=4)
     seen = []
-    teacher.lstm.register_forward_hook(lambda module, inputs, output: seen.append((inputs[0].dtype, output[0].dtype)))
+    teacher.lstm.register_forward_hook(
+        lambda module, inputs, output: seen.append((inputs[0].dtype, output[0].dtype))
+    )
     wav = torch.randn(2, 8000, generator=torch.Generator().manual_seed(0)) * 0.1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         frame_logits, utterance_logits, _ = teacher(wav, torch.tensor([8000, 8000]))
@@ -2282,12 +3212,47 @@ def test_mixed_precision_runs_on_the_cpu(corpus, tmp_path):
     V-FT and TAPT finish with finite losses."""
     for precision in ("bf16", "fp16"):
         out = tmp_path / precision
-        r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", out, "--epochs", 1, "--train-fraction", 0.25,
-                   "--precision", precision, *TINY_RUN)
+        r = script(
+            "finetune.py",
+            "--fold",
+            1,
+            "--data",
+            corpus,
+            "--out",
+            out,
+            "--epochs",
+            1,
+            "--train-fraction",
+            0.25,
+            "--precision",
+            precision,
+            *TINY_RUN,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
-        r = script("pretrain.py", "--mode", "tapt", "--fold", 1, "--data", corpus, "--out", out, "--checkpoint",
-                   "random-tiny", "--batch-size", 4, "--updates", 2, "--warmup", 1, "--workers", 0, "--no-progress",
-                   "--precision", precision)
+        r = script(
+            "pretrain.py",
+            "--mode",
+            "tapt",
+            "--fold",
+            1,
+            "--data",
+            corpus,
+            "--out",
+            out,
+            "--checkpoint",
+            "random-tiny",
+            "--batch-size",
+            4,
+            "--updates",
+            2,
+            "--warmup",
+            1,
+            "--workers",
+            0,
+            "--no-progress",
+            "--precision",
+            precision,
+        )
         assert r.returncode == 0, r.stderr[-2000:]
         for run in (out / "vft" / "fold1" / "run0", out / "tapt" / "fold1"):
             assert json.loads((run / "config.json").read_text())["precision"] == precision
@@ -2297,8 +3262,26 @@ def test_mixed_precision_runs_on_the_cpu(corpus, tmp_path):
 def test_tapt_refuses_a_checkpoint_without_quantizer(corpus, tmp_path):
     net = random_model(tiny_config())
     write_fairseq(tmp_path / "asr.pt", net, "asr")
-    r = script("pretrain.py", "--mode", "tapt", "--fold", 1, "--data", corpus, "--checkpoint", tmp_path / "asr.pt",
-               "--out", tmp_path, "--updates", 2, "--warmup", 1, "--workers", 0, "--no-progress")
+    r = script(
+        "pretrain.py",
+        "--mode",
+        "tapt",
+        "--fold",
+        1,
+        "--data",
+        corpus,
+        "--checkpoint",
+        tmp_path / "asr.pt",
+        "--out",
+        tmp_path,
+        "--updates",
+        2,
+        "--warmup",
+        1,
+        "--workers",
+        0,
+        "--no-progress",
+    )
     assert r.returncode == 2 and "quantizer" in r.stderr and "asr.pt" in r.stderr
 
 
@@ -2306,17 +3289,30 @@ def test_tapt_refuses_a_checkpoint_without_quantizer(corpus, tmp_path):
 def test_kmeans_on_real_model_features_matches_sklearn(synth):
     """Frame features of a (random) wav2vec 2.0 on the synthetic corpus, not just blobs."""
     from sklearn.cluster import KMeans
+
     import kmeans
+
     splits, _ = data.load_corpus(synth, 1)
     net = random_model(tiny_config(), seed=2)
-    feats, counts = kmeans.extract_features(lambda wav, n: net(wav, n, layer=net.cfg.num_layers), splits["train"],
-                                            "cpu", progress=False, workers=0)
+    feats, counts = kmeans.extract_features(
+        lambda wav, n: net(wav, n, layer=net.cfg.num_layers),
+        splits["train"],
+        "cpu",
+        progress=False,
+        workers=0,
+    )
     assert int(counts.sum()) == len(feats) and len(counts) == len(splits["train"])
     x = feats.float().numpy()
     for k in (8, 32):
         init = x[np.random.default_rng(k).choice(len(x), k, replace=False)]
-        ours = fit_kmeans(feats.float(), ks=(k,), iters=20, init=torch.from_numpy(init), max_samples=BIG,
-                          progress=False)[k]
+        ours = fit_kmeans(
+            feats.float(),
+            ks=(k,),
+            iters=20,
+            init=torch.from_numpy(init),
+            max_samples=BIG,
+            progress=False,
+        )[k]
         sk = KMeans(k, init=init, n_init=1, max_iter=20, algorithm="lloyd", tol=0).fit(x)
         assert abs(ours.inertia[-1] / sk.inertia_ - 1) < 0.01
         own = fit_kmeans(feats.float(), ks=(k,), iters=20, max_samples=BIG, progress=False)[k]
@@ -2328,9 +3324,11 @@ def test_kmeans_on_real_model_features_matches_sklearn(synth):
 # the 90/10 split, best-validation selection, label alignment; end to end, killed, two processes
 
 # Large's geometry (100 Hz, receptive field 465, so the teacher's frame counts are Large's) at width 16, 3 agg layers
-TINY_V1 = {**LARGE, "conv_feature_layers": LARGE["conv_feature_layers"].replace("512", "16"),
-           "conv_aggregator_layers": "[(16, 2, 1), (16, 3, 1), (16, 4, 1)]"}
-
+TINY_V1 = {
+    **LARGE,
+    "conv_feature_layers": LARGE["conv_feature_layers"].replace("512", "16"),
+    "conv_aggregator_layers": "[(16, 2, 1), (16, 3, 1), (16, 4, 1)]",
+}
 
 
 @pytest.fixture(scope="module")
@@ -2341,9 +3339,32 @@ def tiny_v1(tmp_path_factory):
 
 
 def v1_teacher_args(corpus, v1):
-    return ["--mode", "ptapt", "--fold", 1, "--data", corpus, "--checkpoint", "random-tiny", "--teacher", v1,
-            "--batch-size", 8, "--warmup", 2, "--lr", "5e-4", "--ks", 4, 8, "--workers", 0, "--no-progress",
-            "--device", "cpu"]
+    return [
+        "--mode",
+        "ptapt",
+        "--fold",
+        1,
+        "--data",
+        corpus,
+        "--checkpoint",
+        "random-tiny",
+        "--teacher",
+        v1,
+        "--batch-size",
+        8,
+        "--warmup",
+        2,
+        "--lr",
+        "5e-4",
+        "--ks",
+        4,
+        8,
+        "--workers",
+        0,
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
 
 
 # 86 fitted utterances / batch 8 = 10 updates an epoch: two validated epochs and a partial one
@@ -2354,7 +3375,9 @@ V1_RUN = ["--teacher-updates", 24, "--updates", 4, "--save-every", 3]
 def v1_run(corpus, tiny_v1, tmp_path_factory):
     """A finished P-TAPT run with the v1 teacher (V1_RUN) on one thread, computed once: tests read it."""
     out = tmp_path_factory.mktemp("runs")
-    r = script("pretrain.py", *v1_teacher_args(corpus, tiny_v1), *V1_RUN, "--out", out, env=ONE_THREAD)
+    r = script(
+        "pretrain.py", *v1_teacher_args(corpus, tiny_v1), *V1_RUN, "--out", out, env=ONE_THREAD
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return out / "ptapt" / "fold1", r
 
@@ -2364,11 +3387,18 @@ def test_release_split_is_torch_random_split_seed_58(corpus):
     fit, held_out = P.release_split(utterances)
     ordered = sorted(utterances, key=lambda u: u.uid)
     n = len(ordered)
-    a, b = torch.utils.data.random_split(ordered, [int(0.9 * n), n - int(0.9 * n)],
-                                         generator=torch.Generator().manual_seed(58))
-    assert [u.uid for u in fit] == [u.uid for u in a] and [u.uid for u in held_out] == [u.uid for u in b]
-    assert (len(fit), len(held_out)) == (86, 10) and not {u.uid for u in fit} & {u.uid for u in held_out}
-    assert P.release_split(list(reversed(utterances)))[1] == held_out  # independent of the corpus reader's order
+    a, b = torch.utils.data.random_split(
+        ordered, [int(0.9 * n), n - int(0.9 * n)], generator=torch.Generator().manual_seed(58)
+    )
+    assert [u.uid for u in fit] == [u.uid for u in a] and [u.uid for u in held_out] == [
+        u.uid for u in b
+    ]
+    assert (len(fit), len(held_out)) == (86, 10) and not {u.uid for u in fit} & {
+        u.uid for u in held_out
+    }
+    assert (
+        P.release_split(list(reversed(utterances)))[1] == held_out
+    )  # independent of the corpus reader's order
 
 
 def test_keep_best_keeps_the_lowest_validation_loss_once_per_update():
@@ -2384,9 +3414,14 @@ def test_keep_best_keeps_the_lowest_validation_loss_once_per_update():
             net.weight.fill_(update)
         weights[update] = net.weight.clone()
         hook(pos)
-    hook(pos)  # the same update again (a stop at an epoch's last batch, then the resume): not validated twice
+    hook(
+        pos
+    )  # the same update again (a stop at an epoch's last batch, then the resume): not validated twice
     assert len(calls) == 4
-    assert (pos["best_valid"], pos["best_update"]) == (2.0, 10)  # a tie (update 20) does not replace it
+    assert (pos["best_valid"], pos["best_update"]) == (
+        2.0,
+        10,
+    )  # a tie (update 20) does not replace it
     assert torch.equal(pos["best_model"]["weight"], weights[10])
     pos["update"] = 25
     hook(pos)
@@ -2412,10 +3447,12 @@ def test_labels_aligned_to_wav2vec2_frames_from_frame_0(tmp_path):
 
 def test_pseudo_label_loss_leaves_out_unlabelled_frames():
     logits, targets = torch.randn(5, 4), torch.tensor([1, 2, -100, 3, -100])
-    (total, count), = P.pseudo_label_loss([logits], [targets])
+    ((total, count),) = P.pseudo_label_loss([logits], [targets])
     keep = targets != -100
     assert int(count) == 3
-    torch.testing.assert_close(total, torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum"))
+    torch.testing.assert_close(
+        total, torch.nn.functional.cross_entropy(logits[keep], targets[keep], reduction="sum")
+    )
 
 
 def test_ptapt_end_to_end_with_a_v1_teacher(corpus, v1_run, tmp_path):
@@ -2430,58 +3467,125 @@ def test_ptapt_end_to_end_with_a_v1_teacher(corpus, v1_run, tmp_path):
     losses = [float(line.split()[3]) for line in lines]
     assert teacher["meta"]["best_update"] == [10, 20][int(np.argmin(losses))]
     utterances = data.load_corpus(corpus, 1)[0]["train"]
-    assert teacher["meta"]["validation_utterances"] == [u.uid for u in P.release_split(utterances)[1]]
+    assert teacher["meta"]["validation_utterances"] == [
+        u.uid for u in P.release_split(utterances)[1]
+    ]
     # labels at the teacher's own frame counts; the heads and the stride-2 conv of the release's sizes
     stored = load_labels(fold / "labels.pt")
     samples = {u.uid: u.num_samples for u in utterances}
-    assert stored["frame_counts"].tolist() == [(samples[u] - 945) // 320 + 1 for u in stored["uids"]]
+    assert stored["frame_counts"].tolist() == [
+        (samples[u] - 945) // 320 + 1 for u in stored["uids"]
+    ]
     assert stored["meta"]["teacher_model"] == "wav2vec (v1)"
     assert teacher["model"]["conv.weight"].shape == (16, 16, 4)
     assert (fold / "pretrained.pt").exists() and not list(fold.glob("*.state.pt*"))
-    r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", tmp_path, "--epochs", 1, "--train-fraction", 0.25,
-               "--init", fold / "pretrained.pt", "--batch-size", 8, "--workers", 0, "--no-progress",
-               "--channel-mask-span", 8)
+    r = script(
+        "finetune.py",
+        "--fold",
+        1,
+        "--data",
+        corpus,
+        "--out",
+        tmp_path,
+        "--epochs",
+        1,
+        "--train-fraction",
+        0.25,
+        "--init",
+        fold / "pretrained.pt",
+        "--batch-size",
+        8,
+        "--workers",
+        0,
+        "--no-progress",
+        "--channel-mask-span",
+        8,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_v1_teacher_refusals_are_one_line(corpus, tiny_v1, tmp_path):
     args = [*v1_teacher_args(corpus, tiny_v1), "--teacher-updates", 2, "--updates", 2]
-    for extra, pattern in [(["--recipe", "clean"], "the wav2vec (v1) teacher is the release recipe's"),
-                           (["--layer", 2], "--layer: the wav2vec (v1) teacher")]:
+    for extra, pattern in [
+        (["--recipe", "clean"], "the wav2vec (v1) teacher is the release recipe's"),
+        (["--layer", 2], "--layer: the wav2vec (v1) teacher"),
+    ]:
         r = script("pretrain.py", *args, *extra, "--out", tmp_path / extra[0].strip("-"))
-        assert r.returncode == 2 and pattern in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert (
+            r.returncode == 2 and pattern in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        ), r.stderr
     # a wav2vec 2.0 file as --teacher; the v1 file as a V-FT backbone
-    C.save_wav2vec2(M.Wav2Vec2(M.Wav2Vec2Config(conv_layers=[(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2,
-                                                 embed_dim=16, ffn_dim=16, num_layers=1, num_heads=2,
-                                                 pos_conv_kernel=4, pos_conv_groups=2)), tmp_path / "w2v2.pt")
+    C.save_wav2vec2(
+        M.Wav2Vec2(
+            M.Wav2Vec2Config(
+                conv_layers=[(8, 10, 5)] + [(8, 3, 2)] * 4 + [(8, 2, 2)] * 2,
+                embed_dim=16,
+                ffn_dim=16,
+                num_layers=1,
+                num_heads=2,
+                pos_conv_kernel=4,
+                pos_conv_groups=2,
+            )
+        ),
+        tmp_path / "w2v2.pt",
+    )
     args[args.index(tiny_v1)] = tmp_path / "w2v2.pt"
     r = script("pretrain.py", *args, "--out", tmp_path / "w2v2")
-    assert r.returncode == 2 and "--teacher" in r.stderr and "not fairseq's wav2vec (v1)" in r.stderr, r.stderr
-    r = script("finetune.py", "--fold", 1, "--data", corpus, "--checkpoint", tiny_v1, "--out", tmp_path)
-    assert r.returncode == 2 and "wav2vec (v1)" in r.stderr and "pretrain.py --teacher" in r.stderr, r.stderr
+    assert (
+        r.returncode == 2 and "--teacher" in r.stderr and "not fairseq's wav2vec (v1)" in r.stderr
+    ), r.stderr
+    r = script(
+        "finetune.py", "--fold", 1, "--data", corpus, "--checkpoint", tiny_v1, "--out", tmp_path
+    )
+    assert (
+        r.returncode == 2 and "wav2vec (v1)" in r.stderr and "pretrain.py --teacher" in r.stderr
+    ), r.stderr
 
 
 def test_killed_v1_teacher_resumes_to_the_same_teacher(corpus, tiny_v1, v1_run, tmp_path):
     """SIGKILL inside the teacher stage (V1_RUN: validated epochs, best-validation selection) and inside k-means;
     the same teacher.pt bit for bit, the same labels."""
     args = [*v1_teacher_args(corpus, tiny_v1), *V1_RUN]
-    cmd = [sys.executable, os.path.join(HERE, "pretrain.py"), *map(str, args), "--out", str(tmp_path / "killed")]
+    cmd = [
+        sys.executable,
+        os.path.join(HERE, "pretrain.py"),
+        *map(str, args),
+        "--out",
+        str(tmp_path / "killed"),
+    ]
     fold = tmp_path / "killed" / "ptapt" / "fold1"
-    run_killed_in_stages(cmd, [(fold / "teacher.state.pt", fold / "teacher.pt"),
-                               (fold / "teacher.pt", fold / "labels.pt")], np.random.default_rng())
+    run_killed_in_stages(
+        cmd,
+        [
+            (fold / "teacher.state.pt", fold / "teacher.pt"),
+            (fold / "teacher.pt", fold / "labels.pt"),
+        ],
+        np.random.default_rng(),
+    )
     straight = v1_run[0]
     assert_same_weights(straight / "teacher.pt", fold / "teacher.pt", atol=0)
-    a, b = torch.load(straight / "teacher.pt", weights_only=True), torch.load(fold / "teacher.pt", weights_only=True)
-    assert a["meta"]["best_update"] == b["meta"]["best_update"] and a["meta"]["best_valid_loss"] == b["meta"]["best_valid_loss"]
+    a, b = (
+        torch.load(straight / "teacher.pt", weights_only=True),
+        torch.load(fold / "teacher.pt", weights_only=True),
+    )
+    assert (
+        a["meta"]["best_update"] == b["meta"]["best_update"]
+        and a["meta"]["best_valid_loss"] == b["meta"]["best_valid_loss"]
+    )
     la, lb = load_labels(straight / "labels.pt"), load_labels(fold / "labels.pt")
     assert all(torch.equal(la["labels"][k], lb["labels"][k]) for k in la["labels"])
-    assert read_log(straight / "teacher.log.jsonl")[-1]["loss"] == read_log(fold / "teacher.log.jsonl")[-1]["loss"]
+    assert (
+        read_log(straight / "teacher.log.jsonl")[-1]["loss"]
+        == read_log(fold / "teacher.log.jsonl")[-1]["loss"]
+    )
 
 
 def test_torchrun_v1_teacher_equals_one_process(corpus, tiny_v1, v1_run, tmp_path):
     """Two processes: crops to the whole batch's shortest, the batch's span count, every process validating;
     the same teacher (v1 Large has no dropout; nor do the heads and the LSTM)."""
-    two = torchrun("pretrain.py", *v1_teacher_args(corpus, tiny_v1), *V1_RUN, "--out", tmp_path / "two")
+    two = torchrun(
+        "pretrain.py", *v1_teacher_args(corpus, tiny_v1), *V1_RUN, "--out", tmp_path / "two"
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = v1_run[0], tmp_path / "two" / "ptapt" / "fold1"
     assert_same_weights(a / "teacher.pt", b / "teacher.pt", atol=1e-4)
@@ -2489,7 +3593,9 @@ def test_torchrun_v1_teacher_equals_one_process(corpus, tiny_v1, v1_run, tmp_pat
     assert [r["update"] for r in la] == [r["update"] for r in lb]
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], abs=1e-5)
     ta, tb = (torch.load(x / "teacher.pt", weights_only=True)["meta"] for x in (a, b))
-    assert ta["best_update"] == tb["best_update"] and ta["best_valid_loss"] == pytest.approx(tb["best_valid_loss"], abs=1e-5)
+    assert ta["best_update"] == tb["best_update"] and ta["best_valid_loss"] == pytest.approx(
+        tb["best_valid_loss"], abs=1e-5
+    )
 
 
 # =============================================================================
@@ -2500,8 +3606,11 @@ def run_killed_in_stages(cmd, stages, rng):
     """Start cmd; for each (ready, done) pair of paths, SIGKILL the run a random moment (up to 0.3 s)
     after `ready` appears, before `done` does, then start it again; finally let it finish."""
     import time
+
     for ready, done in stages:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ONE_THREAD)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ONE_THREAD
+        )
         try:
             while not ready.exists() and proc.poll() is None:
                 time.sleep(0.02)
@@ -2509,31 +3618,56 @@ def run_killed_in_stages(cmd, stages, rng):
             proc.kill()
         finally:
             proc.wait()
-        assert ready.exists() and not done.exists(), f"not killed inside the stage: {proc.stderr.read()[-2000:]}"
+        assert ready.exists() and not done.exists(), (
+            f"not killed inside the stage: {proc.stderr.read()[-2000:]}"
+        )
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=ONE_THREAD)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
 
 @pytest.mark.parametrize("recipe", ["release", "clean"])
-def test_killed_pretraining_stages_resume_to_the_same_result(corpus, straight_runs, tmp_path, recipe):
+def test_killed_pretraining_stages_resume_to_the_same_result(
+    corpus, straight_runs, tmp_path, recipe
+):
     rng = np.random.default_rng()  # a different kill point every time the suite runs
     straight = straight_runs(recipe)[0]
-    cmd = lambda args: [sys.executable, os.path.join(HERE, "pretrain.py"), *map(str, args), "--data", str(corpus),
-                        "--recipe", recipe, "--out", str(tmp_path / "killed")]
+    cmd = lambda args: [
+        sys.executable,
+        os.path.join(HERE, "pretrain.py"),
+        *map(str, args),
+        "--data",
+        str(corpus),
+        "--recipe",
+        recipe,
+        "--out",
+        str(tmp_path / "killed"),
+    ]
     fold = tmp_path / "killed" / "ptapt" / "fold2"
-    run_killed_in_stages(cmd(PTAPT_RUN), [(fold / "teacher.state.pt", fold / "teacher.pt"),        # teacher
-                                          (fold / "teacher.pt", fold / "labels.pt"),                # k-means
-                                          (fold / "ptapt.state.pt", fold / "pretrained.pt")], rng)  # pseudo-labels
+    run_killed_in_stages(
+        cmd(PTAPT_RUN),
+        [
+            (fold / "teacher.state.pt", fold / "teacher.pt"),  # teacher
+            (fold / "teacher.pt", fold / "labels.pt"),  # k-means
+            (fold / "ptapt.state.pt", fold / "pretrained.pt"),
+        ],
+        rng,
+    )  # pseudo-labels
     tfold = tmp_path / "killed" / "tapt" / "fold2"
     run_killed_in_stages(cmd(TAPT_RUN), [(tfold / "tapt.state.pt", tfold / "pretrained.pt")], rng)
     for f in ("ptapt/fold2/teacher.pt", "ptapt/fold2/pretrained.pt", "tapt/fold2/pretrained.pt"):
         assert_same_weights(straight / f, tmp_path / "killed" / f, atol=0)
     a, b = load_labels(straight / "ptapt/fold2/labels.pt"), load_labels(fold / "labels.pt")
     assert all(torch.equal(a["labels"][k], b["labels"][k]) for k in a["labels"])
-    for name in ("ptapt/fold2/teacher", "ptapt/fold2/ptapt", "tapt/fold2/tapt"):  # the last epoch's loss
-        assert read_log(straight / f"{name}.log.jsonl")[-1]["loss"] == read_log(
-            tmp_path / "killed" / f"{name}.log.jsonl")[-1]["loss"]
+    for name in (
+        "ptapt/fold2/teacher",
+        "ptapt/fold2/ptapt",
+        "tapt/fold2/tapt",
+    ):  # the last epoch's loss
+        assert (
+            read_log(straight / f"{name}.log.jsonl")[-1]["loss"]
+            == read_log(tmp_path / "killed" / f"{name}.log.jsonl")[-1]["loss"]
+        )
     assert not list((tmp_path / "killed").rglob("*.state.pt*"))
 
 
@@ -2550,16 +3684,25 @@ def test_damaged_resume_point_falls_back_to_the_previous_one(tmp_path, capsys):
     assert T.load_training_state(path) is None and not os.listdir(tmp_path)
 
 
-def test_unwritable_or_full_output_folder_fails_before_training(corpus, tmp_path, monkeypatch, capsys):
+def test_unwritable_or_full_output_folder_fails_before_training(
+    corpus, tmp_path, monkeypatch, capsys
+):
     import finetune
+
     (tmp_path / "a-file").write_text("")
     for out in (tmp_path / "a-file", "/proc/no-such-folder"):
         r = script("finetune.py", "--fold", 1, "--data", corpus, "--out", out, *TINY_RUN)
-        assert r.returncode == 2 and "cannot write to the output folder" in r.stderr, r.stderr[-2000:]
+        assert r.returncode == 2 and "cannot write to the output folder" in r.stderr, r.stderr[
+            -2000:
+        ]
         assert "Traceback" not in r.stderr
-    monkeypatch.setattr(T.shutil, "disk_usage", lambda path: argparse.Namespace(total=10 ** 6, used=0, free=1000))
+    monkeypatch.setattr(
+        T.shutil, "disk_usage", lambda path: argparse.Namespace(total=10**6, used=0, free=1000)
+    )
     with pytest.raises(SystemExit) as e:
-        finetune.main(list(map(str, ["--fold", 1, "--data", corpus, "--out", tmp_path / "full", *TINY_RUN])))
+        finetune.main(
+            list(map(str, ["--fold", 1, "--data", corpus, "--out", tmp_path / "full", *TINY_RUN]))
+        )
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "GiB free" in err and "checkpoints need about" in err
@@ -2569,62 +3712,147 @@ def test_unwritable_or_full_output_folder_fails_before_training(corpus, tmp_path
 # ----------------------------------------------------------------------------- bad input: one line, exit 2, nothing written
 
 BAD_ARGUMENTS = [  # (script, flags, what the one line must name)
-    ("finetune", ["--batch-size", "0"], "--batch-size"), ("finetune", ["--batch-size", "-1"], "--batch-size"),
-    ("finetune", ["--lr", "nan"], "--lr"), ("finetune", ["--lr", "-1"], "--lr"),
-    ("finetune", ["--max-seconds", "0"], "--max-seconds"), ("finetune", ["--workers", "-1"], "--workers"),
-    ("finetune", ["--epochs", "0"], "--epochs"), ("finetune", ["--runs", "0"], "--runs"),
-    ("finetune", ["--time-mask-prob", "2"], "--time-mask-prob"), ("finetune", ["--fold", "6"], "--fold"),
-    ("finetune", ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
-    ("pretrain", ["--save-every", "0"], "--save-every"), ("pretrain", ["--updates", "0"], "--updates"),
-    ("pretrain", ["--teacher-updates", "0"], "--teacher-updates"), ("pretrain", ["--ks", "4", "4"], "--ks"),
+    ("finetune", ["--batch-size", "0"], "--batch-size"),
+    ("finetune", ["--batch-size", "-1"], "--batch-size"),
+    ("finetune", ["--lr", "nan"], "--lr"),
+    ("finetune", ["--lr", "-1"], "--lr"),
+    ("finetune", ["--max-seconds", "0"], "--max-seconds"),
+    ("finetune", ["--workers", "-1"], "--workers"),
+    ("finetune", ["--epochs", "0"], "--epochs"),
+    ("finetune", ["--runs", "0"], "--runs"),
+    ("finetune", ["--time-mask-prob", "2"], "--time-mask-prob"),
+    ("finetune", ["--fold", "6"], "--fold"),
+    (
+        "finetune",
+        ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"],
+        "device",
+    ),
+    ("pretrain", ["--save-every", "0"], "--save-every"),
+    ("pretrain", ["--updates", "0"], "--updates"),
+    ("pretrain", ["--teacher-updates", "0"], "--teacher-updates"),
+    ("pretrain", ["--ks", "4", "4"], "--ks"),
     ("pretrain", ["--warmup", "50", "--updates", "10"], "--warmup"),
-    ("pretrain", ["--feature-penalty", "nan"], "--feature-penalty"), ("pretrain", ["--mask-prob", "1.5"], "--mask-prob"),
-    ("evaluate", ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"], "device"),
+    ("pretrain", ["--feature-penalty", "nan"], "--feature-penalty"),
+    ("pretrain", ["--mask-prob", "1.5"], "--mask-prob"),
+    (
+        "evaluate",
+        ["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "tpu"],
+        "device",
+    ),
     ("pretrain", ["--mode", "kmeans", "--ks", "0"], "--ks"),
     ("pretrain", ["--mode", "kmeans", "--kmeans-iters", "0"], "--kmeans-iters"),
 ]
 
 
-@pytest.mark.parametrize("name, flags, named", BAD_ARGUMENTS, ids=[f"{s} {' '.join(f)}" for s, f, _ in BAD_ARGUMENTS])
+@pytest.mark.parametrize(
+    "name, flags, named", BAD_ARGUMENTS, ids=[f"{s} {' '.join(f)}" for s, f, _ in BAD_ARGUMENTS]
+)
 def test_bad_argument_is_one_line_and_writes_nothing(name, flags, named, corpus, tmp_path, capsys):
     import evaluate
     import finetune
+
     out = tmp_path / "runs"
-    argv = {"finetune": ["--data", corpus, "--fold", "1", "--out", out, *TINY_RUN],
-            "pretrain": ["--mode", "ptapt", "--data", corpus, "--fold", "1", "--out", out, "--checkpoint",
-                         "random-tiny", "--no-progress"],
-            "evaluate": ["--checkpoint", tmp_path / "model.pt", "--predict", tmp_path / "a.wav"]}[name]
+    argv = {
+        "finetune": ["--data", corpus, "--fold", "1", "--out", out, *TINY_RUN],
+        "pretrain": [
+            "--mode",
+            "ptapt",
+            "--data",
+            corpus,
+            "--fold",
+            "1",
+            "--out",
+            out,
+            "--checkpoint",
+            "random-tiny",
+            "--no-progress",
+        ],
+        "evaluate": ["--checkpoint", tmp_path / "model.pt", "--predict", tmp_path / "a.wav"],
+    }[name]
     with pytest.raises(SystemExit) as e:
-        {"finetune": finetune, "pretrain": P, "evaluate": evaluate}[name].main(list(map(str, argv + flags)))
+        {"finetune": finetune, "pretrain": P, "evaluate": evaluate}[name].main(
+            list(map(str, argv + flags))
+        )
     err = capsys.readouterr().err.strip().splitlines()
-    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and named in err[0], err
+    assert (
+        e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and named in err[0]
+    ), err
     assert not out.exists()
 
 
 def test_runs_that_would_train_on_nothing_are_refused_and_the_fix_is_not_blocked(corpus, tmp_path):
     """A batch larger than the training set (the last partial batch is dropped), a mistyped checkpoint:
     refused before any training, and the corrected command then runs in the same folder."""
-    args = ["--fold", 1, "--data", corpus, "--out", tmp_path, "--epochs", 1, "--train-fraction", 0.25, *TINY_RUN]
+    args = [
+        "--fold",
+        1,
+        "--data",
+        corpus,
+        "--out",
+        tmp_path,
+        "--epochs",
+        1,
+        "--train-fraction",
+        0.25,
+        *TINY_RUN,
+    ]
     r = script("finetune.py", *args, "--batch-size", 1000)
-    assert r.returncode == 2 and "no full batch of 1000 utterances" in r.stderr and "Traceback" not in r.stderr
+    assert (
+        r.returncode == 2
+        and "no full batch of 1000 utterances" in r.stderr
+        and "Traceback" not in r.stderr
+    )
     r = script("finetune.py", *args, "--checkpoint", tmp_path / "wav2vec_smal.pt")
     assert r.returncode == 2 and "wav2vec_smal.pt" in r.stderr and "Traceback" not in r.stderr
     r = script("finetune.py", *args)
     assert r.returncode == 0, r.stderr[-2000:]
-    r = script("pretrain.py", "--mode", "tapt", "--fold", 1, "--data", corpus, "--out", tmp_path, "--checkpoint",
-               "random-tiny", "--workers", 0, "--no-progress", "--batch-size", 1000, "--updates", 2, "--warmup", 1)
+    r = script(
+        "pretrain.py",
+        "--mode",
+        "tapt",
+        "--fold",
+        1,
+        "--data",
+        corpus,
+        "--out",
+        tmp_path,
+        "--checkpoint",
+        "random-tiny",
+        "--workers",
+        0,
+        "--no-progress",
+        "--batch-size",
+        1000,
+        "--updates",
+        2,
+        "--warmup",
+        1,
+    )
     assert r.returncode == 2 and "no full batch" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_ptapt_checks_k_before_the_teacher_and_keeps_a_finished_teacher(corpus, straight_runs, tmp_path):
+def test_ptapt_checks_k_before_the_teacher_and_keeps_a_finished_teacher(
+    corpus, straight_runs, tmp_path
+):
     common = [*PTAPT_RUN, "--data", corpus, "--out", tmp_path]  # (a later --ks wins)
     fold = tmp_path / "ptapt" / "fold2"
-    r = script("pretrain.py", *common, "--ks", 10 ** 7)  # K larger than the number of frames
-    assert r.returncode == 2 and "10000000" in r.stderr and "frames" in r.stderr and "Traceback" not in r.stderr
-    assert not (fold / "teacher.pt").exists() and not (fold / "teacher.log.jsonl").exists()  # found before training
-    shutil.copytree(straight_runs("release")[0] / "ptapt" / "fold2", fold, dirs_exist_ok=True)  # finished, K = 4, 16
+    r = script("pretrain.py", *common, "--ks", 10**7)  # K larger than the number of frames
+    assert (
+        r.returncode == 2
+        and "10000000" in r.stderr
+        and "frames" in r.stderr
+        and "Traceback" not in r.stderr
+    )
+    assert (
+        not (fold / "teacher.pt").exists() and not (fold / "teacher.log.jsonl").exists()
+    )  # found before training
+    shutil.copytree(
+        straight_runs("release")[0] / "ptapt" / "fold2", fold, dirs_exist_ok=True
+    )  # finished, K = 4, 16
     teacher = (fold / "teacher.pt").stat().st_mtime_ns
-    r = script("pretrain.py", *common, "--ks", 8)  # labels.pt and pretrained.pt were computed with K = 4, 16
+    r = script(
+        "pretrain.py", *common, "--ks", 8
+    )  # labels.pt and pretrained.pt were computed with K = 4, 16
     assert r.returncode == 2 and "labels.pt" in r.stderr and "pretrained.pt" in r.stderr
     assert "teacher.pt" not in r.stderr
     for name in ("labels.pt", "pretrained.pt", "ptapt.log.jsonl"):
@@ -2642,10 +3870,23 @@ def test_nan_wav_read_by_a_worker_is_one_line(corpus, tmp_path):
     x, sr = sf.read(wav, dtype="float32")
     x[100] = np.nan
     sf.write(wav, x, sr, subtype="FLOAT")
-    r = script("finetune.py", "--fold", 1, "--data", broken, "--out", tmp_path, *TINY_RUN[:-4], "--workers", 2,
-               "--no-progress")
+    r = script(
+        "finetune.py",
+        "--fold",
+        1,
+        "--data",
+        broken,
+        "--out",
+        tmp_path,
+        *TINY_RUN[:-4],
+        "--workers",
+        2,
+        "--no-progress",
+    )
     err = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and err[-1] == f"error: {wav}: audio contains NaN or infinite samples", err[-5:]
+    assert (
+        r.returncode == 2 and err[-1] == f"error: {wav}: audio contains NaN or infinite samples"
+    ), err[-5:]
     assert "Traceback" not in r.stderr and "DataLoader worker" not in r.stderr
 
 
@@ -2654,11 +3895,25 @@ def test_a_run_folder_is_locked(corpus, tmp_path):
     run = tmp_path / "vft" / "fold1" / "run0"
     run.mkdir(parents=True)
     (run / "lock").write_text(f"{os.getpid()} {socket.gethostname()}")  # this test's process: alive
-    args = ["--fold", 1, "--data", corpus, "--out", tmp_path, "--epochs", 1, "--train-fraction", 0.25, *TINY_RUN]
+    args = [
+        "--fold",
+        1,
+        "--data",
+        corpus,
+        "--out",
+        tmp_path,
+        "--epochs",
+        1,
+        "--train-fraction",
+        0.25,
+        *TINY_RUN,
+    ]
     r = script("finetune.py", *args)
     assert r.returncode == 2 and "in use by process" in r.stderr and str(os.getpid()) in r.stderr
     assert not (run / "config.json").exists()
-    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
     (run / "lock").write_text(f"{ended.stdout.strip()} {socket.gethostname()}")
     r = script("finetune.py", *args)
     assert r.returncode == 0 and "has ended; taking over" in r.stderr, r.stderr[-2000:]
@@ -2670,37 +3925,97 @@ def test_booby_trapped_resume_point_of_every_stage_is_never_run(corpus, tmp_path
     marker = tmp_path / "ran"
     run = {"vft": tmp_path / "vft" / "fold1" / "run0"}.get(mode, tmp_path / mode / "fold1")
     run.mkdir(parents=True)
-    stages = {"vft": ["state.pt"], "tapt": ["tapt.state.pt"], "ptapt": ["teacher.state.pt", "ptapt.state.pt"]}[mode]
+    stages = {
+        "vft": ["state.pt"],
+        "tapt": ["tapt.state.pt"],
+        "ptapt": ["teacher.state.pt", "ptapt.state.pt"],
+    }[mode]
     for name in stages:
         torch.save({"position": RunsCommand(f"touch {marker}")}, run / name)
-    common = ["--fold", 1, "--data", corpus, "--out", tmp_path, "--batch-size", 8, "--workers", 0, "--no-progress"]
+    common = [
+        "--fold",
+        1,
+        "--data",
+        corpus,
+        "--out",
+        tmp_path,
+        "--batch-size",
+        8,
+        "--workers",
+        0,
+        "--no-progress",
+    ]
     if mode == "vft":
-        r = script("finetune.py", *common, "--epochs", 1, "--train-fraction", 0.25, "--checkpoint", "random-tiny")
+        r = script(
+            "finetune.py",
+            *common,
+            "--epochs",
+            1,
+            "--train-fraction",
+            0.25,
+            "--checkpoint",
+            "random-tiny",
+        )
     else:
-        r = script("pretrain.py", "--mode", mode, *common, "--checkpoint", "random-tiny", "--updates", 2,
-                   "--teacher-updates", 2, "--warmup", 1, "--ks", 4)
+        r = script(
+            "pretrain.py",
+            "--mode",
+            mode,
+            *common,
+            "--checkpoint",
+            "random-tiny",
+            "--updates",
+            2,
+            "--teacher-updates",
+            2,
+            "--warmup",
+            1,
+            "--ks",
+            4,
+        )
     assert r.returncode == 0, r.stderr[-2000:]
     assert not marker.exists()
     for name in stages:
         assert f"{name} is unreadable or not a resume point" in r.stderr
 
 
-def test_a_failed_save_is_one_line_and_the_rerun_logs_each_epoch_once(corpus, tmp_path, monkeypatch, capsys):
+def test_a_failed_save_is_one_line_and_the_rerun_logs_each_epoch_once(
+    corpus, tmp_path, monkeypatch, capsys
+):
     """torch.save reports a full disk as a RuntimeError: one line saying what was kept; the epoch whose
     save failed runs again and is logged once."""
     import finetune
+
     real, calls = C.save_atomic, []
 
     def full_disk(obj, path):
         calls.append(path)
         if len(calls) == 2:
-            raise RuntimeError("[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
-                               "data/3: file write failed")
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:778] . PytorchStreamWriter failed writing file "
+                "data/3: file write failed"
+            )
         real(obj, path)
 
     monkeypatch.setattr(T, "save_atomic", full_disk)
-    argv = list(map(str, ["--fold", 1, "--data", corpus, "--out", tmp_path, "--epochs", 3, "--train-fraction", 0.25,
-                          *TINY_RUN]))
+    argv = list(
+        map(
+            str,
+            [
+                "--fold",
+                1,
+                "--data",
+                corpus,
+                "--out",
+                tmp_path,
+                "--epochs",
+                3,
+                "--train-fraction",
+                0.25,
+                *TINY_RUN,
+            ],
+        )
+    )
     with pytest.raises(SystemExit) as e:
         finetune.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
@@ -2716,11 +4031,19 @@ def test_ctrl_c_while_the_quick_start_writes_its_corpus(tmp_path):
     """Interrupted: one line, exit 130, no half-written corpus; the rerun writes it again."""
     corpus_dir = tmp_path / "synth"
     # Ctrl-C's default action in the child, whatever the test process inherited (an ignored SIGINT is inherited)
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "synth.py"), corpus_dir], text=True,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    p = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "synth.py"), corpus_dir],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 60
-    while not (tmp_path / "synth.partial" / "Session2").exists() and time.time() < deadline and p.poll() is None:
+    while (
+        not (tmp_path / "synth.partial" / "Session2").exists()
+        and time.time() < deadline
+        and p.poll() is None
+    ):
         time.sleep(0.01)
     assert p.poll() is None, f"synth.py ended before it was interrupted: {p.communicate()}"
     p.send_signal(signal.SIGINT)
@@ -2735,9 +4058,17 @@ def test_a_closed_pipe_is_quiet(corpus, vft_run):
     """`python data.py --data ... | head`: no BrokenPipeError traceback; evaluate.py writes results.json first."""
     run_dir, _ = vft_run
     results = run_dir.parent.parent / "results.json"
-    for cmd in ([os.path.join(HERE, "data.py"), "--data", corpus], [os.path.join(HERE, "evaluate.py"), run_dir.parent.parent]):
+    for cmd in (
+        [os.path.join(HERE, "data.py"), "--data", corpus],
+        [os.path.join(HERE, "evaluate.py"), run_dir.parent.parent],
+    ):
         # `true` has exited before Python has imported torch: the first write meets a closed pipe
-        p = subprocess.run(f"{sys.executable} {' '.join(map(str, cmd))} | true", shell=True, capture_output=True, text=True)
+        p = subprocess.run(
+            f"{sys.executable} {' '.join(map(str, cmd))} | true",
+            shell=True,
+            capture_output=True,
+            text=True,
+        )
         assert p.stderr == "", p.stderr
     assert json.loads(results.read_text())["folds"]["1"]["runs"] == 1
 
@@ -2747,9 +4078,21 @@ def test_a_closed_pipe_is_quiet(corpus, vft_run):
 
 
 def torchrun(name, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(HERE, name), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=ONE_THREAD)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            os.path.join(HERE, name),
+            *map(str, args),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ONE_THREAD,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -2757,7 +4100,13 @@ def deterministic_tiny(tmp_path_factory):
     """The quick start's tiny model without dropout: a run is then a function of data, masks and
     seed alone, so one process and two can be compared weight for weight."""
     cfg = T.tiny_random_config()
-    for k in ("dropout", "attention_dropout", "activation_dropout", "dropout_input", "dropout_features"):
+    for k in (
+        "dropout",
+        "attention_dropout",
+        "activation_dropout",
+        "dropout_input",
+        "dropout_features",
+    ):
         setattr(cfg, k, 0.0)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny-no-dropout.pt"
@@ -2786,19 +4135,51 @@ def assert_same_logs(a, b):
 def test_torchrun_finetuning_equals_one_process(corpus, deterministic_tiny, tmp_path, recipe):
     """In the release recipe each process pads its share to the whole batch's longest utterance and the
     span count is the batch's: the two processes still compute the one-process updates."""
-    args = ["--fold", 1, "--data", corpus, "--checkpoint", deterministic_tiny, "--epochs", 2, "--train-fraction", 0.25,
-            "--batch-size", 8, "--lr", "5e-4", "--channel-mask-span", 8, "--workers", 0, "--no-progress",
-            "--device", "cpu", "--recipe", recipe]
+    args = [
+        "--fold",
+        1,
+        "--data",
+        corpus,
+        "--checkpoint",
+        deterministic_tiny,
+        "--epochs",
+        2,
+        "--train-fraction",
+        0.25,
+        "--batch-size",
+        8,
+        "--lr",
+        "5e-4",
+        "--channel-mask-span",
+        8,
+        "--workers",
+        0,
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--recipe",
+        recipe,
+    ]
     one = script("finetune.py", *args, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun("finetune.py", *args, "--out", tmp_path / "two")
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = tmp_path / "one" / "vft" / "fold1" / "run0", tmp_path / "two" / "vft" / "fold1" / "run0"
-    assert [r["update"] for r in read_log(a / "log.jsonl")] == [3, 6]  # 24 utterances / batch 8, per epoch
+    assert [r["update"] for r in read_log(a / "log.jsonl")] == [
+        3,
+        6,
+    ]  # 24 utterances / batch 8, per epoch
     assert_same_logs(a / "log.jsonl", b / "log.jsonl")
     assert_same_weights(a / "model.pt", b / "model.pt", atol=1e-4)
-    assert (a / "predictions.csv").read_text().count("\n") == (b / "predictions.csv").read_text().count("\n") == 25
-    ma, mb = json.loads((a / "metrics.json").read_text()), json.loads((b / "metrics.json").read_text())
+    assert (
+        (a / "predictions.csv").read_text().count("\n")
+        == (b / "predictions.csv").read_text().count("\n")
+        == 25
+    )
+    ma, mb = (
+        json.loads((a / "metrics.json").read_text()),
+        json.loads((b / "metrics.json").read_text()),
+    )
     assert ma["confusion"] == mb["confusion"]
     assert two.stdout.count("UA ") == 1  # rank 0 reports, once
 
@@ -2808,9 +4189,37 @@ def test_torchrun_ptapt_equals_one_process(corpus, deterministic_tiny, tmp_path,
     """Teacher, k-means (sharded extraction, all-reduced centroids) and pseudo-label pretraining.
     The second torchrun run starts from the one-process teacher, so k-means sees identical features."""
     import shutil
-    args = ["--mode", "ptapt", "--fold", 1, "--data", corpus, "--checkpoint", deterministic_tiny, "--updates", 4,
-            "--teacher-updates", 4, "--ks", 4, 8, "--batch-size", 8, "--warmup", 2, "--lr", "5e-4", "--workers", 0,
-            "--no-progress", "--device", "cpu", "--recipe", recipe]
+
+    args = [
+        "--mode",
+        "ptapt",
+        "--fold",
+        1,
+        "--data",
+        corpus,
+        "--checkpoint",
+        deterministic_tiny,
+        "--updates",
+        4,
+        "--teacher-updates",
+        4,
+        "--ks",
+        4,
+        8,
+        "--batch-size",
+        8,
+        "--warmup",
+        2,
+        "--lr",
+        "5e-4",
+        "--workers",
+        0,
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--recipe",
+        recipe,
+    ]
     one = script("pretrain.py", *args, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun("pretrain.py", *args, "--out", tmp_path / "two")
@@ -2824,7 +4233,9 @@ def test_torchrun_ptapt_equals_one_process(corpus, deterministic_tiny, tmp_path,
     three = torchrun("pretrain.py", *args, "--out", tmp_path / "three")
     assert three.returncode == 0, three.stderr[-3000:]
     la, lc = load_labels(a / "labels.pt"), load_labels(c / "labels.pt")
-    assert la["uids"] == lc["uids"] and torch.equal(torch.as_tensor(la["frame_counts"]), torch.as_tensor(lc["frame_counts"]))
+    assert la["uids"] == lc["uids"] and torch.equal(
+        torch.as_tensor(la["frame_counts"]), torch.as_tensor(lc["frame_counts"])
+    )
     for k in la["labels"]:
         assert torch.equal(la["labels"][k], lc["labels"][k])
     assert_same_logs(a / "ptapt.log.jsonl", c / "ptapt.log.jsonl")
@@ -2837,9 +4248,33 @@ def test_same_command_same_log_bytes_even_beside_busy_processes(corpus, tmp_path
     busy processes (descheduled threads change the order of any atomic adds): the logs and the model
     are the same bytes. Before the distractors went through index_select, the second run's loss moved
     in the 7th digit within 5 updates under load."""
-    args = ["--mode", "tapt", "--recipe", recipe, "--fold", 1, "--data", corpus, "--checkpoint", "random-tiny",
-            "--updates", 16, "--warmup", 4, "--batch-size", 8, "--max-seconds", 2, "--lr", "2e-3", "--workers", 0,
-            "--no-progress", "--device", "cpu"]
+    args = [
+        "--mode",
+        "tapt",
+        "--recipe",
+        recipe,
+        "--fold",
+        1,
+        "--data",
+        corpus,
+        "--checkpoint",
+        "random-tiny",
+        "--updates",
+        16,
+        "--warmup",
+        4,
+        "--batch-size",
+        8,
+        "--max-seconds",
+        2,
+        "--lr",
+        "2e-3",
+        "--workers",
+        0,
+        "--no-progress",
+        "--device",
+        "cpu",
+    ]
     quiet = script("pretrain.py", *args, "--out", tmp_path / "quiet")
     assert quiet.returncode == 0, quiet.stderr[-3000:]
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
@@ -2859,9 +4294,31 @@ def test_same_command_same_log_bytes_even_beside_busy_processes(corpus, tmp_path
 def test_torchrun_tapt_runs_the_same_updates(corpus, tmp_path):
     """TAPT's Gumbel noise and per-process codebook perplexity (as in fairseq's multi-GPU runs) make
     two processes differ from one; the run must still take the same updates and write one model."""
-    args = ["--mode", "tapt", "--fold", 1, "--data", corpus, "--checkpoint", "random-tiny", "--updates", 5,
-            "--batch-size", 8, "--warmup", 2, "--lr", "5e-4", "--workers", 0, "--no-progress", "--device", "cpu",
-            "--out", tmp_path]
+    args = [
+        "--mode",
+        "tapt",
+        "--fold",
+        1,
+        "--data",
+        corpus,
+        "--checkpoint",
+        "random-tiny",
+        "--updates",
+        5,
+        "--batch-size",
+        8,
+        "--warmup",
+        2,
+        "--lr",
+        "5e-4",
+        "--workers",
+        0,
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--out",
+        tmp_path,
+    ]
     two = torchrun("pretrain.py", *args)
     assert two.returncode == 0, two.stderr[-3000:]
     log = read_log(tmp_path / "tapt" / "fold1" / "tapt.log.jsonl")
@@ -2902,7 +4359,9 @@ def test_gpu_forward_matches_cpu():
     assert torch.equal(out_lengths.cpu(), ref_lengths)
     for i, n in enumerate(ref_lengths.tolist()):
         torch.testing.assert_close(out[i, :n].cpu(), ref[i, :n], atol=1e-4, rtol=1e-4)
-        assert float((low[i, :n].float().cpu() - ref[i, :n]).abs().max()) < 0.05 * float(ref[i, :n].abs().max())
+        assert float((low[i, :n].float().cpu() - ref[i, :n]).abs().max()) < 0.05 * float(
+            ref[i, :n].abs().max()
+        )
 
 
 @needs_gpu
@@ -2913,15 +4372,23 @@ def test_gpu_kmeans_matches_cpu(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     x = frames_like(6000, dim=384)
     init = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:32]].clone()
-    fit = lambda device: fit_kmeans(x, ks=(32,), iters=10, init=init, max_samples=BIG, device=device, progress=False)[32]
+    fit = lambda device: fit_kmeans(
+        x, ks=(32,), iters=10, init=init, max_samples=BIG, device=device, progress=False
+    )[32]
     cpu, gpu = fit("cpu"), fit("cuda")
     free, total = torch.cuda.mem_get_info()
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, total))  # as when they do not fit
+    monkeypatch.setattr(
+        torch.cuda, "mem_get_info", lambda device=None: (0, total)
+    )  # as when they do not fit
     streamed = fit("cuda")  # the frames stay on the CPU, chunks go to the GPU
     for r in (gpu, streamed):
         torch.testing.assert_close(r.centroids, cpu.centroids, atol=1e-3, rtol=0)
-        assert r.inertia[-1] == pytest.approx(cpu.inertia[-1], rel=1e-5) and r.counts.sum() == len(x)
-    assert (assign(x, gpu.centroids, device="cuda") == assign(x, gpu.centroids, device="cpu")).float().mean() > 0.999
+        assert r.inertia[-1] == pytest.approx(cpu.inertia[-1], rel=1e-5) and r.counts.sum() == len(
+            x
+        )
+    assert (
+        assign(x, gpu.centroids, device="cuda") == assign(x, gpu.centroids, device="cpu")
+    ).float().mean() > 0.999
 
 
 @needs_gpu
@@ -2931,21 +4398,50 @@ def test_gpu_training_scripts_run(corpus, tmp_path):
     common = ["--fold", 1, "--data", corpus, "--out", tmp_path, "--device", "cuda"]
     r = script("finetune.py", *common, "--epochs", 2, "--train-fraction", 0.5, *TINY_RUN)
     assert r.returncode == 0, r.stderr[-3000:]
-    pre = [*common, "--checkpoint", "random-tiny", "--batch-size", 4, "--warmup", 1, "--workers", 0, "--no-progress"]
+    pre = [
+        *common,
+        "--checkpoint",
+        "random-tiny",
+        "--batch-size",
+        4,
+        "--warmup",
+        1,
+        "--workers",
+        0,
+        "--no-progress",
+    ]
     r = script("pretrain.py", "--mode", "tapt", "--updates", 3, *pre)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = script("pretrain.py", "--mode", "ptapt", "--updates", 3, "--teacher-updates", 3, "--ks", 4, 8, *pre)
+    r = script(
+        "pretrain.py", "--mode", "ptapt", "--updates", 3, "--teacher-updates", 3, "--ks", 4, 8, *pre
+    )
     assert r.returncode == 0, r.stderr[-3000:]
-    logs = [tmp_path / "vft" / "fold1" / "run0" / "log.jsonl", tmp_path / "tapt" / "fold1" / "tapt.log.jsonl",
-            tmp_path / "ptapt" / "fold1" / "teacher.log.jsonl", tmp_path / "ptapt" / "fold1" / "ptapt.log.jsonl"]
+    logs = [
+        tmp_path / "vft" / "fold1" / "run0" / "log.jsonl",
+        tmp_path / "tapt" / "fold1" / "tapt.log.jsonl",
+        tmp_path / "ptapt" / "fold1" / "teacher.log.jsonl",
+        tmp_path / "ptapt" / "fold1" / "ptapt.log.jsonl",
+    ]
     for log in logs:
         assert all(math.isfinite(row["loss"]) for row in read_log(log)), log
     run_dir = tmp_path / "vft" / "fold1" / "run0"
-    r = script("evaluate.py", "--checkpoint", run_dir / "model.pt", "--data", corpus, "--fold", 1, "--device", "cuda")
+    r = script(
+        "evaluate.py",
+        "--checkpoint",
+        run_dir / "model.pt",
+        "--data",
+        corpus,
+        "--fold",
+        1,
+        "--device",
+        "cuda",
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     again = json.loads(r.stdout.strip().splitlines()[-1])
     # (the run tested under bf16 autocast, evaluate.py in float32: a near-tie may flip, 1 of 24 is 0.042 of UA)
-    assert again["ua"] == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["ua"], abs=0.15)
+    assert again["ua"] == pytest.approx(
+        json.loads((run_dir / "metrics.json").read_text())["ua"], abs=0.15
+    )
 
 
 @needs_gpu
@@ -2953,9 +4449,26 @@ def test_gpu_bench_small_runs(tmp_path):
     """bench.py's GPU paths (CUDA timing and peak memory, bf16, fused Adam, pinned copies, MFU) run end
     to end at the small scale; the numbers themselves belong in BENCHMARKS.md, not here."""
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--small", "--device", "cuda", "--cases",
-                        "1,3,4,5,6,7", "--repeats", "2", "--warmup", "1", "--json", str(out)],
-                       capture_output=True, text=True, timeout=480)
+    r = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "bench.py"),
+            "--small",
+            "--device",
+            "cuda",
+            "--cases",
+            "1,3,4,5,6,7",
+            "--repeats",
+            "2",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=480,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
     mfu = [row["mfu"] for row in results["6"]["rows"]]

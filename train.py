@@ -30,8 +30,28 @@ from model import Wav2Vec2, Wav2Vec2Config
 # -----------------------------------------------------------------------------
 # the training loop every stage uses
 
-def train(model, params, batch_loss, dataset, sampler, *, updates, lr, schedule, device, precision, run_dir, name,
-          save_every, desc, workers, progress, on_update=None, on_epoch_end=None):
+
+def train(
+    model,
+    params,
+    batch_loss,
+    dataset,
+    sampler,
+    *,
+    updates,
+    lr,
+    schedule,
+    device,
+    precision,
+    run_dir,
+    name,
+    save_every,
+    desc,
+    workers,
+    progress,
+    on_update=None,
+    on_epoch_end=None,
+):
     """Adam (no weight decay) on `params` for `updates` updates at lr * schedule(update), under autocast
     (with a gradient scaler for fp16). batch_loss(batch, update) returns [(sum, count)] terms over this
     process's share of the batch; the update minimises sum_t (sum_t over processes) / (count_t over
@@ -43,14 +63,29 @@ def train(model, params, batch_loss, dataset, sampler, *, updates, lr, schedule,
     dtype = autocast_dtype(device, precision)
     opt = torch.optim.Adam(params, lr=lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ckpt = Checkpoint(os.path.join(run_dir, f"{name}state.pt"), model, opt, scaler, device, params, desc)
-    pos = ckpt.load()  # update, epoch, batch_in_epoch, and the epoch's running sums of loss, updates, audio seconds
+    ckpt = Checkpoint(
+        os.path.join(run_dir, f"{name}state.pt"), model, opt, scaler, device, params, desc
+    )
+    pos = (
+        ckpt.load()
+    )  # update, epoch, batch_in_epoch, and the epoch's running sums of loss, updates, audio seconds
     log_path = os.path.join(run_dir, f"{name}log.jsonl")
     for path in (log_path, timing_path(log_path)):
         trim_log(path, pos["update"])
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
-                                         generator=torch.Generator())  # its own: the global one drives dropout
-    bar = tqdm(total=updates, initial=pos["update"], desc=desc, unit="update", disable=not progress or world()[0])
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        generator=torch.Generator(),
+    )  # its own: the global one drives dropout
+    bar = tqdm(
+        total=updates,
+        initial=pos["update"],
+        desc=desc,
+        unit="update",
+        disable=not progress or world()[0],
+    )
     with StopRequested() as stop:
         while pos["update"] < updates:
             sampler.set_epoch(pos["epoch"], pos["batch_in_epoch"])
@@ -65,7 +100,9 @@ def train(model, params, batch_loss, dataset, sampler, *, updates, lr, schedule,
                     on_update(pos["update"])
                 with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                     terms = batch_loss(batch, pos["update"])
-                loss, logged = global_loss(terms, float(batch["lengths"].sum()) / SAMPLE_RATE, device)
+                loss, logged = global_loss(
+                    terms, float(batch["lengths"].sum()) / SAMPLE_RATE, device
+                )
                 opt.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 all_reduce_gradients(params)
@@ -82,7 +119,10 @@ def train(model, params, batch_loss, dataset, sampler, *, updates, lr, schedule,
                     ckpt.save(pos)
             else:
                 pos["epoch"], pos["batch_in_epoch"] = pos["epoch"] + 1, 0
-            if on_epoch_end is not None and pos["batch_in_epoch"] in (0, epoch_batches):  # whole epochs only
+            if on_epoch_end is not None and pos["batch_in_epoch"] in (
+                0,
+                epoch_batches,
+            ):  # whole epochs only
                 on_epoch_end(pos)
             log_epoch(log_path, pos, opt, time.time() - t0)
             ckpt.save(pos)
@@ -96,13 +136,18 @@ def global_loss(terms, audio_seconds, device):
     """The update's loss sum_t S_t / C_t, with the counts C_t summed over processes (each process's
     gradient of S_t / C_t is then summed by all_reduce_gradients). Also returns [loss, 1, audio seconds]
     of the whole batch for the log."""
-    values = torch.stack([s.detach().float() for s, _ in terms] + [torch.as_tensor(c).float().to(device) for _, c in terms]
-                         + [torch.tensor(audio_seconds, device=device)])
+    values = torch.stack(
+        [s.detach().float() for s, _ in terms]
+        + [torch.as_tensor(c).float().to(device) for _, c in terms]
+        + [torch.tensor(audio_seconds, device=device)]
+    )
     if world()[1] > 1:
         dist.all_reduce(values)
-    sums, counts = values[:len(terms)], values[len(terms):-1].clamp(min=1e-12)
+    sums, counts = values[: len(terms)], values[len(terms) : -1].clamp(min=1e-12)
     loss = sum(s / c for (s, _), c in zip(terms, counts))
-    return loss, torch.stack([(sums / counts).sum(), torch.ones_like(values[-1]), values[-1]]).detach()
+    return loss, torch.stack(
+        [(sums / counts).sum(), torch.ones_like(values[-1]), values[-1]]
+    ).detach()
 
 
 def log_epoch(path, pos, opt, seconds):
@@ -111,12 +156,19 @@ def log_epoch(path, pos, opt, seconds):
     figures, which no two runs share, go to the matching timing file (timing_path)."""
     loss, steps, audio = pos["running"].tolist()
     if world()[0] == 0 and steps:
-        record = {"update": pos["update"], "epoch": pos["epoch"] + (pos["batch_in_epoch"] > 0),
-                  "loss": loss / steps, "lr": opt.param_groups[0]["lr"]}
+        record = {
+            "update": pos["update"],
+            "epoch": pos["epoch"] + (pos["batch_in_epoch"] > 0),
+            "loss": loss / steps,
+            "lr": opt.param_groups[0]["lr"],
+        }
         if pos["batch_in_epoch"] > 0:
             record["partial"] = f"{int(steps)} updates"
-        timing = {"update": pos["update"], "seconds": round(seconds, 2),
-                  "audio_seconds_per_second": round(audio / seconds, 1)}
+        timing = {
+            "update": pos["update"],
+            "seconds": round(seconds, 2),
+            "audio_seconds_per_second": round(audio / seconds, 1),
+        }
         for file, line in ((path, record), (timing_path(path), timing)):
             with open(file, "a") as f:
                 f.write(json.dumps(line) + "\n")
@@ -142,19 +194,31 @@ def train_batches(lengths, batch_size, max_batch_seconds, bucket, seed, batch_se
     """The epoch's batches of batch_size utterances in all (the recipe's global batch; or the release's
     dynamic batches of batch_seconds of audio), this process taking utterances rank, rank + N, ... of each."""
     rank, world_size = world()
-    sampler = BucketBatchSampler(lengths, batch_size=batch_size, max_batch_seconds=max_batch_seconds, bucket=bucket,
-                                 seed=seed, num_replicas=world_size, rank=rank, batch_seconds=batch_seconds)
+    sampler = BucketBatchSampler(
+        lengths,
+        batch_size=batch_size,
+        max_batch_seconds=max_batch_seconds,
+        bucket=bucket,
+        seed=seed,
+        num_replicas=world_size,
+        rank=rank,
+        batch_seconds=batch_seconds,
+    )
     if len(sampler) == 0:  # the last partial batch is dropped: nothing would be trained
-        raise DataError(f"the {len(lengths)} training utterances make no full batch of "
-                        + (f"{batch_seconds:g} s of audio" if batch_seconds else f"{batch_size} utterances")
-                        + ": lower --batch-size")
+        raise DataError(
+            f"the {len(lengths)} training utterances make no full batch of "
+            + (f"{batch_seconds:g} s of audio" if batch_seconds else f"{batch_size} utterances")
+            + ": lower --batch-size"
+        )
     return sampler
 
 
 def utterance_rng(seed, update, index):
     """One generator per utterance per update for its masks, negatives and crops (index -1: the
     batch's own): they then depend neither on the number of processes nor on a resume."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + update) * 1_000_003 + int(index)) % 2 ** 63)
+    return torch.Generator().manual_seed(
+        ((seed * 1_000_003 + update) * 1_000_003 + int(index)) % 2**63
+    )
 
 
 def pad_to_whole_batch(wav):
@@ -192,9 +256,20 @@ def class_weights(labels, num_classes):
 
 def tiny_random_config():
     """A small wav2vec 2.0 for the quick start and tests: same architecture, fewer channels."""
-    return Wav2Vec2Config(conv_layers=[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2, embed_dim=96,
-                          ffn_dim=192, num_layers=2, num_heads=4, pos_conv_kernel=16, pos_conv_groups=4,
-                          final_dim=64, latent_vars=32, dropout=0.1, attention_dropout=0.1, layerdrop=0.0)
+    return Wav2Vec2Config(
+        conv_layers=[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2,
+        embed_dim=96,
+        ffn_dim=192,
+        num_layers=2,
+        num_heads=4,
+        pos_conv_kernel=16,
+        pos_conv_groups=4,
+        final_dim=64,
+        latent_vars=32,
+        dropout=0.1,
+        attention_dropout=0.1,
+        layerdrop=0.0,
+    )
 
 
 def load_backbone(source, seed):
@@ -203,8 +278,10 @@ def load_backbone(source, seed):
         torch.manual_seed(seed)
         return Wav2Vec2(tiny_random_config())
     if source is None:
-        raise DataError("give --checkpoint (a fairseq wav2vec 2.0 .pt, e.g. wav2vec_small.pt, or a Hugging Face "
-                        "wav2vec 2.0 folder) or --init")
+        raise DataError(
+            "give --checkpoint (a fairseq wav2vec 2.0 .pt, e.g. wav2vec_small.pt, or a Hugging Face "
+            "wav2vec 2.0 folder) or --init"
+        )
     try:
         return load_wav2vec2(source)
     except CheckpointError as e:
@@ -214,40 +291,60 @@ def load_backbone(source, seed):
 # -----------------------------------------------------------------------------
 # engineering: resumable state, interruption, torchrun, run folders
 
+
 class Checkpoint:
     """A stage's resumable state: model, optimizer, grad scaler, every process's random state, the position in
     the epoch. Rank 0 reads and writes it (only its disk needs the run folder) and sends it to the others."""
 
     def __init__(self, path, model, opt, scaler, device, params, desc):
-        self.path, self.model, self.opt, self.scaler, self.device, self.desc = path, model, opt, scaler, device, desc
+        self.path, self.model, self.opt, self.scaler, self.device, self.desc = (
+            path,
+            model,
+            opt,
+            scaler,
+            device,
+            desc,
+        )
         if world()[0] == 0:
-            check_output_dir(os.path.dirname(os.path.abspath(path)), checkpoint_bytes(model, params))
+            check_output_dir(
+                os.path.dirname(os.path.abspath(path)), checkpoint_bytes(model, params)
+            )
 
     def load(self):
         rank, world_size = world()
         shared = [load_training_state(self.path) if rank == 0 else None]
         if world_size > 1:
             dist.broadcast_object_list(shared, src=0)
-            if rank > 0:  # dropout differs between processes, as their data do; rank 0 draws what one process draws
+            if (
+                rank > 0
+            ):  # dropout differs between processes, as their data do; rank 0 draws what one process draws
                 torch.manual_seed(torch.initial_seed() + rank)
         state = shared[0]
         if state is not None:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
-            if state["scaler"]:  # empty when saved without fp16 (--precision auto may mean fp16 on another GPU)
+            if state[
+                "scaler"
+            ]:  # empty when saved without fp16 (--precision auto may mean fp16 on another GPU)
                 self.scaler.load_state_dict(state["scaler"])
             if len(state["rng"]) == world_size:
                 set_rng_state(state["rng"][rank], self.device)
             elif rank == 0:
-                print(f"warning: {self.path} was written by {len(state['rng'])} processes, this run has "
-                      f"{world_size}: random streams (dropout) restart", file=sys.stderr)
+                print(
+                    f"warning: {self.path} was written by {len(state['rng'])} processes, this run has "
+                    f"{world_size}: random streams (dropout) restart",
+                    file=sys.stderr,
+                )
             if rank == 0:
                 print(f"{self.desc}: resuming at update {state['position']['update']}")
         if world_size > 1:
             for t in self.model.state_dict().values():  # every process starts from rank 0's weights
                 dist.broadcast(t, 0)
-        position = state["position"] if state else {"update": 0, "epoch": 0, "batch_in_epoch": 0,
-                                                    "running": torch.zeros(3)}
+        position = (
+            state["position"]
+            if state
+            else {"update": 0, "epoch": 0, "batch_in_epoch": 0, "running": torch.zeros(3)}
+        )
         return {**position, "running": position["running"].to(self.device)}
 
     def save(self, position):
@@ -256,9 +353,16 @@ class Checkpoint:
             rngs = [None] * world()[1]
             dist.all_gather_object(rngs, rng_state(self.device))
         if world()[0] == 0:
-            save_training_state({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
-                                 "scaler": self.scaler.state_dict(), "rng": rngs, "position": dict(position)},
-                                self.path)
+            save_training_state(
+                {
+                    "model": self.model.state_dict(),
+                    "optimizer": self.opt.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "rng": rngs,
+                    "position": dict(position),
+                },
+                self.path,
+            )
 
 
 def rng_state(device):
@@ -283,8 +387,10 @@ def save_training_state(state, path):
             os.replace(path, f"{path}.prev")
         os.replace(f"{path}.new", path)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        raise DataError(f"could not write the resume point {path}: {str(e).splitlines()[0]}; the previous one "
-                        f"({path} or {path}.prev) is intact: free some space and run the same command again") from None
+        raise DataError(
+            f"could not write the resume point {path}: {str(e).splitlines()[0]}; the previous one "
+            f"({path} or {path}.prev) is intact: free some space and run the same command again"
+        ) from None
 
 
 def load_training_state(path):
@@ -295,8 +401,11 @@ def load_training_state(path):
             try:
                 return torch.load(candidate, map_location="cpu", weights_only=True)
             except Exception as e:
-                print(f"warning: {candidate} is unreadable or not a resume point ({type(e).__name__}: "
-                      f"{str(e).splitlines()[0][:200]}); trying the previous one", file=sys.stderr)
+                print(
+                    f"warning: {candidate} is unreadable or not a resume point ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200]}); trying the previous one",
+                    file=sys.stderr,
+                )
     return None
 
 
@@ -321,7 +430,9 @@ def logged_update(line):
 
 def remove_training_state(path):
     """The resume point, its neighbours and any temporary file a killed save left (save_atomic's .tmp<pid>)."""
-    for candidate in [path, f"{path}.new", f"{path}.prev"] + glob.glob(f"{glob.escape(path)}*.tmp*"):
+    for candidate in [path, f"{path}.new", f"{path}.prev"] + glob.glob(
+        f"{glob.escape(path)}*.tmp*"
+    ):
         if os.path.exists(candidate):
             os.remove(candidate)
 
@@ -332,13 +443,17 @@ class StopRequested:
 
     def __enter__(self):
         self.flag = False
-        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {
+            sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
         return self
 
     def handle(self, signum, frame):
         if self.flag:
             raise KeyboardInterrupt
-        print(f"\nsignal {signum}: saving at the end of this update, then stopping", file=sys.stderr)
+        print(
+            f"\nsignal {signum}: saving at the end of this update, then stopping", file=sys.stderr
+        )
         self.flag = True
 
     def agreed(self):
@@ -350,7 +465,10 @@ class StopRequested:
 
     def exit(self, desc, update):
         if world()[0] == 0:
-            print(f"{desc}: stopped at update {update}; run the same command again to resume", file=sys.stderr)
+            print(
+                f"{desc}: stopped at update {update}; run the same command again to resume",
+                file=sys.stderr,
+            )
         sys.exit(130)
 
     def __exit__(self, *exc):
@@ -362,7 +480,9 @@ def resolve_device(name="auto"):
     """'auto': the GPU when there is one. Under torchrun each process takes GPU LOCAL_RANK.
     A device that is not there is a ValueError naming it."""
     try:
-        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+        device = torch.device(
+            ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+        )
     except RuntimeError:
         raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -379,7 +499,9 @@ def world():
     return 0, 1
 
 
-HOST_GROUP = [None]  # a gloo group of every process (made by init_distributed), for values kept on the host
+HOST_GROUP = [
+    None
+]  # a gloo group of every process (made by init_distributed), for values kept on the host
 
 
 def init_distributed(device_name):
@@ -388,8 +510,10 @@ def init_distributed(device_name):
         return
     wants_gpu = device_name == "cuda" or device_name == "auto" and torch.cuda.is_available()
     if wants_gpu and "LOCAL_RANK" not in os.environ:  # every process would take GPU 0
-        raise DataError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but no LOCAL_RANK to choose this process's "
-                        "GPU: start the processes with torchrun (it sets both), or give each its own --device cuda:N")
+        raise DataError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} but no LOCAL_RANK to choose this process's "
+            "GPU: start the processes with torchrun (it sets both), or give each its own --device cuda:N"
+        )
     device = resolve_device(device_name)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -415,13 +539,26 @@ def barrier():
 
 
 # where and how a run goes, not what it computes: never blocks a resume
-UNCOMPUTED_SETTINGS = {"workers", "device", "progress", "name", "out", "cache", "save_every", "quickstart"}
+UNCOMPUTED_SETTINGS = {
+    "workers",
+    "device",
+    "progress",
+    "name",
+    "out",
+    "cache",
+    "save_every",
+    "quickstart",
+}
 
 
 def run_files(run_dir):
     """The folder's computed files (results, resume points, logs): all but config.json, the lock and temporaries."""
     names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
-    return sorted(n for n in names if n not in ("config.json", "lock") and ".tmp" not in n and not n.startswith("."))
+    return sorted(
+        n
+        for n in names
+        if n not in ("config.json", "lock") and ".tmp" not in n and not n.startswith(".")
+    )
 
 
 def check_run_config(run_dir, config, computed_with=None):
@@ -437,13 +574,20 @@ def check_run_config(run_dir, config, computed_with=None):
             with open(path) as f:
                 old = json.load(f)
         except (OSError, ValueError) as e:
-            raise DataError(f"{path}: unreadable ({e}); remove it to start this run again") from None
-    diff = {k: (old.get(k), v) for k, v in config.items() if old is not None and k not in UNCOMPUTED_SETTINGS
-            and old.get(k) != v}
+            raise DataError(
+                f"{path}: unreadable ({e}); remove it to start this run again"
+            ) from None
+    diff = {
+        k: (old.get(k), v)
+        for k, v in config.items()
+        if old is not None and k not in UNCOMPUTED_SETTINGS and old.get(k) != v
+    }
     done = (computed_with or (lambda changed: run_files(run_dir)))(set(diff)) if diff else []
     if done:
-        raise DataError(f"{run_dir} holds {done} computed with other settings {diff} (old, new); "
-                        "use another --name, or remove those files to recompute them")
+        raise DataError(
+            f"{run_dir} holds {done} computed with other settings {diff} (old, new); "
+            "use another --name, or remove those files to recompute them"
+        )
     if world()[0] == 0 and (old is None or diff):
         write_json(path, config)
     barrier()
@@ -474,9 +618,13 @@ def take_lock(path, me):
     if os.path.exists(path):
         pid, _, host = read_text(path).partition(" ")
         if host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid)):
-            return (f"{os.path.dirname(path)} is in use by process {pid} on {host or '?'} ({path}); wait for "
-                    "it to finish, or remove the lock file if that process has ended")
-        print(f"warning: {path}: process {pid} has ended; taking over its run folder", file=sys.stderr)
+            return (
+                f"{os.path.dirname(path)} is in use by process {pid} on {host or '?'} ({path}); wait for "
+                "it to finish, or remove the lock file if that process has ended"
+            )
+        print(
+            f"warning: {path}: process {pid} has ended; taking over its run folder", file=sys.stderr
+        )
         os.remove(path)
     try:
         with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
@@ -515,8 +663,10 @@ def check_output_dir(path, need_bytes=0):
         raise DataError(f"cannot write to the output folder {path}: {e.strerror or e}") from None
     free = shutil.disk_usage(path).free
     if free < need_bytes:
-        raise DataError(f"{path}: {free / 2 ** 30:.2f} GiB free, but this run's checkpoints need about "
-                        f"{need_bytes / 2 ** 30:.2f} GiB; free some space or choose another --out")
+        raise DataError(
+            f"{path}: {free / 2**30:.2f} GiB free, but this run's checkpoints need about "
+            f"{need_bytes / 2**30:.2f} GiB; free some space or choose another --out"
+        )
 
 
 def checkpoint_bytes(model, params):
@@ -529,24 +679,44 @@ def checkpoint_bytes(model, params):
 # -----------------------------------------------------------------------------
 # every script's command line: shared flags, one-line errors
 
+
 def add_run_flags(p):
     """The flags shared with pretrain.py."""
     a = p.add_argument
-    a("--data", help="IEMOCAP_full_release folder, a label .json (the release's format) or a .csv manifest")
+    a(
+        "--data",
+        help="IEMOCAP_full_release folder, a label .json (the release's format) or a .csv manifest",
+    )
     a("--wav-dir", help="folder of the wavs named in a label .json (default: the json's folder)")
     a("--seed", type=int, default=0, help="(default: %(default)s)")
-    a("--recipe", choices=["release", "clean"], default="release",
-      help="release: what the authors' code computed; clean: the method as written, per utterance (README, "
-           "'Where every default comes from') (default: %(default)s)")
-    a("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-      help="auto: bf16 on GPUs that have it, else fp16 with a grad scaler; fp32 on CPU (default: %(default)s)")
+    a(
+        "--recipe",
+        choices=["release", "clean"],
+        default="release",
+        help="release: what the authors' code computed; clean: the method as written, per utterance (README, "
+        "'Where every default comes from') (default: %(default)s)",
+    )
+    a(
+        "--precision",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        default="auto",
+        help="auto: bf16 on GPUs that have it, else fp16 with a grad scaler; fp32 on CPU (default: %(default)s)",
+    )
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
     a("--workers", type=NATURAL, default=2, help="data loader processes (default: %(default)s)")
-    a("--cache", action="store_true",
-      help="keep decoded audio in memory after the first epoch; loads in the main process (implies --workers 0), "
-           "since worker processes would each rebuild their own copy every epoch")
+    a(
+        "--cache",
+        action="store_true",
+        help="keep decoded audio in memory after the first epoch; loads in the main process (implies --workers 0), "
+        "since worker processes would each rebuild their own copy every epoch",
+    )
     a("--out", default="runs", help="(default: %(default)s)")
-    a("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars (default: %(default)s)")
+    a(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="progress bars (default: %(default)s)",
+    )
 
 
 def finish_args(p, args, defaults):
@@ -567,16 +737,25 @@ def user_errors():
     the pipe (| head) ends the output quietly."""
     try:
         yield
-    except BrokenPipeError:  # before OSError, its base: stdout to devnull, so Python's own flush at exit is quiet
+    except (
+        BrokenPipeError
+    ):  # before OSError, its base: stdout to devnull, so Python's own flush at exit is quiet
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (DataError, ValueError, OSError) as e:  # OSError: a file that cannot be written (a full disk)
+    except (
+        DataError,
+        ValueError,
+        OSError,
+    ) as e:  # OSError: a file that cannot be written (a full disk)
         text = str(e)
         if "\nOriginal Traceback" in text:
             text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
         print(f"error: {text}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("\ninterrupted: what was written is complete; run the same command again to go on", file=sys.stderr)
+        print(
+            "\ninterrupted: what was written is complete; run the same command again to go on",
+            file=sys.stderr,
+        )
         sys.exit(130)
 
 
@@ -591,14 +770,18 @@ class OneLineParser(argparse.ArgumentParser):
 
 def flag_type(kind, check, expected):
     """An argparse type: a bad value exits 2 with one line naming the flag, the value and what is allowed."""
+
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
+            ) from None
         if not check(value):
             raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
         return value
+
     return parse
 
 
@@ -621,5 +804,3 @@ SECONDS = flag_type(float, lambda v: 0 <= v < float("inf"), "a finite number of 
 
 
 WEIGHT = flag_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
-
-
