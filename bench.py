@@ -644,7 +644,6 @@ def our_classifier(cfg, seed, device):
     conv encoder, its layer norm and the projection frozen. Returns (classifier, trained parameters)."""
     torch.manual_seed(seed)
     backbone = M.Wav2Vec2(cfg)
-    backbone.norm_over_padding = False
     clf = M.EmotionClassifier(backbone, CLASSES).to(device)
     return clf, backbone.freeze_feature_encoder() + list(clf.head.parameters())
 
@@ -938,7 +937,7 @@ def tapt_terms(net, batch, gen, release=False):
     frames, device = net.frame_lengths(batch["host_lengths"]), batch["wav"].device
     rngs = utterance_rngs(len(frames), gen)
     mask = M.span_masks(
-        "batch" if release else "utterance",
+        "release" if release else "utterance",
         frames,
         padded_frames(net, batch),
         rngs,
@@ -946,10 +945,18 @@ def tapt_terms(net, batch, gen, release=False):
         *TAPT_MASK,
     )
     if release:  # the release called the model without attention mask: to it the padding is audio
-        encoded = net.encode(batch["wav"], None, time_mask=mask.to(device))
+        encoded = net.encode(
+            batch["wav"],
+            None,
+            time_mask=mask.to(device),
+            feature_grad_mult=1.0,
+            feature_dropout=False,
+        )
         negatives = padded_negatives(mask, net.cfg.num_negatives, rngs)
         return [(release_tapt_loss(net, encoded, mask.to(device), negatives)["loss"], 1)]
-    encoded = net.encode(batch["wav"], batch["host_lengths"], time_mask=mask.to(device))
+    encoded = net.encode(
+        batch["wav"], batch["host_lengths"], time_mask=mask.to(device), feature_grad_mult=1.0
+    )
     terms = tapt_loss(
         net, encoded, mask.to(device), utterance_negatives(mask, net.cfg.num_negatives, rngs)
     )
@@ -1002,12 +1009,7 @@ def tapt_sides(args, cfg, batch, rng, device, dtype, checks, notes):
     gen, fused = torch.Generator().manual_seed(args.seed), device.type == "cuda"
     torch.manual_seed(args.seed)
     net = M.Wav2Vec2(cfg).to(device)
-    net.feature_grad_mult = 1.0  # the release's (pretrain.py --feature-grad-mult default)
-    rel = copy.deepcopy(net)
-    rel.quantizer.temperature, rel.dropout_features.p = (
-        1.0,
-        0.0,
-    )  # as pretrain.py's release objective
+    rel = copy.deepcopy(net)  # tapt_terms: pretrain.py's settings (--feature-grad-mult 1 in both)
     step, rel_step = (trainer(list(n.parameters()), device, dtype, fused) for n in (net, rel))
     fns = {
         "this project": lambda: (net.train(), step(lambda: tapt_terms(net, batch, gen))),
@@ -1339,7 +1341,6 @@ def case_mfu(args, scale, device, dtype):
     vft = trainer(params, device, dtype, True)
     torch.manual_seed(args.seed)
     net = M.Wav2Vec2(cfg).to(device)
-    net.feature_grad_mult = 1.0
     tapt = trainer(list(net.parameters()), device, dtype, True)
     res = measure(
         {

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import torch
@@ -34,11 +35,13 @@ from evaluate import compute_metrics, predict, write_predictions
 from model import EmotionClassifier, vft_masks
 from synth import synthesize_iemocap
 from train import (
+    AUDIO_SECONDS,
     COUNT,
     FRACTION,
     NATURAL,
     POSITIVE,
     PROBABILITY,
+    RECIPES,
     OneLineParser,
     add_run_flags,
     autocast_dtype,
@@ -46,6 +49,7 @@ from train import (
     check_run_config,
     class_weights,
     finish_args,
+    folds_of,
     init_distributed,
     load_backbone,
     pad_to_whole_batch,
@@ -92,8 +96,12 @@ def finetune_run(args, fold, run, splits, classes, run_dir):
     seed_everything(seed)
     train_set = stratified_fraction(splits["train"], args.train_fraction, seed)
     backbone = load_backbone(args.init or args.checkpoint, args.seed)
-    backbone.norm_over_padding = args.group_norm == "padded"
-    clf = EmotionClassifier(backbone, classes, skip_last_frame=args.recipe == "release").to(device)
+    clf = EmotionClassifier(
+        backbone,
+        classes,
+        skip_last_frame=args.skip_last_frame,
+        norm_over_padding=args.group_norm == "padded",
+    ).to(device)
     params = backbone.freeze_feature_encoder() + list(clf.head.parameters())
     dataset = AudioDataset(
         train_set, classes, max_seconds=args.max_seconds, crop="head", cache=args.cache
@@ -204,11 +212,13 @@ def build_parser():
     a(
         "--fold",
         default="1",
-        help="test session 1-5, or 'all' (IEMOCAP; ignored for .json/.csv) (default: %(default)s)",
+        help="test session 1-5, or 'all' (default: %(default)s, one fold, where pretrain.py's "
+        "default is all five); a .json/.csv corpus has one split of its own and runs once",
     )
     a(
         "--checkpoint",
-        help="fairseq wav2vec 2.0 checkpoint (e.g. wav2vec_small.pt) or Hugging Face wav2vec 2.0 folder",
+        help="fairseq wav2vec 2.0 checkpoint (e.g. wav2vec_small.pt), Hugging Face wav2vec 2.0 folder, "
+        "or random-tiny (a tiny randomly initialised model, for the synthetic corpus)",
     )
     a(
         "--init",
@@ -247,7 +257,7 @@ def build_parser():
     )
     a(
         "--max-seconds",
-        type=POSITIVE,
+        type=AUDIO_SECONDS,
         default=10.0,
         help="training audio truncated to its first N seconds (default: %(default)s)",
     )
@@ -270,10 +280,17 @@ def build_parser():
     )
     a(
         "--mask-semantics",
-        choices=["batch", "utterance"],
+        choices=["release", "utterance"],
         default=None,
         help="span counts of transformers 4.10, one per batch from its padded length, or per utterance "
-        "(default: the recipe's: release batch, clean utterance)",
+        "(default: the recipe's: release for release, utterance for clean)",
+    )
+    a(
+        "--skip-last-frame",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the head's mean leaves out each utterance's last frame, as the release's did "
+        "(default: the recipe's: release yes, clean no)",
     )
     a(
         "--group-norm",
@@ -310,44 +327,43 @@ QUICKSTART = dict(
     lr=5e-4,
     max_seconds=4.0,
     channel_mask_span=8,
-    name="quickstart",
     workers=0,
     cache=True,
 )
 
 
-def default_run_name(init):
-    """vft, or ft-<method> for --init runs/<method>/fold{fold}/pretrained.pt (ft-<file stem> otherwise)."""
+def default_run_name(init, recipe, quickstart=False):
+    """vft, or ft-<method> for --init runs/<method>/fold{fold}/pretrained.pt (ft-<file stem>
+    otherwise); quickstart(-ft-<method>) for the quick start; "-clean" appended for the clean
+    recipe, so that the two recipes' runs never share a folder."""
     if not init:
-        return "vft"
-    folder, stem = (
-        os.path.split(os.path.dirname(init))[1],
-        os.path.splitext(os.path.basename(init))[0],
-    )
-    if folder == "fold{fold}" or re.fullmatch(r"fold\d+", folder):
-        return "ft-" + os.path.basename(os.path.dirname(os.path.dirname(init)))
-    return "ft-" + stem
-
-
-# What each recipe sets (README "Where every default comes from"); a flag given on the command line wins.
-# release: RECIPE.md "What the release actually computed"; clean: RECIPE.md "V-FT" read per utterance.
-RECIPES = {
-    "release": dict(bucket=False, mask_semantics="batch", group_norm="padded"),
-    "clean": dict(bucket=True, mask_semantics="utterance", group_norm="valid"),
-}
+        name = "vft"
+    elif re.fullmatch(r"fold(\d+|\{fold\})", os.path.basename(os.path.dirname(init))):
+        name = "ft-" + os.path.basename(os.path.dirname(os.path.dirname(init)))
+    else:
+        name = "ft-" + os.path.splitext(os.path.basename(init))[0]
+    if quickstart:
+        name = "quickstart" if name == "vft" else "quickstart-" + name
+    return name + "-clean" if recipe == "clean" and not name.endswith("-clean") else name
 
 
 def parse_args(argv):
     p = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if (
+        "--quickstart" in argv
+    ):  # its settings as defaults: a flag given still wins, whatever its value
+        p.set_defaults(**QUICKSTART)
     args = p.parse_args(argv)
-    if args.quickstart:
-        for k, v in QUICKSTART.items():
-            if getattr(args, k) == p.get_default(k):
-                setattr(args, k, v)
     finish_args(p, args, RECIPES[args.recipe])
     if args.fold not in ("1", "2", "3", "4", "5", "all"):
         p.error(f"argument --fold: {args.fold!r}, expected 1-5 or 'all'")
-    args.name = args.name or default_run_name(args.init)
+    if not args.checkpoint and not args.init:
+        p.error(
+            "give --checkpoint (a fairseq wav2vec 2.0 .pt, e.g. wav2vec_small.pt, a Hugging Face "
+            "wav2vec 2.0 folder, or random-tiny) or --init (a pretrain.py output)"
+        )
+    args.name = args.name or default_run_name(args.init, args.recipe, args.quickstart)
     return args
 
 
@@ -361,7 +377,7 @@ def main(argv=None):
             synthesize_iemocap(args.data)
         barrier()
         results, template = [], args.init
-        for fold in [1, 2, 3, 4, 5] if args.fold == "all" else [int(args.fold)]:
+        for fold in folds_of(args.data, args.fold):
             splits, classes = load_corpus(args.data, fold, args.wav_dir)
             if not results and world()[0] == 0:
                 print(
@@ -372,11 +388,12 @@ def main(argv=None):
                 run_dir = os.path.join(args.out, args.name, f"fold{fold}", f"run{run}")
                 with run_lock(run_dir):
                     results.append(finetune_run(args, fold, run, splits, classes, run_dir))
-        if len(results) > 1 and world()[0] == 0:
-            print(
-                f"mean over {len(results)} runs: UA {np.mean([r['ua'] for r in results]):.4f}  "
-                f"WA {np.mean([r['wa'] for r in results]):.4f}; table: python evaluate.py {os.path.join(args.out, args.name)}"
-            )
+        if world()[0] == 0:
+            root = os.path.join(args.out, args.name)
+            if len(results) > 1:
+                ua, wa = (np.mean([r[k] for r in results]) for k in ("ua", "wa"))
+                print(f"mean over {len(results)} runs: UA {ua:.4f}  WA {wa:.4f}")
+            print(f"runs in {root}; the table: python evaluate.py {root}")
 
 
 if __name__ == "__main__":

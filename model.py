@@ -266,16 +266,17 @@ class Quantizer(nn.Module):
     def set_num_updates(self, num_updates):
         self.temperature = max(self.max_temp * self.temp_decay**num_updates, self.min_temp)
 
-    def forward(
-        self, x, rows=None
-    ):  # (N, conv_dim) -> (N, dim), perplexity (of the `rows` given, or all)
+    def forward(self, x, rows=None, temperature=None):
+        """(N, conv_dim) -> codewords (N, dim), and the perplexity of the `rows` given (or all).
+        temperature: the Gumbel softmax's, None for the annealed one (set_num_updates)."""
         N = x.shape[0]
         logits = self.weight_proj(x).view(N * self.groups, self.num_vars)
         probs = logits.float().softmax(-1).view(N, self.groups, -1)
         avg_probs = (probs if rows is None else probs[rows]).mean(0)
         perplexity = torch.exp(-(avg_probs * torch.log(avg_probs + 1e-7)).sum(-1)).sum()
         if self.training:
-            onehot = F.gumbel_softmax(logits.float(), tau=self.temperature, hard=True).type_as(x)
+            tau = self.temperature if temperature is None else temperature
+            onehot = F.gumbel_softmax(logits.float(), tau=tau, hard=True).type_as(x)
         else:
             onehot = F.one_hot(logits.argmax(-1), self.num_vars).type_as(x)
         onehot = onehot.view(N, self.groups, self.num_vars, 1)
@@ -329,11 +330,7 @@ class Wav2Vec2(nn.Module):
             self.quantizer = Quantizer(cfg)
             self.project_q = nn.Linear(cfg.latent_dim or cfg.final_dim, cfg.final_dim)
             self.final_proj = nn.Linear(cfg.embed_dim, cfg.final_dim)
-        self.feature_grad_mult = cfg.feature_grad_mult
         self.features_frozen = False
-        # the release's training: the conv encoder's group norm sees the padded batch (it tested one
-        # utterance at a time, which is what per-utterance statistics give in eval mode)
-        self.norm_over_padding = False
 
     def freeze_feature_encoder(self):
         """V-FT, the P-TAPT teacher and P-TAPT (RECIPE.md): the conv encoder, its layer norm and the
@@ -375,9 +372,11 @@ class Wav2Vec2(nn.Module):
             )
         return wav_lengths
 
-    def features(self, wav, wav_lengths):
+    def features(self, wav, wav_lengths, norm_over_padding=False):
         """Conv features (B, C, F) and their mean square over valid frames (fairseq's features_pen).
-        The group norm sees each utterance's valid samples only (see masked_group_norm)."""
+        The group norm sees each utterance's valid samples only (masked_group_norm), or in training
+        with norm_over_padding the whole padded batch, as the release trained (it tested one
+        utterance at a time, which per-utterance statistics give)."""
         if self.cfg.normalize:  # per utterance over its valid samples, as fairseq's dataset does
             valid = (
                 torch.arange(wav.shape[1], device=wav.device) < wav_lengths.to(wav.device)[:, None]
@@ -387,7 +386,7 @@ class Wav2Vec2(nn.Module):
             var = (((wav - mean) * valid) ** 2).sum(1, keepdim=True) / n
             wav = ((wav - mean) * torch.rsqrt(var + 1e-5)) * valid
         per_utterance = (
-            not (self.norm_over_padding and self.training) and int(wav_lengths.min()) < wav.shape[1]
+            not (norm_over_padding and self.training) and int(wav_lengths.min()) < wav.shape[1]
         )
         feats = self.feature_encoder(wav, wav_lengths if per_utterance else None)
         frames = self.frame_lengths(wav_lengths).to(feats.device)
@@ -398,18 +397,31 @@ class Wav2Vec2(nn.Module):
         return feats, penalty
 
     def encode(
-        self, wav, wav_lengths=None, layer=None, time_mask=None, channel_mask=None
+        self,
+        wav,
+        wav_lengths=None,
+        layer=None,
+        time_mask=None,
+        channel_mask=None,
+        *,
+        norm_over_padding=False,
+        feature_grad_mult=None,
+        feature_dropout=True,
     ) -> Encoded:
         """time_mask (B, F) bool: frames replaced by the mask embedding; channel_mask (B, embed_dim)
-        bool: channels zeroed. Both act on the projected features, as in fairseq and the release."""
+        bool: channels zeroed. Both act on the projected features, as in fairseq and the release.
+        The recipe's settings: norm_over_padding (see features); feature_grad_mult, the gradient's
+        scale into the conv encoder (None: the checkpoint's); feature_dropout, the checkpoint's
+        dropout_features on the features that feed the quantizer (off in transformers 4.10)."""
         wav_lengths = self.check_input(wav, wav_lengths)
         if layer is not None and not 1 <= layer <= len(self.encoder.layers):
             raise ValueError(f"layer must be in 1..{len(self.encoder.layers)}, got {layer}")
         frozen = self.features_frozen
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            feats, penalty = self.features(wav, wav_lengths)
-            if self.feature_grad_mult != 1.0 and not frozen and torch.is_grad_enabled():
-                feats = GradScale.apply(feats, self.feature_grad_mult)
+            feats, penalty = self.features(wav, wav_lengths, norm_over_padding)
+            scale = self.cfg.feature_grad_mult if feature_grad_mult is None else feature_grad_mult
+            if scale != 1.0 and not frozen and torch.is_grad_enabled():
+                feats = GradScale.apply(feats, scale)
             feats = self.layer_norm(feats.transpose(1, 2))
             x = self.post_extract_proj(feats)
         frames = self.frame_lengths(wav_lengths)
@@ -424,10 +436,13 @@ class Wav2Vec2(nn.Module):
         hidden = self.encoder(x, padding_mask, layer)
         if padding_mask is not None:
             hidden = hidden.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        return Encoded(hidden, frames.to(x.device), self.dropout_features(feats), penalty)
+        features = self.dropout_features(feats) if feature_dropout else feats
+        return Encoded(hidden, frames.to(x.device), features, penalty)
 
-    def forward(self, wav, wav_lengths=None, layer=None, time_mask=None, channel_mask=None):
-        e = self.encode(wav, wav_lengths, layer, time_mask, channel_mask)
+    def forward(
+        self, wav, wav_lengths=None, layer=None, time_mask=None, channel_mask=None, **recipe
+    ):
+        e = self.encode(wav, wav_lengths, layer, time_mask, channel_mask, **recipe)
         return e.hidden, e.frame_lengths
 
 
@@ -435,66 +450,34 @@ class Wav2Vec2(nn.Module):
 # span masking (V-FT, TAPT, P-TAPT)
 
 
-def compute_span_mask(lengths, max_len, prob, span, min_spans, semantics="hf", generator=None):
-    """Boolean (B, max_len) mask of spans inside each utterance's valid frames.
+def span_masks(semantics, lengths, max_len, rngs, batch_rng, prob, span, min_spans):
+    """(B, max_len) boolean masks of spans of `span` frames inside each row's first lengths[b]
+    frames; every mask of every stage comes from here. rngs: one generator per utterance;
+    batch_rng: the batch's own. The three semantics (RECIPE.md "What the release actually computed"):
 
-    semantics="hf": Hugging Face's _compute_mask_indices (what the release used): one U[0,1)
-      for the call; spans = max(min_spans, int(prob * length / span + u)); starts drawn without
-      replacement from [0, length - span].
-    semantics="fairseq": fairseq's compute_mask_indices with require_same_masks: a U[0,1) per
-      utterance, starts from [0, length - span - 1], then every utterance cut down (at random) to
-      the smallest number of masked frames in the batch, so masked counts are equal.
+    "release"   transformers 4.10's _compute_mask_indices as the release ran it: one span count for
+                the batch from its padded length T, n = max(min_spans, int(prob T / span + u)),
+                u ~ U[0,1) from batch_rng, cut to T // span; each row's n starts uniform without
+                replacement over 0..T - span (spans may overlap), then the frames past the row's
+                length cleared: a short utterance in a long batch is masked much less. The release
+                recipe's V-FT, TAPT and P-TAPT.
+    "utterance" the same count per utterance from its own length and generator, starts over
+                0..length - span: a row's mask depends neither on its batch nor on the number of
+                processes. The clean recipe's.
+    "fairseq"   fairseq's compute_mask_indices with require_same_masks, from batch_rng: a count per
+                utterance, starts over 0..length - span - 1, then every row cut down at random to the
+                batch's fewest masked frames. `pretrain.py --mask-semantics fairseq`.
     """
-    lengths = [int(n) for n in lengths]
-    g = generator
-    mask = torch.zeros(len(lengths), max_len, dtype=torch.bool)
-    u_call = float(torch.rand((), generator=g))
-    chosen = []
-    for n in lengths:
-        if semantics == "hf":
-            k = max(min_spans, int(prob * n / span + u_call))
-            k = max(min(k, max_len // span, n - (span - 1)), 0)
-            starts = torch.randperm(max(n - span + 1, 0), generator=g)[:k]
-        elif semantics == "fairseq":
-            k = max(min_spans, int(prob * n / span + float(torch.rand((), generator=g))))
-            room = n - span
-            if room <= k:
-                room = n - k - 1
-            starts = torch.randperm(max(room, 0), generator=g)[:k]
-        else:
-            raise ValueError(f"semantics must be 'hf' or 'fairseq', got {semantics!r}")
-        idx = (starts[:, None] + torch.arange(span)).flatten()
-        idx = idx[idx < n].unique()
-        chosen.append(idx)
-    if semantics == "fairseq" and chosen:
-        fewest = min(len(c) for c in chosen)
-        chosen = [
-            c[torch.randperm(len(c), generator=g)[:fewest]] if len(c) > fewest else c
-            for c in chosen
-        ]
-    for i, idx in enumerate(chosen):
-        mask[i, idx] = True
-    return mask
+    if semantics == "release":
+        return _release_spans(lengths, max_len, batch_rng, rngs, prob, span, min_spans)
+    if semantics == "utterance":
+        return _utterance_spans(lengths, max_len, rngs, prob, span, min_spans)
+    if semantics == "fairseq":
+        return _fairseq_spans(lengths, max_len, batch_rng, prob, span, min_spans)
+    raise ValueError(f"semantics must be 'release', 'utterance' or 'fairseq', got {semantics!r}")
 
 
-def utterance_span_masks(lengths, max_len, rngs, prob, span, min_spans):
-    """Hugging Face span masks drawn per utterance, each from its own generator: the U[0,1) in the
-    span count is drawn per utterance instead of once per batch (modern Hugging Face), so an
-    utterance's mask depends neither on its batch nor on the number of processes."""
-    mask = torch.zeros(len(lengths), max_len, dtype=torch.bool)
-    for row, (n, rng) in enumerate(zip(lengths, rngs)):
-        n = int(n)
-        mask[row, :n] = compute_span_mask([n], n, prob, span, min_spans, "hf", rng)[0]
-    return mask
-
-
-def batch_span_masks(lengths, max_len, batch_rng, rngs, prob, span, min_spans):
-    """transformers 4.10's _compute_mask_indices, which the release ran (RECIPE.md "What the release
-    actually computed"): ONE span count for the whole batch from its padded length T,
-    n = max(min_spans, int(prob * T / span + u)), u ~ U[0,1), cut to T // span when n * span > T;
-    every row's n starts uniform without replacement over 0..T - span (spans may overlap); only then
-    are the positions past each row's length cleared, so a short utterance in a long batch is masked
-    much less. u comes from batch_rng and each row's starts from its own generator."""
+def _release_spans(lengths, max_len, batch_rng, rngs, prob, span, min_spans):
     mask = torch.zeros(len(lengths), max_len, dtype=torch.bool)
     if max_len < span:  # (4.10 raises here; no batch of the recipe is this short)
         return mask
@@ -508,20 +491,41 @@ def batch_span_masks(lengths, max_len, batch_rng, rngs, prob, span, min_spans):
     return mask
 
 
-def span_masks(semantics, lengths, max_len, rngs, batch_rng, prob, span, min_spans):
-    """(B, max_len) span masks inside each row's valid frames: semantics "batch" (the release,
-    batch_span_masks), "utterance" (modern Hugging Face, utterance_span_masks) or "fairseq"
-    (compute_span_mask, one draw for the batch)."""
-    if semantics == "batch":
-        return batch_span_masks(lengths, max_len, batch_rng, rngs, prob, span, min_spans)
-    if semantics == "utterance":
-        return utterance_span_masks(lengths, max_len, rngs, prob, span, min_spans)
-    return compute_span_mask(lengths, max_len, prob, span, min_spans, "fairseq", batch_rng)
+def _utterance_spans(lengths, max_len, rngs, prob, span, min_spans):
+    mask = torch.zeros(len(lengths), max_len, dtype=torch.bool)
+    for row, (n, rng) in enumerate(zip(lengths, rngs)):
+        n = int(n)
+        k = max(min_spans, int(prob * n / span + float(torch.rand((), generator=rng))))
+        k = max(min(k, n // span, n - (span - 1)), 0)
+        starts = torch.randperm(max(n - span + 1, 0), generator=rng)[:k]
+        idx = (starts[:, None] + torch.arange(span)).flatten()
+        mask[row, idx[idx < n]] = True
+    return mask
+
+
+def _fairseq_spans(lengths, max_len, g, prob, span, min_spans):
+    chosen = []
+    for n in [int(n) for n in lengths]:
+        k = max(min_spans, int(prob * n / span + float(torch.rand((), generator=g))))
+        room = n - span
+        if room <= k:
+            room = n - k - 1
+        starts = torch.randperm(max(room, 0), generator=g)[:k]
+        idx = (starts[:, None] + torch.arange(span)).flatten()
+        chosen.append(idx[idx < n].unique())
+    fewest = min((len(c) for c in chosen), default=0)
+    mask = torch.zeros(len(chosen), max_len, dtype=torch.bool)
+    for row, idx in enumerate(chosen):
+        if len(idx) > fewest:
+            idx = idx[torch.randperm(len(idx), generator=g)[:fewest]]
+        mask[row, idx] = True
+    return mask
 
 
 def vft_masks(semantics, frames, padded_frames, dim, rngs, batch_rng, time, channel):
-    """SpecAugment-like masks of one batch: (time (B, padded_frames), channel (B, dim)); time and
-    channel are (prob, span, min_spans), a prob of 0 gives no mask; semantics as model.span_masks."""
+    """SpecAugment-like masks of one batch (V-FT, the release's teacher): (time (B, padded_frames),
+    channel (B, dim)); time and channel are (prob, span, min_spans), a prob of 0 gives no mask;
+    semantics as span_masks."""
     time_mask = channel_mask = None
     if time[0] > 0:
         time_mask = span_masks(semantics, frames, padded_frames, rngs, batch_rng, *time)
@@ -539,14 +543,19 @@ class EmotionClassifier(nn.Module):
     release's mean leaves out each utterance's last frame (its PretrainedRNNHead sums frames
     t < n - 1 and divides by n - 1; read from its code, not in RECIPE.md)."""
 
-    def __init__(self, backbone: Wav2Vec2, classes, skip_last_frame=False):
+    def __init__(self, backbone: Wav2Vec2, classes, skip_last_frame=False, norm_over_padding=False):
         super().__init__()
         self.backbone, self.classes, self.skip_last_frame = backbone, list(classes), skip_last_frame
+        self.norm_over_padding = norm_over_padding  # in training only (Wav2Vec2.features)
         self.head = nn.Linear(backbone.cfg.embed_dim, len(self.classes))
 
     def forward(self, wav, wav_lengths=None, time_mask=None, channel_mask=None):
         hidden, frame_lengths = self.backbone(
-            wav, wav_lengths, time_mask=time_mask, channel_mask=channel_mask
+            wav,
+            wav_lengths,
+            time_mask=time_mask,
+            channel_mask=channel_mask,
+            norm_over_padding=self.norm_over_padding,
         )
         pooled = masked_mean(
             F.relu(hidden),

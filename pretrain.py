@@ -53,11 +53,13 @@ from data import (
 from evaluate import emotion_nmi
 from model import Wav2Vec1Teacher, span_masks, vft_masks
 from train import (
+    AUDIO_SECONDS,
     COUNT,
     HOST_GROUP,
     NATURAL,
     POSITIVE,
     PROBABILITY,
+    RECIPES,
     SECONDS,
     WEIGHT,
     OneLineParser,
@@ -67,6 +69,7 @@ from train import (
     check_run_config,
     class_weights,
     finish_args,
+    folds_of,
     init_distributed,
     load_backbone,
     pad_to_whole_batch,
@@ -109,6 +112,19 @@ def distractors(quantized, negatives):
     return quantized.index_select(0, index.flatten()).unflatten(0, index.shape)
 
 
+def nothing_masked(encoded):
+    """A batch without a masked frame (every utterance shorter than a span, or --mask-prob 0): no
+    loss and zero gradients, through the graph so that every process and the fp16 scaler see them."""
+    zero = encoded.hidden.sum() * 0.0
+    return {
+        "contrastive": zero,
+        "diversity": zero,
+        "feature_penalty": zero,
+        "n_masked": 0,
+        "loss": zero,
+    }
+
+
 def tapt_loss(model, encoded, time_mask, negatives, penalty_weight=10.0):
     """fairseq's wav2vec 2.0 loss (the clean recipe) for given masks and distractors, with its terms:
         contrastive = `contrastive` of c_t = final_proj(context) against q = project_q(quantized
@@ -118,6 +134,8 @@ def tapt_loss(model, encoded, time_mask, negatives, penalty_weight=10.0):
         loss        = contrastive + 0.1 diversity + penalty_weight penalty
     (RECIPE.md "TAPT": penalty_weight 10, as fairseq.) negatives (n_masked, K) index the masked frames
     in time_mask order, from the same utterance (sample_negatives)."""
+    if not time_mask.any():
+        return nothing_masked(encoded)
     targets, perplexity = model.quantizer(encoded.features[time_mask])
     targets = model.project_q(targets)
     context = model.final_proj(encoded.hidden[time_mask])
@@ -145,9 +163,14 @@ def release_tapt_loss(model, encoded, time_mask, negatives):
                       model without attention mask, so `encoded` treats padding as audio)
         diversity   = (G V - perplexity) / (G V), perplexity of the masked frames' averaged softmax
         loss        = contrastive + 0.1 diversity      (not scaled by n_masked; no feature penalty)
+    The Gumbel softmax at temperature 1, never annealed (4.10's quantizer as the release ran it).
     negatives (n_masked, K) index the B * T frames (padded_negatives)."""
+    if not time_mask.any():
+        return nothing_masked(encoded)
     rows = time_mask.flatten()
-    quantized, perplexity = model.quantizer(encoded.features.flatten(0, 1), rows=rows)
+    quantized, perplexity = model.quantizer(
+        encoded.features.flatten(0, 1), rows=rows, temperature=1.0
+    )
     quantized = model.project_q(quantized)
     context = model.final_proj(encoded.hidden[time_mask])
     gv = model.quantizer.groups * model.quantizer.num_vars
@@ -318,20 +341,13 @@ def run_tapt(args, fold, train_set, classes, run_dir, device):
     seed_everything(
         args.seed + fold
     )  # every stage starts from its own seed, whichever stages ran before
-    model = load_backbone(args.checkpoint, args.seed)
-    if not model.cfg.has_quantizer:
-        raise DataError(
-            f"{args.checkpoint}: TAPT needs the pretraining modules (quantizer, project_q, final_proj); "
-            "this checkpoint has none (an ASR fine-tuned model, or a Hugging Face Wav2Vec2Model / ForCTC folder?). "
-            "Use the pretrained checkpoint, e.g. wav2vec_small.pt rather than wav2vec_small_960h.pt"
-        )
-    model.to(device)
-    model.feature_grad_mult = args.feature_grad_mult
+    model = load_backbone(args.checkpoint, args.seed).to(device)  # checked: check_stage_inputs
     release = args.objective == "release"
-    if (
-        release
-    ):  # transformers 4.10's quantizer: temperature 1, never annealed; feat_quantizer_dropout 0
-        model.quantizer.temperature, model.dropout_features.p = 1.0, 0.0
+    recipe = dict(
+        norm_over_padding=args.group_norm == "padded",
+        feature_grad_mult=args.feature_grad_mult,
+        feature_dropout=not release,  # transformers 4.10's feat_quantizer_dropout: 0
+    )
     dataset = AudioDataset(
         train_set,
         classes,
@@ -346,12 +362,14 @@ def run_tapt(args, fold, train_set, classes, run_dir, device):
         if (
             release
         ):  # the release called the model without attention mask: to it the padding is audio
-            encoded = model.encode(wav.to(device), None, time_mask=mask.to(device))
+            encoded = model.encode(wav.to(device), None, time_mask=mask.to(device), **recipe)
             negatives = padded_negatives(mask, model.cfg.num_negatives, rngs)
             return [
                 (release_tapt_loss(model, encoded, mask.to(device), negatives)["loss"], 1)
             ]  # a sum, as returned
-        encoded = model.encode(wav.to(device), batch["lengths"], time_mask=mask.to(device))
+        encoded = model.encode(
+            wav.to(device), batch["lengths"], time_mask=mask.to(device), **recipe
+        )
         terms = tapt_loss(
             model,
             encoded,
@@ -550,7 +568,7 @@ def run_release_teacher(args, fold, train_set, classes, run_dir, device):
             front.v1.frame_lengths(torch.tensor(wav.shape[1]))
         )  # crops are equal: the batch's span count
         time_mask, channel_mask = vft_masks(
-            "batch",
+            "release",
             [t100] * len(wav),
             t100,
             front.dim,
@@ -718,7 +736,7 @@ def pseudo_label_stage(
         for k, f in fits.items():
             print(
                 f"K={k}: NMI between pseudo-labels and emotion {nmi[k]:.4f}, inertia {f.inertia[0]:.5g} -> "
-                f"{f.inertia[-1]:.5g} in {len(f.inertia) - 1} updates, {int((f.counts > 0).sum())}/{k} clusters used"
+                f"{f.inertia[-1]:.5g} in {len(f.inertia) - 1} iterations, {int((f.counts > 0).sum())}/{k} clusters used"
             )
         save_labels(out_path, [u.uid for u in utterances], counts, labels, meta)
     if size > 1:
@@ -761,7 +779,6 @@ def run_ptapt(args, fold, train_set, classes, run_dir, labels_path, device):
     backbone = load_backbone(
         args.checkpoint, args.seed
     )  # from the original checkpoint again, not the teacher
-    backbone.norm_over_padding = args.group_norm == "padded"
     model = WithHeads(backbone, PseudoLabelHeads(backbone.cfg.embed_dim, stored["labels"])).to(
         device
     )
@@ -789,7 +806,12 @@ def run_ptapt(args, fold, train_set, classes, run_dir, labels_path, device):
         )
         targets = [t[mask].to(device) for t in targets]
         mask = mask.to(device)
-        hidden, _ = backbone(wav.to(device), batch["lengths"], time_mask=mask)
+        hidden, _ = backbone(
+            wav.to(device),
+            batch["lengths"],
+            time_mask=mask,
+            norm_over_padding=args.group_norm == "padded",
+        )
         return pseudo_label_loss(
             model.heads(hidden[mask]), targets
         )  # the heads see masked frames only
@@ -864,7 +886,7 @@ def stage_train(
             dataset.lengths,
             args.batch_size,
             args.max_batch_seconds,
-            args.recipe == "clean",
+            args.bucket,
             args.seed,
         )
     else:
@@ -951,6 +973,24 @@ def computed_with(run_dir, changed, mode):
     return [f for f in files if f.startswith(prefixes)]
 
 
+def check_stage_inputs(args):
+    """Every stage's input files, read before the first stage starts: a wrong --checkpoint is found
+    now, not after the teacher has trained and k-means has run."""
+    backbone = load_backbone(args.checkpoint, args.seed)
+    if args.mode == "tapt" and not backbone.cfg.has_quantizer:
+        raise DataError(
+            f"{args.checkpoint}: TAPT needs the pretraining modules (quantizer, project_q, "
+            "final_proj); this checkpoint has none (an ASR fine-tuned model, or a Hugging Face "
+            "Wav2Vec2Model / ForCTC folder?). Use the pretrained checkpoint, e.g. wav2vec_small.pt "
+            "rather than wav2vec_small_960h.pt"
+        )
+    if args.teacher:
+        try:
+            load_wav2vec1(args.teacher)
+        except CheckpointError as e:
+            raise DataError(f"--teacher: {e}") from None
+
+
 def run_fold(args, fold, splits, classes, run_dir, device):
     """TAPT, or P-TAPT's three stages, each skipped when its output exists."""
     train_set = splits["train"]
@@ -982,16 +1022,6 @@ MODE_DEFAULTS = {
     "ptapt": dict(mask_prob=0.06, mask_span=15, mask_min=2),
     "kmeans": {},
 }  # kmeans: masks nothing
-# What each recipe sets (README "Where every default comes from"); a flag given on the command line wins.
-# release: RECIPE.md "What the release actually computed"; clean: RECIPE.md "TAPT", "P-TAPT" as fairseq.
-RECIPES = {
-    "release": dict(
-        objective="release", mask_semantics="batch", batch_seconds=250.0, group_norm="padded"
-    ),
-    "clean": dict(
-        objective="fairseq", mask_semantics="utterance", batch_seconds=0.0, group_norm="valid"
-    ),
-}
 
 
 def build_parser():
@@ -1009,15 +1039,21 @@ def build_parser():
         type=int,
         choices=[1, 2, 3, 4, 5],
         default=None,
-        help="test session whose other sessions are pretrained on; default: all five",
+        help="test session whose other sessions are pretrained on (default: all five, where "
+        "finetune.py's is 1); a .json/.csv corpus has one split of its own and runs once",
     )
     a(
         "--checkpoint",
         required=True,
-        help="wav2vec 2.0 with its pretraining modules: a fairseq checkpoint (e.g. wav2vec_small.pt) "
-        "or a Hugging Face Wav2Vec2ForPreTraining folder",
+        help="wav2vec 2.0 with its pretraining modules: a fairseq checkpoint (e.g. wav2vec_small.pt), "
+        "a Hugging Face Wav2Vec2ForPreTraining folder, or random-tiny (a tiny random model, for the "
+        "synthetic corpus)",
     )
-    a("--name", default=None, help="runs/<name>/fold<k> (default: the mode)")
+    a(
+        "--name",
+        default=None,
+        help="runs/<name>/fold<k> (default: the mode, with -clean for the clean recipe)",
+    )
     a(
         "--updates",
         type=COUNT,
@@ -1041,7 +1077,7 @@ def build_parser():
     )
     a(
         "--max-seconds",
-        type=POSITIVE,
+        type=AUDIO_SECONDS,
         default=10.0,
         help="random crops of at most N seconds (default: %(default)s)",
     )
@@ -1061,10 +1097,10 @@ def build_parser():
     )
     a(
         "--mask-semantics",
-        choices=["batch", "utterance", "fairseq"],
+        choices=["release", "utterance", "fairseq"],
         default=None,
         help="span counts of transformers 4.10 (one per batch), per utterance, or fairseq's pretraining "
-        "(default: the recipe's: release batch, clean utterance)",
+        "(default: the recipe's: release for release, utterance for clean)",
     )
     a(
         "--batch-seconds",
@@ -1088,12 +1124,19 @@ def build_parser():
         help="TAPT: gradient scale into the conv encoder; fairseq used 0.1, the release 1.0 (default: %(default)s)",
     )
     a(
+        "--bucket",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="P-TAPT's teacher: batches of similar lengths (default: the recipe's: release random, "
+        "clean bucketed)",
+    )
+    a(
         "--feature-penalty",
         type=WEIGHT,
-        default=10.0,
-        help="TAPT: weight of the feature penalty mean(conv features^2) (RECIPE.md, fairseq); 0 = Hugging Face's "
-        "objective. A tiny model trained from scratch with 10 and 5%% masking collapses: README, Results "
-        "(default: %(default)s)",
+        default=None,
+        help="TAPT, fairseq's objective only: weight of the feature penalty mean(conv features^2) "
+        "(RECIPE.md, fairseq); 0 = Hugging Face's objective. A tiny model trained from scratch with 10 "
+        "and 5%% masking collapses: README, Results (default: 10 with --objective fairseq)",
     )
     a(
         "--teacher",
@@ -1111,7 +1154,12 @@ def build_parser():
         default=[64, 512, 4096],
         help="k-means cluster counts (default: %(default)s)",
     )
-    a("--kmeans-iters", type=COUNT, default=20, help="(default: %(default)s)")
+    a(
+        "--kmeans-iters",
+        type=COUNT,
+        default=20,
+        help="Lloyd iterations at most (RECIPE.md: faiss's default) (default: %(default)s)",
+    )
     a(
         "--kmeans-init",
         choices=["k-means++", "random"],
@@ -1136,7 +1184,17 @@ def build_parser():
 def parse_args(argv):
     p = build_parser()
     args = p.parse_args(argv)
+    given = {k for k in ("bucket", "feature_penalty") if getattr(args, k) is not None}
     finish_args(p, args, {**MODE_DEFAULTS[args.mode], **RECIPES[args.recipe]})
+    if "bucket" in given and args.mode != "ptapt":
+        p.error("argument --bucket: only P-TAPT's teacher takes it (TAPT's batches are by length)")
+    if "feature_penalty" in given and args.objective != "fairseq":
+        p.error(
+            "argument --feature-penalty: the release objective has no feature penalty "
+            "(add --objective fairseq, or --recipe clean)"
+        )
+    if args.objective == "fairseq" and args.feature_penalty is None:
+        args.feature_penalty = 10.0  # fairseq's (RECIPE.md "TAPT")
     if args.teacher is not None and args.mode != "ptapt":
         p.error("argument --teacher: only P-TAPT has a teacher (--mode ptapt)")
     if args.teacher is not None and args.recipe == "clean":  # README, P-TAPT: why
@@ -1156,13 +1214,24 @@ def parse_args(argv):
     return args
 
 
+def next_command(args, fold, out):
+    """The V-FT that follows, with this run's recipe (and the quick start's settings after a run
+    on the synthetic corpus's tiny random model, as the README's synthetic rows use them)."""
+    recipe = " --recipe clean" if args.recipe == "clean" else ""
+    if args.checkpoint == "random-tiny":
+        return f"\n  next: python finetune.py --quickstart --data {args.data}{recipe} --init {out}"
+    return f"\n  next: python finetune.py --fold {fold} --data {args.data}{recipe} --init {out}"
+
+
 def main(argv=None):
     args = parse_args(argv)
-    name = args.name or args.mode
+    name = args.name or args.mode + ("-clean" if args.recipe == "clean" else "")
     with user_errors():
         init_distributed(args.device)
         device = resolve_device(args.device)
-        for fold in [args.fold] if args.fold is not None else [1, 2, 3, 4, 5]:
+        folds = folds_of(args.data, args.fold)
+        check_stage_inputs(args)
+        for fold in folds:
             splits, classes = load_corpus(args.data, fold, args.wav_dir)
             run_dir = os.path.join(args.out, name, f"fold{fold}")
             with run_lock(run_dir):
@@ -1180,8 +1249,7 @@ def main(argv=None):
                     continue
                 run_fold(args, fold, splits, classes, run_dir, device)
             if world()[0] == 0:
-                hint = f"\n  next: python finetune.py --fold {fold} --data {args.data} --init {out}"
-                hint = "" if args.mode == "kmeans" else hint  # labels.pt feeds no V-FT
+                hint = "" if args.mode == "kmeans" else next_command(args, fold, out)
                 print(f"fold {fold}: {out}{hint}")
 
 

@@ -254,6 +254,20 @@ def class_weights(labels, num_classes):
     return (w / w.sum()).float()
 
 
+def folds_of(data, fold):
+    """The folds to run. IEMOCAP: test session `fold` (None or "all": the five). A .json or .csv
+    corpus holds one train/test split of its own, so it runs once, as fold 1; asking it for
+    another fold is refused rather than run on the same split again."""
+    if os.path.isdir(data):
+        return [1, 2, 3, 4, 5] if fold in (None, "all") else [int(fold)]
+    if str(fold) not in ("None", "all", "1"):
+        raise DataError(
+            f"--fold {fold}: {data} is a list corpus with one train/test split of its own, run once "
+            "as fold 1 (folds are IEMOCAP's sessions); leave out --fold"
+        )
+    return [1]
+
+
 def tiny_random_config():
     """A small wav2vec 2.0 for the quick start and tests: same architecture, fewer channels."""
     return Wav2Vec2Config(
@@ -484,7 +498,9 @@ def resolve_device(name="auto"):
             ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
         )
     except RuntimeError:
-        raise ValueError(f"device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: no CUDA GPU is available here (use cpu or auto)")
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
@@ -561,6 +577,18 @@ def run_files(run_dir):
     )
 
 
+PATH_SETTINGS = {"data", "wav_dir", "checkpoint", "init", "teacher"}
+
+
+def same_setting(key, old, new):
+    """Settings compare equal; paths compare as the same file (data/synth/ is data/synth)."""
+    if old == new:
+        return True
+    if key not in PATH_SETTINGS or not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    return os.path.exists(old) and os.path.exists(new) and os.path.samefile(old, new)
+
+
 def check_run_config(run_dir, config, computed_with=None):
     """Refuse to resume or skip into a folder whose files were computed with other settings; returns True
     when the folder holds this run already. A setting may change while nothing was computed with it yet
@@ -575,12 +603,18 @@ def check_run_config(run_dir, config, computed_with=None):
                 old = json.load(f)
         except (OSError, ValueError) as e:
             raise DataError(
-                f"{path}: unreadable ({e}); remove it to start this run again"
+                f"{path}: unreadable ({e}): the settings of what {run_dir} holds are unknown; "
+                "remove the whole folder to start this run again"
             ) from None
+    elif run_files(run_dir):  # a resume point without its settings cannot be resumed safely
+        raise DataError(
+            f"{run_dir} holds {run_files(run_dir)} but no config.json: the settings they were "
+            "computed with are unknown; remove the whole folder to start this run again"
+        )
     diff = {
         k: (old.get(k), v)
         for k, v in config.items()
-        if old is not None and k not in UNCOMPUTED_SETTINGS and old.get(k) != v
+        if old is not None and k not in UNCOMPUTED_SETTINGS and not same_setting(k, old.get(k), v)
     }
     done = (computed_with or (lambda changed: run_files(run_dir)))(set(diff)) if diff else []
     if done:
@@ -680,15 +714,44 @@ def checkpoint_bytes(model, params):
 # every script's command line: shared flags, one-line errors
 
 
+# The two recipes (RECIPE.md). Each setting is a flag of the scripts that use it, whose default is
+# the recipe's; a flag given on the command line wins.
+#   release: what the authors' code computed (RECIPE.md "What the release actually computed")
+#   clean:   the method as written, each utterance on its own (RECIPE.md "The clean recipe")
+RECIPES = {
+    "release": dict(
+        bucket=False,  # V-FT and the P-TAPT teacher: random batches
+        mask_semantics="release",  # transformers 4.10's span counts, one per batch
+        group_norm="padded",  # the conv encoder's group norm over the padded batch, in training
+        skip_last_frame=True,  # V-FT: the head's mean leaves out each utterance's last frame
+        objective="release",  # TAPT: transformers 4.10's loss as returned
+        batch_seconds=250.0,  # TAPT, P-TAPT: dynamic batches of 250 s at batch size 64
+    ),
+    "clean": dict(
+        bucket=True,
+        mask_semantics="utterance",
+        group_norm="valid",
+        skip_last_frame=False,
+        objective="fairseq",
+        batch_seconds=0.0,
+    ),
+}
+
+
 def add_run_flags(p):
-    """The flags shared with pretrain.py."""
+    """The flags finetune.py and pretrain.py share."""
     a = p.add_argument
     a(
         "--data",
         help="IEMOCAP_full_release folder, a label .json (the release's format) or a .csv manifest",
     )
     a("--wav-dir", help="folder of the wavs named in a label .json (default: the json's folder)")
-    a("--seed", type=int, default=0, help="(default: %(default)s)")
+    a(
+        "--seed",
+        type=NATURAL,
+        default=0,
+        help="every random draw (masks, crops, batches, init) follows from it (default: %(default)s)",
+    )
     a(
         "--recipe",
         choices=["release", "clean"],
@@ -710,7 +773,11 @@ def add_run_flags(p):
         help="keep decoded audio in memory after the first epoch; loads in the main process (implies --workers 0), "
         "since worker processes would each rebuild their own copy every epoch",
     )
-    a("--out", default="runs", help="(default: %(default)s)")
+    a(
+        "--out",
+        default="runs",
+        help="where runs go: <out>/<name>/fold<k>/... (default: %(default)s)",
+    )
     a(
         "--progress",
         action=argparse.BooleanOptionalAction,
@@ -720,12 +787,17 @@ def add_run_flags(p):
 
 
 def finish_args(p, args, defaults):
-    """Both scripts: the settings left unset (None) from `defaults`, --data required, --cache implies --workers 0."""
+    """Both scripts: the settings left unset (None) that the script has from `defaults` (RECIPES
+    and the mode's), --data required, --cache implies --workers 0."""
     for k, v in defaults.items():
-        if getattr(args, k, None) is None:
+        if hasattr(args, k) and getattr(args, k) is None:
             setattr(args, k, v)
     if not args.data:
         p.error("--data is required (IEMOCAP_full_release folder, label .json or .csv manifest)")
+    for flag in ("checkpoint", "init", "teacher"):  # before any run folder is touched
+        path = getattr(args, flag, None)
+        if path and path != "random-tiny" and "{fold}" not in path and not os.path.exists(path):
+            p.error(f"argument --{flag}: {path}: no such file or folder")
     args.workers = 0 if args.cache else args.workers
 
 
@@ -763,6 +835,9 @@ class OneLineParser(argparse.ArgumentParser):
     """Every script's parser: a bad flag or value is one line (the flag, the value, what is allowed) and
     exit status 2, as every other error of these scripts."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # --epoch is not --epochs
+
     def error(self, message):
         print(f"error: {message} (see --help)", file=sys.stderr)
         sys.exit(2)
@@ -795,6 +870,11 @@ POSITIVE = flag_type(float, lambda v: 0 < v < float("inf"), "a finite number > 0
 
 
 PROBABILITY = flag_type(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
+
+
+AUDIO_SECONDS = flag_type(  # model.MIN_SAMPLES: shorter audio gives no frame
+    float, lambda v: 0.025 <= v < float("inf"), "seconds >= 0.025 (400 samples: one frame)"
+)
 
 
 FRACTION = flag_type(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
