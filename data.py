@@ -49,9 +49,22 @@ class DataWarning(UserWarning):
     """Files skipped while reading a corpus (a few bad files should not stop a run)."""
 
 
+def _format_warning(message, category, *args, _default=warnings.formatwarning, **kwargs):
+    # A DataWarning is for the scripts' users: one line "warning: ...", as their errors are one line
+    # "error: ...", not Python's "file:line: DataWarning: ..." and the source line that warned.
+    if issubclass(category, DataWarning):
+        return f"warning: {message}\n"
+    return _default(message, category, *args, **kwargs)
+
+
+warnings.formatwarning = _format_warning
+
+
 @dataclass(frozen=True)
 class Utterance:
-    uid: str  # file stem, e.g. "Ses01F_impro01_F000"
+    # unique in its corpus. IEMOCAP: the release's name, e.g. "Ses01F_impro01_F000"; a .json or .csv
+    # corpus: the wav's path relative to the corpus folder without its extension, e.g. "spk1/001"
+    uid: str
     path: str  # wav path
     label: str  # class name after mapping
     num_samples: int  # length at 16 kHz, from the header (no decoding)
@@ -115,10 +128,22 @@ LABEL_LINE = re.compile(
 
 
 def parse_label_file(path):
-    """Returns ([(uid, label)], [(line_number, line)] of lines that look like labels but do not parse)."""
+    """Returns ([(uid, label)], [(line_number, line)] of lines that look like labels but do not parse).
+    The release's label files are ASCII: a file that is not UTF-8 text (saved as UTF-16 by an editor,
+    say) is a DataError, not a file whose lines all fail to parse."""
     labels, bad = [], []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        lines = f.read().splitlines()
+    with open(path, "rb") as f:
+        raw = f.read()
+    problem = "it holds NUL bytes: UTF-16?" if b"\0" in raw else None
+    try:
+        lines = raw.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:
+        problem = problem or f"byte 0x{raw[e.start]:02x} at offset {e.start} is not UTF-8"
+    if problem:
+        raise DataError(
+            f"{path}: not a UTF-8 text file ({problem}); expected the release's label file in "
+            "UTF-8 (or ASCII): re-save it as UTF-8"
+        )
     for number, line in enumerate(lines, start=1):
         match = LABEL_LINE.match(line)
         if match:
@@ -134,6 +159,7 @@ def load_iemocap(root):
     if not os.path.isdir(root):
         raise DataError(f"IEMOCAP root {root} not found (expected the IEMOCAP_full_release folder)")
     labels, bad, duplicates = {}, [], 0  # labels: uid -> (session, label), the first one kept
+    unlabelled = []  # sessions of which no label was read
     for s in SESSIONS:
         session_dir = os.path.join(root, f"Session{s}")
         if not os.path.isdir(session_dir):
@@ -145,14 +171,26 @@ def load_iemocap(root):
             raise DataError(f"{emo_dir} not found: expected the label files <dialog>.txt there")
         # Only the .txt files directly in EmoEvaluation: its subfolders (Categorical/, Attribute/,
         # Self-evaluation/) hold per-annotator files in other formats, and "._*" are macOS junk.
-        for name in sorted(
+        names = sorted(
             n for n in os.listdir(emo_dir) if n.endswith(".txt") and not n.startswith(".")
-        ):
+        )
+        read = 0
+        for name in names:
             pairs, bad_lines = parse_label_file(os.path.join(emo_dir, name))
             for uid, label in pairs:
                 duplicates += uid in labels
                 labels.setdefault(uid, (s, label))
+            read += len(pairs)
             bad += [(os.path.join(emo_dir, name), number, line) for number, line in bad_lines]
+        if not read:
+            unlabelled.append(f"Session{s} ({len(names)} label file(s) in {emo_dir})")
+    if unlabelled:
+        warnings.warn(
+            f"no labelled utterance read for {', '.join(unlabelled)}: that session is left out; "
+            "expected <dialog>.txt files with lines '[start - end]<TAB>uid<TAB>label<TAB>[v, a, d]'",
+            DataWarning,
+            stacklevel=2,
+        )
     if bad:
         path, number, line = bad[0]
         warnings.warn(
@@ -246,35 +284,60 @@ def split_fold(utterances, fold):
 # Custom corpora
 
 
+class _JSONObject(dict):
+    """A JSON object that remembers the keys it lists more than once (json keeps the last silently)."""
+
+
+def _json_object(pairs):
+    obj = _JSONObject()
+    obj.twice = []
+    for key, value in pairs:
+        if key in obj:
+            obj.twice.append((key, obj[key], value))
+        obj[key] = value
+    return obj
+
+
 def load_label_json(json_path, wav_dir=None):
-    """The original release's format: {"Train": {"a.wav": "ang", ...}, "Val": {...}, "Test": {...}}."""
+    """The original release's format: {"Train": {"a.wav": "ang", ...}, "Val": {...}, "Test": {...}}.
+    A wav listed twice is refused, whether with two labels or the same one twice."""
     json_path = os.fspath(json_path)
     wav_dir = os.path.dirname(json_path) if wav_dir is None else os.fspath(wav_dir)
     try:
         with open(json_path, encoding="utf-8") as f:
-            obj = json.load(f)
+            obj = json.load(f, object_pairs_hook=_json_object)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{json_path}: not valid JSON ({e})") from None
     keys = {"Train": "train", "Val": "val", "Test": "test"}
     if not isinstance(obj, dict) or not {"Train", "Test"} <= set(obj) <= set(keys):
         raise DataError(f"{json_path}: expected an object with keys Train, Val (optional), Test")
-    utterances = []
+    if obj.twice:
+        raise DataError(f'{json_path}: "{obj.twice[0][0]}" is there twice, expected it once')
+    entries_of = []
     for key, split in keys.items():
         entries = obj.get(key, {})
         if not isinstance(entries, dict):
             raise DataError(
                 f'{json_path}: "{key}" should map wav names to labels, {{"a.wav": "ang", ...}}'
             )
+        if getattr(entries, "twice", None):  # a missing "Val" is a plain {}
+            name, first, second = entries.twice[0]
+            raise DataError(
+                f"{json_path}: {key} lists {name!r} twice (labels {first!r} and {second!r}), "
+                "expected each wav once with its one label"
+            )
+        entries_of.append((key, split, entries))
+    utterances = []
+    for key, split, entries in entries_of:
         for name, label in entries.items():
             if not isinstance(label, str) or not label.strip():
                 raise DataError(
                     f"{json_path}: {key} entry {name!r} has label {label!r}, expected a non-empty string"
                 )
             path = os.path.join(wav_dir, name)
-            utterances.append(
-                _utterance(f"{json_path}: {key} entry {name!r}", path, label.strip(), split)
-            )
-    return utterances
+            where = f"{json_path}: {key} entry {name!r}"
+            utterances.append((where, _utterance(where, path, label.strip(), split, wav_dir)))
+    return _unique(utterances)
 
 
 def load_manifest(csv_path):
@@ -303,20 +366,52 @@ def load_manifest(csv_path):
                 if split.lower() not in SPLITS:
                     raise DataError(f"{where}: split {split!r}, expected one of train, val, test")
                 path = os.path.join(folder, path)  # an absolute path stays as it is
-                utterances.append(_utterance(where, path, label, split.lower()))
+                utterances.append((where, _utterance(where, path, label, split.lower(), folder)))
     except (csv.Error, UnicodeDecodeError) as e:
         raise DataError(f"{csv_path}: not a valid CSV file ({e})") from None
-    return utterances
+    return _unique(utterances)
 
 
-def _utterance(where, path, label, split):
+def custom_uid(path, folder):
+    """A .json or .csv corpus's utterance id: the wav's path relative to the corpus folder, without its
+    extension, '/'-separated ("spk1/001"): unique where file names repeat across folders."""
+    try:
+        relative = os.path.relpath(path, folder or os.curdir)
+    except ValueError:  # another drive (Windows)
+        relative = os.path.abspath(path)
+    return os.path.splitext(relative)[0].replace(os.sep, "/")
+
+
+def _utterance(where, path, label, split, folder):
     try:
         num_samples = audio_num_samples(path)
     except DataError as e:
         raise DataError(f"{where}: {e}") from None
-    return Utterance(
-        os.path.splitext(os.path.basename(path))[0], path, label, num_samples, split=split
-    )
+    return Utterance(custom_uid(path, folder), path, label, num_samples, split=split)
+
+
+def _unique(entries):
+    """The utterances of [(where listed, Utterance)], each uid once; a file listed twice, or two files
+    whose uids coincide (a.wav and a.flac), is a DataError naming both entries."""
+    seen = {}
+    for where, u in entries:
+        if u.uid in seen:
+            first_where, first = seen[u.uid]
+            if os.path.realpath(first.path) != os.path.realpath(u.path):
+                raise DataError(
+                    f"{where}: {u.path} and {first.path} ({first_where}) both have the utterance id "
+                    f"{u.uid!r} (the path relative to the corpus folder, without its extension); "
+                    "rename one"
+                )
+            if first.split != u.split:
+                raise DataError(
+                    f"{where}: {u.path} is in both {first.split} and {u.split} (also {first_where})"
+                )
+            raise DataError(
+                f"{where}: {u.path} is listed twice (also {first_where}), expected once"
+            )
+        seen[u.uid] = where, u
+    return [u for _, u in entries]
 
 
 def load_utterances(data, wav_dir=None):

@@ -7,10 +7,10 @@ python evaluate.py --checkpoint FT.pt --predict a.wav b.wav   # emotion of each 
 
 import argparse
 import csv
-import glob
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import torch
@@ -19,7 +19,14 @@ from tqdm import tqdm
 
 from checkpoints import CheckpointError, load_classifier, write_json, write_text_atomic
 from data import AudioDataset, BucketBatchSampler, DataError, collate, load_corpus, read_audio
-from train import OneLineParser, resolve_device, user_errors, world
+from train import (
+    UNCOMPUTED_SETTINGS,
+    OneLineParser,
+    resolve_device,
+    same_setting,
+    user_errors,
+    world,
+)
 
 # -----------------------------------------------------------------------------
 # metrics
@@ -122,19 +129,124 @@ def write_predictions(path, utterances, probs, classes):
 # -----------------------------------------------------------------------------
 # the results table: runs/<name>/fold<k>/run<r>/metrics.json
 
+# the folder names finetune.py writes, matched whole: runs/manifold3/fold1 is fold 1, fold1.bak no fold
+FOLD_FOLDER, RUN_FOLDER = re.compile(r"fold([1-9][0-9]*)"), re.compile(r"run(0|[1-9][0-9]*)")
+# config.json's settings that may differ between the runs of one table: where and how a run went
+# (train.py's UNCOMPUTED_SETTINGS), and what tells the runs apart (fold, run number, the seed it gives)
+NOT_COMPARED = UNCOMPUTED_SETTINGS | {"fold", "run", "seed", "seed_of_run"}
+
+
+class _Absent:
+    """A setting one config.json has and another lacks (written by another version of finetune.py)."""
+
+    def __repr__(self):
+        return "(absent)"
+
+
+ABSENT = _Absent()
+
+
+def find_runs(run_root):
+    """([(fold, run, folder)] of the finished runs <run_root>/fold<k>/run<r>/metrics.json, sorted;
+    [each other folder there, and why it is left out])."""
+    if not os.path.isdir(run_root):
+        raise DataError(f"{run_root}: not a folder (expected runs/<name> with fold<k>/run<r>/)")
+    runs, skipped = [], []
+    for name in sorted(os.listdir(run_root)):
+        fold_dir = os.path.join(run_root, name)
+        if name.startswith(".") or not os.path.isdir(fold_dir):
+            continue  # results.json, hidden folders
+        fold = FOLD_FOLDER.fullmatch(name)
+        if not fold:
+            skipped.append(f"{name} (not fold<k>)")
+            continue
+        for sub in sorted(os.listdir(fold_dir)):
+            run_dir = os.path.join(fold_dir, sub)
+            if sub.startswith(".") or not os.path.isdir(run_dir):
+                continue
+            run = RUN_FOLDER.fullmatch(sub)
+            if not run:
+                skipped.append(f"{name}/{sub} (not run<r>)")
+            elif not os.path.isfile(os.path.join(run_dir, "metrics.json")):
+                skipped.append(f"{name}/{sub} (unfinished: no metrics.json)")
+            else:
+                runs.append((int(fold.group(1)), int(run.group(1)), run_dir))
+    return sorted(runs), skipped
+
+
+def run_settings(run_dir, fold, run):
+    """What a run was computed with: its config.json (finetune.py writes every setting there) less
+    NOT_COMPARED, with the fold's own folder in --init's path read as fold{fold}; None without one."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            config = json.load(f)
+        if not isinstance(config, dict):
+            raise ValueError(f"a JSON {type(config).__name__}, expected an object")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: not a config.json written by finetune.py ({e})") from None
+    for key, value in (("fold", fold), ("run", run)):
+        if key in config and config[key] != value:
+            raise DataError(
+                f"{path}: {key} {config[key]!r}, but the run is in fold{fold}/run{run}/ "
+                "(a copied or renamed run?); put it back where finetune.py wrote it"
+            )
+    settings = {k: v for k, v in config.items() if k not in NOT_COMPARED}
+    if isinstance(settings.get("init"), str):  # --init runs/<method>/fold{fold}/pretrained.pt
+        settings["init"] = re.sub(
+            rf"(^|[/\\])fold{fold}(?=$|[/\\])", r"\1fold{fold}", settings["init"]
+        )
+    return settings
+
+
+def check_same_settings(run_root, runs):
+    """Refuse to average runs computed with different settings (another recipe, learning rate, corpus,
+    starting checkpoint...): they are not runs of one method. Returns the runs without a config.json."""
+    reference, unchecked = None, []
+    for fold, run, run_dir in runs:
+        settings = run_settings(run_dir, fold, run)
+        where = f"fold{fold}/run{run}"
+        if settings is None:
+            unchecked.append(where)
+            continue
+        if reference is None:
+            reference = where, settings
+            continue
+        first, theirs = reference
+        differ = sorted(
+            k
+            for k in theirs.keys() | settings.keys()
+            if not same_setting(k, theirs.get(k, ABSENT), settings.get(k, ABSENT))
+        )
+        if differ:
+            shown = ", ".join(
+                f"{k} {theirs.get(k, ABSENT)!r} vs {settings.get(k, ABSENT)!r}" for k in differ
+            )
+            raise DataError(
+                f"{run_root}: {first} and {where} were computed with different settings ({shown}; "
+                "their config.json): not runs of one method to average; give each its own --name, "
+                "or move the odd runs out"
+            )
+    return unchecked
+
 
 def aggregate(run_root):
     """Per fold: mean and std over runs of UA, WA and macro-F1 (the population std, ddof 0, as the
     release's run_downstream_custom_multiple_fold.py reported it); average over folds; summed
-    confusion. Folds are test sessions for IEMOCAP."""
-    found = sorted(glob.glob(os.path.join(run_root, "fold*", "run*", "metrics.json")))
-    if not found:
+    confusion. Folds are test sessions for IEMOCAP. Only <run_root>/fold<k>/run<r>/metrics.json
+    counts (what else is there is listed under "skipped"), and only runs of the same settings."""
+    runs, skipped = find_runs(run_root)
+    if not runs:
         raise DataError(
-            f"{run_root}: no fold*/run*/metrics.json found (has finetune.py finished a run here?)"
+            f"{run_root}: no fold<k>/run<r>/metrics.json found (has finetune.py finished a run here?)"
+            + (f"; skipped: {', '.join(skipped)}" if skipped else "")
         )
+    unchecked = check_same_settings(run_root, runs)
     folds, classes, confusion = {}, None, None
-    for path in found:
-        fold = int(re.search(r"fold(\d+)", path).group(1))
+    for fold, _, run_dir in runs:
+        path = os.path.join(run_dir, "metrics.json")
         try:
             with open(path) as f:
                 m = json.load(f)
@@ -152,12 +264,12 @@ def aggregate(run_root):
         confusion = confusion + np.array(m["confusion"])
         folds.setdefault(fold, []).append(m)
     table = {}
-    for fold, runs in sorted(folds.items()):
-        row = {"runs": len(runs)}
+    for fold, fold_runs in sorted(folds.items()):
+        row = {"runs": len(fold_runs)}
         for key in ("ua", "wa", "macro_f1"):
-            values = np.array([r[key] for r in runs], dtype=float)
+            values = np.array([r[key] for r in fold_runs], dtype=float)
             row[key] = float(values.mean())
-            row[f"{key}_std"] = float(values.std(ddof=0))
+            row[f"{key}_std"] = float(values.std(ddof=0))  # 0 for one run: format_table omits it
         table[str(fold)] = row
     average = {
         key: float(np.mean([row[key] for row in table.values()]))
@@ -167,9 +279,31 @@ def aggregate(run_root):
         "folds": table,
         "average": average,
         "std": "population (ddof 0), as the release",
+        "runs": len(runs),
         "classes": classes,
         "confusion": confusion.tolist(),
+        "skipped": skipped,
+        "settings_not_checked": unchecked,
     }
+
+
+def left_out_note(result):
+    """One line on what the table leaves out or could not check; None when nothing."""
+    parts = []
+    if result.get("skipped"):
+        parts.append("skipped: " + ", ".join(result["skipped"]))
+    if result.get("settings_not_checked"):
+        parts.append(
+            "settings not checked (no config.json): " + ", ".join(result["settings_not_checked"])
+        )
+    return "; ".join(parts) or None
+
+
+def format_cell(row, key):
+    """mean ± std over a fold's runs; a single run's value alone (it has no spread to show)."""
+    if row["runs"] < 2:
+        return f"{100 * row[key]:.1f} (1 run)"
+    return f"{100 * row[key]:.1f} ± {100 * row[key + '_std']:.1f}"
 
 
 def format_table(result, name="run"):
@@ -177,7 +311,7 @@ def format_table(result, name="run"):
     head = "| method | " + " | ".join(f"Ses{f}" for f in folds) + " | Average |"
     lines = [head, "|---" * (len(folds) + 2) + "|"]
     for key in ("ua", "wa"):
-        cells = [f"{100 * r[key]:.1f} ± {100 * r[key + '_std']:.1f}" for r in folds.values()]
+        cells = [format_cell(r, key) for r in folds.values()]
         lines.append(
             f"| {name} {key.upper()} | "
             + " | ".join(cells)
@@ -186,7 +320,7 @@ def format_table(result, name="run"):
     classes = result["classes"]
     lines += [
         "",
-        "mean ± population std (ddof 0, as the release) over runs per fold: "
+        "mean ± population std (ddof 0, as the release) over runs per fold, runs: "
         + ", ".join(f"Ses{f}: {r['runs']}" for f, r in folds.items()),
         "confusion matrix summed over folds and runs (rows true, columns predicted):",
         "| | " + " | ".join(classes) + " |",
@@ -195,6 +329,16 @@ def format_table(result, name="run"):
     for c, row in zip(classes, result["confusion"]):
         lines.append(f"| {c} | " + " | ".join(str(v) for v in row) + " |")
     return "\n".join(lines)
+
+
+# the devices evaluate.py can run on (train.resolve_device takes any torch device name)
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def device_flag(text):
+    if not DEVICE_NAME.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected auto, cpu, cuda or cuda:N")
+    return text
 
 
 # -----------------------------------------------------------------------------
@@ -222,6 +366,7 @@ def main(argv=None):
     )
     p.add_argument(
         "--device",
+        type=device_flag,
         default="auto",
         help="auto (the GPU when there is one), cpu, cuda, cuda:N (default: %(default)s)",
     )
@@ -232,6 +377,9 @@ def main(argv=None):
             result = aggregate(args.run_dir)
             out = args.out or os.path.join(args.run_dir, "results.json")
             write_json(out, result)  # before printing: a reader that closes the pipe loses nothing
+            note = left_out_note(result)
+            if note:
+                print(f"warning: {args.run_dir}: {note}", file=sys.stderr)
             print(format_table(result, os.path.basename(os.path.normpath(args.run_dir))))
             print(f"\nwritten: {out}")
         elif args.checkpoint:

@@ -304,33 +304,59 @@ class WithHeads(nn.Module):  # one module, so the resumable state holds backbone
         self.backbone, self.heads = backbone, heads
 
 
-def crop_to_shortest(batch, rngs, across_processes=True):
+def crop_to_shortest(batch, rngs, across_processes=True, release=False):
     """The teacher's batches: every utterance randomly cropped to the shortest one of the whole
-    batch, across processes (no padding)."""
+    batch, across processes (no padding). A longer utterance starts at 0..over samples, or as the
+    release (np.random.randint(over), pretrain/dataloader.py:88-89) at 0..over - 1."""
     shortest = batch["lengths"].min()
     if world()[1] > 1 and across_processes:
         dist.all_reduce(shortest, op=dist.ReduceOp.MIN, group=HOST_GROUP[0])
     n = int(shortest)
     starts = [
-        int(torch.randint(0, int(length) - n + 1, (), generator=rng))
+        int(torch.randint(0, max(int(length) - n + (not release), 1), (), generator=rng))
         for length, rng in zip(batch["lengths"], rngs)
     ]
     wav = torch.stack([row[s : s + n] for row, s in zip(batch["wav"], starts)])
     return wav, torch.full((len(wav),), n, dtype=torch.long)
 
 
-def crop_labels(labels, batch, frames, width, hop):
+def crop_labels(labels, indices, starts, frames, width):
     """Each utterance's pseudo-labels for the frames of its crop, one (B, width) tensor per K; -100 on
-    padding. labels[index]: {K: the utterance's labels at wav2vec 2.0's frames} (aligned_labels)."""
+    padding. labels[index]: {K: the utterance's labels at wav2vec 2.0's frames} (aligned_labels);
+    starts[row]: the label of the crop's first frame (crop_starts)."""
     targets = {k: torch.full((len(frames), width), -100, dtype=torch.long) for k in labels[0]}
-    for row, (index, offset) in enumerate(
-        zip(batch["indices"].tolist(), batch["offsets"].tolist())
-    ):
-        per_k = labels[index]
-        first, n = offset // hop, int(frames[row])
+    for row, (index, first) in enumerate(zip(indices, starts)):
+        per_k, n = labels[index], int(frames[row])
         for k, t in targets.items():
-            t[row, :n] = per_k[k][first : first + n].long()
+            piece = per_k[k][first : first + n]  # Python's slice: what the release's -1 gives
+            t[row, : len(piece)] = piece.long()
     return list(targets.values())
+
+
+def crop_starts(batch, full_lengths, hop, conv_layers, release):
+    """The label of each crop's first frame. Aligned crops start at whole frames: offset / hop.
+    The release (pretrain/dataloader.py:182-193) cropped every utterance at least as long as the
+    batch's target, min(crop, longest in the batch), at any sample, and took release_start of the
+    offset; so the longest utterance of a batch without a longer one is "cropped" at 0 too."""
+    if not release:
+        return [int(offset) // hop for offset in batch["offsets"]]
+    target = batch["lengths"].max()
+    if world()[1] > 1:  # the release's one process saw the whole batch
+        dist.all_reduce(target, op=dist.ReduceOp.MAX, group=HOST_GROUP[0])
+    return [
+        release_start(int(offset), conv_layers) if full_lengths[i] >= int(target) else 0
+        for i, offset in zip(batch["indices"].tolist(), batch["offsets"])
+    ]
+
+
+def release_start(offset, conv_layers):
+    """The release's first label of a crop starting at `offset` samples (pretrain/dataloader.py:
+    189-193): its conv-length formula (L - k) // s + 1 applied to the offset, with Python's floor.
+    A start at 320 j (j >= 2) gives frame j - 1, the frame before the crop's; every start below
+    400 samples gives -1, whose slice holds no label, so such a crop has none."""
+    for _, k, s in conv_layers:
+        offset = (offset - k) // s + 1
+    return offset
 
 
 # -----------------------------------------------------------------------------
@@ -422,9 +448,8 @@ def run_teacher(args, fold, train_set, classes, run_dir, device):
     weights = class_weights(dataset.labels, len(classes)).to(device)
 
     def batch_loss(batch, update):
-        wav, lengths = crop_to_shortest(
-            batch, [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()]
-        )
+        rngs = [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()]
+        wav, lengths = crop_to_shortest(batch, rngs, release=args.crops == "release")
         frame_logits, utterance_logits, _ = teacher(wav.to(device), lengths)
         return teacher_loss(frame_logits, utterance_logits, batch["labels"].to(device), weights)
 
@@ -476,7 +501,7 @@ def release_split(utterances):
     return [ordered[i] for i in perm[:fit]], [ordered[i] for i in perm[fit:]]
 
 
-def validation_loss(teacher, dataset, weights, batch_size, seed, device, dtype):
+def validation_loss(teacher, dataset, weights, batch_size, seed, device, dtype, release_crops):
     """The release's validation loss (validation_step, mean over the epoch as Lightning 1.4 logs it,
     batches weighted by their size): batches of batch_size in split order, the last one partial, each
     cropped to its shortest utterance (crops from a fixed seed: the same every epoch), eval mode (no
@@ -491,7 +516,7 @@ def validation_loss(teacher, dataset, weights, batch_size, seed, device, dtype):
             rngs = [
                 utterance_rng(seed, -2, i) for i in batch["indices"].tolist()
             ]  # update -2: validation's own
-            wav, lengths = crop_to_shortest(batch, rngs, across_processes=False)
+            wav, lengths = crop_to_shortest(batch, rngs, False, release_crops)
             frame_logits, utterance_logits, _ = teacher(wav.to(device), None)
             terms = teacher_loss(
                 frame_logits, utterance_logits, batch["labels"].to(device), weights
@@ -563,7 +588,7 @@ def run_release_teacher(args, fold, train_set, classes, run_dir, device):
 
     def batch_loss(batch, update):
         rngs = [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()]
-        wav, _ = crop_to_shortest(batch, rngs)
+        wav, _ = crop_to_shortest(batch, rngs, release=args.crops == "release")
         t100 = int(
             front.v1.frame_lengths(torch.tensor(wav.shape[1]))
         )  # crops are equal: the batch's span count
@@ -590,6 +615,7 @@ def run_release_teacher(args, fold, train_set, classes, run_dir, device):
         args.seed,
         device,
         autocast_dtype(device, args.precision),
+        args.crops == "release",
     )
     pos = stage_train(
         args,
@@ -784,12 +810,14 @@ def run_ptapt(args, fold, train_set, classes, run_dir, labels_path, device):
     )
     params = backbone.freeze_feature_encoder() + list(model.heads.parameters())
     hop = math.prod(s for _, _, s in backbone.cfg.conv_layers)
+    release_crops = args.crops == "release"
+    full_lengths = [u.num_samples for u in train_set]
     dataset = AudioDataset(
         train_set,
         classes,
         max_seconds=args.max_seconds,
         crop="random",
-        crop_align=hop,
+        crop_align=1 if release_crops else hop,  # the release: any sample
         cache=args.cache,
         seed=args.seed,
     )
@@ -801,9 +829,9 @@ def run_ptapt(args, fold, train_set, classes, run_dir, labels_path, device):
         wav, _, mask = masked_batch(
             args, backbone, batch, update, padded=args.group_norm == "padded"
         )
-        targets = crop_labels(
-            labels, batch, backbone.frame_lengths(batch["lengths"]), mask.shape[1], hop
-        )
+        starts = crop_starts(batch, full_lengths, hop, backbone.cfg.conv_layers, release_crops)
+        frames = backbone.frame_lengths(batch["lengths"])
+        targets = crop_labels(labels, batch["indices"].tolist(), starts, frames, mask.shape[1])
         targets = [t[mask].to(device) for t in targets]
         mask = mask.to(device)
         hidden, _ = backbone(
@@ -911,7 +939,7 @@ def stage_train(
         batches,
         updates=updates,
         lr=args.lr,
-        schedule=lambda update: tri_stage_lr(update, updates, warmup, flat),
+        schedule=lambda update: tri_stage_lr(update, updates, warmup, flat, args.warmup_from_zero),
         device=device,
         precision=args.precision,
         run_dir=run_dir,
@@ -1124,6 +1152,21 @@ def build_parser():
         help="TAPT: gradient scale into the conv encoder; fairseq used 0.1, the release 1.0 (default: %(default)s)",
     )
     a(
+        "--crops",
+        choices=["release", "aligned"],
+        default=None,
+        help="P-TAPT: release: crops start at any sample and take their first label from the conv "
+        "formula (pretrain/dataloader.py:189-193; the teacher's crops start below the longest "
+        "start); aligned: at whole frames, with that frame's label (default: the recipe's)",
+    )
+    a(
+        "--warmup-from-zero",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the warm-up's first update at lr 0, as the release's schedule (default: the recipe's: "
+        "release yes, clean no)",
+    )
+    a(
         "--bucket",
         action=argparse.BooleanOptionalAction,
         default=None,
@@ -1184,10 +1227,12 @@ def build_parser():
 def parse_args(argv):
     p = build_parser()
     args = p.parse_args(argv)
-    given = {k for k in ("bucket", "feature_penalty") if getattr(args, k) is not None}
+    given = {k for k in ("bucket", "feature_penalty", "crops") if getattr(args, k) is not None}
     finish_args(p, args, {**MODE_DEFAULTS[args.mode], **RECIPES[args.recipe]})
     if "bucket" in given and args.mode != "ptapt":
         p.error("argument --bucket: only P-TAPT's teacher takes it (TAPT's batches are by length)")
+    if "crops" in given and args.mode != "ptapt":
+        p.error("argument --crops: only P-TAPT's stages crop with labels (--mode ptapt)")
     if "feature_penalty" in given and args.objective != "fairseq":
         p.error(
             "argument --feature-penalty: the release objective has no feature penalty "

@@ -378,7 +378,6 @@ def build_parser():
     parser = OneLineParser(
         description="Write a synthetic corpus in IEMOCAP's layout, with OUT as the release root.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
     )
     parser.add_argument(
         "out", metavar="OUT", help="the folder to write (refused if it holds anything else)"

@@ -196,11 +196,14 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
     write_fairseq(good, net, "args")
     data = good.read_bytes()
     (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(C.CheckpointError, match="trunc.pt.*not a readable"):
+    damaged = ": not a complete PyTorch checkpoint (truncated or not a .pt file)"
+    with pytest.raises(C.CheckpointError) as e:
         C.load_wav2vec2(tmp_path / "trunc.pt")
+    assert str(e.value) == f"{tmp_path / 'trunc.pt'}{damaged}"
     (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(C.CheckpointError, match="text.pt"):
+    with pytest.raises(C.CheckpointError) as e:
         C.load_wav2vec2(tmp_path / "text.pt")
+    assert str(e.value) == f"{tmp_path / 'text.pt'}{damaged}"
     with pytest.raises(C.CheckpointError, match="no such checkpoint"):
         C.load_wav2vec2(tmp_path / "absent.pt")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
@@ -1314,6 +1317,37 @@ def test_bad_wavs_are_skipped_with_one_warning(tmp_path):
     assert [u.uid for u in loaded] == sorted(f"Ses0{s}F_impro01_F000" for s in data.SESSIONS)
 
 
+def test_label_file_not_utf8_is_an_error_and_a_session_without_labels_warns(tmp_path):
+    """A label file re-saved as UTF-16 made its session vanish without a word: now one error line
+    naming the file; a session whose label files hold no label line is one warning line naming it."""
+    root = tmp_path / "IEMOCAP_full_release"
+    S.synthesize_iemocap(str(root), utterances_per_session=2, seed=0, max_seconds=1.0)
+    emo = {s: root / f"Session{s}" / "dialog" / "EmoEvaluation" for s in data.SESSIONS}
+    label_file = sorted(emo[3].glob("Ses*.txt"))[0]
+    original = label_file.read_bytes()
+    label_file.write_text(original.decode("utf-8"), encoding="utf-16")
+    done = run_cli("--data", str(root))
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), done.stderr
+    assert str(label_file) in err[0] and "UTF-8" in err[0] and "NUL" in err[0]
+    label_file.write_bytes(original.replace(b"[", b"\xe9[", 1))  # a Latin-1 e-acute
+    with pytest.raises(data.DataError, match=re.escape(str(label_file)) + r".*byte 0xe9 at offset"):
+        data.parse_label_file(str(label_file))
+    label_file.write_bytes(b"\xef\xbb\xbf" + original)  # UTF-8 with a BOM is UTF-8
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes(original)
+    assert data.parse_label_file(str(label_file)) == data.parse_label_file(str(plain))
+    assert len(data.parse_label_file(str(plain))[0]) >= 2
+    label_file.write_bytes(original)
+    for path in emo[4].glob("Ses*.txt"):  # Session4's label files, emptied of their label lines
+        path.write_text("% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n")
+    done = run_cli("--data", str(root), "--json")
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 0 and len(err) == 1 and err[0].startswith("warning: "), done.stderr
+    assert "Session4" in err[0] and str(emo[4]) in err[0]
+    assert list(json.loads(done.stdout)["sessions"]) == ["1", "2", "3", "5"]
+
+
 # ----------------------------------------------------------------------------- audio
 
 
@@ -1403,6 +1437,87 @@ def test_manifest(tmp_path):
         data.load_manifest(str(path))
     with pytest.raises(data.DataError, match="missing.csv"):
         data.load_corpus(str(tmp_path / "missing.csv"))
+
+
+def test_label_json_listing_a_wav_twice_is_refused(tmp_path):
+    """json.load keeps the last of two labels of one wav: the file is refused instead, with two
+    labels or with the same label twice (a copy-paste slip either way)."""
+    for name in ("a", "b", "c"):
+        write_wav(str(tmp_path / f"{name}.wav"), 4000)
+    path = tmp_path / "labels.json"
+    for train in (
+        '"a.wav": "ang", "b.wav": "neu", "a.wav": "neu"',
+        '"a.wav": "ang", "a.wav": "ang"',
+    ):
+        path.write_text('{"Train": {' + train + '}, "Test": {"c.wav": "ang"}}')
+        done = run_cli("--data", str(path))
+        err = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(err) == 1, done.stderr
+        assert err[0].startswith(f"error: {path}: Train lists 'a.wav' twice (labels 'ang' and ")
+    path.write_text(
+        '{"Train": {"a.wav": "ang"}, "Test": {"c.wav": "ang"}, "Test": {"b.wav": "ang"}}'
+    )
+    with pytest.raises(data.DataError, match='"Test" is there twice'):
+        data.load_label_json(str(path))
+    path.write_text('{"Train": {"a.wav": "ang", "b.wav": "neu"}, "Test": {"a.wav": "ang"}}')
+    with pytest.raises(data.DataError, match=r"a\.wav is in both train and test"):
+        data.load_label_json(str(path))
+    path.write_text('{"Train": {"a.wav": "ang", "b.wav": "neu"}, "Test": {"c.wav": "ang"}}')
+    assert [u.uid for u in data.load_label_json(str(path))] == ["a", "b", "c"]  # Val: optional
+
+
+def test_custom_corpus_uids_are_paths_in_the_corpus(tmp_path):
+    """spk1/000.wav and spk2/000.wav were both utterance '000': P-TAPT's k-means stage then failed
+    with '12 uids but 12 frame counts'. A .csv or .json corpus's uid is the wav's path relative to
+    the corpus folder, without its extension; two entries with one uid are refused at once."""
+    rows, expected = ["path,label,split"], []
+    for speaker in ("spk1", "spk2"):
+        for i in range(8):
+            rel = f"{speaker}/{i:03d}.wav"
+            write_wav(str(tmp_path / rel), 16000, seed=len(rows))
+            split = "train" if i < 6 else "test"
+            rows.append(f"{rel},{'ab'[i % 2]},{split}")
+            expected += [f"{speaker}/{i:03d}"] if split == "train" else []
+    manifest = tmp_path / "corpus.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    done = run_cli(
+        "--mode", "kmeans", "--data", manifest, "--fold", "1", "--ks", "4", "--checkpoint",
+        "random-tiny", "--workers", "0", "--no-progress", "--out", tmp_path / "runs",
+        name="pretrain.py",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    stored = load_labels(tmp_path / "runs" / "kmeans" / "fold1" / "labels.pt")
+    assert sorted(stored["uids"]) == sorted(expected) and len(expected) == 12
+    splits, _ = data.load_corpus(str(manifest))
+    assert sorted(u.uid for u in splits["train"]) == sorted(expected)
+    # a label .json: relative to its wav folder, '/' between folders
+    spec = {"Train": {"spk1/000.wav": "a", "spk2/000.wav": "b"}, "Test": {"spk1/001.wav": "a"}}
+    (tmp_path / "labels.json").write_text(json.dumps(spec))
+    assert [u.uid for u in data.load_label_json(str(tmp_path / "labels.json"))] == [
+        "spk1/000", "spk2/000", "spk1/001",
+    ]  # fmt: skip
+    os.makedirs(tmp_path / "meta")
+    (tmp_path / "meta" / "labels.json").write_text(json.dumps(spec))
+    assert [u.uid for u in data.load_label_json(tmp_path / "meta" / "labels.json", tmp_path)] == [
+        "spk1/000", "spk2/000", "spk1/001",
+    ]  # fmt: skip
+    # one uid twice: the same file listed twice, or two files that differ only in their extension
+    sf.write(str(tmp_path / "spk1" / "000.flac"), np.zeros(8000, np.float32), 16000)
+    for extra, problem in [
+        ("spk1/000.wav,a,train", r"spk1/000\.wav is listed twice \(also .*corpus\.csv line 2\)"),
+        ("./spk1/000.wav,a,test", r"spk1/000\.wav is in both train and test"),
+        (
+            "spk1/000.flac,a,train",
+            r"000\.flac and .*000\.wav .*both have the utterance id 'spk1/000'",
+        ),
+    ]:
+        manifest.write_text("\n".join(rows + [extra]) + "\n")
+        done = run_cli("--data", manifest)
+        err = done.stderr.strip().splitlines()
+        assert done.returncode == 2 and len(err) == 1, done.stderr
+        assert err[0].startswith(f"error: {manifest} line {len(rows) + 1}: ") and re.search(
+            problem, err[0]
+        ), err[0]
 
 
 # ----------------------------------------------------------------------------- dataset and batching
@@ -1585,12 +1700,12 @@ def test_cli_table_in_process(synth, capsys):
 # losses: masking, negatives, every loss alone, the release recipe's pieces
 
 
-@pytest.mark.parametrize("semantics", ["hf", "fairseq"])
+@pytest.mark.parametrize("semantics", ["utterance", "fairseq"])
 def test_span_mask_stays_in_valid_frames(semantics):
     lengths = [200, 120, 37, 15]
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
-        mask = M.compute_span_mask(lengths, 200, 0.08, 10, 2, semantics, g)
+        mask = M.span_masks(semantics, lengths, 200, [g] * 4, g, 0.08, 10, 2)
         for i, n in enumerate(lengths):
             assert not mask[i, n:].any()
             assert mask[i, :n].sum() >= min(10, n - 1)  # at least one span fits in every row here
@@ -1598,16 +1713,23 @@ def test_span_mask_stays_in_valid_frames(semantics):
             assert len(set(mask.sum(1).tolist())) == 1
 
 
-def test_span_mask_hf_span_count():
-    """HF: spans = max(min, int(p * L / span + u)) with one u per call; spans never overlap here
-    (span 1), so the masked count is exactly the number of spans."""
-    g = torch.Generator().manual_seed(3)
-    for _ in range(30):
-        state = g.get_state()
-        u = float(torch.rand((), generator=g))
-        g.set_state(state)
-        mask = M.compute_span_mask([1000, 400], 1000, 0.05, 1, 2, "hf", g)
-        assert mask.sum(1).tolist() == [max(2, int(0.05 * 1000 + u)), max(2, int(0.05 * 400 + u))]
+def test_span_mask_utterance_span_count():
+    """Per utterance: spans = max(min, int(p * L / span + u)), u the first draw of the utterance's
+    own generator; spans never overlap here (span 1), so the masked count is the number of spans."""
+    for seed in range(30):
+        rngs = [
+            torch.Generator().manual_seed(2 * seed),
+            torch.Generator().manual_seed(2 * seed + 1),
+        ]
+        u = [
+            float(torch.rand((), generator=torch.Generator().manual_seed(r.initial_seed())))
+            for r in rngs
+        ]
+        mask = M.span_masks("utterance", [1000, 400], 1000, rngs, None, 0.05, 1, 2)
+        assert mask.sum(1).tolist() == [
+            max(2, int(0.05 * 1000 + u[0])),
+            max(2, int(0.05 * 400 + u[1])),
+        ]
 
 
 def test_negatives_are_other_masked_frames_of_the_same_utterance():
@@ -1675,7 +1797,7 @@ def test_wav2vec2_loss_matches_reference_from_formulas():
     g = torch.Generator().manual_seed(0)
     wav, lens = torch.randn(2, 9000, generator=g).double(), torch.tensor([9000, 6000])
     frames = model.frame_lengths(lens)
-    mask = M.compute_span_mask(frames, int(frames.max()), 0.2, 3, 2, "hf", g)
+    mask = M.span_masks("utterance", frames, int(frames.max()), [g, g], g, 0.2, 3, 2)
     negatives = P.sample_negatives(mask, 5, g)
     # make two distractors equal to their target, so the -inf rule is exercised
     first = mask.nonzero()[:, 0] == 0
@@ -1789,7 +1911,7 @@ def test_group_norm_is_float32_under_autocast():
 
 
 def test_wav2vec2_objective_learns_on_a_tiny_model():
-    """TAPT's objective (pretrain.tapt_loss with sample_negatives and compute_span_mask) can
+    """TAPT's objective (pretrain.tapt_loss with sample_negatives and span_masks) can
     learn: on four synthetic 1 s utterances a fresh tiny model's contrastive loss per masked frame
     falls from chance, ln(1 + negatives), to below half of it within 100 updates, without the
     quantizer collapsing (a collapsed codebook would lower the loss by making distractors equal to
@@ -1822,7 +1944,9 @@ def test_wav2vec2_objective_learns_on_a_tiny_model():
     chance = math.log(1 + num_negatives)
 
     g_eval = torch.Generator().manual_seed(123)
-    eval_mask = M.compute_span_mask(frames, int(frames.max()), 0.3, 5, 2, "hf", g_eval)
+    eval_mask = M.span_masks(
+        "utterance", frames, int(frames.max()), [g_eval] * len(frames), g_eval, 0.3, 5, 2
+    )
     eval_negatives = P.sample_negatives(eval_mask, num_negatives, g_eval)
 
     def evaluate():  # eval mode: argmax codewords, no dropout; fixed masks and distractors
@@ -1843,7 +1967,9 @@ def test_wav2vec2_objective_learns_on_a_tiny_model():
     )  # tensors this small: one thread is faster, and immune to a busy machine
     try:
         for update in range(100):
-            mask = M.compute_span_mask(frames, int(frames.max()), 0.3, 5, 2, "hf", g)
+            mask = M.span_masks(
+                "utterance", frames, int(frames.max()), [g] * len(frames), g, 0.3, 5, 2
+            )
             terms = P.tapt_loss(
                 model,
                 model.encode(wav, lens, time_mask=mask),
@@ -1991,7 +2117,7 @@ def test_release_tapt_loss_matches_transformers_410_formulas():
     frames = model.frame_lengths(lengths)
     T = int(frames.max())
     g = lambda s: torch.Generator().manual_seed(s)
-    mask = M.batch_span_masks(frames, T, g(5), [g(6), g(7)], 0.2, 3, 2)
+    mask = M.span_masks("release", frames, T, [g(6), g(7)], g(5), 0.2, 3, 2)
     assert mask[1].any() and not mask[1, int(frames[1]) :].any()
     negatives = P.padded_negatives(mask, 20, [g(8), g(9)])
     row1 = (
@@ -2028,7 +2154,9 @@ def test_release_span_masks_follow_the_410_formula():
     draws, frames, span = 3000, [499, 49], 15
     short_unmasked, long_masked = 0, 0.0
     for i in range(draws):
-        m = M.batch_span_masks(frames, 499, g(3 * i), [g(3 * i + 1), g(3 * i + 2)], 0.08, span, 2)
+        m = M.span_masks(
+            "release", frames, 499, [g(3 * i + 1), g(3 * i + 2)], g(3 * i), 0.08, span, 2
+        )
         short_unmasked += int(not m[1].any())
         long_masked += int(m[0].sum())
         assert not m[1, 49:].any()
@@ -2065,12 +2193,11 @@ def test_release_vft_group_norm_sees_the_padding_and_the_transformer_does_not():
         torch.stack([torch.nn.functional.pad(short, (0, 10000)), other]),
         torch.tensor([6000, 16000]),
     )
-    net.norm_over_padding = True
     net.train()
     with torch.no_grad():
-        alone, _ = net(short[None])
-        with_a, frames = net(*batch(other_a))
-        with_b, _ = net(*batch(other_b))
+        alone, _ = net(short[None], norm_over_padding=True)
+        with_a, frames = net(*batch(other_a), norm_over_padding=True)
+        with_b, _ = net(*batch(other_b), norm_over_padding=True)
         n = int(frames[0])
         torch.testing.assert_close(
             with_a[0, :n], with_b[0, :n], atol=1e-6, rtol=0
@@ -2078,13 +2205,125 @@ def test_release_vft_group_norm_sees_the_padding_and_the_transformer_does_not():
         assert (with_a[0, :n] - alone[0, :n]).abs().max() > 1e-3  # the group norm: padded
         net.eval()
         torch.testing.assert_close(
-            net(*batch(other_a))[0][0, :n], net(short[None])[0][0, :n], atol=1e-5, rtol=1e-5
+            net(*batch(other_a), norm_over_padding=True)[0][0, :n],
+            net(short[None])[0][0, :n],
+            atol=1e-5,
+            rtol=1e-5,
         )
-        net.norm_over_padding = False
         net.train()
         torch.testing.assert_close(
             net(*batch(other_a))[0][0, :n], alone[0, :n], atol=1e-5, rtol=1e-5
         )
+
+
+def release_label_slice(labels, start, nlabel):
+    """The reference: the release's collate (pretrain/dataloader.py:182-204) on one cropped utterance,
+    written from its code: _conv_out_length per layer of wav2vec 2.0 Base's conv stack applied to
+    the crop start, a numpy slice from there, then cut or padded with -100 to nlabel."""
+    label_start = start
+    for kernel, stride in [(10, 5)] + [(3, 2)] * 4 + [(2, 2)] * 2:
+        label_start = (label_start - kernel) // stride + 1
+    x = labels[None, label_start : label_start + nlabel]
+    if x.shape[1] >= nlabel:
+        return x[0, :nlabel]
+    return np.pad(x, [[0, 0], [0, nlabel - x.shape[1]]], constant_values=-100)[0]
+
+
+def test_release_ptapt_crop_labels_match_the_release_for_every_start():
+    """Every start offset 0..3200 samples of a 2 s crop of a 10 s utterance, beside a shorter one: the
+    labels the release recipe gives its frames equal the release's; the clean recipe (aligned crops)
+    takes frame start / 320; the shorter utterance, not cropped, keeps its labels from frame 0."""
+    labels = np.arange(499) + 1000  # 10 s: 499 frames, each labelled with its own number
+    width = nlabel = 99  # a 2 s crop: 99 frames
+    conv = M.BASE_CONV_LAYERS
+    crop, full = 32000, [160000, 20000]
+    short = np.arange(62) + 5000  # the 1.25 s utterance's 62 frames
+    per_utterance = [{8: torch.tensor(labels)}, {8: torch.tensor(short)}]
+    for start in range(0, 3201):
+        batch = {
+            "indices": torch.tensor([0, 1]),
+            "offsets": torch.tensor([start, 0]),
+            "lengths": torch.tensor([crop, 20000]),
+        }
+        for release in (True, False):
+            if not release and start % 320:
+                continue  # aligned crops start at whole frames only
+            starts = P.crop_starts(batch, full, 320, conv, release)
+            frames = torch.tensor([nlabel, 62])
+            got = P.crop_labels(per_utterance, [0, 1], starts, frames, width)[0]
+            if release:
+                expected = release_label_slice(labels, start, nlabel)
+            else:
+                expected = labels[start // 320 :][:nlabel]
+            assert got[0].tolist() == expected.tolist(), (start, release)
+            assert got[1].tolist() == short.tolist() + [-100] * (width - 62)  # not cropped
+    assert (
+        P.release_start(0, conv) == -1 and P.release_start(640, conv) == 1
+    )  # frame k - 1 at 320 k
+    # the release's quirk: a batch's longest utterance, not longer than the crop, is "cropped" at 0
+    alone = {
+        "indices": torch.tensor([1]),
+        "offsets": torch.tensor([0]),
+        "lengths": torch.tensor([20000]),
+    }
+    assert P.crop_starts(alone, full, 320, conv, True) == [-1]
+
+
+def test_warmup_from_zero_is_the_release_schedule():
+    """The first 100 learning-rate factors against the release's LambdaLR (pretrain/trainer.py:197-
+    204), warm-up 40 of 400 updates, flat 5%; the clean recipe's warm-up starts one step later."""
+    total, warmup = 400, 40
+    flat = int(0.05 * total)
+
+    def release(step):
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        if step < warmup + flat:
+            return 1.0
+        return max(0.0, float(total - step) / float(max(1, total - (warmup + flat))))
+
+    ours = [T.tri_stage_lr(step, total, warmup, flat, from_zero=True) for step in range(100)]
+    assert ours == [release(step) for step in range(100)] and ours[0] == 0.0
+    clean = [T.tri_stage_lr(step, total, warmup, flat) for step in range(100)]
+    assert clean[:warmup] == [release(step + 1) for step in range(warmup)]
+    assert clean[warmup:] == ours[warmup:]
+
+
+def test_teacher_crop_starts_follow_the_recipe():
+    """The release's teacher crops start at np.random.randint(over): 0..over - 1; the clean recipe
+    draws 0..over. Drawn through crop_to_shortest with 400 generators."""
+    wav = torch.arange(2 * 1000, dtype=torch.float32).view(2, 1000)
+    batch = {"wav": wav, "lengths": torch.tensor([1000, 990])}
+    for release, last in ((True, 9), (False, 10)):
+        starts = set()
+        for seed in range(400):
+            rngs = [torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1000)]
+            cropped, lengths = P.crop_to_shortest(batch, rngs, release=release)
+            assert (
+                lengths.tolist() == [990, 990] and int(cropped[1, 0]) == 1000
+            )  # the shortest: whole
+            starts.add(int(cropped[0, 0]))
+        assert starts == set(range(last + 1)), (release, sorted(starts))
+
+
+def test_precision_per_recipe_and_device(monkeypatch):
+    """The release recipe trains in fp16 with a gradient scaler on a GPU, as the release; the clean
+    recipe in bf16 where the GPU has it; both in float32 on the CPU."""
+    base = ["--mode", "tapt", "--data", "x", "--checkpoint", "random-tiny"]
+    release, clean = (P.parse_args([*base, "--recipe", r]).precision for r in ("release", "clean"))
+    assert (release, clean) == ("auto-fp16", "auto")
+    import finetune
+
+    assert finetune.parse_args(["--quickstart"]).precision == "auto-fp16"
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert T.autocast_dtype(cpu, release) is None and T.autocast_dtype(cpu, clean) is None
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert (
+        T.autocast_dtype(gpu, release) == torch.float16
+    )  # GradScaler on: train() enables it for fp16
+    assert T.autocast_dtype(gpu, clean) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    assert T.autocast_dtype(gpu, clean) == torch.float16
 
 
 def test_release_dynamic_batches():
@@ -2745,20 +2984,24 @@ def test_metrics_agree_with_sklearn():
     assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro"))
 
 
+def put_run(run_dir, ua, wa, confusion, config):
+    """A finished run as finetune.py leaves it: config.json, then metrics.json."""
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(config))
+    (run_dir / "metrics.json").write_text(
+        json.dumps(
+            {"ua": ua, "wa": wa, "macro_f1": ua, "classes": ["a", "b"], "confusion": confusion}
+        )
+    )
+
+
 def test_results_table(tmp_path):
     def put(fold, run, ua, wa):
-        d = tmp_path / "vft" / f"fold{fold}" / f"run{run}"
-        d.mkdir(parents=True)
-        (d / "metrics.json").write_text(
-            json.dumps(
-                {
-                    "ua": ua,
-                    "wa": wa,
-                    "macro_f1": ua,
-                    "classes": ["a", "b"],
-                    "confusion": [[run + 1, 0], [0, 1]],
-                }
-            )
+        config = {"lr": 1e-4, "recipe": "release", "fold": fold, "run": run, "seed": 0}
+        config.update(seed_of_run=run, workers=run, device=["cpu", "cuda"][run])  # not compared
+        config["data"] = str(tmp_path) + "/" * run  # one folder, written two ways
+        put_run(
+            tmp_path / "vft" / f"fold{fold}" / f"run{run}", ua, wa, [[run + 1, 0], [0, 1]], config
         )
 
     put(1, 0, 0.70, 0.60)
@@ -2769,24 +3012,127 @@ def test_results_table(tmp_path):
     assert result["folds"]["1"]["ua_std"] == pytest.approx(np.std([0.7, 0.8], ddof=0))
     assert result["average"]["ua"] == pytest.approx((0.75 + 0.5) / 2)
     assert result["confusion"] == [[4, 0], [0, 3]]
-    out = subprocess.run(
-        [sys.executable, os.path.join(HERE, "evaluate.py"), str(tmp_path / "vft")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = script("evaluate.py", tmp_path / "vft", timeout=120)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    # one run has no spread: its value alone, not "± 0.0"
+    assert "| vft UA | 75.0 ± 5.0 | 50.0 (1 run) | 62.5 |" in out.stdout and "ddof 0" in out.stdout
+    assert "± 0.0" not in out.stdout and "runs: Ses1: 2, Ses2: 1" in out.stdout
+    results = json.loads((tmp_path / "vft" / "results.json").read_text())
+    assert results["average"]["wa"] == pytest.approx(0.525) and results["runs"] == 3
+    assert [row["runs"] for row in results["folds"].values()] == [2, 1]
+    assert results["folds"]["2"]["ua_std"] == 0.0 and results["skipped"] == []
+    empty = script("evaluate.py", tmp_path, timeout=120)
+    assert empty.returncode == 2 and empty.stderr.strip().splitlines() == [
+        f"error: {tmp_path}: no fold<k>/run<r>/metrics.json found (has finetune.py finished a run "
+        "here?); skipped: vft (not fold<k>)"
+    ]
+
+
+def test_results_table_reads_only_fold_and_run_folders(tmp_path):
+    """The fold was searched for anywhere in the path: everything under manifold3/ was one column
+    'Ses3', a fold1.bak/ copy counted as more Ses1 runs, fold_old/ was a traceback. Now only
+    <root>/fold<k>/run<r>/metrics.json counts, and one warning line lists the rest."""
+    root = tmp_path / "manifold3"
+    config = {"lr": 1e-4}
+    put_run(root / "fold1" / "run0", 0.6, 0.6, [[1, 0], [0, 1]], {**config, "fold": 1})
+    put_run(root / "fold2" / "run0", 0.8, 0.8, [[1, 0], [0, 1]], {**config, "fold": 2})
+    shutil.copytree(root / "fold1", root / "fold1.bak")
+    (root / "fold1.bak" / "run0" / "metrics.json").write_text(json.dumps({"ua": 0.1}))
+    (root / "fold_old" / "run0").mkdir(parents=True)
+    (root / "fold_old" / "run0" / "metrics.json").write_text("{}")
+    (root / "fold2" / "run1").mkdir()  # unfinished: config.json and a resume point, no metrics
+    (root / "fold2" / "run1" / "config.json").write_text(json.dumps({**config, "lr": 1}))
+    (root / "fold2" / "notes").mkdir()
+    out = script("evaluate.py", root, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "| vft UA | 75.0 ± 5.0 | 50.0 ± 0.0 | 62.5 |" in out.stdout and "ddof 0" in out.stdout
-    assert json.loads((tmp_path / "vft" / "results.json").read_text())["average"][
-        "wa"
-    ] == pytest.approx(0.525)
-    empty = subprocess.run(
-        [sys.executable, os.path.join(HERE, "evaluate.py"), str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    assert out.stdout.splitlines()[:3] == [
+        "| method | Ses1 | Ses2 | Average |",
+        "|---|---|---|---|",
+        "| manifold3 UA | 60.0 (1 run) | 80.0 (1 run) | 70.0 |",
+    ]
+    assert out.stderr.splitlines() == [
+        f"warning: {root}: skipped: fold1.bak (not fold<k>), fold2/notes (not run<r>), "
+        "fold2/run1 (unfinished: no metrics.json), fold_old (not fold<k>)"
+    ]
+    results = json.loads((root / "results.json").read_text())
+    assert [row["runs"] for row in results["folds"].values()] == [1, 1]
+    assert len(results["skipped"]) == 4 and results["confusion"] == [[2, 0], [0, 2]]
+    os.remove(root / "fold1" / "run0" / "config.json")  # a run of before config.json: read, flagged
+    out = script("evaluate.py", root, timeout=120)
+    assert out.returncode == 0 and out.stderr.strip().endswith(
+        "; settings not checked (no config.json): fold1/run0"
+    ), out.stderr
+
+
+def test_results_table_refuses_runs_of_different_settings(tmp_path):
+    """Fold 1 run with the release recipe, fold 2 with --recipe clean, both under runs/vft: one
+    error line naming the setting and two runs, not one row that averages two methods."""
+    corpus = tmp_path / "IEMOCAP_full_release"
+    S.synthesize_iemocap(str(corpus), utterances_per_session=4, seed=0, max_seconds=1.0)
+    out = tmp_path / "runs"
+    tiny = ["--data", corpus, "--out", out, "--epochs", 1, "--batch-size", 4, *TINY_RUN[:2]]
+    tiny += ["--workers", 0, "--cache", "--no-progress"]
+    r = script("finetune.py", *tiny, "--fold", 1, "--runs", 2, "--name", "vft")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = script("finetune.py", *tiny, "--fold", 2, "--recipe", "clean", "--name", "vft")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = script("evaluate.py", out / "vft", timeout=120)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and err[0].startswith("error: "), r.stderr
+    assert "fold1/run0 and fold2/run0 were computed with different settings (" in err[0]
+    assert "recipe 'release' vs 'clean'" in err[0] and "group_norm 'padded' vs 'valid'" in err[0]
+    assert not (out / "vft" / "results.json").exists()
+    os.rename(out / "vft" / "fold2", out / "vft" / "fold2.clean")  # what the error suggests
+    r = script("evaluate.py", out / "vft", timeout=120)
+    assert r.returncode == 0, r.stderr  # runs 0 and 1: seeds 0 and 1, the same settings
+    assert r.stderr.splitlines() == [f"warning: {out / 'vft'}: skipped: fold2.clean (not fold<k>)"]
+    assert "| method | Ses1 | Average |" in r.stdout and re.search(
+        r"\| vft UA \| [\d.]+ ± ", r.stdout
     )
-    assert empty.returncode == 2 and "no fold*/run*/metrics.json" in empty.stderr
+    # --init runs/<method>/fold{fold}/pretrained.pt differs by fold as it should, not by method
+    root = tmp_path / "ft-ptapt"
+    for fold in (1, 2):
+        shutil.copytree(out / "vft" / "fold1" / "run0", root / f"fold{fold}" / "run0")
+    config = json.loads((root / "fold1" / "run0" / "config.json").read_text())
+
+    def init(fold, method, folder=None):
+        path = root / f"fold{folder or fold}" / "run0" / "config.json"
+        init = f"runs/{method}/fold{fold}/pretrained.pt"
+        path.write_text(json.dumps({**config, "fold": fold, "init": init}))
+
+    init(1, "ptapt")
+    init(2, "ptapt")
+    assert list(E.aggregate(str(root))["folds"]) == ["1", "2"]
+    init(2, "tapt")
+    with pytest.raises(data.DataError, match=r"init '.*/ptapt/fold\{fold\}/.*' vs '.*/tapt/fold"):
+        E.aggregate(str(root))
+    init(1, "ptapt", folder=2)  # fold 1's run copied into fold2/
+    with pytest.raises(data.DataError, match=r"fold2/run0/config.json: fold 1, but the run is in"):
+        E.aggregate(str(root))
+
+
+def test_evaluate_device_is_one_it_can_run_on(tmp_path, capsys):
+    """--device mps and --device meta were tracebacks: one line naming the flag and the choices."""
+    clf = M.EmotionClassifier(M.Wav2Vec2(T.tiny_random_config()), ["calm", "loud"])
+    C.save_classifier(clf, tmp_path / "model.pt")
+    wav = write_wav(str(tmp_path / "a.wav"), 16000)
+    r = script(
+        "evaluate.py", "--checkpoint", tmp_path / "model.pt", "--predict", wav, "--device", "mps"
+    )
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        "error: argument --device: 'mps': expected auto, cpu, cuda or cuda:N (see --help)"
+    ]
+    for device in ("meta", "gpu", "cuda:", "cuda:x", "CUDA"):
+        with pytest.raises(SystemExit) as e:
+            E.main(
+                ["--checkpoint", str(tmp_path / "model.pt"), "--predict", wav, "--device", device]
+            )
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and f"--device: {device!r}" in err[0], err
+    E.main(["--checkpoint", str(tmp_path / "model.pt"), "--predict", wav, "--device", "cpu"])
+    assert re.fullmatch(
+        rf"{re.escape(wav)}\t(calm|loud)\tcalm=[\d.]+ loud=[\d.]+\n", capsys.readouterr().out
+    )
 
 
 # =============================================================================
@@ -3741,6 +4087,16 @@ BAD_ARGUMENTS = [  # (script, flags, what the one line must name)
     ),
     ("pretrain", ["--mode", "kmeans", "--ks", "0"], "--ks"),
     ("pretrain", ["--mode", "kmeans", "--kmeans-iters", "0"], "--kmeans-iters"),
+    ("finetune", ["--device", "mps"], "--device"),
+    ("finetune", ["--device", "meta"], "--device"),
+    ("evaluate", ["--device", "meta"], "--device"),
+    ("finetune", ["--seed", "-1"], "--seed"),
+    ("finetune", ["--max-seconds", "0.02"], "--max-seconds"),
+    ("finetune", ["--epoch", "2"], "--epoch"),  # no abbreviations: --epoch is not --epochs
+    ("finetune", ["--checkpoint", "no-such.pt"], "no-such.pt"),
+    ("pretrain", ["--checkpoint", "no-such.pt"], "no-such.pt"),
+    ("pretrain", ["--feature-penalty", "3"], "--feature-penalty"),  # the release objective has none
+    ("pretrain", ["--mode", "tapt", "--bucket"], "--bucket"),  # the P-TAPT teacher's only
 ]
 
 
@@ -3778,6 +4134,80 @@ def test_bad_argument_is_one_line_and_writes_nothing(name, flags, named, corpus,
         e.value.code == 2 and len(err) == 1 and err[0].startswith("error:") and named in err[0]
     ), err
     assert not out.exists()
+
+
+def test_default_names_keep_the_recipes_apart_and_given_flags_win():
+    """The README's second command (the quick start with --recipe clean) gets its own folder; a
+    flag given with --quickstart wins even when it equals the script's default."""
+    import finetune
+
+    assert finetune.parse_args(["--quickstart"]).name == "quickstart"
+    assert finetune.parse_args(["--quickstart", "--recipe", "clean"]).name == "quickstart-clean"
+    init = "runs/tapt-clean/fold{fold}/pretrained.pt"
+    assert finetune.default_run_name(init, "clean") == "ft-tapt-clean"
+    assert finetune.default_run_name("runs/tapt/fold3/pretrained.pt", "release") == "ft-tapt"
+    assert finetune.default_run_name(init, "clean", quickstart=True) == "quickstart-ft-tapt-clean"
+    args = finetune.parse_args(["--quickstart", "--max-seconds", "10", "--batch-size", "64"])
+    assert (args.max_seconds, args.batch_size, args.epochs) == (10.0, 64, 15)
+    release, clean = (finetune.parse_args(["--quickstart", "--recipe", r]) for r in T.RECIPES)
+    assert (release.skip_last_frame, clean.skip_last_frame) == (True, False)
+    assert finetune.parse_args(["--quickstart", "--no-skip-last-frame"]).skip_last_frame is False
+    tapt = P.parse_args(["--mode", "tapt", "--data", "x", "--checkpoint", "random-tiny"])
+    fairseq = P.parse_args(["--mode", "tapt", "--data", "x", "--checkpoint", "random-tiny",
+                            "--objective", "fairseq"])  # fmt: skip
+    assert (tapt.feature_penalty, fairseq.feature_penalty) == (None, 10.0)
+
+
+def test_paths_are_compared_as_files_and_a_lost_config_retires_the_run(tmp_path):
+    """data/synth/ is data/synth; a run folder whose config.json is gone cannot be resumed under
+    whatever settings the next command brings."""
+    corpus = tmp_path / "synth"
+    corpus.mkdir()
+    run = tmp_path / "run"
+    run.mkdir()
+    assert not T.check_run_config(str(run), {"data": str(corpus), "lr": 1e-4})
+    assert T.check_run_config(str(run), {"data": str(corpus) + "/", "lr": 1e-4})
+    (run / "state.pt").write_bytes(b"resume point")
+    with pytest.raises(data.DataError, match="computed with other settings"):
+        T.check_run_config(str(run), {"data": str(corpus), "lr": 0.5})
+    (run / "config.json").unlink()
+    with pytest.raises(data.DataError, match="no config.json.*remove the whole folder"):
+        T.check_run_config(str(run), {"data": str(corpus), "lr": 0.5})
+
+
+def test_a_list_corpus_runs_once(tmp_path):
+    """A .json or .csv corpus has one train/test split: "all folds" runs it once, another fold is
+    refused rather than trained on the same split again."""
+    (tmp_path / "iemocap").mkdir()
+    assert T.folds_of(str(tmp_path / "iemocap"), None) == [1, 2, 3, 4, 5]
+    assert T.folds_of(str(tmp_path / "iemocap"), "3") == [3]
+    listed = str(tmp_path / "labels.json")
+    assert T.folds_of(listed, None) == T.folds_of(listed, "all") == T.folds_of(listed, "1") == [1]
+    with pytest.raises(data.DataError, match="one train/test split"):
+        T.folds_of(listed, 3)
+
+
+def test_clean_tapt_trains_through_batches_with_nothing_masked(corpus, tmp_path):
+    """Nothing masked (here --mask-prob 0 --mask-min 0; in a run, a bucket of utterances shorter
+    than a span): no loss and no crash; before, every rerun resumed into the same crash."""
+    r = script("pretrain.py", "--mode", "tapt", "--recipe", "clean", "--fold", 1, "--data", corpus,
+               "--checkpoint", "random-tiny", "--updates", 2, "--warmup", 1, "--batch-size", 4,
+               "--mask-prob", 0, "--mask-min", 0, "--workers", 0, "--no-progress", "--out", tmp_path)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-2000:]
+    log = read_log(tmp_path / "tapt-clean" / "fold1" / "tapt.log.jsonl")
+    assert [(row["update"], row["loss"]) for row in log] == [(2, 0.0)]
+
+
+def test_ptapt_reads_its_checkpoint_before_the_teacher_trains(corpus, tiny_v1, tmp_path):
+    """A wrong --checkpoint is one line before the (hours-long) teacher and k-means stages."""
+    wrong = tmp_path / "wav2vec_small.pt"
+    wrong.write_bytes(b"not a checkpoint")
+    args = v1_teacher_args(corpus, tiny_v1)
+    args[args.index("random-tiny")] = wrong
+    r = script("pretrain.py", *args, "--out", tmp_path / "runs")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:"), r.stderr
+    assert "wav2vec_small.pt" in r.stderr and "Traceback" not in r.stderr
+    assert not list((tmp_path / "runs").rglob("teacher*"))
 
 
 def test_runs_that_would_train_on_nothing_are_refused_and_the_fix_is_not_blocked(corpus, tmp_path):

@@ -180,11 +180,13 @@ def timing_path(log_path):
     return log_path[: -len("log.jsonl")] + "timing.jsonl"
 
 
-def tri_stage_lr(step, total, warmup, flat):
+def tri_stage_lr(step, total, warmup, flat, from_zero=False):
     """The release's schedule: linear warm-up over `warmup` updates, flat for `flat` updates,
-    then linear decay to 0 at `total` (a factor on the base lr)."""
+    then linear decay to 0 at `total` (a factor on the base lr). from_zero: the warm-up's first
+    update at lr 0, step / warmup, as the release's LambdaLR (pretrain/trainer.py:197-204);
+    otherwise (step + 1) / warmup, so that no update is wasted."""
     if step < warmup:
-        return (step + 1) / warmup
+        return (step + (not from_zero)) / warmup
     if step < warmup + flat:
         return 1.0
     return max(0.0, (total - step) / max(1, total - warmup - flat))
@@ -231,10 +233,13 @@ def pad_to_whole_batch(wav):
 
 
 def autocast_dtype(device, precision):
-    """None = float32. 'auto': bf16 on GPUs that support it, else fp16 (with a grad scaler); fp32 on CPU."""
-    if precision == "auto":
+    """None = float32. On the CPU, 'auto' and 'auto-fp16' are float32; on a GPU 'auto' is bf16 where
+    the GPU has it natively, else fp16; 'auto-fp16' is fp16 (with a grad scaler, as the release)."""
+    if precision in ("auto", "auto-fp16"):
         if device.type != "cuda":
             return None
+        if precision == "auto-fp16":
+            return torch.float16
         # native bf16 from Ampere (8.0) on; is_bf16_supported() also says yes where it is only emulated
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -503,6 +508,8 @@ def resolve_device(name="auto"):
         raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r}: no CUDA GPU is available here (use cpu or auto)")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name!r}: this machine has {torch.cuda.device_count()} GPU(s)")
     if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return device
@@ -726,6 +733,9 @@ RECIPES = {
         skip_last_frame=True,  # V-FT: the head's mean leaves out each utterance's last frame
         objective="release",  # TAPT: transformers 4.10's loss as returned
         batch_seconds=250.0,  # TAPT, P-TAPT: dynamic batches of 250 s at batch size 64
+        crops="release",  # P-TAPT: crops at any sample, labels from the conv formula (and teacher)
+        warmup_from_zero=True,  # TAPT, P-TAPT: the first update at lr 0
+        precision="auto-fp16",  # fp16 with a gradient scaler on a GPU, fp32 on the CPU
     ),
     "clean": dict(
         bucket=True,
@@ -734,6 +744,9 @@ RECIPES = {
         skip_last_frame=False,
         objective="fairseq",
         batch_seconds=0.0,
+        crops="aligned",
+        warmup_from_zero=False,
+        precision="auto",
     ),
 }
 
@@ -761,9 +774,11 @@ def add_run_flags(p):
     )
     a(
         "--precision",
-        choices=["auto", "fp32", "bf16", "fp16"],
-        default="auto",
-        help="auto: bf16 on GPUs that have it, else fp16 with a grad scaler; fp32 on CPU (default: %(default)s)",
+        choices=["auto", "auto-fp16", "fp32", "bf16", "fp16"],
+        default=None,
+        help="on a GPU, auto: bf16 where the GPU has it, else fp16 with a grad scaler; auto-fp16: fp16 "
+        "with a grad scaler, as the release trained; both fp32 on the CPU (default: the recipe's: "
+        "release auto-fp16, clean auto)",
     )
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
     a("--workers", type=NATURAL, default=2, help="data loader processes (default: %(default)s)")
