@@ -17,7 +17,7 @@ import os
 import pickle
 import re
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 import torch
 
@@ -106,6 +106,11 @@ for _mod in ("builtins", "__builtin__"):
         _ALLOWED[(_mod, _t.__name__)] = _t
 
 
+class _Refused(pickle.UnpicklingError):
+    """The safe unpickler's refusal of a class, reported as it is; any other unpickling error means a
+    damaged file or not a checkpoint at all."""
+
+
 class _SafeUnpickler(pickle.Unpickler):
     """Allow-list unpickling: tensors, plain containers and argparse.Namespace are rebuilt;
     classes of config libraries become Opaque records; anything else is refused."""
@@ -117,7 +122,7 @@ class _SafeUnpickler(pickle.Unpickler):
             return getattr(torch, name)
         if module.split(".")[0] in _OPAQUE_MODULES:
             return type(name, (Opaque,), {"_module": module, "_name": name})
-        raise pickle.UnpicklingError(
+        raise _Refused(
             f"refusing to load {module}.{name}: not a tensor, container or config record"
         )
 
@@ -154,30 +159,45 @@ def to_plain(obj, _depth=0):
     return obj
 
 
+def _unreadable(path, e: OSError, what="it"):
+    return CheckpointError(f"{path}: cannot read {what} ({e.strerror or type(e).__name__})")
+
+
+def _readable(path):
+    """A file that exists but cannot be opened (permissions) is named as such, before a reader whose own
+    OSErrors may mean a damaged file instead."""
+    try:
+        open(path, "rb").close()
+    except OSError as e:
+        raise _unreadable(path, e) from None
+
+
 def read_checkpoint(path):
     """Load a checkpoint without executing code from it (see _SafeUnpickler)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
+    _readable(path)
     try:
         return torch.load(
             path, map_location="cpu", pickle_module=_SafePickleModule, weights_only=False
         )
-    except pickle.UnpicklingError as e:
+    except _Refused as e:
         raise CheckpointError(f"{path}: {e}") from None
     except (
+        OSError,  # torch's zip reader: "Invalid argument" for a truncated archive
+        pickle.UnpicklingError,
         RuntimeError,
         EOFError,
         ValueError,
-        OSError,
         IndexError,
         KeyError,
         AttributeError,
         TypeError,
-    ) as e:
+        OverflowError,
+    ):  # torch's and pickle's own words (zip records, load keys) say nothing a user can act on
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or another format?): "
-            f"{type(e).__name__}: {str(e)[:200]}"
+            f"{path}: not a complete PyTorch checkpoint (truncated or not a .pt file)"
         ) from None
 
 
@@ -215,9 +235,18 @@ def write_json(path, obj):
     write_text_atomic(path, lambda f: json.dump(obj, f, indent=2))
 
 
-def _conv_layers_from_string(text):
+def _is_int(x):  # bool is an int to Python, never a size or an offset here
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _conv_layers_from_string(text, name="conv_feature_layers"):
     """fairseq's conv_feature_layers is a Python expression such as
-    "[(512, 10, 5)] + [(512, 3, 2)] * 4" (or the list itself); evaluate it without eval()."""
+    "[(512, 10, 5)] + [(512, 3, 2)] * 4" (or the list itself); evaluate it without eval(). The
+    values are kept as they are: the config's check says which layer is not a (dim, kernel, stride)."""
+    unsupported = ValueError(
+        f"{name}={text!r}: expected a list of (dim, kernel, stride) layers, such as "
+        "[(512, 10, 5)] + [(512, 3, 2)] * 4"
+    )
 
     def ev(node):
         if isinstance(node, ast.Expression):
@@ -229,20 +258,42 @@ def _conv_layers_from_string(text):
             return node.value
         if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Mult)):
             a, b = ev(node.left), ev(node.right)
-            return a + b if isinstance(node.op, ast.Add) else a * b
-        raise ValueError(f"unsupported expression in conv_feature_layers: {text!r}")
+            if isinstance(node.op, ast.Add):
+                return a + b
+            if isinstance(b, int) and len(a if isinstance(a, (list, tuple)) else ()) * b <= 1000:
+                return a * b  # a conv stack has a few layers, never a memory bomb's billions
+        raise unsupported
 
-    layers = ev(ast.parse(text, mode="eval")) if isinstance(text, str) else text
-    return [tuple(int(v) for v in layer) for layer in layers]
+    try:
+        layers = ev(ast.parse(text, mode="eval")) if isinstance(text, str) else text
+    except (SyntaxError, TypeError):  # not Python, or [(1, 2, 3)] + 4
+        raise unsupported from None
+    if not isinstance(layers, (list, tuple)):
+        return layers  # the config names it
+    return [tuple(layer) if isinstance(layer, (list, tuple)) else layer for layer in layers]
 
 
 def _renamed(c: dict, names: dict, defaults) -> dict:
-    """The settings c has under the names in `names` (our field -> theirs), as the types of defaults' fields."""
+    """The settings c has under the names in `names` (our field -> theirs). An int where the field is a
+    float becomes one; nothing else is converted (int(7.5), bool("false") would hide a wrong value):
+    the config's check names a value of the wrong type."""
+
+    def value(ours, v):
+        is_int = isinstance(v, int) and not isinstance(v, bool)
+        return float(v) if is_int and isinstance(getattr(defaults, ours), float) else v
+
     return {
-        ours: type(getattr(defaults, ours))(c[theirs])
-        for ours, theirs in names.items()
-        if c.get(theirs) is not None
+        ours: value(ours, c[theirs]) for ours, theirs in names.items() if c.get(theirs) is not None
     }
+
+
+def _checked(build, names):
+    """build() (a config), its check's ValueError told in the file's names (names: our field -> theirs):
+    a fairseq user reads encoder_attention_heads=5, not num_heads=5."""
+    try:
+        return build()
+    except ValueError as e:
+        raise ValueError(re.sub(r"\b[a-z_]+\b", lambda m: names.get(m[0], m[0]), str(e))) from None
 
 
 # Wav2Vec2Config field -> fairseq's name for it (args or cfg.model)
@@ -287,13 +338,23 @@ def config_from_fairseq(c: dict, normalize: bool, has_quantizer: bool) -> Wav2Ve
         "embed_dim", d.embed_dim
     )  # 0: embed_dim
     temp = c.get("latent_temp", d.latent_temp)
-    temp = ast.literal_eval(temp) if isinstance(temp, str) else temp
-    return Wav2Vec2Config(
-        **values,
-        conv_layers=_conv_layers_from_string(c.get("conv_feature_layers", d.conv_layers)),
-        latent_temp=tuple(float(v) for v in temp),
-        normalize=bool(normalize),
-        has_quantizer=has_quantizer,
+    if isinstance(temp, str):  # "(2, 0.5, 0.999995)" in args; a list in cfg
+        try:
+            temp = ast.literal_eval(temp)
+        except (ValueError, SyntaxError):
+            pass  # the check names it
+    conv_layers = _conv_layers_from_string(c.get("conv_feature_layers", d.conv_layers))
+    return _checked(
+        lambda: Wav2Vec2Config(
+            **values,
+            conv_layers=conv_layers,
+            latent_temp=tuple(float(t) if _is_int(t) else t for t in temp)
+            if isinstance(temp, (list, tuple))
+            else temp,
+            normalize=bool(normalize),
+            has_quantizer=has_quantizer,
+        ),
+        {**FAIRSEQ_NAMES, "conv_layers": "conv_feature_layers"},
     )
 
 
@@ -336,7 +397,24 @@ FAIRSEQ_IGNORED = r"w2v_encoder\.proj\.(weight|bias)"
 def _describe(obj):
     if isinstance(obj, dict):
         return f"a dict with keys {sorted(map(str, obj))[:8]}"
-    return f"a {type(obj).__name__}"
+    if obj is None:
+        return "None"
+    name = type(obj).__name__
+    return f"{'an' if name[0] in 'aeiouAEIOU' else 'a'} {name}"
+
+
+def _tensors(path, state, what="the 'model' entry"):
+    """state, checked to be what every loader maps: parameter names to tensors. A list, a tensor, or a
+    string where a tensor belongs is a CheckpointError naming the file and the first entry that is not."""
+    expected = f"{path}: {what} should map parameter names to tensors"
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{expected}; found {_describe(state)}")
+    for key, value in state.items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"{expected}; found a key that is not a name: {key!r}")
+        if not torch.is_tensor(value):
+            raise CheckpointError(f"{expected}; {key!r} holds {_describe(value)}")
+    return state
 
 
 def _some(names, n=10):
@@ -424,18 +502,35 @@ def _from_fairseq(path, ckpt):
         raise ValueError(
             f"holds a {MODEL_FAMILIES.get(name, name)} model ('{name}'), not wav2vec 2.0{hint}"
         )
-    state = _map_keys(path, ckpt["model"], FAIRSEQ_KEYS, FAIRSEQ_IGNORED, prefix)
-    has_quantizer = any(k.startswith("quantizer.") for k in state)
-    return config_from_fairseq(model_cfg, task.get("normalize", False), has_quantizer), state
+    state = _tensors(path, ckpt["model"])
+    has_quantizer = any(re.match(rf"{prefix}quantizer\.", k) for k in state)
+    cfg = config_from_fairseq(model_cfg, task.get("normalize", False), has_quantizer)
+    return cfg, _map_keys(path, state, FAIRSEQ_KEYS, FAIRSEQ_IGNORED, prefix)
+
+
+def _own_config(path, ckpt, cls):
+    """The config of one of this project's files: its 'config' entry, the dataclass's fields as JSON
+    has them (one it lacks keeps the default, one it does not know is ignored), checked as every
+    config is when built."""
+    c = ckpt.get("config")
+    if not isinstance(c, dict):
+        raise CheckpointError(
+            f"{path}: the 'config' entry should be a dict of {cls.__name__} settings; "
+            f"found {_describe(c)}"
+        )
+    try:
+        return cls(**{f.name: c[f.name] for f in fields(cls) if f.name in c})
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def load_wav2vec2(path) -> Wav2Vec2:
     """Build wav2vec 2.0 from a fairseq checkpoint (pretrained or ASR fine-tuned), a Hugging Face
     wav2vec 2.0 folder (or its weights file) or one of this project's checkpoints. Returns the model
     in eval mode, float32, on CPU."""
-    hf_weights = hf_weight_files(path)
-    if hf_weights is not None:
-        return load_hf_wav2vec2(hf_weights)
+    weights = hf_weights(path)
+    if weights is not None:
+        return load_hf_wav2vec2(weights)
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a model checkpoint: found {_describe(ckpt)}")
@@ -447,15 +542,10 @@ def load_wav2vec2(path) -> Wav2Vec2:
         "w2v2-ser/wav2vec2",
         "w2v2-ser/classifier",
     ):  # this project's (a classifier's backbone)
-        c = ckpt["config"]
-        cfg = Wav2Vec2Config(**{f.name: c[f.name] for f in fields(Wav2Vec2Config) if f.name in c})
-        cfg.conv_layers, cfg.latent_temp = (
-            [tuple(x) for x in cfg.conv_layers],
-            tuple(cfg.latent_temp),
-        )
+        cfg = _own_config(path, ckpt, Wav2Vec2Config)
         state = {
             k.removeprefix("backbone."): v
-            for k, v in ckpt["model"].items()
+            for k, v in _tensors(path, ckpt["model"]).items()
             if not k.startswith("head.")
         }
     else:
@@ -545,12 +635,17 @@ def config_from_v1(c: dict) -> Wav2Vec1Config:
     ):
         if c.get(key) is not None and c[key] not in supported:
             raise ValueError(f"{key}={c[key]!r} (supported: {supported})")
-    return Wav2Vec1Config(
-        **_renamed(c, V1_NAMES, Wav2Vec1Config()),
-        conv_layers=_conv_layers_from_string(c["conv_feature_layers"]),
-        agg_layers=_conv_layers_from_string(c["conv_aggregator_layers"]),
-        agg_bias=not c.get("no_conv_bias", False),
-        affine=not c.get("non_affine_group_norm", False),
+    conv_layers = _conv_layers_from_string(c["conv_feature_layers"])
+    agg_layers = _conv_layers_from_string(c["conv_aggregator_layers"], "conv_aggregator_layers")
+    return _checked(
+        lambda: Wav2Vec1Config(
+            **_renamed(c, V1_NAMES, Wav2Vec1Config()),
+            conv_layers=conv_layers,
+            agg_layers=agg_layers,
+            agg_bias=not c.get("no_conv_bias", False),
+            affine=not c.get("non_affine_group_norm", False),
+        ),
+        {**V1_NAMES, "conv_layers": "conv_feature_layers", "agg_layers": "conv_aggregator_layers"},
     )
 
 
@@ -559,7 +654,7 @@ def load_wav2vec1(path) -> Wav2Vec1:
     in V1_IGNORED; anything missing, unexpected or of the wrong shape is named in one CheckpointError.
     Returns the model in eval mode, float32, on CPU."""
     ckpt = read_checkpoint(path)
-    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model"), dict):
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a model checkpoint: found {_describe(ckpt)}")
     try:
         cfg = config_from_v1(v1_settings(ckpt))
@@ -568,7 +663,7 @@ def load_wav2vec1(path) -> Wav2Vec1:
     # an unknown parameter keeps its own name, so load_state reports it as unexpected with the rest
     state = {
         fairseq_key(k, V1_KEYS) or k: v
-        for k, v in ckpt["model"].items()
+        for k, v in _tensors(path, ckpt["model"]).items()
         if not any(re.fullmatch(p, k) for p in V1_IGNORED)
     }
     model = Wav2Vec1(cfg)
@@ -684,30 +779,58 @@ SAFETENSORS_DTYPES = {
 }
 
 
+def _header_entry(name, h):
+    """(begin, end, name, dtype, shape) of one tensor of a safetensors header, which describes it as
+    {"dtype": "F32", "shape": [ints], "data_offsets": [begin, end]}; a ValueError saying so if not."""
+    if not (
+        isinstance(h, dict)
+        and isinstance(h.get("dtype"), str)
+        and isinstance(h.get("shape"), list)
+        and isinstance(h.get("data_offsets"), list)
+        and len(h["data_offsets"]) == 2
+        and all(_is_int(v) for v in h["shape"] + h["data_offsets"])
+    ):
+        raise ValueError(
+            f"the header's entry for {name!r} is {json.dumps(h)[:80]}, expected "
+            '{"dtype": ..., "shape": [integers], "data_offsets": [begin, end]}'
+        )
+    if h["dtype"] not in SAFETENSORS_DTYPES:
+        raise ValueError(
+            f"{name!r} has dtype {h['dtype']!r}, expected one of {', '.join(SAFETENSORS_DTYPES)}"
+        )
+    return (*h["data_offsets"], name, SAFETENSORS_DTYPES[h["dtype"]], h["shape"])
+
+
 def read_safetensors(path):
     """{name: tensor} from a .safetensors file: an 8-byte little-endian header length, a JSON header
     {name: {dtype, shape, data_offsets}}, then the tensors' bytes, back to back. Every offset is checked
     against the file size and the others, so a damaged file is an error, never garbage."""
-    with open(path, "rb") as f:
-        data = bytearray(f.read())  # writable, as torch.frombuffer wants
+    try:
+        with open(path, "rb") as f:
+            data = bytearray(f.read())  # writable, as torch.frombuffer wants
+    except OSError as e:
+        raise _unreadable(path, e) from None
     n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
     if not 0 < n <= len(data) - 8:
         raise CheckpointError(
             f"{path}: not a safetensors file (header of {n} bytes in a file of {len(data)}; truncated?)"
         )
     try:
-        header, entries = json.loads(data[8 : 8 + n]), []
-        header.pop("__metadata__", None)
-        for name, h in header.items():
-            begin, end = (int(x) for x in h["data_offsets"])
-            entries.append(
-                (begin, end, name, SAFETENSORS_DTYPES[h["dtype"]], [int(d) for d in h["shape"]])
-            )
-        entries.sort()
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        header = json.loads(data[8 : 8 + n])
+    except ValueError:  # not JSON, or not UTF-8
         raise CheckpointError(
-            f"{path}: unreadable safetensors header ({type(e).__name__}: {str(e)[:100]})"
+            f"{path}: not a safetensors file (its {n}-byte header is not JSON)"
         ) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path}: not a safetensors file (its header is {_describe(header)}, "
+            "expected a JSON object of tensors)"
+        )
+    header.pop("__metadata__", None)
+    try:
+        entries = sorted(_header_entry(name, h) for name, h in header.items())
+    except ValueError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     described = entries[-1][1] if entries else 0
     if described != len(data) - 8 - n:
         raise CheckpointError(
@@ -737,18 +860,30 @@ def read_safetensors(path):
 
 
 def _read_json(path, what):
+    """A JSON object from path. A file that cannot be read, is not JSON or holds another JSON value
+    (a list) is a CheckpointError saying what the file should have been."""
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except OSError as e:
+        raise _unreadable(path, e, f"the {what}") from None
+    except json.JSONDecodeError as e:
         raise CheckpointError(
-            f"{path}: cannot read the {what} ({type(e).__name__}: {str(e)[:100]})"
+            f"{path}: the {what} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
         ) from None
+    except ValueError:  # UnicodeDecodeError
+        raise CheckpointError(f"{path}: the {what} is not a UTF-8 JSON file") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(
+            f"{path}: the {what} should be a JSON object ({{...}}); found {_describe(obj)}"
+        )
+    return obj
 
 
-def hf_weight_files(path):
-    """The weight files of a Hugging Face model when path is its folder, a .safetensors file or a .bin
-    file beside a config.json (or an .index.json of shards); None for any other path."""
+def hf_weights(path):
+    """The weights of a Hugging Face model when path is its folder (model.safetensors first), a
+    .safetensors file, a shard index (.index.json) or a .bin file beside a config.json; None for any
+    other path. The model's config.json is the one in that file's folder."""
     path = os.fspath(path)
     if os.path.isdir(path):
         found = [
@@ -760,22 +895,56 @@ def hf_weight_files(path):
             raise CheckpointError(
                 f"{path}: a folder without {' or '.join(HF_WEIGHTS[:2])} (not a Hugging Face model)"
             )
-        path = found[0]
-    elif not (
+        return found[0]
+    if not (
         path.endswith((".safetensors", ".index.json"))
         or path.endswith(".bin")
         and os.path.isfile(os.path.join(os.path.dirname(path), "config.json"))
     ):
         return None
-    if path.endswith(".index.json"):
-        shards = _read_json(path, "shard index").get("weight_map", {}).values()
-        return sorted({os.path.join(os.path.dirname(path), name) for name in shards})
-    return [path]
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    return path
+
+
+def hf_shards(index_path):
+    """The files a shard index lists (its weight_map: tensor name -> file), each in the index's own
+    folder. A name reaching elsewhere ('../x.safetensors', an absolute path) is refused: a model's
+    weights, like its config.json, come from its folder only, never from a parent's."""
+    index, folder = _read_json(index_path, "shard index"), os.path.dirname(index_path) or "."
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        found = (
+            "none"
+            if weight_map is None
+            else "an empty one"
+            if weight_map == {}
+            else _describe(weight_map)
+        )
+        raise CheckpointError(
+            f"{index_path}: expected a 'weight_map' of tensor names to shard files; found {found}"
+        )
+    names = []
+    for name in weight_map.values():
+        if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name:
+            raise CheckpointError(
+                f"{index_path}: the weight_map lists {name!r}, expected the name of a file in "
+                f"{folder} (a model's weights come from its own folder)"
+            )
+        if name not in names:
+            names.append(name)
+    for name in names:
+        if not os.path.isfile(os.path.join(folder, name)):
+            raise CheckpointError(
+                f"{folder}: {name}, listed in {os.path.basename(index_path)}, is missing"
+            )
+    return [os.path.join(folder, name) for name in sorted(names)]
 
 
 def config_from_hf(c: dict, preprocessor: dict) -> Wav2Vec2Config:
     """Map Hugging Face's config.json (and preprocessor_config.json) onto Wav2Vec2Config; a setting
-    the file does not have keeps this module's default."""
+    the file does not have keeps this module's default. The quantizer's settings are checked whether
+    or not the weights hold one (they are read after the config)."""
     kind = c.get("model_type") if isinstance(c, dict) else f"none ({type(c).__name__})"
     if kind != "wav2vec2":
         raise ValueError(f"model_type {kind!r}, not wav2vec 2.0 ('wav2vec2')")
@@ -789,34 +958,42 @@ def config_from_hf(c: dict, preprocessor: dict) -> Wav2Vec2Config:
             f"preprocessor sampling_rate {preprocessor['sampling_rate']}: wav2vec 2.0 here takes {SAMPLE_RATE} Hz"
         )
     dims, kernels, strides = (
-        c.get(k, list(v))
+        list(v) if c.get(k) is None else c[k]
         for k, v in zip(("conv_dim", "conv_kernel", "conv_stride"), zip(*BASE_CONV_LAYERS))
     )
-    if not len(dims) == len(kernels) == len(strides):
+    if not (
+        all(isinstance(x, list) for x in (dims, kernels, strides))
+        and len(dims) == len(kernels) == len(strides)
+    ):
         raise ValueError(
-            f"conv_dim, conv_kernel, conv_stride differ in length: {dims}, {kernels}, {strides}"
+            f"conv_dim, conv_kernel, conv_stride: expected three lists of one length, found "
+            f"{dims}, {kernels}, {strides}"
         )
-    return Wav2Vec2Config(
-        **_renamed(c, HF_NAMES, Wav2Vec2Config()),
-        conv_layers=[(int(a), int(b), int(s)) for a, b, s in zip(dims, kernels, strides)],
-        extractor_mode="layer_norm" if c.get("feat_extract_norm") == "layer" else "default",
-        normalize=bool(preprocessor.get("do_normalize", False)),
+    return _checked(
+        lambda: Wav2Vec2Config(
+            **_renamed(c, HF_NAMES, Wav2Vec2Config()),
+            conv_layers=list(zip(dims, kernels, strides)),
+            extractor_mode="layer_norm" if c.get("feat_extract_norm") == "layer" else "default",
+            normalize=bool(preprocessor.get("do_normalize", False)),
+        ),
+        {**HF_NAMES, "conv_layers": "(conv_dim, conv_kernel, conv_stride)"},
     )
 
 
-def load_hf_wav2vec2(files) -> Wav2Vec2:
-    """wav2vec 2.0 from a Hugging Face model's weight files (hf_weight_files) and the config.json beside
-    them: Wav2Vec2Model, Wav2Vec2ForPreTraining (with the quantizer and its projections), and
-    Wav2Vec2ForCTC / ForSequenceClassification, whose heads are reported and dropped. Every tensor
-    must be mapped or in HF_IGNORED; .bin files go through the safe unpickler."""
-    folder = os.path.dirname(files[0])
+def load_hf_wav2vec2(weights) -> Wav2Vec2:
+    """wav2vec 2.0 from a Hugging Face model's weights (hf_weights: one file, or an index of shards) and
+    the config.json of that folder, built and checked before any weight is read: Wav2Vec2Model,
+    Wav2Vec2ForPreTraining (with the quantizer and its projections), and Wav2Vec2ForCTC /
+    ForSequenceClassification, whose heads are reported and dropped. Every tensor must be mapped or in
+    HF_IGNORED; .bin files go through the safe unpickler."""
+    folder = os.path.dirname(weights) or "."
     config_path, prep_path = (
         os.path.join(folder, "config.json"),
         os.path.join(folder, "preprocessor_config.json"),
     )
     if not os.path.isfile(config_path):
         raise CheckpointError(
-            f"{files[0]}: no config.json beside it (a Hugging Face model folder has one)"
+            f"{weights}: no config.json beside it (a Hugging Face model folder has one)"
         )
     hf_cfg = _read_json(config_path, "model configuration")
     try:
@@ -829,15 +1006,13 @@ def load_hf_wav2vec2(files) -> Wav2Vec2:
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{config_path}: {e}") from None
     state = {}
-    for path in files:
+    for path in hf_shards(weights) if weights.endswith(".index.json") else [weights]:
         shard = read_safetensors(path) if path.endswith(".safetensors") else read_checkpoint(path)
-        if not isinstance(shard, dict) or not all(torch.is_tensor(v) for v in shard.values()):
-            raise CheckpointError(f"{path}: not a state dict of tensors: found {_describe(shard)}")
-        state.update(shard)
+        state.update(_tensors(path, shard, "the file"))
     mapped = _map_keys(
-        files[0], state, HF_KEYS, HF_IGNORED, prefix=r"(?:wav2vec2\.)?"
+        weights, state, HF_KEYS, HF_IGNORED, prefix=r"(?:wav2vec2\.)?"
     )  # the head models' prefix
-    cfg.has_quantizer = any(k.startswith("quantizer.") for k in mapped)
+    cfg = replace(cfg, has_quantizer=any(k.startswith("quantizer.") for k in mapped))
     model = Wav2Vec2(cfg)
     if "mask_emb" not in mapped and not (
         hf_cfg.get("mask_time_prob", 0.05) or hf_cfg.get("mask_feature_prob", 0)
@@ -846,10 +1021,10 @@ def load_hf_wav2vec2(files) -> Wav2Vec2:
             model.mask_emb.detach()
         )  # HF leaves it out of a model that never masks: a fresh one
         print(
-            f"{files[0]}: no masked_spec_embed (the model was configured without masks): a fresh mask embedding",
+            f"{weights}: no masked_spec_embed (the model was configured without masks): a fresh mask embedding",
             file=sys.stderr,
         )
-    load_state(model, mapped, files[0])
+    load_state(model, mapped, weights)
     return model.eval()
 
 
@@ -942,14 +1117,6 @@ def load_wav2vec1_teacher(path) -> Wav2Vec1Teacher:
         raise CheckpointError(
             f"{path}: not a wav2vec (v1) P-TAPT teacher written by pretrain.py (found {_describe(ckpt)})"
         )
-    c = ckpt["config"]
-    cfg = Wav2Vec1Config(
-        **{
-            **c,
-            "conv_layers": [tuple(x) for x in c["conv_layers"]],
-            "agg_layers": [tuple(x) for x in c["agg_layers"]],
-        }
-    )
-    teacher = Wav2Vec1Teacher(Wav2Vec1(cfg))
-    load_state(teacher, ckpt["model"], path)
+    teacher = Wav2Vec1Teacher(Wav2Vec1(_own_config(path, ckpt, Wav2Vec1Config)))
+    load_state(teacher, _tensors(path, ckpt.get("model")), path)
     return teacher.eval()

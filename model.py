@@ -22,6 +22,62 @@ MIN_SAMPLES = 400  # the conv stack's receptive field (25 ms): shorter input giv
 BASE_CONV_LAYERS = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
 
 
+# Both configs check themselves when built (__post_init__, dataclasses.replace too), whatever the source:
+# a checkpoint's settings, a JSON config, code. A value that cannot build the model is a ValueError
+# naming the field, the value and what is expected, never a crash deep in a module or at the first update.
+
+
+def _expect(ok, name, value, expected):
+    if not ok:
+        raise ValueError(f"{name}={value!r}: expected {expected}")
+
+
+def _is_int(x):  # bool is an int to Python, never a size here
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x):
+    return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
+
+
+def _check_positive_ints(cfg, names):
+    for name in names:
+        value = getattr(cfg, name)
+        _expect(_is_int(value) and value > 0, name, value, "a positive integer")
+
+
+def _check_bools(cfg, names):
+    for name in names:
+        _expect(isinstance(getattr(cfg, name), bool), name, getattr(cfg, name), "True or False")
+
+
+def _check_probabilities(cfg, names):
+    for name in names:
+        value = getattr(cfg, name)
+        _expect(_is_number(value) and 0 <= value < 1, name, value, "a probability in [0, 1)")
+
+
+def _conv_triples(name, layers):
+    """A conv stack as a list of (dim, kernel, stride) tuples of positive ints (JSON's lists become
+    tuples); anything else is a ValueError naming the layer."""
+    _expect(
+        isinstance(layers, (list, tuple)) and len(layers) > 0,
+        name,
+        layers,
+        "a non-empty list of (dim, kernel, stride) layers",
+    )
+    for i, layer in enumerate(layers):
+        _expect(
+            isinstance(layer, (list, tuple))
+            and len(layer) == 3
+            and all(_is_int(v) and v > 0 for v in layer),
+            f"{name}[{i}]",
+            layer,
+            "(dim, kernel, stride), three positive integers",
+        )
+    return [tuple(layer) for layer in layers]
+
+
 @dataclass
 class Wav2Vec2Config:
     # defaults are wav2vec_small.pt (RECIPE.md "Backbone"); fairseq's argument names in comments
@@ -53,6 +109,93 @@ class Wav2Vec2Config:
     latent_temp: tuple = (2.0, 0.5, 0.999995)  # (start, end, decay per update)
     logit_temp: float = 0.1
     num_negatives: int = 100
+
+    def __post_init__(self):
+        """The checks every source goes through (see _expect); the quantizer's settings only where
+        the model has one (an ASR checkpoint's are never used)."""
+        self.conv_layers = _conv_triples("conv_layers", self.conv_layers)
+        _expect(
+            self.extractor_mode in ("default", "layer_norm"),
+            "extractor_mode",
+            self.extractor_mode,
+            "'default' or 'layer_norm'",
+        )
+        _check_bools(self, ("conv_bias", "layer_norm_first", "normalize", "has_quantizer"))
+        _check_positive_ints(
+            self,
+            (
+                "embed_dim",
+                "ffn_dim",
+                "num_layers",
+                "num_heads",
+                "pos_conv_kernel",
+                "pos_conv_groups",
+            ),
+        )
+        for name, why in (("num_heads", "each head"), ("pos_conv_groups", "each conv group")):
+            _expect(
+                self.embed_dim % getattr(self, name) == 0,
+                name,
+                getattr(self, name),
+                f"a divisor of embed_dim={self.embed_dim} ({why} takes embed_dim / {name} channels)",
+            )
+        _check_probabilities(
+            self,
+            (
+                "dropout",
+                "attention_dropout",
+                "activation_dropout",
+                "dropout_input",
+                "dropout_features",
+                "layerdrop",
+            ),
+        )
+        _expect(
+            _is_number(self.feature_grad_mult) and self.feature_grad_mult >= 0,
+            "feature_grad_mult",
+            self.feature_grad_mult,
+            "a number >= 0",
+        )
+        if isinstance(self.latent_temp, list):  # JSON's
+            self.latent_temp = tuple(self.latent_temp)
+        if self.has_quantizer:
+            self._check_quantizer()
+
+    def _check_quantizer(self):
+        _check_positive_ints(self, ("final_dim", "latent_vars", "latent_groups", "num_negatives"))
+        _expect(
+            _is_int(self.latent_dim) and self.latent_dim >= 0,
+            "latent_dim",
+            self.latent_dim,
+            "a positive integer, or 0 for final_dim",
+        )
+        latent = (
+            f"latent_dim={self.latent_dim}"
+            if self.latent_dim
+            else f"final_dim={self.final_dim} (the latent dim where latent_dim is 0)"
+        )
+        _expect(
+            (self.latent_dim or self.final_dim) % self.latent_groups == 0,
+            "latent_groups",
+            self.latent_groups,
+            f"a divisor of {latent}",
+        )
+        temp = self.latent_temp
+        _expect(
+            isinstance(temp, tuple)
+            and len(temp) == 3
+            and all(_is_number(t) and t > 0 for t in temp)
+            and temp[2] <= 1,
+            "latent_temp",
+            temp,
+            "(start, end, decay per update): positive numbers, decay at most 1",
+        )
+        _expect(
+            _is_number(self.logit_temp) and self.logit_temp > 0,
+            "logit_temp",
+            self.logit_temp,
+            "a positive number",
+        )
 
     @property
     def conv_dim(self):
@@ -612,6 +755,24 @@ class Wav2Vec1Config:
     dropout: float = (
         0.0  # dropout: after every aggregator conv (fairseq fixes the extractor's at 0)
     )
+
+    def __post_init__(self):
+        """The checks every source goes through (see _expect above Wav2Vec2Config)."""
+        self.conv_layers = _conv_triples("conv_layers", self.conv_layers)
+        self.agg_layers = _conv_triples("agg_layers", self.agg_layers)
+        _check_bools(
+            self, ("log_compression", "skip_feat", "skip_agg", "agg_zero_pad", "agg_bias", "affine")
+        )
+        _expect(
+            _is_number(self.residual_scale) and self.residual_scale > 0,
+            "residual_scale",
+            self.residual_scale,
+            "a positive number",
+        )
+        _expect(
+            self.activation in ("relu", "gelu"), "activation", self.activation, "'relu' or 'gelu'"
+        )
+        _check_probabilities(self, ("dropout",))
 
     @property
     def min_samples(

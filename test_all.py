@@ -250,6 +250,235 @@ def test_bad_checkpoints_get_clear_errors(tmp_path):
             C.load_wav2vec2(tmp_path / "bad.pt")
 
 
+W2V2_BAD = [
+    (
+        dict(num_heads=5),
+        "num_heads=5: expected a divisor of embed_dim=768 (each head takes embed_dim / num_heads channels)",
+    ),
+    (dict(embed_dim=0), "embed_dim=0: expected a positive integer"),
+    (dict(ffn_dim=-1), "ffn_dim=-1: expected a positive integer"),
+    (dict(num_layers=2.5), "num_layers=2.5: expected a positive integer"),
+    (dict(pos_conv_kernel=True), "pos_conv_kernel=True: expected a positive integer"),
+    (
+        dict(conv_layers=[]),
+        "conv_layers=[]: expected a non-empty list of (dim, kernel, stride) layers",
+    ),
+    (
+        dict(conv_layers=[(512, 10, 5), (512, 3)]),
+        "conv_layers[1]=(512, 3): expected (dim, kernel, stride), three positive integers",
+    ),
+    (
+        dict(conv_layers=[(512, 10, 0)]),
+        "conv_layers[0]=(512, 10, 0): expected (dim, kernel, stride), three positive integers",
+    ),
+    (
+        dict(conv_layers=[512, 10, 5]),
+        "conv_layers[0]=512: expected (dim, kernel, stride), three positive integers",
+    ),
+    (
+        dict(pos_conv_groups=5),
+        "pos_conv_groups=5: expected a divisor of embed_dim=768 (each conv group takes embed_dim / pos_conv_groups channels)",
+    ),
+    (
+        dict(latent_groups=3),
+        "latent_groups=3: expected a divisor of final_dim=256 (the latent dim where latent_dim is 0)",
+    ),
+    (
+        dict(latent_dim=100, latent_groups=3),
+        "latent_groups=3: expected a divisor of latent_dim=100",
+    ),
+    (dict(latent_vars=0), "latent_vars=0: expected a positive integer"),
+    (
+        dict(latent_temp=(2.0, 0.5)),
+        "latent_temp=(2.0, 0.5): expected (start, end, decay per update): positive numbers, decay at most 1",
+    ),
+    (dict(dropout=1.0), "dropout=1.0: expected a probability in [0, 1)"),
+    (dict(layerdrop=-0.1), "layerdrop=-0.1: expected a probability in [0, 1)"),
+    (
+        dict(extractor_mode="group_norm"),
+        "extractor_mode='group_norm': expected 'default' or 'layer_norm'",
+    ),
+    (dict(conv_bias="false"), "conv_bias='false': expected True or False"),
+]
+V1_BAD = [
+    (
+        dict(agg_layers=[]),
+        "agg_layers=[]: expected a non-empty list of (dim, kernel, stride) layers",
+    ),
+    (
+        dict(conv_layers=[(512, 10, 5), (512, -8, 4)]),
+        "conv_layers[1]=(512, -8, 4): expected (dim, kernel, stride), three positive integers",
+    ),
+    (dict(residual_scale=0), "residual_scale=0: expected a positive number"),
+    (dict(activation="tanh"), "activation='tanh': expected 'relu' or 'gelu'"),
+    (dict(dropout=2.0), "dropout=2.0: expected a probability in [0, 1)"),
+]
+
+
+def load_error(path, load=C.load_wav2vec2):
+    """The CheckpointError loading path gives: one line, returned whole to compare."""
+    with pytest.raises(C.CheckpointError) as e:
+        load(path)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize(
+    "cls,edit,message",
+    [(M.Wav2Vec2Config, *case) for case in W2V2_BAD]
+    + [(M.Wav2Vec1Config, *case) for case in V1_BAD],
+)
+def test_configs_are_checked_when_built(cls, edit, message):
+    """A config that cannot build its model is a ValueError naming the field, the value and what is
+    expected, whoever builds it; dataclasses.replace checks again."""
+    with pytest.raises(ValueError) as e:
+        cls(**edit)
+    assert str(e.value) == message
+    with pytest.raises(ValueError) as e:
+        dataclasses.replace(cls(), **edit)
+    assert str(e.value) == message
+
+
+def test_config_checks_take_json_and_skip_an_absent_quantizer():
+    cfg = M.Wav2Vec2Config(conv_layers=[[512, 10, 5], [512, 3, 2]], latent_temp=[2, 0.5, 0.9])
+    assert cfg.conv_layers == [(512, 10, 5), (512, 3, 2)] and cfg.latent_temp == (2, 0.5, 0.9)
+    v1 = M.Wav2Vec1Config(conv_layers=[[8, 10, 5]], agg_layers=[[8, 2, 1]])
+    assert (v1.conv_layers, v1.agg_layers) == ([(8, 10, 5)], [(8, 2, 1)])
+    # an ASR model has no quantizer: its latent settings are never used, so never refused
+    asr = tiny_config(has_quantizer=False, latent_groups=3)
+    assert not hasattr(M.Wav2Vec2(asr), "quantizer")
+    with pytest.raises(ValueError, match=r"^latent_groups=3: expected a divisor of final_dim=32"):
+        dataclasses.replace(asr, has_quantizer=True)
+
+
+def test_bad_model_settings_refused_at_load_in_the_files_own_names(tmp_path):
+    """Every source's config is checked when it is built, before any weight is read: none of these
+    files holds a usable weight (an empty 'model' entry, a safetensors file of garbage), yet each is
+    refused for its settings, named as the file spells them. Heads that do not divide embed_dim used
+    to load, then crash at the first training update."""
+    net = random_model(tiny_config())
+    args = fairseq_args(net.cfg)
+    fs_heads = (
+        "encoder_attention_heads=5: expected a divisor of encoder_embed_dim=64 "
+        "(each head takes encoder_embed_dim / encoder_attention_heads channels)"
+    )
+    cases = {
+        "args.pt": (
+            {"args": argparse.Namespace(**{**args, "encoder_attention_heads": 5}), "model": {}},
+            fs_heads,
+        ),
+        "cfg.pt": (
+            {
+                "cfg": {
+                    "model": {**args, "_name": "wav2vec2", "conv_feature_layers": "[(64, 10)]"},
+                    "task": {},
+                },
+                "model": {},
+            },
+            "conv_feature_layers[0]=(64, 10): expected (dim, kernel, stride), three positive "
+            "integers",
+        ),
+        "asr.pt": (
+            {
+                "cfg": {
+                    "model": {
+                        "_name": "wav2vec_ctc",
+                        "w2v_args": {"model": {**args, "encoder_layers": 0}, "task": {}},
+                    },
+                    "task": {},
+                },
+                "model": {},
+            },
+            "encoder_layers=0: expected a positive integer",
+        ),
+        "latent.pt": (
+            {
+                "args": argparse.Namespace(**{**args, "latent_groups": 3}),
+                "model": {"quantizer.vars": torch.zeros(1)},
+            },
+            "latent_groups=3: expected a divisor of final_dim=32 (the latent dim where latent_dim "
+            "is 0)",
+        ),
+        "temp.pt": (
+            {
+                "args": argparse.Namespace(**{**args, "latent_temp": "(2, 0.5"}),
+                "model": {"quantizer.vars": torch.zeros(1)},
+            },
+            "latent_temp='(2, 0.5': expected (start, end, decay per update): positive numbers, "
+            "decay at most 1",
+        ),
+    }
+    for name, (obj, message) in cases.items():
+        torch.save(obj, tmp_path / name)
+        assert load_error(tmp_path / name) == f"{tmp_path / name}: {message}"
+    # this project's files: a model and a classifier, in the dataclass's own names
+    C.save_wav2vec2(net, tmp_path / "ours.pt")
+    C.save_classifier(M.EmotionClassifier(net, ["a", "b"]), tmp_path / "clf.pt")
+    for name in ("ours.pt", "clf.pt"):
+        raw = torch.load(tmp_path / name, weights_only=True)
+        raw["config"]["num_heads"], raw["model"] = 5, {}
+        torch.save(raw, tmp_path / name)
+        assert load_error(tmp_path / name) == (
+            f"{tmp_path / name}: num_heads=5: expected a divisor of embed_dim=64 (each head takes "
+            "embed_dim / num_heads channels)"
+        )
+    raw["config"] = [raw["config"]]
+    torch.save(raw, tmp_path / "list.pt")
+    assert load_error(tmp_path / "list.pt") == (
+        f"{tmp_path / 'list.pt'}: the 'config' entry should be a dict of Wav2Vec2Config settings; "
+        "found a list"
+    )
+    # a Hugging Face folder: config.json in its own names, the weights never read
+    hf = hf_backbone(net, "eager")
+    write_hf(tmp_path / "hf", hf, "safetensors", "parametrizations", False)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"not weights" * 10)
+    for edit, message in [
+        (
+            {"num_attention_heads": 5},
+            "num_attention_heads=5: expected a divisor of hidden_size=64 (each head takes "
+            "hidden_size / num_attention_heads channels)",
+        ),
+        (
+            {"conv_stride": [5, 2, 2, 2, 2, 2, 0]},
+            "(conv_dim, conv_kernel, conv_stride)[6]=(32, 2, 0): expected (dim, kernel, stride), "
+            "three positive integers",
+        ),
+        (
+            {"num_codevector_groups": 3, "codevector_dim": 32},
+            "num_codevector_groups=3: expected a divisor of codevector_dim=32",
+        ),
+        ({"hidden_dropout": 1.5}, "hidden_dropout=1.5: expected a probability in [0, 1)"),
+    ]:
+        (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, **edit}))
+        assert load_error(tmp_path / "hf") == f"{tmp_path / 'hf' / 'config.json'}: {message}"
+
+
+def test_model_entry_of_tensors_or_one_line_error(tmp_path):
+    """fairseq's and this project's 'model' entry maps names to tensors: a list, a tensor, or a string
+    where a tensor belongs is one CheckpointError naming the file and what was expected (these were
+    AttributeErrors from deep in the loader)."""
+    net = random_model(tiny_config())
+    args = argparse.Namespace(**fairseq_args(net.cfg))
+    state = to_fairseq_state(net)
+    expected = "the 'model' entry should map parameter names to tensors"
+    for entry, found in [
+        ([state], "found a list"),
+        (torch.zeros(3), "found a Tensor"),
+        ({**state, "mask_emb": "0.5"}, "'mask_emb' holds a str"),
+        ({**state, 7: torch.zeros(1)}, "found a key that is not a name: 7"),
+    ]:
+        torch.save({"args": args, "model": entry}, tmp_path / "fs.pt")
+        assert load_error(tmp_path / "fs.pt") == f"{tmp_path / 'fs.pt'}: {expected}; {found}"
+    C.save_wav2vec2(net, tmp_path / "ours.pt")
+    raw = torch.load(tmp_path / "ours.pt", weights_only=True)
+    raw["model"]["mask_emb"] = [0.5] * 64
+    torch.save(raw, tmp_path / "ours.pt")
+    assert load_error(tmp_path / "ours.pt") == (
+        f"{tmp_path / 'ours.pt'}: {expected}; 'mask_emb' holds a list"
+    )
+
+
 def test_bad_waveforms():
     net = random_model(tiny_config())
     with pytest.raises(ValueError, match="at least 400 samples"):
@@ -557,6 +786,99 @@ def test_hf_sharded_folder(tmp_path):
     ) > 1
     ours = C.load_wav2vec2(tmp_path)
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in ours.state_dict().items())
+
+
+def test_hf_shard_index_lists_files_of_its_own_folder_only(tmp_path):
+    """An index's weight_map names files of the model's own folder: one reaching out ('../', an
+    absolute path) is refused, so the weights and config.json are the folder's own, never a parent's
+    (a folder whose index pointed at ../model.safetensors loaded the parent's model and config). An
+    empty or absent weight_map, an index that is not a JSON object, a listed shard that is missing:
+    one line each, naming the file and what was expected."""
+    hf = hf_backbone(random_model(tiny_config()), "eager", pretraining=True).eval()
+    write_hf(tmp_path, hf, "safetensors", "parametrizations", False)  # the parent: a whole model
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2
+
+    def folder(name, index_json, files=("config.json", *shards)):
+        path = tmp_path / name
+        path.mkdir()
+        for f in files:
+            shutil.copy(tmp_path / "sharded" / f, path / f)
+        (path / "model.safetensors.index.json").write_text(json.dumps(index_json))
+        return path
+
+    def pointing_at(target):
+        return {**index, "weight_map": {k: target for k in index["weight_map"]}}
+
+    own_folder = "(a model's weights come from its own folder)"
+    for name, index_json, listed in [
+        ("up", pointing_at("../model.safetensors"), "'../model.safetensors'"),
+        ("absolute", pointing_at(str(tmp_path / "model.safetensors")), None),
+        ("subfolder", pointing_at(f"sharded/{shards[0]}"), f"'sharded/{shards[0]}'"),
+    ]:
+        path = folder(name, index_json)
+        listed = listed or repr(str(tmp_path / "model.safetensors"))
+        for given in (path, path / "model.safetensors.index.json"):  # the folder or its index
+            assert load_error(given) == (
+                f"{path / 'model.safetensors.index.json'}: the weight_map lists {listed}, expected "
+                f"the name of a file in {path} {own_folder}"
+            )
+    # no config.json of its own: never the parent's, whatever the index points at
+    path = folder("no_config", pointing_at("../model.safetensors"), files=shards)
+    assert load_error(path) == (
+        f"{path / 'model.safetensors.index.json'}: no config.json beside it (a Hugging Face model "
+        "folder has one)"
+    )
+    expected_map = "expected a 'weight_map' of tensor names to shard files; found"
+    for name, index_json, found in [
+        ("empty", {**index, "weight_map": {}}, f"{expected_map} an empty one"),
+        ("absent", {"metadata": index["metadata"]}, f"{expected_map} none"),
+        ("listed", {**index, "weight_map": shards}, f"{expected_map} a list"),
+        ("array", [index], "the shard index should be a JSON object ({...}); found a list"),
+    ]:
+        path = folder(name, index_json)
+        assert load_error(path) == f"{path / 'model.safetensors.index.json'}: {found}"
+    path = folder("missing", index, files=("config.json", shards[0], *shards[2:]))
+    assert load_error(path) == (
+        f"{path}: {shards[1]}, listed in model.safetensors.index.json, is missing"
+    )
+    assert C.load_wav2vec2(folder("whole", index)).cfg.has_quantizer  # every shard present: loads
+
+
+def safetensors_bytes(header, data=b""):
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data
+
+
+def test_safetensors_header_errors_say_what_was_expected(tmp_path):
+    path = tmp_path / "w.safetensors"
+    for header, payload, message in [
+        (
+            {"w": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}},
+            b"ab",
+            "'w' has dtype 'F8_E4M3', expected one of F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL",
+        ),
+        (
+            {"w": {"dtype": "F32", "shape": [2]}},
+            b"",
+            'the header\'s entry for \'w\' is {"dtype": "F32", "shape": [2]}, expected '
+            '{"dtype": ..., "shape": [integers], "data_offsets": [begin, end]}',
+        ),
+        (
+            [{"w": 1}],
+            b"",
+            "not a safetensors file (its header is a list, expected a JSON object of tensors)",
+        ),
+        (b"\xff\xfe{}", b"", "not a safetensors file (its 4-byte header is not JSON)"),
+    ]:
+        path.write_bytes(safetensors_bytes(header, payload))
+        assert load_error(path, C.read_safetensors) == f"{path}: {message}"
+    path.write_bytes(
+        safetensors_bytes({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, bytes(8))
+    )
+    assert torch.equal(C.read_safetensors(path)["w"], torch.zeros(2))
 
 
 # ----------------------------------------------------------------------------- wav2vec (v1), the release's P-TAPT teacher
@@ -1089,6 +1411,129 @@ def test_v1_other_families_and_bad_files_one_line(tmp_path):
     )
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
     v1_one_line_error(C.load_wav2vec1, tmp_path / "other.pt", "not a model checkpoint")
+
+
+def test_v1_bad_settings_and_non_tensor_parameters_one_line(tmp_path):
+    """A v1 file's settings are checked when its config is built, before its weights (none here fit),
+    and named as fairseq spells them; the release teacher's own file in the config's names. A
+    parameter that is not a tensor is named (it was an AttributeError from load_state)."""
+    path = tmp_path / "v1.pt"
+    for edit, message in [
+        (
+            {"conv_aggregator_layers": "[]"},
+            "conv_aggregator_layers=[]: expected a non-empty list of (dim, kernel, stride) layers",
+        ),
+        (
+            {"conv_feature_layers": "[(8, 10, 5), (8, 8)]"},
+            "conv_feature_layers[1]=(8, 8): expected (dim, kernel, stride), three positive integers",
+        ),
+        (
+            {"conv_feature_layers": "[(8, 10, 5)] * [2]"},
+            "conv_feature_layers='[(8, 10, 5)] * [2]': expected a list of (dim, kernel, stride) "
+            "layers, such as [(512, 10, 5)] + [(512, 3, 2)] * 4",
+        ),
+        ({"residual_scale": -0.5}, "residual_scale=-0.5: expected a positive number"),
+        ({"skip_connections_agg": "yes"}, "skip_connections_agg='yes': expected True or False"),
+    ]:
+        write_v1(path, {**NARROW, **edit}, "cfg", {"unused": torch.zeros(1)})
+        assert load_error(path, C.load_wav2vec1) == f"{path}: {message}"
+    expected = "the 'model' entry should map parameter names to tensors"
+    state = v1_fairseq_state(NARROW)
+    write_v1(path, NARROW, "args", {**state, "feature_aggregator.conv_layers.0.1.weight": "fc"})
+    assert load_error(path, C.load_wav2vec1) == (
+        f"{path}: {expected}; 'feature_aggregator.conv_layers.0.1.weight' holds a str"
+    )
+    torch.save({"args": argparse.Namespace(arch="wav2vec", **NARROW), "model": [state]}, path)
+    assert load_error(path, C.load_wav2vec1) == f"{path}: {expected}; found a list"
+    # the release teacher as pretrain.py writes it
+    teacher = M.Wav2Vec1Teacher(M.Wav2Vec1(C.config_from_v1(NARROW)))
+    C.save_wav2vec1_teacher(teacher, tmp_path / "teacher.pt")
+    raw = torch.load(tmp_path / "teacher.pt", weights_only=True)
+    torch.save({**raw, "config": {**raw["config"], "activation": "tanh"}, "model": {}}, path)
+    assert load_error(path, C.load_wav2vec1_teacher) == (
+        f"{path}: activation='tanh': expected 'relu' or 'gelu'"
+    )
+    torch.save({**raw, "model": torch.zeros(1)}, path)
+    assert load_error(path, C.load_wav2vec1_teacher) == f"{path}: {expected}; found a Tensor"
+
+
+def test_checkpoint_errors_through_the_cli_are_one_line(corpus, tmp_path):
+    """What a user sees: finetune.py --checkpoint and pretrain.py --teacher given a bad file end on one
+    `error:` line naming the file and what was expected, with exit status 2 and no traceback."""
+    net = random_model(tiny_config())
+    args, state = fairseq_args(net.cfg), to_fairseq_state(net)
+    heads = {**args, "encoder_attention_heads": 5}
+    torch.save({"args": argparse.Namespace(**heads), "model": state}, tmp_path / "heads.pt")
+    torch.save(
+        {"args": argparse.Namespace(**args), "model": {**state, "mask_emb": "zeros"}},
+        tmp_path / "str.pt",
+    )
+    write_fairseq(tmp_path / "whole.pt", net, "args")
+    blob = (tmp_path / "whole.pt").read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(blob[: len(blob) // 2])
+    hf_backbone(net, "eager", pretraining=True).save_pretrained(
+        tmp_path / "sharded", max_shard_size="100KB"
+    )
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (tmp_path / "sharded" / shard).unlink()
+    for name, message in [
+        (
+            "heads.pt",
+            "encoder_attention_heads=5: expected a divisor of encoder_embed_dim=64 (each head "
+            "takes encoder_embed_dim / encoder_attention_heads channels)",
+        ),
+        (
+            "str.pt",
+            "the 'model' entry should map parameter names to tensors; 'mask_emb' holds a str",
+        ),
+        ("trunc.pt", "not a complete PyTorch checkpoint (truncated or not a .pt file)"),
+        ("sharded", f"{shard}, listed in model.safetensors.index.json, is missing"),
+    ]:
+        r = script(
+            "finetune.py",
+            "--fold",
+            1,
+            "--data",
+            corpus,
+            "--checkpoint",
+            tmp_path / name,
+            "--out",
+            tmp_path / "runs",
+            "--workers",
+            0,
+            "--no-progress",
+        )
+        last = r.stderr.strip().splitlines()[-1]
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert last.startswith(f"error: {tmp_path / name}: {message}"), last
+    v1 = v1_fairseq_state(NARROW)
+    write_v1(
+        tmp_path / "v1.pt", NARROW, "args", {**v1, "feature_aggregator.conv_layers.0.1.bias": 0}
+    )
+    r = script(
+        "pretrain.py",
+        "--mode",
+        "ptapt",
+        "--fold",
+        1,
+        "--data",
+        corpus,
+        "--checkpoint",
+        "random-tiny",
+        "--teacher",
+        tmp_path / "v1.pt",
+        "--out",
+        tmp_path / "runs",
+        "--workers",
+        0,
+        "--no-progress",
+    )
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: --teacher: {tmp_path / 'v1.pt'}: the 'model' entry should map parameter names to "
+        "tensors; 'feature_aggregator.conv_layers.0.1.bias' holds an int"
+    )
 
 
 # =============================================================================
