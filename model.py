@@ -1,10 +1,9 @@
-"""wav2vec 2.0 in plain PyTorch, loading fairseq checkpoints directly.
+"""wav2vec 2.0 in plain PyTorch: the modules, nothing else (checkpoints.py reads and writes them).
 
 Reads top to bottom: configuration, the modules (FeatureEncoder, PositionalConv, EncoderLayer,
-Encoder, Quantizer), the model, span masking, the emotion classifier, wav2vec (v1) (the release
-recipe's P-TAPT teacher), then checkpoint I/O (a safe unpickler, fairseq and Hugging Face key
-mapping, a safetensors reader, the project's own format).
-Semantics follow fairseq's fairseq/models/wav2vec/wav2vec2.py (v1: wav2vec.py); see RECIPE.md "Backbone".
+Encoder, Quantizer), the model, span masking, the emotion classifier, then wav2vec (v1) and the
+release recipe's P-TAPT teacher front. Semantics follow fairseq's
+fairseq/models/wav2vec/wav2vec2.py (v1: wav2vec.py); see RECIPE.md "Backbone".
 """
 
 from __future__ import annotations

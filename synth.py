@@ -345,7 +345,7 @@ def synthesize_iemocap(
                 os.path.join(partial, MARKER),
                 json.dumps(
                     {
-                        "generator": "data.py synthesize_iemocap",
+                        "generator": "synth.py synthesize_iemocap",
                         "utterances_per_session": utterances_per_session,
                         "seed": seed,
                         "min_seconds": min_seconds,
