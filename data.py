@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import os
+import pickle
 import re
 import sys
 import warnings
@@ -29,13 +30,8 @@ from model import MIN_SAMPLES, SAMPLE_RATE
 
 # The release's label order is alphabetical over its label names; exc is merged into hap.
 CLASSES = ("ang", "hap", "neu", "sad")
-IEMOCAP_LABELS = {
-    "neu": "neu",
-    "ang": "ang",
-    "sad": "sad",
-    "hap": "hap",
-    "exc": "hap",
-}  # the rest is dropped
+# the rest is dropped
+IEMOCAP_LABELS = {"neu": "neu", "ang": "ang", "sad": "sad", "hap": "hap", "exc": "hap"}
 SESSIONS = (1, 2, 3, 4, 5)
 IEMOCAP_SESSION_SIZES = {1: 1085, 2: 1023, 3: 1151, 4: 1031, 5: 1241}  # 5531 in all, for reference
 SPLITS = ("train", "val", "test")
@@ -101,9 +97,8 @@ def _soundfile(read, path, **kwargs):
         raise DataError(f"{path}: audio file not found")
     try:
         return read(path, **kwargs)
-    except (
-        Exception
-    ) as e:  # libsndfile raises several types for garbage files; all mean "not audio"
+    # libsndfile raises several types for garbage files; all mean "not audio"
+    except Exception as e:
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"{path}: not a readable audio file ({first_line})") from None
 
@@ -158,54 +153,7 @@ def load_iemocap(root):
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise DataError(f"IEMOCAP root {root} not found (expected the IEMOCAP_full_release folder)")
-    labels, bad, duplicates = {}, [], 0  # labels: uid -> (session, label), the first one kept
-    unlabelled = []  # sessions of which no label was read
-    for s in SESSIONS:
-        session_dir = os.path.join(root, f"Session{s}")
-        if not os.path.isdir(session_dir):
-            raise DataError(
-                f"{session_dir} not found: the IEMOCAP release has Session1..Session5 under {root}"
-            )
-        emo_dir = os.path.join(session_dir, "dialog", "EmoEvaluation")
-        if not os.path.isdir(emo_dir):
-            raise DataError(f"{emo_dir} not found: expected the label files <dialog>.txt there")
-        # Only the .txt files directly in EmoEvaluation: its subfolders (Categorical/, Attribute/,
-        # Self-evaluation/) hold per-annotator files in other formats, and "._*" are macOS junk.
-        names = sorted(
-            n for n in os.listdir(emo_dir) if n.endswith(".txt") and not n.startswith(".")
-        )
-        read = 0
-        for name in names:
-            pairs, bad_lines = parse_label_file(os.path.join(emo_dir, name))
-            for uid, label in pairs:
-                duplicates += uid in labels
-                labels.setdefault(uid, (s, label))
-            read += len(pairs)
-            bad += [(os.path.join(emo_dir, name), number, line) for number, line in bad_lines]
-        if not read:
-            unlabelled.append(f"Session{s} ({len(names)} label file(s) in {emo_dir})")
-    if unlabelled:
-        warnings.warn(
-            f"no labelled utterance read for {', '.join(unlabelled)}: that session is left out; "
-            "expected <dialog>.txt files with lines '[start - end]<TAB>uid<TAB>label<TAB>[v, a, d]'",
-            DataWarning,
-            stacklevel=2,
-        )
-    if bad:
-        path, number, line = bad[0]
-        warnings.warn(
-            f"skipped {len(bad)} label line(s) that do not parse as "
-            f"'[start - end]<TAB>uid<TAB>label<TAB>[v, a, d]', first: {path} line {number}: {line!r}",
-            DataWarning,
-            stacklevel=2,
-        )
-    if duplicates:
-        warnings.warn(
-            f"{duplicates} utterance(s) labelled more than once under {root}; kept the first label",
-            DataWarning,
-            stacklevel=2,
-        )
-
+    labels = read_iemocap_labels(root)  # uid -> (session, label)
     utterances, skipped = [], []
     for uid, (s, label) in labels.items():
         if label not in IEMOCAP_LABELS:
@@ -233,6 +181,66 @@ def load_iemocap(root):
     return sorted(utterances, key=lambda u: u.uid)
 
 
+def read_iemocap_labels(root):
+    """{uid: (session, label)} from every session's label files, a uid's first label kept. Warns of a
+    session without a label, of lines that do not parse and of uids labelled twice; stacklevel 3: the
+    warnings name load_iemocap's caller, as its own do."""
+    labels, bad, duplicates = {}, [], 0
+    unlabelled = []  # sessions of which no label was read
+    for s in SESSIONS:
+        emo_dir = label_dir(root, s)
+        # Only the .txt files directly in EmoEvaluation: its subfolders (Categorical/, Attribute/,
+        # Self-evaluation/) hold per-annotator files in other formats, and "._*" are macOS junk.
+        names = sorted(
+            n for n in os.listdir(emo_dir) if n.endswith(".txt") and not n.startswith(".")
+        )
+        read = 0
+        for name in names:
+            pairs, bad_lines = parse_label_file(os.path.join(emo_dir, name))
+            for uid, label in pairs:
+                duplicates += uid in labels
+                labels.setdefault(uid, (s, label))
+            read += len(pairs)
+            bad += [(os.path.join(emo_dir, name), number, line) for number, line in bad_lines]
+        if not read:
+            unlabelled.append(f"Session{s} ({len(names)} label file(s) in {emo_dir})")
+    if unlabelled:
+        warnings.warn(
+            f"no labelled utterance read for {', '.join(unlabelled)}: that session is left out; "
+            "expected <dialog>.txt files with lines '[start - end]<TAB>uid<TAB>label<TAB>[v, a, d]'",
+            DataWarning,
+            stacklevel=3,
+        )
+    if bad:
+        path, number, line = bad[0]
+        warnings.warn(
+            f"skipped {len(bad)} label line(s) that do not parse as "
+            f"'[start - end]<TAB>uid<TAB>label<TAB>[v, a, d]', first: {path} line {number}: {line!r}",
+            DataWarning,
+            stacklevel=3,
+        )
+    if duplicates:
+        warnings.warn(
+            f"{duplicates} utterance(s) labelled more than once under {root}; kept the first label",
+            DataWarning,
+            stacklevel=3,
+        )
+    return labels
+
+
+def label_dir(root, s):
+    """Session s's label folder, Session<s>/dialog/EmoEvaluation; a DataError when it is not there."""
+    session_dir = os.path.join(root, f"Session{s}")
+    if not os.path.isdir(session_dir):
+        raise DataError(
+            f"{session_dir} not found: the IEMOCAP release has Session1..Session5 under {root}"
+        )
+    emo_dir = os.path.join(session_dir, "dialog", "EmoEvaluation")
+    if not os.path.isdir(emo_dir):
+        raise DataError(f"{emo_dir} not found: expected the label files <dialog>.txt there")
+    return emo_dir
+
+
 def count_table(utterances):
     """{"sessions": {"1": {"ang": n, ...}, ...}, "total": n}; custom corpora are counted per split."""
     labels = {u.label for u in utterances}
@@ -241,9 +249,8 @@ def count_table(utterances):
     for u in utterances:
         key = str(u.session) if u.session is not None else (u.split or "all")
         rows.setdefault(key, dict.fromkeys(classes, 0))[u.label] += 1
-    keys = sorted(
-        rows, key=lambda k: (SPLITS.index(k) if k in SPLITS else -1, k)
-    )  # sessions 1..5, or the splits
+    # sessions 1..5, or the splits
+    keys = sorted(rows, key=lambda k: (SPLITS.index(k) if k in SPLITS else -1, k))
     return {"sessions": {k: rows[k] for k in keys}, "total": len(utterances)}
 
 
@@ -345,9 +352,8 @@ def load_manifest(csv_path):
     csv_path = os.fspath(csv_path)
     folder = os.path.dirname(csv_path)
     try:
-        with open(
-            csv_path, newline="", encoding="utf-8-sig"
-        ) as f:  # -sig: spreadsheets write a BOM
+        # -sig: spreadsheets write a BOM
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             columns = [c.strip().lower() for c in (reader.fieldnames or [])]
             if not {"path", "label", "split"} <= set(columns):
@@ -747,12 +753,18 @@ def load_labels(path):
     """A checked pseudo-label file, plus "index": {uid: (first frame, frame count)} and "path"."""
     try:
         content = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (
-        Exception
-    ) as e:  # a missing, truncated or foreign file: torch raises many different things
+    # a missing, truncated or foreign file: torch raises many different things, whose messages
+    # (several lines, advice to unpickle without weights_only) are not for this file's user
+    except Exception as e:
+        why = (
+            "it holds objects other than tensors and plain containers"
+            if isinstance(e, pickle.UnpicklingError)
+            else "missing, truncated or not a PyTorch file"
+        )
         raise ValueError(
-            f"{path}: not a readable pseudo-label file ({type(e).__name__}: {e})"
-        ) from e
+            f"{path}: not a readable pseudo-label file ({why}); pretrain.py --mode ptapt or "
+            "--mode kmeans writes it again when it is removed"
+        ) from None
     return {**content, "index": _index(content, path), "path": str(path)}
 
 
@@ -821,9 +833,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    warnings.formatwarning = lambda message, *rest, **kw: (
-        f"warning: {message}\n"
-    )  # no source line for users
+    # no source line for users
+    warnings.formatwarning = lambda message, *rest, **kw: f"warning: {message}\n"
     import data  # the module train.user_errors knows: its DataError, not a second one in __main__
 
     sys.exit(data.main())

@@ -36,9 +36,8 @@ def compute_metrics(y_true, y_pred, classes):
     """UA: mean recall over the classes present in the test set (a class with no test utterance
     has no recall and is left out). WA: accuracy. Macro-F1: mean F1 over the classes present in
     the test set or the predictions, F1 = 0 where a class is never predicted or never true."""
-    m = np.zeros(
-        (len(classes), len(classes)), dtype=np.int64
-    )  # rows: true class, columns: predicted class
+    # rows: true class, columns: predicted class
+    m = np.zeros((len(classes), len(classes)), dtype=np.int64)
     np.add.at(m, (np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)), 1)
     support, predicted, hits = m.sum(1), m.sum(0), np.diag(m)
     present = support > 0
@@ -345,7 +344,7 @@ def device_flag(text):
 # command line
 
 
-def main(argv=None):
+def build_parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "run_dir", nargs="?", help="runs/<name>: aggregate fold*/run*/metrics.json into the table"
@@ -371,17 +370,15 @@ def main(argv=None):
         help="auto (the GPU when there is one), cpu, cuda, cuda:N (default: %(default)s)",
     )
     p.add_argument("--out", help="where to write the JSON (default: <run_dir>/results.json)")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     with user_errors():
         if args.run_dir:
-            result = aggregate(args.run_dir)
-            out = args.out or os.path.join(args.run_dir, "results.json")
-            write_json(out, result)  # before printing: a reader that closes the pipe loses nothing
-            note = left_out_note(result)
-            if note:
-                print(f"warning: {args.run_dir}: {note}", file=sys.stderr)
-            print(format_table(result, os.path.basename(os.path.normpath(args.run_dir))))
-            print(f"\nwritten: {out}")
+            write_table(args.run_dir, args.out)
         elif args.checkpoint:
             device = resolve_device(args.device)
             try:
@@ -389,32 +386,52 @@ def main(argv=None):
             except CheckpointError as e:
                 raise DataError(str(e)) from None
             if args.predict:
-                for path in args.predict:
-                    wav = read_audio(path)
-                    with torch.no_grad():
-                        probs = clf(wav[None].to(device)).softmax(-1)[0].cpu()
-                    print(
-                        f"{path}\t{clf.classes[int(probs.argmax())]}\t"
-                        + " ".join(f"{c}={float(x):.3f}" for c, x in zip(clf.classes, probs))
-                    )
+                print_predictions(clf, args.predict, device)
             elif args.data:
-                splits, classes = load_corpus(args.data, args.fold, args.wav_dir)
-                if list(classes) != clf.classes:
-                    raise DataError(
-                        f"{args.checkpoint} predicts {clf.classes}, the data has {list(classes)}"
-                    )
-                test = splits["test"]
-                probs = predict(clf, test, classes, device)
-                metrics = compute_metrics(
-                    [classes.index(u.label) for u in test], probs.argmax(-1).tolist(), classes
-                )
-                print(json.dumps({k: metrics[k] for k in ("ua", "wa", "macro_f1", "n")}))
-                if args.out:
-                    write_json(args.out, metrics)
+                retest(clf, args, device)
             else:
                 p.error("--checkpoint needs --data (and --fold) or --predict")
         else:
             p.error("give a run folder, or --checkpoint with --data or --predict")
+
+
+def write_table(run_dir, out=None):
+    """The results table of a run folder: written as JSON (default <run_dir>/results.json), then printed."""
+    result = aggregate(run_dir)
+    out = out or os.path.join(run_dir, "results.json")
+    write_json(out, result)  # before printing: a reader that closes the pipe loses nothing
+    note = left_out_note(result)
+    if note:
+        print(f"warning: {run_dir}: {note}", file=sys.stderr)
+    print(format_table(result, os.path.basename(os.path.normpath(run_dir))))
+    print(f"\nwritten: {out}")
+
+
+def print_predictions(clf, paths, device):
+    """One line per audio file: its path, the predicted emotion, every class's probability."""
+    for path in paths:
+        wav = read_audio(path)
+        with torch.no_grad():
+            probs = clf(wav[None].to(device)).softmax(-1)[0].cpu()
+        print(
+            f"{path}\t{clf.classes[int(probs.argmax())]}\t"
+            + " ".join(f"{c}={float(x):.3f}" for c, x in zip(clf.classes, probs))
+        )
+
+
+def retest(clf, args, device):
+    """A fine-tuned classifier on a corpus's test split (--fold): its metrics printed, and written to --out."""
+    splits, classes = load_corpus(args.data, args.fold, args.wav_dir)
+    if list(classes) != clf.classes:
+        raise DataError(f"{args.checkpoint} predicts {clf.classes}, the data has {list(classes)}")
+    test = splits["test"]
+    probs = predict(clf, test, classes, device)
+    metrics = compute_metrics(
+        [classes.index(u.label) for u in test], probs.argmax(-1).tolist(), classes
+    )
+    print(json.dumps({k: metrics[k] for k in ("ua", "wa", "macro_f1", "n")}))
+    if args.out:
+        write_json(args.out, metrics)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from train import (
     add_run_flags,
     autocast_dtype,
     barrier,
+    batch_rngs,
     check_run_config,
     class_weights,
     finish_args,
@@ -71,9 +72,8 @@ from train import (
 def vft_loss(logits, labels, weights):
     """Class-weighted cross-entropy (RECIPE.md "V-FT"): sum_i w_{y_i} CE_i / sum_i w_{y_i}.
     Returned as its (numerator, denominator) pair, which `train` adds up over processes."""
-    return F.cross_entropy(logits.float(), labels, weight=weights, reduction="sum"), weights[
-        labels
-    ].sum()
+    ce = F.cross_entropy(logits.float(), labels, weight=weights, reduction="sum")
+    return ce, weights[labels].sum()
 
 
 def finetune_run(args, fold, run, splits, classes, run_dir):
@@ -107,12 +107,41 @@ def finetune_run(args, fold, run, splits, classes, run_dir):
         train_set, classes, max_seconds=args.max_seconds, crop="head", cache=args.cache
     )
     weights = class_weights(dataset.labels, len(classes))
+    sampler = train_batches(
+        dataset.lengths, args.batch_size, args.max_batch_seconds, args.bucket, seed
+    )
+    train(
+        clf,
+        params,
+        vft_batch_loss(args, clf, backbone, seed, weights, device),
+        dataset,
+        sampler,
+        updates=args.epochs * len(sampler),
+        lr=args.lr,
+        schedule=lambda update: 1.0,
+        device=device,
+        precision=args.precision,
+        run_dir=run_dir,
+        name="",
+        save_every=None,
+        desc=f"fold {fold} run {run}",
+        workers=args.workers,
+        progress=args.progress,
+    )
+    metrics = test_run(args, clf, splits["test"], classes, device, fold, run, run_dir)
+    barrier()
+    return metrics
+
+
+def vft_batch_loss(args, clf, backbone, seed, weights, device):
+    """batch_loss for `train`: the batch's V-FT masks (one generator per utterance and update), the
+    classifier's (on `backbone`) logits under them, vft_loss."""
     time_masks = (args.time_mask_prob, args.time_mask_span, args.time_mask_min)
     channel_masks = (args.channel_mask_prob, args.channel_mask_span, args.channel_mask_min)
 
     def batch_loss(batch, update):
         wav = pad_to_whole_batch(batch["wav"]) if args.group_norm == "padded" else batch["wav"]
-        rngs = [utterance_rng(seed, update, i) for i in batch["indices"].tolist()]
+        rngs = batch_rngs(seed, update, batch["indices"])
         masks = vft_masks(
             args.mask_semantics,
             backbone.frame_lengths(batch["lengths"]),
@@ -128,29 +157,12 @@ def finetune_run(args, fold, run, splits, classes, run_dir):
         )
         return [vft_loss(logits, batch["labels"].to(device), weights.to(device))]
 
-    sampler = train_batches(
-        dataset.lengths, args.batch_size, args.max_batch_seconds, args.bucket, seed
-    )
-    train(
-        clf,
-        params,
-        batch_loss,
-        dataset,
-        sampler,
-        updates=args.epochs * len(sampler),
-        lr=args.lr,
-        schedule=lambda update: 1.0,
-        device=device,
-        precision=args.precision,
-        run_dir=run_dir,
-        name="",
-        save_every=None,
-        desc=f"fold {fold} run {run}",
-        workers=args.workers,
-        progress=args.progress,
-    )
+    return batch_loss
 
-    test = splits["test"]
+
+def test_run(args, clf, test, classes, device, fold, run, run_dir):
+    """Every test utterance classified at full length; rank 0 writes model.pt, predictions.csv and,
+    last, metrics.json, and drops the resume point. Returns the metrics."""
     probs = predict(
         clf,
         test,
@@ -170,13 +182,13 @@ def finetune_run(args, fold, run, splits, classes, run_dir):
             meta={"fold": fold, "run": run, "source": args.init or args.checkpoint},
         )
         write_predictions(os.path.join(run_dir, "predictions.csv"), test, probs, classes)
-        write_json(metrics_path, metrics)  # written last: its presence means the run is complete
+        # written last: its presence means the run is complete
+        write_json(os.path.join(run_dir, "metrics.json"), metrics)
         remove_training_state(os.path.join(run_dir, "state.pt"))
         print(
             f"fold {fold} run {run}: UA {metrics['ua']:.4f}  WA {metrics['wa']:.4f}  macro-F1 {metrics['macro_f1']:.4f}"
             f"  ({len(test)} test utterances)"
         )
-    barrier()
     return metrics
 
 
@@ -208,6 +220,28 @@ def stratified_fraction(utterances, fraction, seed):
 def build_parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_flags(p)
+    add_source_flags(p)
+    add_training_flags(p)
+    add_mask_flags(p)
+    add_recipe_flags(p)
+    a = p.add_argument
+    a(
+        "--name",
+        default=None,
+        help="run name: runs/<name>/fold<k>/run<r> (default: vft; ft-<method> with "
+        "--init runs/<method>/fold<k>/pretrained.pt)",
+    )
+    a(
+        "--quickstart",
+        action="store_true",
+        help="generate the synthetic corpus (data/synth) and fine-tune a tiny random wav2vec 2.0 on fold 1: "
+        "no data or checkpoint needed",
+    )
+    return p
+
+
+def add_source_flags(p):
+    """What is fine-tuned, on which fold, how many times, on how much of the training data."""
     a = p.add_argument
     a(
         "--fold",
@@ -236,6 +270,11 @@ def build_parser():
         default=1.0,
         help="fine-tune on this stratified fraction of the training utterances (low-resource) (default: %(default)s)",
     )
+
+
+def add_training_flags(p):
+    """Epochs, batches, learning rate, truncation (RECIPE.md V-FT)."""
+    a = p.add_argument
     a("--epochs", type=COUNT, default=15, help="RECIPE.md V-FT (default: %(default)s)")
     a(
         "--batch-size",
@@ -261,6 +300,11 @@ def build_parser():
         default=10.0,
         help="training audio truncated to its first N seconds (default: %(default)s)",
     )
+
+
+def add_mask_flags(p):
+    """The SpecAugment-like time and channel masks."""
+    a = p.add_argument
     a("--time-mask-prob", type=PROBABILITY, default=0.08, help="(default: %(default)s)")
     a("--time-mask-span", type=COUNT, default=15, help="frames (default: %(default)s)")
     a(
@@ -272,6 +316,11 @@ def build_parser():
     a("--channel-mask-prob", type=PROBABILITY, default=0.05, help="(default: %(default)s)")
     a("--channel-mask-span", type=COUNT, default=64, help="channels (default: %(default)s)")
     a("--channel-mask-min", type=NATURAL, default=1, help="(default: %(default)s)")
+
+
+def add_recipe_flags(p):
+    """The settings where the recipes differ (train.RECIPES): default None, the recipe's."""
+    a = p.add_argument
     a(
         "--bucket",
         action=argparse.BooleanOptionalAction,
@@ -299,19 +348,6 @@ def build_parser():
         help="the conv encoder's group norm over the padded batch, or over each utterance's own samples "
         "(default: the recipe's: release padded, clean valid)",
     )
-    a(
-        "--name",
-        default=None,
-        help="run name: runs/<name>/fold<k>/run<r> (default: vft; ft-<method> with "
-        "--init runs/<method>/fold<k>/pretrained.pt)",
-    )
-    a(
-        "--quickstart",
-        action="store_true",
-        help="generate the synthetic corpus (data/synth) and fine-tune a tiny random wav2vec 2.0 on fold 1: "
-        "no data or checkpoint needed",
-    )
-    return p
 
 
 # The quick start's tiny model: 96 channels instead of 768, so the channel-mask span shrinks in
@@ -350,9 +386,8 @@ def default_run_name(init, recipe, quickstart=False):
 def parse_args(argv):
     p = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    if (
-        "--quickstart" in argv
-    ):  # its settings as defaults: a flag given still wins, whatever its value
+    # its settings as defaults: a flag given still wins, whatever its value
+    if "--quickstart" in argv:
         p.set_defaults(**QUICKSTART)
     args = p.parse_args(argv)
     finish_args(p, args, RECIPES[args.recipe])

@@ -31,8 +31,9 @@ from tqdm import tqdm
 
 from train import resolve_device, world
 
-FLOAT32_FRAMES = 4096  # frames summed in float32 before they join the float64 sums: adding after every 1024-frame
-# chunk cost 10% of a K=512 pass on the CPU; the groups are fixed, so any number of threads or ranks sums the same
+# frames summed in float32 before they join the float64 sums: float64 adds after every chunk are slow on the
+# CPU (BENCHMARKS.md); the groups are fixed, so any number of threads or ranks sums the same
+FLOAT32_FRAMES = 4096
 
 
 @contextlib.contextmanager
@@ -76,6 +77,28 @@ def fit_kmeans(
     1000): fit on a seeded random subset. Memory besides the frames: about chunk_size x (D + max K) floats.
     Under torch.distributed each rank passes its shard and gets the fit of all shards in rank order."""
     ks, device = [int(k) for k in ks], resolve_device(device or "auto")
+    inits = _checked_inits(features, ks, init)
+    x, cap = gather_rows(features, device), max(ks) * 1000 if max_samples is None else max_samples
+    if max(ks) > min(len(x), cap):
+        raise ValueError(
+            f"cannot fit K={max(ks)} clusters to N={min(len(x), cap)} frames"
+            f"{' (after max_samples)' if cap < len(x) else ''}: K must be <= N"
+        )
+    x = _subsample(x, cap, seed)
+    # on the CPU: the same draws on any device or rank
+    gens = {k: torch.Generator().manual_seed(seed) for k in ks}
+    with _threads(device) as threads:
+        frames = _Frames(x, device, chunk_size, threads, ks)
+        cents = {k: _initial_centroids(frames, k, c, gens[k]) for k, c in inits.items()}
+        history, counts = _lloyd(frames, cents, iters, tol, progress)
+    return {
+        k: KMeansResult((cents[k] + frames.shift).cpu(), history[k], counts[k].cpu()) for k in ks
+    }
+
+
+def _checked_inits(features, ks, init):
+    """{K: "k-means++", "random" or its (K, D) centroids}; a ValueError for features that are not 2-D
+    floating point, or an init that does not give every K."""
     if not (torch.is_tensor(features) and features.dim() == 2 and features.is_floating_point()):
         raise ValueError(
             f"need 2-D floating-point features, got {getattr(features, 'shape', type(features))}"
@@ -96,37 +119,26 @@ def fit_kmeans(
         raise ValueError(
             f"init must be 'k-means++', 'random' or centroids of shape (K, {features.shape[1]}) for each K"
         )
-    x, cap = gather_rows(features, device), max(ks) * 1000 if max_samples is None else max_samples
-    if max(ks) > min(len(x), cap):
-        raise ValueError(
-            f"cannot fit K={max(ks)} clusters to N={min(len(x), cap)} frames"
-            f"{' (after max_samples)' if cap < len(x) else ''}: K must be <= N"
-        )
-    if (
-        len(x) > cap
-    ):  # in frame order: the draw decides which frames, not the order they are read in
-        x = x[
-            torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:cap]
-            .sort()
-            .values
-        ]
-    gens = {
-        k: torch.Generator().manual_seed(seed) for k in ks
-    }  # on the CPU: the same draws on any device or rank
-    with _threads(device) as threads:
-        frames = _Frames(x, device, chunk_size, threads, ks)
-        cents = {
-            k: c.to(device, torch.float32) - frames.shift
-            if torch.is_tensor(c)
-            else frames.rows(torch.randperm(len(x), generator=gens[k])[:k])
-            if c == "random"
-            else _kmeans_plusplus(frames, k, gens[k])
-            for k, c in inits.items()
-        }
-        history, counts = _lloyd(frames, cents, iters, tol, progress)
-    return {
-        k: KMeansResult((cents[k] + frames.shift).cpu(), history[k], counts[k].cpu()) for k in ks
-    }
+    return inits
+
+
+def _subsample(x, cap, seed):
+    """At most `cap` of the frames, drawn with `seed`, kept in frame order: the draw decides which
+    frames, not the order they are read in."""
+    if len(x) <= cap:
+        return x
+    return x[
+        torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:cap].sort().values
+    ]
+
+
+def _initial_centroids(frames, k, init, gen):
+    """K centroids, translated as the frames are: given ones, K distinct random frames or k-means++."""
+    if torch.is_tensor(init):
+        return init.to(frames.device, torch.float32) - frames.shift
+    if init == "random":
+        return frames.rows(torch.randperm(len(frames.x), generator=gen)[:k])
+    return _kmeans_plusplus(frames, k, gen)
 
 
 def _weights(c):
@@ -144,9 +156,8 @@ def _kmeans_plusplus(frames, k, gen):
     chosen = [frames.rows(torch.randint(len(sq), (1,), generator=gen))]
     closest = dists(_weights(chosen[0]))[:, 0]
     for _ in range(1, k):
-        cum = closest.cumsum(
-            0, dtype=torch.float64
-        )  # a float32 cumsum over millions of frames drifts
+        # float64: a float32 cumsum over millions of frames drifts
+        cum = closest.cumsum(0, dtype=torch.float64)
         u = torch.rand(2 + int(math.log(k)), generator=gen, dtype=torch.float64).to(cum.device)
         candidates = frames.rows(
             torch.searchsorted(cum, u * cum[-1], right=True).clamp_(max=len(cum) - 1)
@@ -223,9 +234,8 @@ def assign(features, centroids, chunk_size=16384, device=None):
         {k: torch.empty(len(features), dtype=torch.long, device=device)},
     )
     with _threads(device) as threads:
-        frames = _Frames(
-            features, device, chunk_size, threads, [k], shift=c.mean(0)
-        )  # any shift: the same labels
+        # any shift gives the same labels
+        frames = _Frames(features, device, chunk_size, threads, [k], shift=c.mean(0))
         if not torch.isfinite(
             frames.lloyd_pass({k: _weights(c - frames.shift)}, labels, split_ranks=False)[k]
         ).all():
@@ -246,11 +256,9 @@ class _Frames:
             threads,
             torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 0,
         )
-        self.x = (
-            x.to(device) if x.numel() * x.element_size() < free // 3 else x
-        )  # read iters + 1 times: stage them
-        # on the CPU a chunk's distances to K centroids fit a core's L2 cache (512 KB): 256 frames ran a K=512 pass
-        # 10% faster than 1024 frames, which ran K=64 10% faster than 256
+        # read iters + 1 times: staged on the device when they fit
+        self.x = x.to(device) if x.numel() * x.element_size() < free // 3 else x
+        # on the CPU a chunk's distances to K centroids fit a core's L2 cache (512 KB): faster (BENCHMARKS.md)
         chunk = min(chunk, 1024, max(256, 2**17 // max(ks))) if device.type == "cpu" else chunk
         self.device, self.shift = (
             device,
@@ -267,14 +275,12 @@ class _Frames:
             )
             for t in range(num_threads)
         ]
-        self.group = max(
-            1, FLOAT32_FRAMES // len(buf)
-        )  # chunks summed in float32 before the float64 sums
+        # chunks summed in float32 before the float64 sums
+        self.group = max(1, FLOAT32_FRAMES // len(buf))
         if shift is None:
             s = buf.new_zeros(1, buf.shape[1], dtype=torch.float64)
-            for _, xa in self.chunks(
-                buf
-            ):  # column sums by a matmul: sum(0) is several times slower on the CPU
+            # column sums by a matmul: sum(0) is several times slower on the CPU
+            for _, xa in self.chunks(buf):
                 s += xa.new_ones(1, len(xa)) @ xa
             if not torch.isfinite(s).all():  # a NaN frame would silently poison its centroid
                 raise ValueError("features contain NaN or inf")
@@ -337,7 +343,7 @@ class _Frames:
 def _threads(device):
     """(pool, size): one thread per core on the CPU (one on a GPU), torch single-threaded in them and meanwhile in the
     caller, as scikit-learn splits its Lloyd: torch's own threads meet at a barrier in every op, and with a busy
-    neighbour every barrier waits for a descheduled thread (BENCHMARKS.md: a K=64 fit took 23-40 s against 3.3 s)."""
+    neighbour every barrier waits for a descheduled thread (BENCHMARKS.md)."""
     threads, size = torch.get_num_threads(), torch.get_num_threads() if device.type == "cpu" else 1
     torch.set_num_threads(1)
     try:
@@ -392,8 +398,7 @@ def extract_features(
         hidden, lengths = features_of(batch["wav"].to(device, non_blocking=True), batch["lengths"])
         hidden, lengths = hidden.half().cpu(), lengths.tolist()
         for row, i in enumerate(batch["indices"].tolist()):
-            frames[i] = hidden[
-                row, : lengths[row]
-            ].clone()  # a copy: a view would keep the padded batch alive
+            # a copy: a view would keep the padded batch alive
+            frames[i] = hidden[row, : lengths[row]].clone()
     counts = torch.tensor([len(f) for f in frames], dtype=torch.long)
     return (torch.cat(frames) if frames else torch.zeros(0, 0, dtype=torch.float16)), counts

@@ -66,6 +66,7 @@ from train import (
     add_run_flags,
     autocast_dtype,
     barrier,
+    batch_rngs,
     check_run_config,
     class_weights,
     finish_args,
@@ -198,9 +199,8 @@ def sample_negatives(time_mask, num_negatives, generator=None):
         torch.rand(len(row), num_negatives, generator=generator) * (n - 1).clamp(min=1)[:, None]
     ).long()
     draw = draw + (draw >= local[:, None]).long()  # skip the frame itself
-    draw = torch.where(
-        (n > 1)[:, None], draw, local[:, None]
-    )  # a lone masked frame has no distractor
+    # a lone masked frame has no distractor
+    draw = torch.where((n > 1)[:, None], draw, local[:, None])
     return starts[row][:, None] + draw
 
 
@@ -222,9 +222,8 @@ def padded_negatives(time_mask, num_negatives, rngs):
     for row, rng in enumerate(rngs):
         frames = time_mask[row].nonzero().squeeze(1)
         draw = torch.randint(0, max(T - 1, 1), (len(frames), num_negatives), generator=rng)
-        parts.append(
-            row * T + (draw + (draw >= frames[:, None]).long()).clamp(max=T - 1)
-        )  # skip the frame itself
+        # skip the frame itself
+        parts.append(row * T + (draw + (draw >= frames[:, None]).long()).clamp(max=T - 1))
     return torch.cat(parts)
 
 
@@ -364,16 +363,10 @@ def release_start(offset, conv_layers):
 
 
 def run_tapt(args, fold, train_set, classes, run_dir, device):
-    seed_everything(
-        args.seed + fold
-    )  # every stage starts from its own seed, whichever stages ran before
+    # every stage starts from its own seed, whichever stages ran before
+    seed_everything(args.seed + fold)
     model = load_backbone(args.checkpoint, args.seed).to(device)  # checked: check_stage_inputs
     release = args.objective == "release"
-    recipe = dict(
-        norm_over_padding=args.group_norm == "padded",
-        feature_grad_mult=args.feature_grad_mult,
-        feature_dropout=not release,  # transformers 4.10's feat_quantizer_dropout: 0
-    )
     dataset = AudioDataset(
         train_set,
         classes,
@@ -382,36 +375,11 @@ def run_tapt(args, fold, train_set, classes, run_dir, device):
         cache=args.cache,
         seed=args.seed,
     )
-
-    def batch_loss(batch, update):
-        wav, rngs, mask = masked_batch(args, model, batch, update, padded=release)
-        if (
-            release
-        ):  # the release called the model without attention mask: to it the padding is audio
-            encoded = model.encode(wav.to(device), None, time_mask=mask.to(device), **recipe)
-            negatives = padded_negatives(mask, model.cfg.num_negatives, rngs)
-            return [
-                (release_tapt_loss(model, encoded, mask.to(device), negatives)["loss"], 1)
-            ]  # a sum, as returned
-        encoded = model.encode(
-            wav.to(device), batch["lengths"], time_mask=mask.to(device), **recipe
-        )
-        terms = tapt_loss(
-            model,
-            encoded,
-            mask.to(device),
-            utterance_negatives(mask, model.cfg.num_negatives, rngs),
-            args.feature_penalty,
-        )
-        return [
-            (terms["loss"], terms["n_masked"])
-        ]  # fairseq divides by the masked frames (its sample size)
-
     stage_train(
         args,
         model,
         list(model.parameters()),
-        batch_loss,
+        tapt_batch_loss(args, model, release, device),
         dataset,
         run_dir,
         f"TAPT fold {fold}",
@@ -427,12 +395,44 @@ def run_tapt(args, fold, train_set, classes, run_dir, device):
     )
 
 
+def tapt_batch_loss(args, model, release, device):
+    """batch_loss for `train`: the batch's time mask and distractors, and the release's TAPT loss as
+    returned (a sum) or fairseq's (over the masked frames)."""
+    recipe = dict(
+        norm_over_padding=args.group_norm == "padded",
+        feature_grad_mult=args.feature_grad_mult,
+        feature_dropout=not release,  # transformers 4.10's feat_quantizer_dropout: 0
+    )
+
+    def batch_loss(batch, update):
+        wav, rngs, mask = masked_batch(args, model, batch, update, padded=release)
+        # the release called the model without attention mask: to it the padding is audio
+        if release:
+            encoded = model.encode(wav.to(device), None, time_mask=mask.to(device), **recipe)
+            negatives = padded_negatives(mask, model.cfg.num_negatives, rngs)
+            # a sum, as returned
+            return [(release_tapt_loss(model, encoded, mask.to(device), negatives)["loss"], 1)]
+        encoded = model.encode(
+            wav.to(device), batch["lengths"], time_mask=mask.to(device), **recipe
+        )
+        terms = tapt_loss(
+            model,
+            encoded,
+            mask.to(device),
+            utterance_negatives(mask, model.cfg.num_negatives, rngs),
+            args.feature_penalty,
+        )
+        # fairseq divides by the masked frames (its sample size)
+        return [(terms["loss"], terms["n_masked"])]
+
+    return batch_loss
+
+
 def run_teacher(args, fold, train_set, classes, run_dir, device):
     seed_everything(args.seed + fold)
     backbone = load_backbone(args.checkpoint, args.seed)
-    check_kmeans_settings(
-        args, backbone, train_set
-    )  # now, not after the teacher's hours of training
+    # now, not after the teacher's hours of training
+    check_kmeans_settings(args, backbone, train_set)
     teacher = Teacher(backbone, len(classes)).to(device)
     params = backbone.freeze_feature_encoder() + [
         p for n, p in teacher.named_parameters() if not n.startswith("backbone.")
@@ -448,7 +448,7 @@ def run_teacher(args, fold, train_set, classes, run_dir, device):
     weights = class_weights(dataset.labels, len(classes)).to(device)
 
     def batch_loss(batch, update):
-        rngs = [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()]
+        rngs = batch_rngs(args.seed, update, batch["indices"])
         wav, lengths = crop_to_shortest(batch, rngs, release=args.crops == "release")
         frame_logits, utterance_logits, _ = teacher(wav.to(device), lengths)
         return teacher_loss(frame_logits, utterance_logits, batch["labels"].to(device), weights)
@@ -513,9 +513,8 @@ def validation_loss(teacher, dataset, weights, batch_size, seed, device, dtype, 
             batch = collate(
                 [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
             )
-            rngs = [
-                utterance_rng(seed, -2, i) for i in batch["indices"].tolist()
-            ]  # update -2: validation's own
+            # update -2: validation's own
+            rngs = batch_rngs(seed, -2, batch["indices"])
             wav, lengths = crop_to_shortest(batch, rngs, False, release_crops)
             frame_logits, utterance_logits, _ = teacher(wav.to(device), None)
             terms = teacher_loss(
@@ -532,14 +531,12 @@ def keep_best(teacher, valid_loss):
     ModelCheckpoint(monitor='valid_loss', mode='min', save_top_k=1) (release run_pretrain.py:24-31)."""
 
     def on_epoch_end(pos):
-        if (
-            pos.get("valid_update") == pos["update"]
-        ):  # validated already (stopped at an epoch's last batch)
+        # validated already (stopped at an epoch's last batch)
+        if pos.get("valid_update") == pos["update"]:
             return
         loss = torch.tensor([valid_loss()], dtype=torch.float64)
-        if (
-            world()[1] > 1
-        ):  # every process computed it; rank 0's decides, so all keep the same weights
+        # every process computed it; rank 0's decides, so all keep the same weights
+        if world()[1] > 1:
             dist.broadcast(loss, 0, group=HOST_GROUP[0])
         pos["valid_update"], loss = pos["update"], float(loss)
         if loss < pos.get("best_valid", float("inf")):
@@ -562,16 +559,7 @@ def run_release_teacher(args, fold, train_set, classes, run_dir, device):
     training utterances in random batches cropped to their shortest utterance, validated on the other
     10% after every epoch; the weights of the lowest validation loss become teacher.pt."""
     seed_everything(args.seed + fold)
-    try:
-        front = Wav2Vec1Teacher(load_wav2vec1(args.teacher))
-    except CheckpointError as e:
-        raise DataError(f"--teacher: {e}") from None
-    short = [u.uid for u in train_set if u.num_samples < front.min_samples]
-    if short:
-        raise DataError(
-            f"{len(short)} training utterances (first {short[0]}) are shorter than {front.min_samples} "
-            "samples, the least the wav2vec (v1) teacher gives a frame for"
-        )
+    front = load_release_teacher(args.teacher, train_set)
     check_kmeans_settings(args, front, train_set)
     teacher = Teacher(front, len(classes), hidden=512, dim=front.dim, head_hidden=128).to(device)
     params = front.v1.freeze_feature_extractor() + [
@@ -580,18 +568,60 @@ def run_release_teacher(args, fold, train_set, classes, run_dir, device):
     fit, held_out = release_split(train_set)
     # class weights over every training utterance, the held-out 10% included (release trainer.py:26-35)
     weights = class_weights(AudioDataset(train_set, classes).labels, len(classes)).to(device)
-    dataset = AudioDataset(
-        fit, classes, crop="random", cache=args.cache, seed=args.seed
-    )  # whole utterances
+    # whole utterances
+    dataset = AudioDataset(fit, classes, crop="random", cache=args.cache, seed=args.seed)
     valid = AudioDataset(held_out, classes, cache=args.cache)
+    valid_loss = lambda: validation_loss(
+        teacher,
+        valid,
+        weights,
+        args.batch_size,
+        args.seed,
+        device,
+        autocast_dtype(device, args.precision),
+        args.crops == "release",
+    )
+    pos = stage_train(
+        args,
+        teacher,
+        params,
+        release_teacher_batch_loss(args, teacher, front, weights, device),
+        dataset,
+        run_dir,
+        f"P-TAPT teacher (wav2vec v1) fold {fold}",
+        device,
+        teacher=True,
+        on_epoch_end=keep_best(teacher, valid_loss),
+    )
+    finish_release_teacher(args, fold, teacher, front, pos, held_out, run_dir)
+
+
+def load_release_teacher(path, train_set):
+    """The wav2vec (v1) checkpoint of --teacher, wrapped as the release's front end; a DataError for a
+    training utterance too short for it to give a frame."""
+    try:
+        front = Wav2Vec1Teacher(load_wav2vec1(path))
+    except CheckpointError as e:
+        raise DataError(f"--teacher: {e}") from None
+    short = [u.uid for u in train_set if u.num_samples < front.min_samples]
+    if short:
+        raise DataError(
+            f"{len(short)} training utterances (first {short[0]}) are shorter than {front.min_samples} "
+            "samples, the least the wav2vec (v1) teacher gives a frame for"
+        )
+    return front
+
+
+def release_teacher_batch_loss(args, teacher, front, weights, device):
+    """batch_loss for `train`: the batch cropped to its shortest utterance, the release's SpecAugment on
+    v1's 100 Hz features (RELEASE_TEACHER), teacher_loss."""
     time, channel = RELEASE_TEACHER["specaugment_time"], RELEASE_TEACHER["specaugment_channel"]
 
     def batch_loss(batch, update):
-        rngs = [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()]
+        rngs = batch_rngs(args.seed, update, batch["indices"])
         wav, _ = crop_to_shortest(batch, rngs, release=args.crops == "release")
-        t100 = int(
-            front.v1.frame_lengths(torch.tensor(wav.shape[1]))
-        )  # crops are equal: the batch's span count
+        # crops are equal: the batch's span count
+        t100 = int(front.v1.frame_lengths(torch.tensor(wav.shape[1])))
         time_mask, channel_mask = vft_masks(
             "release",
             [t100] * len(wav),
@@ -607,28 +637,12 @@ def run_release_teacher(args, fold, train_set, classes, run_dir, device):
         )
         return teacher_loss(frame_logits, utterance_logits, batch["labels"].to(device), weights)
 
-    valid_loss = lambda: validation_loss(
-        teacher,
-        valid,
-        weights,
-        args.batch_size,
-        args.seed,
-        device,
-        autocast_dtype(device, args.precision),
-        args.crops == "release",
-    )
-    pos = stage_train(
-        args,
-        teacher,
-        params,
-        batch_loss,
-        dataset,
-        run_dir,
-        f"P-TAPT teacher (wav2vec v1) fold {fold}",
-        device,
-        teacher=True,
-        on_epoch_end=keep_best(teacher, valid_loss),
-    )
+    return batch_loss
+
+
+def finish_release_teacher(args, fold, teacher, front, pos, held_out, run_dir):
+    """teacher.pt: the weights of the lowest validation loss (the last ones when no epoch ended), with
+    the validation's record in its meta."""
     if "best_model" in pos:
         teacher.load_state_dict(pos["best_model"])
     elif world()[0] == 0:
@@ -657,9 +671,8 @@ def run_pseudo_labels(args, fold, train_set, run_dir, teacher_path, device):
     )
     teacher.eval().to(device)
     layer = check_kmeans_settings(args, teacher, train_set)
-    if (
-        args.teacher
-    ):  # the release's: its ReLU'd 50 Hz output, fp32, eval, one utterance at a time (cluster.py)
+    # the release's: its ReLU'd 50 Hz output, fp32, eval, one utterance at a time (cluster.py)
+    if args.teacher:
         features_of, meta = (
             lambda wav, lengths: unpadded(teacher, wav, lengths),
             {"teacher_model": "wav2vec (v1)"},
@@ -708,22 +721,7 @@ def pseudo_label_stage(
     each extracts a contiguous shard of the utterances (cut by audio length), rank 0 writes, all return all."""
     (rank, size), device = world(), resolve_device(device)
     cum = torch.tensor([u.num_samples for u in utterances], dtype=torch.float64).cumsum(0)
-    cut = (
-        [0]
-        + [int(torch.searchsorted(cum, cum[-1] * r / size)) for r in range(1, size)]
-        + [len(utterances)]
-    )
-    feats, counts = kmeans.extract_features(
-        features_of,
-        utterances[cut[rank] : cut[rank + 1]],
-        device,
-        progress=progress and rank == 0,
-        workers=workers,
-    )
-    if size > 1:  # a rank without frames learns D
-        dim = torch.tensor(feats.shape[1], device=device)
-        dist.all_reduce(dim, dist.ReduceOp.MAX)
-        feats = feats if len(feats) else torch.zeros(0, int(dim), dtype=torch.float16)
+    feats, counts = shard_features(features_of, utterances, cum, device, progress, workers)
     fits = kmeans.fit_kmeans(
         feats,
         ks,
@@ -741,33 +739,66 @@ def pseudo_label_stage(
     }
     counts = kmeans.gather_rows(counts, device)
     if rank == 0:
-        names = sorted({str(u.label) for u in utterances})
-        nmi = {
-            k: emotion_nmi(labels[k], counts, [names.index(str(u.label)) for u in utterances])
-            for k in fits
-        }
-        meta = {
-            **meta,
-            "num_frames": int(counts.sum()),
-            "hours": float(cum[-1]) / SAMPLE_RATE / 3600,
-            "nmi": nmi,
-            "ks": list(fits),
+        settings = {
             "iters": iters,
             "init": init if isinstance(init, str) else "given",
             "seed": seed,
             "max_samples": max(fits) * 1000 if max_samples is None else max_samples,
-            "num_fit_frames": int(fits[max(fits)].counts.sum()),
-            "inertia": {k: f.inertia for k, f in fits.items()},
         }
-        for k, f in fits.items():
-            print(
-                f"K={k}: NMI between pseudo-labels and emotion {nmi[k]:.4f}, inertia {f.inertia[0]:.5g} -> "
-                f"{f.inertia[-1]:.5g} in {len(f.inertia) - 1} iterations, {int((f.counts > 0).sum())}/{k} clusters used"
-            )
-        save_labels(out_path, [u.uid for u in utterances], counts, labels, meta)
+        hours = float(cum[-1]) / SAMPLE_RATE / 3600
+        save_pseudo_labels(out_path, utterances, counts, labels, fits, meta, hours, settings)
     if size > 1:
         dist.barrier()  # the file exists on return, on every rank
     return labels
+
+
+def shard_features(features_of, utterances, cum, device, progress, workers):
+    """This rank's frames and frame counts (kmeans.extract_features) of its contiguous shard of the
+    utterances, cut where the cumulative audio length `cum` crosses each rank's share."""
+    rank, size = world()
+    cut = (
+        [0]
+        + [int(torch.searchsorted(cum, cum[-1] * r / size)) for r in range(1, size)]
+        + [len(utterances)]
+    )
+    feats, counts = kmeans.extract_features(
+        features_of,
+        utterances[cut[rank] : cut[rank + 1]],
+        device,
+        progress=progress and rank == 0,
+        workers=workers,
+    )
+    if size > 1:  # a rank without frames learns D
+        dim = torch.tensor(feats.shape[1], device=device)
+        dist.all_reduce(dim, dist.ReduceOp.MAX)
+        feats = feats if len(feats) else torch.zeros(0, int(dim), dtype=torch.float16)
+    return feats, counts
+
+
+def save_pseudo_labels(out_path, utterances, counts, labels, fits, meta, hours, settings):
+    """Rank 0's end of the k-means stage: each K's NMI with emotion, printed with its fit, and the labels
+    written (data.save_labels) with meta and what the stage computed them from."""
+    names = sorted({str(u.label) for u in utterances})
+    nmi = {
+        k: emotion_nmi(labels[k], counts, [names.index(str(u.label)) for u in utterances])
+        for k in fits
+    }
+    meta = {
+        **meta,
+        "num_frames": int(counts.sum()),
+        "hours": hours,
+        "nmi": nmi,
+        "ks": list(fits),
+        **settings,
+        "num_fit_frames": int(fits[max(fits)].counts.sum()),
+        "inertia": {k: f.inertia for k, f in fits.items()},
+    }
+    for k, f in fits.items():
+        print(
+            f"K={k}: NMI between pseudo-labels and emotion {nmi[k]:.4f}, inertia {f.inertia[0]:.5g} -> "
+            f"{f.inertia[-1]:.5g} in {len(f.inertia) - 1} iterations, {int((f.counts > 0).sum())}/{k} clusters used"
+        )
+    save_labels(out_path, [u.uid for u in utterances], counts, labels, meta)
 
 
 def unpadded(teacher, wav, lengths):
@@ -802,9 +833,8 @@ def check_kmeans_settings(args, backbone, train_set):
 def run_ptapt(args, fold, train_set, classes, run_dir, labels_path, device):
     stored = load_labels(labels_path)
     seed_everything(args.seed + fold)
-    backbone = load_backbone(
-        args.checkpoint, args.seed
-    )  # from the original checkpoint again, not the teacher
+    # from the original checkpoint again, not the teacher
+    backbone = load_backbone(args.checkpoint, args.seed)
     model = WithHeads(backbone, PseudoLabelHeads(backbone.cfg.embed_dim, stored["labels"])).to(
         device
     )
@@ -840,9 +870,8 @@ def run_ptapt(args, fold, train_set, classes, run_dir, labels_path, device):
             time_mask=mask,
             norm_over_padding=args.group_norm == "padded",
         )
-        return pseudo_label_loss(
-            model.heads(hidden[mask]), targets
-        )  # the heads see masked frames only
+        # the heads see masked frames only
+        return pseudo_label_loss(model.heads(hidden[mask]), targets)
 
     stage_train(args, model, params, batch_loss, dataset, run_dir, f"P-TAPT fold {fold}", device)
     finish_stage(
@@ -878,7 +907,7 @@ def masked_batch(args, model, batch, update, padded):
     """A batch's audio (padded to the whole batch's longest utterance when `padded`), its utterances'
     generators and its time mask (semantics as model.span_masks)."""
     wav = pad_to_whole_batch(batch["wav"]) if padded else batch["wav"]
-    rngs = [utterance_rng(args.seed, update, i) for i in batch["indices"].tolist()]
+    rngs = batch_rngs(args.seed, update, batch["indices"])
     mask = span_masks(
         args.mask_semantics,
         model.frame_lengths(batch["lengths"]),
@@ -919,9 +948,8 @@ def stage_train(
         )
     else:
         name, updates, warmup = args.mode, args.updates, args.warmup
-        budget = (
-            args.batch_seconds * args.batch_size / 64
-        )  # the release's RandomBucketSampler scales it so
+        # the release's RandomBucketSampler scales it so
+        budget = args.batch_seconds * args.batch_size / 64
         batches = train_batches(
             dataset.lengths,
             args.batch_size,
@@ -1048,20 +1076,38 @@ def run_fold(args, fold, splits, classes, run_dir, device):
 MODE_DEFAULTS = {
     "tapt": dict(mask_prob=0.05, mask_span=10, mask_min=2),
     "ptapt": dict(mask_prob=0.06, mask_span=15, mask_min=2),
-    "kmeans": {},
-}  # kmeans: masks nothing
+    "kmeans": {},  # masks nothing
+}
 
 
 def build_parser():
     p = OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a(
+    p.add_argument(
         "--mode",
         choices=["tapt", "ptapt", "kmeans"],
         required=True,
         help="kmeans: P-TAPT's k-means stage alone, on the untouched --checkpoint (runs/kmeans/fold<k>/labels.pt)",
     )
     add_run_flags(p)
+    add_fold_flags(p)
+    add_training_flags(p)
+    add_mask_flags(p)
+    add_recipe_flags(p)
+    add_release_detail_flags(p)
+    add_teacher_flags(p)
+    add_kmeans_flags(p)
+    p.add_argument(
+        "--save-every",
+        type=COUNT,
+        default=500,
+        help="updates between resumable checkpoints (default: %(default)s)",
+    )
+    return p
+
+
+def add_fold_flags(p):
+    """Which fold, from which checkpoint, under which name."""
+    a = p.add_argument
     a(
         "--fold",
         type=int,
@@ -1082,6 +1128,11 @@ def build_parser():
         default=None,
         help="runs/<name>/fold<k> (default: the mode, with -clean for the clean recipe)",
     )
+
+
+def add_training_flags(p):
+    """Updates, batches and the learning-rate schedule of TAPT and the pseudo-label pretraining."""
+    a = p.add_argument
     a(
         "--updates",
         type=COUNT,
@@ -1109,6 +1160,11 @@ def build_parser():
         default=10.0,
         help="random crops of at most N seconds (default: %(default)s)",
     )
+
+
+def add_mask_flags(p):
+    """The time masks (default: the mode's, MODE_DEFAULTS)."""
+    a = p.add_argument
     a(
         "--mask-prob",
         type=PROBABILITY,
@@ -1117,6 +1173,12 @@ def build_parser():
     )
     a("--mask-span", type=COUNT, default=None, help="frames per span (default: 10 tapt, 15 ptapt)")
     a("--mask-min", type=NATURAL, default=None, help="at least this many spans (default: 2)")
+
+
+def add_recipe_flags(p):
+    """What the release's code computed or the method as written (train.RECIPES; default: the
+    recipe's): TAPT's loss, the span counts, the batches, the conv encoder's group norm."""
+    a = p.add_argument
     a(
         "--objective",
         choices=["release", "fairseq"],
@@ -1145,6 +1207,13 @@ def build_parser():
         help="P-TAPT: the conv encoder's group norm over the padded batch or each utterance's own samples "
         "(default: the recipe's: release padded, clean valid)",
     )
+
+
+def add_release_detail_flags(p):
+    """The finer differences between the release's code, fairseq's and the method as written: the conv
+    encoder's gradient, P-TAPT's crops, the warm-up's first update, the teacher's batches, TAPT's
+    feature penalty."""
+    a = p.add_argument
     a(
         "--feature-grad-mult",
         type=WEIGHT,
@@ -1181,6 +1250,11 @@ def build_parser():
         "(RECIPE.md, fairseq); 0 = Hugging Face's objective. A tiny model trained from scratch with 10 "
         "and 5%% masking collapses: README, Results (default: 10 with --objective fairseq)",
     )
+
+
+def add_teacher_flags(p):
+    """P-TAPT's teacher."""
+    a = p.add_argument
     a(
         "--teacher",
         default=None,
@@ -1190,6 +1264,11 @@ def build_parser():
     )
     a("--teacher-updates", type=COUNT, default=10000, help="P-TAPT teacher (default: %(default)s)")
     a("--teacher-warmup-fraction", type=PROBABILITY, default=0.05, help="(default: %(default)s)")
+
+
+def add_kmeans_flags(p):
+    """P-TAPT's k-means stage (and --mode kmeans)."""
+    a = p.add_argument
     a(
         "--ks",
         type=COUNT,
@@ -1215,13 +1294,6 @@ def build_parser():
         default=None,
         help="teacher layer for k-means features (default: the last)",
     )
-    a(
-        "--save-every",
-        type=COUNT,
-        default=500,
-        help="updates between resumable checkpoints (default: %(default)s)",
-    )
-    return p
 
 
 def parse_args(argv):

@@ -61,75 +61,114 @@ def train(
     runs after every whole epoch, before the save (the release teacher's validation): what it adds to the
     position is saved with it and comes back on resume. Returns the final position."""
     dtype = autocast_dtype(device, precision)
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=0.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ckpt = Checkpoint(
-        os.path.join(run_dir, f"{name}state.pt"), model, opt, scaler, device, params, desc
+    opt, scaler, ckpt, pos = start_or_resume(
+        model, params, lr, dtype, device, os.path.join(run_dir, f"{name}state.pt"), desc
     )
-    pos = (
-        ckpt.load()
-    )  # update, epoch, batch_in_epoch, and the epoch's running sums of loss, updates, audio seconds
-    log_path = os.path.join(run_dir, f"{name}log.jsonl")
-    for path in (log_path, timing_path(log_path)):
-        trim_log(path, pos["update"])
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=workers,
-        generator=torch.Generator(),
-    )  # its own: the global one drives dropout
-    bar = tqdm(
-        total=updates,
-        initial=pos["update"],
-        desc=desc,
-        unit="update",
-        disable=not progress or world()[0],
-    )
+    log_path = trimmed_log(os.path.join(run_dir, f"{name}log.jsonl"), pos["update"])
+    loader = train_loader(dataset, sampler, workers)
+    bar = progress_bar(updates, pos["update"], desc, progress)
     with StopRequested() as stop:
         while pos["update"] < updates:
-            sampler.set_epoch(pos["epoch"], pos["batch_in_epoch"])
-            epoch_batches = pos["batch_in_epoch"] + len(sampler)
-            dataset.set_epoch(pos["epoch"])
-            model.train()
+            epoch_batches = start_epoch(model, dataset, sampler, pos)
             t0 = time.time()
             for batch in loader:
                 for group in opt.param_groups:
                     group["lr"] = lr * schedule(pos["update"])
                 if on_update is not None:
                     on_update(pos["update"])
-                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                    terms = batch_loss(batch, pos["update"])
-                loss, logged = global_loss(
-                    terms, float(batch["lengths"].sum()) / SAMPLE_RATE, device
-                )
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                all_reduce_gradients(params)
-                scaler.step(opt)
-                scaler.update()
-                pos["update"], pos["batch_in_epoch"] = pos["update"] + 1, pos["batch_in_epoch"] + 1
-                pos["running"] = pos["running"] + logged
-                bar.update(1)
-                if pos["update"] % 10 == 0:  # reading the loss waits for the GPU: only now and then
-                    bar.set_postfix(loss=f"{pos['running'][0] / pos['running'][1]:.3f}")
+                update_step(batch, pos, batch_loss, params, opt, scaler, device, dtype)
+                show_progress(bar, pos)
                 if stop.agreed() or pos["update"] == updates:
                     break
                 if save_every and pos["update"] % save_every == 0:
                     ckpt.save(pos)
             else:
                 pos["epoch"], pos["batch_in_epoch"] = pos["epoch"] + 1, 0
-            if on_epoch_end is not None and pos["batch_in_epoch"] in (
-                0,
-                epoch_batches,
-            ):  # whole epochs only
-                on_epoch_end(pos)
-            log_epoch(log_path, pos, opt, time.time() - t0)
-            ckpt.save(pos)
+            end_epoch(pos, epoch_batches, on_epoch_end, log_path, opt, t0, ckpt)
             if stop.flag:
                 stop.exit(desc, pos["update"])
     bar.close()
     return pos
+
+
+def start_or_resume(model, params, lr, dtype, device, path, desc):
+    """The optimizer, the gradient scaler (on for fp16 only) and the resume point at `path`, with the
+    position to start from: {update, epoch, batch_in_epoch, running}, running the epoch's sums of loss,
+    updates and audio seconds (a new run's: all 0)."""
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=0.0)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    ckpt = Checkpoint(path, model, opt, scaler, device, params, desc)
+    return opt, scaler, ckpt, ckpt.load()
+
+
+def trimmed_log(log_path, update):
+    """The log and its timing file, cut back to the resume point's update (trim_log)."""
+    for path in (log_path, timing_path(log_path)):
+        trim_log(path, update)
+    return log_path
+
+
+def train_loader(dataset, sampler, workers):
+    # its own generator: the global one drives dropout
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        generator=torch.Generator(),
+    )
+
+
+def progress_bar(updates, update, desc, progress):
+    return tqdm(
+        total=updates,
+        initial=update,
+        desc=desc,
+        unit="update",
+        disable=not progress or world()[0],
+    )
+
+
+def start_epoch(model, dataset, sampler, pos):
+    """The epoch's batches and crops from where the position is, the model in training mode; returns
+    the batch_in_epoch at which the epoch is whole."""
+    sampler.set_epoch(pos["epoch"], pos["batch_in_epoch"])
+    epoch_batches = pos["batch_in_epoch"] + len(sampler)
+    dataset.set_epoch(pos["epoch"])
+    model.train()
+    return epoch_batches
+
+
+def update_step(batch, pos, batch_loss, params, opt, scaler, device, dtype):
+    """One update at the lr already set: the batch's loss terms summed over processes (global_loss), the
+    gradients summed over processes, the (scaled) Adam step; the position moves on by one update and
+    adds the batch's [loss, 1, audio seconds] to its running sums."""
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        terms = batch_loss(batch, pos["update"])
+    loss, logged = global_loss(terms, float(batch["lengths"].sum()) / SAMPLE_RATE, device)
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    all_reduce_gradients(params)
+    scaler.step(opt)
+    scaler.update()
+    pos["update"], pos["batch_in_epoch"] = pos["update"] + 1, pos["batch_in_epoch"] + 1
+    pos["running"] = pos["running"] + logged
+
+
+def show_progress(bar, pos):
+    bar.update(1)
+    if pos["update"] % 10 == 0:  # reading the loss waits for the GPU: only now and then
+        bar.set_postfix(loss=f"{pos['running'][0] / pos['running'][1]:.3f}")
+
+
+def end_epoch(pos, epoch_batches, on_epoch_end, log_path, opt, t0, ckpt):
+    """After an epoch, or the part of one a run ended or was stopped in: on_epoch_end (whole epochs
+    only), the log line, the resume point."""
+    whole = pos["batch_in_epoch"] in (0, epoch_batches)
+    if on_epoch_end is not None and whole:
+        on_epoch_end(pos)
+    log_epoch(log_path, pos, opt, time.time() - t0, whole)
+    ckpt.save(pos)
 
 
 def global_loss(terms, audio_seconds, device):
@@ -150,7 +189,7 @@ def global_loss(terms, audio_seconds, device):
     ).detach()
 
 
-def log_epoch(path, pos, opt, seconds):
+def log_epoch(path, pos, opt, seconds, whole=True):
     """One line per epoch (and for a run's last or interrupted, partial one, marked "partial"): the
     mean loss and the lr, the same bytes on every run of the same command on the CPU. The wall-clock
     figures, which no two runs share, go to the matching timing file (timing_path)."""
@@ -162,7 +201,7 @@ def log_epoch(path, pos, opt, seconds):
             "loss": loss / steps,
             "lr": opt.param_groups[0]["lr"],
         }
-        if pos["batch_in_epoch"] > 0:
+        if not whole:  # a run's last updates, or a stop: not an epoch's mean
             record["partial"] = f"{int(steps)} updates"
         timing = {
             "update": pos["update"],
@@ -221,6 +260,11 @@ def utterance_rng(seed, update, index):
     return torch.Generator().manual_seed(
         ((seed * 1_000_003 + update) * 1_000_003 + int(index)) % 2**63
     )
+
+
+def batch_rngs(seed, update, indices):
+    """utterance_rng of each utterance of a batch (its dataset indices, a tensor), in batch order."""
+    return [utterance_rng(seed, update, i) for i in indices.tolist()]
 
 
 def pad_to_whole_batch(wav):
@@ -334,17 +378,15 @@ class Checkpoint:
         shared = [load_training_state(self.path) if rank == 0 else None]
         if world_size > 1:
             dist.broadcast_object_list(shared, src=0)
-            if (
-                rank > 0
-            ):  # dropout differs between processes, as their data do; rank 0 draws what one process draws
+            # dropout differs between processes, as their data do; rank 0 draws what one process draws
+            if rank > 0:
                 torch.manual_seed(torch.initial_seed() + rank)
         state = shared[0]
         if state is not None:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
-            if state[
-                "scaler"
-            ]:  # empty when saved without fp16 (--precision auto may mean fp16 on another GPU)
+            # empty when saved without fp16 (--precision auto may mean fp16 on another GPU)
+            if state["scaler"]:
                 self.scaler.load_state_dict(state["scaler"])
             if len(state["rng"]) == world_size:
                 set_rng_state(state["rng"][rank], self.device)
@@ -522,9 +564,8 @@ def world():
     return 0, 1
 
 
-HOST_GROUP = [
-    None
-]  # a gloo group of every process (made by init_distributed), for values kept on the host
+# a gloo group of every process (made by init_distributed), for values kept on the host
+HOST_GROUP = [None]
 
 
 def init_distributed(device_name):
@@ -580,7 +621,11 @@ def run_files(run_dir):
     return sorted(
         n
         for n in names
-        if n not in ("config.json", "lock") and ".tmp" not in n and not n.startswith(".")
+        if n not in ("config.json", "lock")
+        and ".tmp" not in n
+        and not n.startswith(".")
+        and not n.endswith(".orphaned")
+        and not n.endswith("timing.jsonl")  # wall-clock records, not results
     )
 
 
@@ -594,6 +639,23 @@ def same_setting(key, old, new):
     if key not in PATH_SETTINGS or not (isinstance(old, str) and isinstance(new, str)):
         return False
     return os.path.exists(old) and os.path.exists(new) and os.path.samefile(old, new)
+
+
+def retire_orphans(run_dir):
+    """Resume points in a run folder whose config.json is gone (removed, as an unreadable one's
+    error says): the settings they were computed with are unknown, so they are renamed *.orphaned
+    (kept, never resumed) and the run starts again under the settings it is given now. Finished
+    outputs stay (a teacher.pt copied in to be reused)."""
+    names = [name for name in run_files(run_dir) if "state.pt" in name]
+    if world()[0] == 0:
+        for name in names:
+            os.replace(os.path.join(run_dir, name), os.path.join(run_dir, name + ".orphaned"))
+        print(
+            f"warning: {run_dir} holds {names} but no config.json: they were computed with settings "
+            "no file records, so they are kept as *.orphaned and this run starts again",
+            file=sys.stderr,
+        )
+    barrier()
 
 
 def check_run_config(run_dir, config, computed_with=None):
@@ -613,11 +675,8 @@ def check_run_config(run_dir, config, computed_with=None):
                 f"{path}: unreadable ({e}): the settings of what {run_dir} holds are unknown; "
                 "remove the whole folder to start this run again"
             ) from None
-    elif run_files(run_dir):  # a resume point without its settings cannot be resumed safely
-        raise DataError(
-            f"{run_dir} holds {run_files(run_dir)} but no config.json: the settings they were "
-            "computed with are unknown; remove the whole folder to start this run again"
-        )
+    elif any("state.pt" in name for name in run_files(run_dir)):
+        retire_orphans(run_dir)  # a resume point whose settings no file records
     diff = {
         k: (old.get(k), v)
         for k, v in config.items()
@@ -824,15 +883,11 @@ def user_errors():
     the pipe (| head) ends the output quietly."""
     try:
         yield
-    except (
-        BrokenPipeError
-    ):  # before OSError, its base: stdout to devnull, so Python's own flush at exit is quiet
+    # before OSError, its base: stdout to devnull, so Python's own flush at exit is quiet
+    except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-    except (
-        DataError,
-        ValueError,
-        OSError,
-    ) as e:  # OSError: a file that cannot be written (a full disk)
+    # OSError: a file that cannot be written (a full disk)
+    except (DataError, ValueError, OSError) as e:
         text = str(e)
         if "\nOriginal Traceback" in text:
             text = text.rstrip().splitlines()[-1].split(": ", 1)[-1]
