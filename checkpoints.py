@@ -1,5 +1,5 @@
-"""Every checkpoint format, in and out: fairseq wav2vec 2.0 (`args` or `cfg`) and wav2vec (v1) files,
-Hugging Face wav2vec 2.0 folders (safetensors or pytorch_model.bin, sharded or not), and this
+"""Every checkpoint format, in and out: fairseq wav2vec 2.0 (`args` or `cfg`) and wav2vec (v1)
+files, Hugging Face wav2vec 2.0 folders (safetensors or pytorch_model.bin, sharded or not), and this
 project's own files (a model, a classifier, a release teacher). Nothing executes code from a file:
 pickles go through an unpickler that builds plain containers and tensors only.
 
@@ -86,7 +86,8 @@ for _name in (
 ):
     if hasattr(torch._utils, _name):
         _ALLOWED[("torch._utils", _name)] = getattr(torch._utils, _name)
-# plain builtin types (omegaconf records them as key and element types); calling them runs no user code
+# plain builtin types (omegaconf records them as key and element types); calling them runs no user
+# code
 for _mod in ("builtins", "__builtin__"):
     for _t in (
         dict,
@@ -107,8 +108,8 @@ for _mod in ("builtins", "__builtin__"):
 
 
 class _Refused(pickle.UnpicklingError):
-    """The safe unpickler's refusal of a class, reported as it is; any other unpickling error means a
-    damaged file or not a checkpoint at all."""
+    """The safe unpickler's refusal of a class, reported as it is; any other unpickling error means
+    a damaged file or not a checkpoint at all."""
 
 
 class _SafeUnpickler(pickle.Unpickler):
@@ -164,8 +165,8 @@ def _unreadable(path, e: OSError, what="it"):
 
 
 def _readable(path):
-    """A file that exists but cannot be opened (permissions) is named as such, before a reader whose own
-    OSErrors may mean a damaged file instead."""
+    """A file that exists but cannot be opened (permissions) is named as such, before a reader whose
+    own OSErrors may mean a damaged file instead."""
     try:
         open(path, "rb").close()
     except OSError as e:
@@ -242,7 +243,8 @@ def _is_int(x):  # bool is an int to Python, never a size or an offset here
 def _conv_layers_from_string(text, name="conv_feature_layers"):
     """fairseq's conv_feature_layers is a Python expression such as
     "[(512, 10, 5)] + [(512, 3, 2)] * 4" (or the list itself); evaluate it without eval(). The
-    values are kept as they are: the config's check says which layer is not a (dim, kernel, stride)."""
+    values are kept as they are: the config's check says which layer is not a (dim, kernel,
+    stride)."""
     unsupported = ValueError(
         f"{name}={text!r}: expected a list of (dim, kernel, stride) layers, such as "
         "[(512, 10, 5)] + [(512, 3, 2)] * 4"
@@ -274,9 +276,9 @@ def _conv_layers_from_string(text, name="conv_feature_layers"):
 
 
 def _renamed(c: dict, names: dict, defaults) -> dict:
-    """The settings c has under the names in `names` (our field -> theirs). An int where the field is a
-    float becomes one; nothing else is converted (int(7.5), bool("false") would hide a wrong value):
-    the config's check names a value of the wrong type."""
+    """The settings c has under the names in `names` (our field -> theirs). An int where the field
+    is a float becomes one; nothing else is converted (int(7.5), bool("false") would hide a wrong
+    value): the config's check names a value of the wrong type."""
 
     def value(ours, v):
         is_int = isinstance(v, int) and not isinstance(v, bool)
@@ -288,8 +290,8 @@ def _renamed(c: dict, names: dict, defaults) -> dict:
 
 
 def _checked(build, names):
-    """build() (a config), its check's ValueError told in the file's names (names: our field -> theirs):
-    a fairseq user reads encoder_attention_heads=5, not num_heads=5."""
+    """build() (a config), its check's ValueError told in the file's names (names: our field ->
+    theirs): a fairseq user reads encoder_attention_heads=5, not num_heads=5."""
     try:
         return build()
     except ValueError as e:
@@ -324,7 +326,8 @@ FAIRSEQ_NAMES = {
 
 
 def config_from_fairseq(c: dict, normalize: bool, has_quantizer: bool) -> Wav2Vec2Config:
-    """Map fairseq's settings onto Wav2Vec2Config; a setting the file does not have keeps its default."""
+    """Map fairseq's settings onto Wav2Vec2Config; a setting the file does not have keeps its
+    default."""
     layer_type = c.get("layer_type", "transformer")
     if layer_type not in (None, "transformer"):
         raise ValueError(f"layer_type={layer_type!r} (only the transformer encoder is supported)")
@@ -374,7 +377,8 @@ FAIRSEQ_KEYS = [
     (r"encoder\.pos_conv\.0\.parametrizations\.weight\.original0", "encoder.pos_conv.weight_g"),
     (r"encoder\.pos_conv\.0\.parametrizations\.weight\.original1", "encoder.pos_conv.weight_v"),
     (
-        r"(mask_emb|quantizer\.vars|(layer_norm|post_extract_proj|encoder\.layer_norm|quantizer\.weight_proj|project_q|"
+        r"(mask_emb|quantizer\.vars|(layer_norm|post_extract_proj|encoder\.layer_norm|"
+        r"quantizer\.weight_proj|project_q|"
         r"final_proj|encoder\.layers\.\d+\.(self_attn\.)?\w+)\.(weight|bias))",
         r"\1",
     ),
@@ -382,7 +386,8 @@ FAIRSEQ_KEYS = [
 
 
 def fairseq_key(key, table=FAIRSEQ_KEYS):
-    """fairseq parameter name (Hugging Face's with table=HF_KEYS) -> this module's name (None: not in the table)."""
+    """fairseq parameter name (Hugging Face's with table=HF_KEYS) -> this module's name (None: not
+    in the table)."""
     for pattern, name in table:
         match = re.fullmatch(pattern, key)
         if match:
@@ -404,8 +409,9 @@ def _describe(obj):
 
 
 def _tensors(path, state, what="the 'model' entry"):
-    """state, checked to be what every loader maps: parameter names to tensors. A list, a tensor, or a
-    string where a tensor belongs is a CheckpointError naming the file and the first entry that is not."""
+    """state, checked to be what every loader maps: parameter names to tensors. A list, a tensor, or
+    a string where a tensor belongs is a CheckpointError naming the file and the first entry that is
+    not."""
     expected = f"{path}: {what} should map parameter names to tensors"
     if not isinstance(state, dict):
         raise CheckpointError(f"{expected}; found {_describe(state)}")
@@ -424,8 +430,9 @@ def _some(names, n=10):
 
 
 def _map_keys(path, state, table, ignored, prefix=""):
-    """state under this module's names (fairseq_key with table, after the regex prefix). Keys matching the
-    regex ignored are reported and dropped; any other key the table does not map is a CheckpointError."""
+    """state under this module's names (fairseq_key with table, after the regex prefix). Keys
+    matching the regex ignored are reported and dropped; any other key the table does not map is a
+    CheckpointError."""
     mapped, unknown, unused = {}, [], []
     for key, value in state.items():
         bare = re.fullmatch(f"{prefix}(.*)", key)
@@ -445,8 +452,9 @@ def _map_keys(path, state, table, ignored, prefix=""):
 
 
 def _model_and_task(*containers, missing="no fairseq configuration (neither 'cfg' nor 'args')"):
-    """fairseq keeps the configuration as cfg = {"model": ..., "task": ...} (newer) or as one flat argparse
-    namespace (older): the first of containers that is either -> (model settings, task settings, model name)."""
+    """fairseq keeps the configuration as cfg = {"model": ..., "task": ...} (newer) or as one flat
+    argparse namespace (older): the first of containers that is either -> (model settings, task
+    settings, model name)."""
     for c in map(to_plain, containers):
         if isinstance(c, dict):
             model, task = (
@@ -456,7 +464,8 @@ def _model_and_task(*containers, missing="no fairseq configuration (neither 'cfg
     raise ValueError(missing)
 
 
-# fairseq's model names (arch or _name) -> what they are, for messages; audio_cpc: v1's name before fairseq renamed it
+# fairseq's model names (arch or _name) -> what they are, for messages; audio_cpc: v1's name before
+# fairseq renamed it
 MODEL_FAMILIES = {
     "wav2vec2": "wav2vec 2.0",
     "wav2vec_ctc": "wav2vec 2.0 ASR",
@@ -469,7 +478,8 @@ MODEL_FAMILIES = {
 
 
 def _from_fairseq(path, ckpt):
-    """(config, state) of a fairseq wav2vec 2.0 file, pretrained or ASR fine-tuned; another model -> ValueError."""
+    """(config, state) of a fairseq wav2vec 2.0 file, pretrained or ASR fine-tuned; another model ->
+    ValueError."""
     model_cfg, task, name = _model_and_task(ckpt.get("cfg"), ckpt.get("args"))
     prefix = ""
     if (
@@ -558,8 +568,8 @@ def load_wav2vec2(path) -> Wav2Vec2:
     return model.eval()
 
 
-# fairseq's wav2vec (v1) (wav2vec_large.pt): the release recipe's P-TAPT teacher, never a V-FT backbone.
-# fairseq parameter name -> Wav2Vec1's name
+# fairseq's wav2vec (v1) (wav2vec_large.pt): the release recipe's P-TAPT teacher, never a V-FT
+# backbone. fairseq parameter name -> Wav2Vec1's name
 V1_KEYS = [
     (
         r"feature_extractor\.conv_layers\.(\d+)\.0\.weight",
@@ -575,13 +585,14 @@ V1_KEYS = [
 ]
 
 
-# in a v1 file but only for the pretraining loss: the step-ahead predictions, and project_features='same'|'new'
-# (the aggregator applied to the loss's targets; 'same' repeats feature_aggregator's tensors under this name)
+# in a v1 file but only for the pretraining loss: the step-ahead predictions, and
+# project_features='same'|'new' (the aggregator applied to the loss's targets; 'same' repeats
+# feature_aggregator's tensors under this name)
 V1_IGNORED = [r"wav2vec_predictions\.project_to_steps\.(weight|bias)", r"project_features\..+"]
 
 
-# settings whose default changed with fairseq's hydra port (base_wav2vec_architecture before, Wav2VecConfig
-# after): a file that does not state them could mean either model, so it is refused
+# settings whose default changed with fairseq's hydra port (base_wav2vec_architecture before,
+# Wav2VecConfig after): a file that does not state them could mean either model, so it is refused
 V1_REQUIRED = (
     "conv_feature_layers",
     "conv_aggregator_layers",
@@ -590,7 +601,8 @@ V1_REQUIRED = (
 )
 
 
-# Wav2Vec1Config field -> fairseq's name; a setting the file lacks keeps the default (the same in every version)
+# Wav2Vec1Config field -> fairseq's name; a setting the file lacks keeps the default (the same in
+# every version)
 V1_NAMES = {
     "log_compression": "log_compression",
     "skip_feat": "skip_connections_feat",
@@ -603,7 +615,8 @@ V1_NAMES = {
 
 
 def v1_settings(ckpt: dict) -> dict:
-    """The fairseq model settings of a wav2vec (v1) file, newer cfg or older args; anything else -> ValueError."""
+    """The fairseq model settings of a wav2vec (v1) file, newer cfg or older args; anything else ->
+    ValueError."""
     if str(ckpt.get("format", "")).startswith("w2v2-ser/"):
         raise ValueError("holds one of this project's checkpoints, not fairseq's wav2vec (v1)")
     settings, _, name = _model_and_task(ckpt.get("cfg"), ckpt.get("args"))
@@ -612,7 +625,8 @@ def v1_settings(ckpt: dict) -> dict:
         "audio_cpc",
     ):  # audio_cpc: wav2vec's early name (fairseq's _upgrade_state_dict)
         raise ValueError(
-            f"holds a {MODEL_FAMILIES.get(name, name or 'unnamed')} model ('{name}'), not wav2vec (v1)"
+            f"holds a {MODEL_FAMILIES.get(name, name or 'unnamed')} model ('{name}'), not wav2vec "
+            "(v1)"
         )
     return settings
 
@@ -650,9 +664,9 @@ def config_from_v1(c: dict) -> Wav2Vec1Config:
 
 
 def load_wav2vec1(path) -> Wav2Vec1:
-    """Build wav2vec (v1) from a fairseq checkpoint (wav2vec_large.pt). Every parameter in the file is mapped or
-    in V1_IGNORED; anything missing, unexpected or of the wrong shape is named in one CheckpointError.
-    Returns the model in eval mode, float32, on CPU."""
+    """Build wav2vec (v1) from a fairseq checkpoint (wav2vec_large.pt). Every parameter in the file
+    is mapped or in V1_IGNORED; anything missing, unexpected or of the wrong shape is named in one
+    CheckpointError. Returns the model in eval mode, float32, on CPU."""
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
         raise CheckpointError(f"{path}: not a model checkpoint: found {_describe(ckpt)}")
@@ -672,8 +686,9 @@ def load_wav2vec1(path) -> Wav2Vec1:
 
 
 # Hugging Face's wav2vec 2.0 (transformers' modeling_wav2vec2.py): a folder with config.json and
-# model.safetensors or pytorch_model.bin (sharded: an .index.json), optionally preprocessor_config.json.
-# Wav2Vec2Config field -> config.json's name (feature_grad_mult, latent_temp: not there, fairseq's defaults)
+# model.safetensors or pytorch_model.bin (sharded: an .index.json), optionally
+# preprocessor_config.json. Wav2Vec2Config field -> config.json's name (feature_grad_mult,
+# latent_temp: not there, fairseq's defaults)
 HF_NAMES = {
     "conv_bias": "conv_bias",
     "embed_dim": "hidden_size",
@@ -734,7 +749,8 @@ HF_KEYS = [
         r"encoder.layers.\1.fc2.\2",
     ),
     (
-        r"(encoder\.(layers\.\d+\.final_)?layer_norm|quantizer\.weight_proj|project_q)\.(weight|bias)",
+        r"(encoder\.(layers\.\d+\.final_)?layer_norm|quantizer\.weight_proj|project_q)"
+        r"\.(weight|bias)",
         r"\1.\3",
     ),
     (r"quantizer\.codevectors", "quantizer.vars"),
@@ -746,7 +762,8 @@ HF_KEYS = [
 HF_IGNORED = r"(lm_head|projector|classifier)\.(weight|bias)|layer_weights"
 
 
-# what this module computes; a config.json asking for something else is refused rather than run differently
+# what this module computes; a config.json asking for something else is refused rather than run
+# differently
 HF_SUPPORTED = {
     "hidden_act": ("gelu",),
     "feat_extract_activation": ("gelu",),
@@ -781,7 +798,8 @@ SAFETENSORS_DTYPES = {
 
 def _header_entry(name, h):
     """(begin, end, name, dtype, shape) of one tensor of a safetensors header, which describes it as
-    {"dtype": "F32", "shape": [ints], "data_offsets": [begin, end]}; a ValueError saying so if not."""
+    {"dtype": "F32", "shape": [ints], "data_offsets": [begin, end]}; a ValueError saying so if
+    not."""
     if not (
         isinstance(h, dict)
         and isinstance(h.get("dtype"), str)
@@ -803,8 +821,8 @@ def _header_entry(name, h):
 
 def read_safetensors(path):
     """{name: tensor} from a .safetensors file: an 8-byte little-endian header length, a JSON header
-    {name: {dtype, shape, data_offsets}}, then the tensors' bytes, back to back. Every offset is checked
-    against the file size and the others, so a damaged file is an error, never garbage."""
+    {name: {dtype, shape, data_offsets}}, then the tensors' bytes, back to back. Every offset is
+    checked against the file size and the others, so a damaged file is an error, never garbage."""
     try:
         with open(path, "rb") as f:
             data = bytearray(f.read())  # writable, as torch.frombuffer wants
@@ -813,7 +831,8 @@ def read_safetensors(path):
     n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
     if not 0 < n <= len(data) - 8:
         raise CheckpointError(
-            f"{path}: not a safetensors file (header of {n} bytes in a file of {len(data)}; truncated?)"
+            f"{path}: not a safetensors file (header of {n} bytes in a file of {len(data)}; "
+            "truncated?)"
         )
     try:
         header = json.loads(data[8 : 8 + n])
@@ -845,7 +864,8 @@ def read_safetensors(path):
             or end - begin != math.prod(shape) * dtype.itemsize
         ):
             raise CheckpointError(
-                f"{path}: the header's offsets for {name!r} ({begin}..{end}, {dtype}, {shape}) do not "
+                f"{path}: the header's offsets for {name!r} ({begin}..{end}, {dtype}, {shape}) do "
+                "not "
                 f"fit its shape or the tensor before it (ends at {expected})"
             )
         expected = end
@@ -955,7 +975,8 @@ def config_from_hf(c: dict, preprocessor: dict) -> Wav2Vec2Config:
             )
     if preprocessor.get("sampling_rate", SAMPLE_RATE) != SAMPLE_RATE:
         raise ValueError(
-            f"preprocessor sampling_rate {preprocessor['sampling_rate']}: wav2vec 2.0 here takes {SAMPLE_RATE} Hz"
+            f"preprocessor sampling_rate {preprocessor['sampling_rate']}: wav2vec 2.0 here takes "
+            f"{SAMPLE_RATE} Hz"
         )
     dims, kernels, strides = (
         list(v) if c.get(k) is None else c[k]
@@ -981,11 +1002,11 @@ def config_from_hf(c: dict, preprocessor: dict) -> Wav2Vec2Config:
 
 
 def load_hf_wav2vec2(weights) -> Wav2Vec2:
-    """wav2vec 2.0 from a Hugging Face model's weights (hf_weights: one file, or an index of shards) and
-    the config.json of that folder, built and checked before any weight is read: Wav2Vec2Model,
+    """wav2vec 2.0 from a Hugging Face model's weights (hf_weights: one file, or an index of shards)
+    and the config.json of that folder, built and checked before any weight is read: Wav2Vec2Model,
     Wav2Vec2ForPreTraining (with the quantizer and its projections), and Wav2Vec2ForCTC /
-    ForSequenceClassification, whose heads are reported and dropped. Every tensor must be mapped or in
-    HF_IGNORED; .bin files go through the safe unpickler."""
+    ForSequenceClassification, whose heads are reported and dropped. Every tensor must be mapped or
+    in HF_IGNORED; .bin files go through the safe unpickler."""
     folder = os.path.dirname(weights) or "."
     config_path, prep_path = (
         os.path.join(folder, "config.json"),
@@ -1021,7 +1042,8 @@ def load_hf_wav2vec2(weights) -> Wav2Vec2:
             model.mask_emb.detach()
         )  # HF leaves it out of a model that never masks: a fresh one
         print(
-            f"{weights}: no masked_spec_embed (the model was configured without masks): a fresh mask embedding",
+            f"{weights}: no masked_spec_embed (the model was configured without masks): a fresh "
+            "mask embedding",
             file=sys.stderr,
         )
     load_state(model, mapped, weights)
@@ -1050,7 +1072,8 @@ def load_state(model, state, path="state dict"):
 
 
 def config_dict(cfg) -> dict:
-    """A config with lists for its tuples, as JSON has them (the project's checkpoints, bench.json)."""
+    """A config with lists for its tuples, as JSON has them (the project's checkpoints,
+    bench.json)."""
     return json.loads(json.dumps(asdict(cfg)))
 
 
@@ -1098,7 +1121,8 @@ def load_classifier(path) -> EmotionClassifier:
 
 
 def save_wav2vec1_teacher(teacher: Wav2Vec1Teacher, path, meta=None):
-    """The release recipe's trained P-TAPT teacher (v1 and its stride-2 conv), in the project's own format."""
+    """The release recipe's trained P-TAPT teacher (v1 and its stride-2 conv), in the project's own
+    format."""
     save_atomic(
         {
             "format": "w2v2-ser/wav2vec1-teacher",
@@ -1115,7 +1139,8 @@ def load_wav2vec1_teacher(path) -> Wav2Vec1Teacher:
     ckpt = read_checkpoint(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != "w2v2-ser/wav2vec1-teacher":
         raise CheckpointError(
-            f"{path}: not a wav2vec (v1) P-TAPT teacher written by pretrain.py (found {_describe(ckpt)})"
+            f"{path}: not a wav2vec (v1) P-TAPT teacher written by pretrain.py (found "
+            f"{_describe(ckpt)})"
         )
     teacher = Wav2Vec1Teacher(Wav2Vec1(_own_config(path, ckpt, Wav2Vec1Config)))
     load_state(teacher, _tensors(path, ckpt.get("model")), path)

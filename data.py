@@ -8,7 +8,8 @@ in the release's layout, for the quick start and the tests; the command line.
     python data.py --synth synth/IEMOCAP_full_release            # write the synthetic corpus
 
 Every problem in a user's data raises DataError naming the file or value and what was expected
-(a file that cannot be read at all: OSError); the scripts print either as one line and exit with code 2.
+(a file that cannot be read at all: OSError); the scripts print either as one line and exit with
+code 2.
 """
 
 import argparse
@@ -86,7 +87,8 @@ def read_audio(path):
     if not torch.isfinite(wav).all():
         raise DataError(f"{path}: audio contains NaN or infinite samples")
     if samplerate != SAMPLE_RATE:
-        import torchaudio.functional  # imported here: slow to import and only needed for non-16 kHz files
+        # imported here: slow to import and only needed for non-16 kHz files
+        import torchaudio.functional
 
         wav = torchaudio.functional.resample(wav, samplerate, SAMPLE_RATE)
     return wav
@@ -123,9 +125,9 @@ LABEL_LINE = re.compile(
 
 
 def parse_label_file(path):
-    """Returns ([(uid, label)], [(line_number, line)] of lines that look like labels but do not parse).
-    The release's label files are ASCII: a file that is not UTF-8 text (saved as UTF-16 by an editor,
-    say) is a DataError, not a file whose lines all fail to parse."""
+    """Returns ([(uid, label)], [(line_number, line)] of lines that look like labels but do not
+    parse). The release's label files are ASCII: a file that is not UTF-8 text (saved as UTF-16 by
+    an editor, say) is a DataError, not a file whose lines all fail to parse."""
     labels, bad = [], []
     with open(path, "rb") as f:
         raw = f.read()
@@ -182,9 +184,9 @@ def load_iemocap(root):
 
 
 def read_iemocap_labels(root):
-    """{uid: (session, label)} from every session's label files, a uid's first label kept. Warns of a
-    session without a label, of lines that do not parse and of uids labelled twice; stacklevel 3: the
-    warnings name load_iemocap's caller, as its own do."""
+    """{uid: (session, label)} from every session's label files, a uid's first label kept. Warns of
+    a session without a label, of lines that do not parse and of uids labelled twice; stacklevel 3:
+    the warnings name load_iemocap's caller, as its own do."""
     labels, bad, duplicates = {}, [], 0
     unlabelled = []  # sessions of which no label was read
     for s in SESSIONS:
@@ -207,7 +209,8 @@ def read_iemocap_labels(root):
     if unlabelled:
         warnings.warn(
             f"no labelled utterance read for {', '.join(unlabelled)}: that session is left out; "
-            "expected <dialog>.txt files with lines '[start - end]<TAB>uid<TAB>label<TAB>[v, a, d]'",
+            "expected <dialog>.txt files with lines '[start - end]<TAB>uid<TAB>label<TAB>[v, a, "
+            "d]'",
             DataWarning,
             stacklevel=3,
         )
@@ -215,7 +218,8 @@ def read_iemocap_labels(root):
         path, number, line = bad[0]
         warnings.warn(
             f"skipped {len(bad)} label line(s) that do not parse as "
-            f"'[start - end]<TAB>uid<TAB>label<TAB>[v, a, d]', first: {path} line {number}: {line!r}",
+            f"'[start - end]<TAB>uid<TAB>label<TAB>[v, a, d]', first: {path} line {number}: "
+            f"{line!r}",
             DataWarning,
             stacklevel=3,
         )
@@ -229,7 +233,8 @@ def read_iemocap_labels(root):
 
 
 def label_dir(root, s):
-    """Session s's label folder, Session<s>/dialog/EmoEvaluation; a DataError when it is not there."""
+    """Session s's label folder, Session<s>/dialog/EmoEvaluation; a DataError when it is not
+    there."""
     session_dir = os.path.join(root, f"Session{s}")
     if not os.path.isdir(session_dir):
         raise DataError(
@@ -242,7 +247,8 @@ def label_dir(root, s):
 
 
 def count_table(utterances):
-    """{"sessions": {"1": {"ang": n, ...}, ...}, "total": n}; custom corpora are counted per split."""
+    """{"sessions": {"1": {"ang": n, ...}, ...}, "total": n}; custom corpora are counted per
+    split."""
     labels = {u.label for u in utterances}
     classes = CLASSES if labels <= set(CLASSES) else tuple(sorted(labels))
     rows = {}
@@ -292,7 +298,8 @@ def split_fold(utterances, fold):
 
 
 class _JSONObject(dict):
-    """A JSON object that remembers the keys it lists more than once (json keeps the last silently)."""
+    """A JSON object that remembers the keys it lists more than once (json keeps the last
+    silently)."""
 
 
 def _json_object(pairs):
@@ -339,7 +346,8 @@ def load_label_json(json_path, wav_dir=None):
         for name, label in entries.items():
             if not isinstance(label, str) or not label.strip():
                 raise DataError(
-                    f"{json_path}: {key} entry {name!r} has label {label!r}, expected a non-empty string"
+                    f"{json_path}: {key} entry {name!r} has label {label!r}, expected a non-empty "
+                    "string"
                 )
             path = os.path.join(wav_dir, name)
             where = f"{json_path}: {key} entry {name!r}"
@@ -379,8 +387,8 @@ def load_manifest(csv_path):
 
 
 def custom_uid(path, folder):
-    """A .json or .csv corpus's utterance id: the wav's path relative to the corpus folder, without its
-    extension, '/'-separated ("spk1/001"): unique where file names repeat across folders."""
+    """A .json or .csv corpus's utterance id: the wav's path relative to the corpus folder, without
+    its extension, '/'-separated ("spk1/001"): unique where file names repeat across folders."""
     try:
         relative = os.path.relpath(path, folder or os.curdir)
     except ValueError:  # another drive (Windows)
@@ -397,15 +405,16 @@ def _utterance(where, path, label, split, folder):
 
 
 def _unique(entries):
-    """The utterances of [(where listed, Utterance)], each uid once; a file listed twice, or two files
-    whose uids coincide (a.wav and a.flac), is a DataError naming both entries."""
+    """The utterances of [(where listed, Utterance)], each uid once; a file listed twice, or two
+    files whose uids coincide (a.wav and a.flac), is a DataError naming both entries."""
     seen = {}
     for where, u in entries:
         if u.uid in seen:
             first_where, first = seen[u.uid]
             if os.path.realpath(first.path) != os.path.realpath(u.path):
                 raise DataError(
-                    f"{where}: {u.path} and {first.path} ({first_where}) both have the utterance id "
+                    f"{where}: {u.path} and {first.path} ({first_where}) both have the utterance "
+                    "id "
                     f"{u.uid!r} (the path relative to the corpus folder, without its extension); "
                     "rename one"
                 )
@@ -457,7 +466,8 @@ def load_corpus(data, fold=None, wav_dir=None):
         classes = tuple(sorted({u.label for u in splits["train"]}))
         if len(classes) < 2:
             raise DataError(
-                f"{data}: the train split has {len(classes)} label(s) {list(classes)}, expected at least 2"
+                f"{data}: the train split has {len(classes)} label(s) {list(classes)}, expected at "
+                "least 2"
             )
         for name, utterances in splits.items():
             for u in utterances:
@@ -617,10 +627,10 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return batches
 
     def dynamic_batches(self, rng):
-        """The release's RandomBucketSampler(dynamic_batch=True) (pretrain/dataloader.py): utterances
-        sorted by length into 50 buckets of n // 50 (and one of the rest), each bucket shuffled, read
-        in ascending order and cut whenever a batch holds at least batch_seconds of audio (lengths as
-        cropped, padding not counted); the last, partial batch is dropped."""
+        """The release's RandomBucketSampler(dynamic_batch=True) (pretrain/dataloader.py):
+        utterances sorted by length into 50 buckets of n // 50 (and one of the rest), each bucket
+        shuffled, read in ascending order and cut whenever a batch holds at least batch_seconds of
+        audio (lengths as cropped, padding not counted); the last, partial batch is dropped."""
         order = np.argsort(self.lengths, kind="stable")
         size = max(1, len(order) // 50)
         batches, batch, total = [], [], 0
@@ -709,7 +719,8 @@ def _index(content, path):
         and counts.dim() == 1
         and counts.dtype == torch.long
         and bool((counts >= 0).all()),
-        f"{len(uids)} uids but {len(counts)} frame counts: need a long count >= 0 for each distinct uid",
+        f"{len(uids)} uids but {len(counts)} frame counts: need a long count >= 0 for each "
+        "distinct uid",
     )
     for k, lab in labels.items():
         check(
@@ -734,8 +745,9 @@ def _index(content, path):
 
 
 def save_labels(path, uids, frame_counts, labels, meta):
-    """Writes the labels of the frames of `uids`, concatenated in uid order, atomically: never a file that
-    load_labels would refuse, in int16 when K allows (half the file, half P-TAPT's memory)."""
+    """Writes the labels of the frames of `uids`, concatenated in uid order, atomically: never a
+    file that load_labels would refuse, in int16 when K allows (half the file, half P-TAPT's
+    memory)."""
     content = {
         "uids": [str(u) for u in uids],
         "frame_counts": torch.as_tensor(frame_counts, dtype=torch.long).cpu(),
@@ -775,7 +787,8 @@ def labels_for(label_file, uid, num_frames):
     start, count = label_file["index"][uid]
     if count != num_frames:
         raise ValueError(
-            f"{label_file['path']}: utterance {uid} has {count} pseudo-labels but {num_frames} frames "
+            f"{label_file['path']}: utterance {uid} has {count} pseudo-labels but {num_frames} "
+            "frames "
             f"were expected: pseudo-labels do not match the audio"
         )
     return {k: v[start : start + count].long() for k, v in label_file["labels"].items()}
@@ -802,7 +815,8 @@ def build_parser():
     parser.add_argument(
         "--wav-dir",
         default=None,
-        help="with a .json label file: folder its wav names are relative to (None: the json's folder)",
+        help="with a .json label file: folder its wav names are relative to (None: the json's "
+        "folder)",
     )
     return parser
 

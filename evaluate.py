@@ -58,8 +58,9 @@ def compute_metrics(y_true, y_pred, classes):
 
 
 def emotion_nmi(labels, frame_counts, utterance_labels):
-    """Normalised mutual information (arithmetic normalisation, scikit-learn's default) between frame labels
-    and the emotion of each frame's utterance: how much emotion the clusters carry (0 to 1)."""
+    """Normalised mutual information (arithmetic normalisation, scikit-learn's default) between
+    frame labels and the emotion of each frame's utterance: how much emotion the clusters carry (0
+    to 1)."""
     emotion = torch.repeat_interleave(
         torch.as_tensor(utterance_labels), torch.as_tensor(frame_counts)
     )
@@ -128,15 +129,18 @@ def write_predictions(path, utterances, probs, classes):
 # -----------------------------------------------------------------------------
 # the results table: runs/<name>/fold<k>/run<r>/metrics.json
 
-# the folder names finetune.py writes, matched whole: runs/manifold3/fold1 is fold 1, fold1.bak no fold
+# the folder names finetune.py writes, matched whole: runs/manifold3/fold1 is fold 1, fold1.bak no
+# fold
 FOLD_FOLDER, RUN_FOLDER = re.compile(r"fold([1-9][0-9]*)"), re.compile(r"run(0|[1-9][0-9]*)")
 # config.json's settings that may differ between the runs of one table: where and how a run went
-# (train.py's UNCOMPUTED_SETTINGS), and what tells the runs apart (fold, run number, the seed it gives)
+# (train.py's UNCOMPUTED_SETTINGS), and what tells the runs apart (fold, run number, the seed it
+# gives)
 NOT_COMPARED = UNCOMPUTED_SETTINGS | {"fold", "run", "seed", "seed_of_run"}
 
 
 class _Absent:
-    """A setting one config.json has and another lacks (written by another version of finetune.py)."""
+    """A setting one config.json has and another lacks (written by another version of
+    finetune.py)."""
 
     def __repr__(self):
         return "(absent)"
@@ -175,7 +179,8 @@ def find_runs(run_root):
 
 def run_settings(run_dir, fold, run):
     """What a run was computed with: its config.json (finetune.py writes every setting there) less
-    NOT_COMPARED, with the fold's own folder in --init's path read as fold{fold}; None without one."""
+    NOT_COMPARED, with the fold's own folder in --init's path read as fold{fold}; None without
+    one."""
     path = os.path.join(run_dir, "config.json")
     if not os.path.exists(path):
         return None
@@ -201,8 +206,9 @@ def run_settings(run_dir, fold, run):
 
 
 def check_same_settings(run_root, runs):
-    """Refuse to average runs computed with different settings (another recipe, learning rate, corpus,
-    starting checkpoint...): they are not runs of one method. Returns the runs without a config.json."""
+    """Refuse to average runs computed with different settings (another recipe, learning rate,
+    corpus, starting checkpoint...): they are not runs of one method. Returns the runs without a
+    config.json."""
     reference, unchecked = None, []
     for fold, run, run_dir in runs:
         settings = run_settings(run_dir, fold, run)
@@ -239,8 +245,8 @@ def aggregate(run_root):
     runs, skipped = find_runs(run_root)
     if not runs:
         raise DataError(
-            f"{run_root}: no fold<k>/run<r>/metrics.json found (has finetune.py finished a run here?)"
-            + (f"; skipped: {', '.join(skipped)}" if skipped else "")
+            f"{run_root}: no fold<k>/run<r>/metrics.json found (has finetune.py finished a run "
+            "here?)" + (f"; skipped: {', '.join(skipped)}" if skipped else "")
         )
     unchecked = check_same_settings(run_root, runs)
     folds, classes, confusion = {}, None, None
@@ -396,7 +402,8 @@ def main(argv=None):
 
 
 def write_table(run_dir, out=None):
-    """The results table of a run folder: written as JSON (default <run_dir>/results.json), then printed."""
+    """The results table of a run folder: written as JSON (default <run_dir>/results.json), then
+    printed."""
     result = aggregate(run_dir)
     out = out or os.path.join(run_dir, "results.json")
     write_json(out, result)  # before printing: a reader that closes the pipe loses nothing
@@ -420,7 +427,8 @@ def print_predictions(clf, paths, device):
 
 
 def retest(clf, args, device):
-    """A fine-tuned classifier on a corpus's test split (--fold): its metrics printed, and written to --out."""
+    """A fine-tuned classifier on a corpus's test split (--fold): its metrics printed, and written
+    to --out."""
     splits, classes = load_corpus(args.data, args.fold, args.wav_dir)
     if list(classes) != clf.classes:
         raise DataError(f"{args.checkpoint} predicts {clf.classes}, the data has {list(classes)}")

@@ -77,7 +77,8 @@ def vft_loss(logits, labels, weights):
 
 
 def finetune_run(args, fold, run, splits, classes, run_dir):
-    """One V-FT run: train a fixed number of epochs, test at the end (the release had no validation set)."""
+    """One V-FT run: train a fixed number of epochs, test at the end (the release had no validation
+    set)."""
     device, seed = resolve_device(args.device), args.seed + run
     config = {
         **{k: v for k, v in vars(args).items() if k not in ("fold", "runs")},
@@ -186,7 +187,8 @@ def test_run(args, clf, test, classes, device, fold, run, run_dir):
         write_json(os.path.join(run_dir, "metrics.json"), metrics)
         remove_training_state(os.path.join(run_dir, "state.pt"))
         print(
-            f"fold {fold} run {run}: UA {metrics['ua']:.4f}  WA {metrics['wa']:.4f}  macro-F1 {metrics['macro_f1']:.4f}"
+            f"fold {fold} run {run}: UA {metrics['ua']:.4f}  WA {metrics['wa']:.4f}  macro-F1 "
+            f"{metrics['macro_f1']:.4f}"
             f"  ({len(test)} test utterances)"
         )
     return metrics
@@ -234,7 +236,8 @@ def build_parser():
     a(
         "--quickstart",
         action="store_true",
-        help="generate the synthetic corpus (data/synth) and fine-tune a tiny random wav2vec 2.0 on fold 1: "
+        help="generate the synthetic corpus (data/synth) and fine-tune a tiny random wav2vec 2.0 "
+        "on fold 1: "
         "no data or checkpoint needed",
     )
     return p
@@ -251,12 +254,14 @@ def add_source_flags(p):
     )
     a(
         "--checkpoint",
-        help="fairseq wav2vec 2.0 checkpoint (e.g. wav2vec_small.pt), Hugging Face wav2vec 2.0 folder, "
+        help="fairseq wav2vec 2.0 checkpoint (e.g. wav2vec_small.pt), Hugging Face wav2vec 2.0 "
+        "folder, "
         "or random-tiny (a tiny randomly initialised model, for the synthetic corpus)",
     )
     a(
         "--init",
-        help="start from a pretrain.py output instead of --checkpoint; '{fold}' is replaced by the fold",
+        help="start from a pretrain.py output instead of --checkpoint; '{fold}' is replaced by the "
+        "fold",
     )
     a(
         "--runs",
@@ -268,7 +273,8 @@ def add_source_flags(p):
         "--train-fraction",
         type=FRACTION,
         default=1.0,
-        help="fine-tune on this stratified fraction of the training utterances (low-resource) (default: %(default)s)",
+        help="fine-tune on this stratified fraction of the training utterances (low-resource) "
+        "(default: %(default)s)",
     )
 
 
@@ -286,7 +292,8 @@ def add_training_flags(p):
         "--max-batch-seconds",
         type=POSITIVE,
         default=None,
-        help="also cap each batch at this much padded audio; smaller batches then count as full (default: %(default)s)",
+        help="also cap each batch at this much padded audio; smaller batches then count as full "
+        "(default: %(default)s)",
     )
     a(
         "--lr",
@@ -325,13 +332,15 @@ def add_recipe_flags(p):
         "--bucket",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="batches of similar lengths (less padding) (default: the recipe's: release random, clean bucketed)",
+        help="batches of similar lengths (less padding) (default: the recipe's: release random, "
+        "clean bucketed)",
     )
     a(
         "--mask-semantics",
         choices=["release", "utterance"],
         default=None,
-        help="span counts of transformers 4.10, one per batch from its padded length, or per utterance "
+        help="span counts of transformers 4.10, one per batch from its padded length, or per "
+        "utterance "
         "(default: the recipe's: release for release, utterance for clean)",
     )
     a(
@@ -345,7 +354,8 @@ def add_recipe_flags(p):
         "--group-norm",
         choices=["padded", "valid"],
         default=None,
-        help="the conv encoder's group norm over the padded batch, or over each utterance's own samples "
+        help="the conv encoder's group norm over the padded batch, or over each utterance's own "
+        "samples "
         "(default: the recipe's: release padded, clean valid)",
     )
 

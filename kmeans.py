@@ -1,21 +1,26 @@
 """k-means pseudo-labels for P-TAPT (RECIPE.md, "P-TAPT", step 2).
 
-The method: the teacher's frame features of the fold's training sessions are clustered for K = 64, 512 and
-4096 by 20 Lloyd iterations, each K fitted on at most max(K) x 1000 randomly sampled frames; then every frame
-of every training utterance gets the label of its nearest centroid, one label per K. The release used faiss
-on a GPU, whose default init is K distinct random frames (init="random" here; the default is k-means++).
-pretrain.py's pseudo_label_stage runs these steps (extract_features, fit_kmeans, assign) and writes the labels
-(data.save_labels).
+The method: the teacher's frame features of the fold's training sessions are clustered for K = 64,
+512 and 4096 by 20 Lloyd iterations, each K fitted on at most max(K) x 1000 randomly sampled frames;
+then every frame of every training utterance gets the label of its nearest centroid, one label per
+K. The release used faiss on a GPU, whose default init is K distinct random frames (init="random"
+here; the default is k-means++). pretrain.py's pseudo_label_stage runs these steps
+(extract_features, fit_kmeans, assign) and writes the labels (data.save_labels).
 
 Lloyd as computed here (GPU first, the CPU works), every K reading the same chunk of frames:
-- distances: ||x - c||^2 less ||x||^2 (the same for every c) is ||c||^2 - 2 x.c: one float32 matmul (no TF32)
-  per chunk and K, on frames translated by their mean (features share large offsets, which eat the digits that
-  tell close centroids apart; scikit-learn translates too) and given a column of ones that adds ||c||^2;
-- update: centroid = mean of its frames, summed in float64; an empty cluster takes the frame farthest from its
+- distances: ||x - c||^2 less ||x||^2 (the same for every c) is ||c||^2 - 2 x.c: one float32 matmul
+(no TF32)
+  per chunk and K, on frames translated by their mean (features share large offsets, which eat the
+  digits that tell close centroids apart; scikit-learn translates too) and given a column of ones
+  that adds ||c||^2;
+- update: centroid = mean of its frames, summed in float64; an empty cluster takes the frame
+farthest from its
   centroid (scikit-learn's rule);
-- stop: after `iters` updates, when no label changes (scikit-learn's rule), or once an update lowers the
+- stop: after `iters` updates, when no label changes (scikit-learn's rule), or once an update lowers
+the
   inertia by less than `tol` (relative);
-- init: greedy k-means++ (scikit-learn's variant) or K distinct random frames, each K from its own generator
+- init: greedy k-means++ (scikit-learn's variant) or K distinct random frames, each K from its own
+generator
   seeded with `seed`: a K fitted alone or with others gets the same centroids.
 """
 
@@ -31,14 +36,16 @@ from tqdm import tqdm
 
 from train import resolve_device, world
 
-# frames summed in float32 before they join the float64 sums: float64 adds after every chunk are slow on the
-# CPU (BENCHMARKS.md); the groups are fixed, so any number of threads or ranks sums the same
+# frames summed in float32 before they join the float64 sums: float64 adds after every chunk are
+# slow on the CPU (BENCHMARKS.md); the groups are fixed, so any number of threads or ranks sums the
+# same
 FLOAT32_FRAMES = 4096
 
 
 @contextlib.contextmanager
 def no_tf32():
-    """Full float32 matmuls and convolutions inside (TF32 keeps 10 mantissa bits: it would blur close distances)."""
+    """Full float32 matmuls and convolutions inside (TF32 keeps 10 mantissa bits: it would blur
+    close distances)."""
     saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     torch.set_float32_matmul_precision("highest")
     torch.backends.cudnn.allow_tf32 = False
@@ -55,7 +62,8 @@ def no_tf32():
 @dataclass
 class KMeansResult:
     centroids: torch.Tensor  # (K, D) float32 on the CPU
-    inertia: list  # sum of squared distances to the nearest centroid, per pass: before each update, after the last
+    # sum of squared distances to the nearest centroid, per pass: before each update, after the last
+    inertia: list
     counts: torch.Tensor  # (K,) long: cluster sizes under the final centroids (fitted frames only)
 
 
@@ -72,10 +80,11 @@ def fit_kmeans(
     device=None,
     progress=True,
 ):
-    """One k-means per K in `ks` on the rows of `features` (N, D): {K: KMeansResult}. init: "k-means++",
-    "random" or centroids ({K: (K, D) tensor}, or the tensor for a single K). max_samples (default max(ks) x
-    1000): fit on a seeded random subset. Memory besides the frames: about chunk_size x (D + max K) floats.
-    Under torch.distributed each rank passes its shard and gets the fit of all shards in rank order."""
+    """One k-means per K in `ks` on the rows of `features` (N, D): {K: KMeansResult}. init:
+    "k-means++", "random" or centroids ({K: (K, D) tensor}, or the tensor for a single K).
+    max_samples (default max(ks) x 1000): fit on a seeded random subset. Memory besides the frames:
+    about chunk_size x (D + max K) floats. Under torch.distributed each rank passes its shard and
+    gets the fit of all shards in rank order."""
     ks, device = [int(k) for k in ks], resolve_device(device or "auto")
     inits = _checked_inits(features, ks, init)
     x, cap = gather_rows(features, device), max(ks) * 1000 if max_samples is None else max_samples
@@ -97,8 +106,8 @@ def fit_kmeans(
 
 
 def _checked_inits(features, ks, init):
-    """{K: "k-means++", "random" or its (K, D) centroids}; a ValueError for features that are not 2-D
-    floating point, or an init that does not give every K."""
+    """{K: "k-means++", "random" or its (K, D) centroids}; a ValueError for features that are not
+    2-D floating point, or an init that does not give every K."""
     if not (torch.is_tensor(features) and features.dim() == 2 and features.is_floating_point()):
         raise ValueError(
             f"need 2-D floating-point features, got {getattr(features, 'shape', type(features))}"
@@ -117,7 +126,8 @@ def _checked_inits(features, ks, init):
         for k, c in inits.items()
     ):
         raise ValueError(
-            f"init must be 'k-means++', 'random' or centroids of shape (K, {features.shape[1]}) for each K"
+            f"init must be 'k-means++', 'random' or centroids of shape (K, {features.shape[1]}) "
+            "for each K"
         )
     return inits
 
@@ -133,7 +143,8 @@ def _subsample(x, cap, seed):
 
 
 def _initial_centroids(frames, k, init, gen):
-    """K centroids, translated as the frames are: given ones, K distinct random frames or k-means++."""
+    """K centroids, translated as the frames are: given ones, K distinct random frames or
+    k-means++."""
     if torch.is_tensor(init):
         return init.to(frames.device, torch.float32) - frames.shift
     if init == "random":
@@ -142,13 +153,14 @@ def _initial_centroids(frames, k, init, gen):
 
 
 def _weights(c):
-    # (D + 1, K): a frame [x, 1] times it gives ||c||^2 - 2 x.c, its squared distances less its ||x||^2
+    # (D + 1, K): a frame [x, 1] times it gives ||c||^2 - 2 x.c, its squared distances less its
+    # ||x||^2
     return torch.cat([-2 * c, c.square().sum(1, keepdim=True)], 1).T.contiguous()
 
 
 def _kmeans_plusplus(frames, k, gen):
-    # scikit-learn's greedy k-means++: 2 + ln K candidates per step drawn ~ D^2, keep the one that lowers the
-    # potential most; K passes over the frames
+    # scikit-learn's greedy k-means++: 2 + ln K candidates per step drawn ~ D^2, keep the one that
+    # lowers the potential most; K passes over the frames
     sq = torch.cat([xa[:, :-1].square().sum(1) for _, xa in frames.chunks(frames.buf)])
     dists = lambda w: (
         torch.cat([xa @ w for _, xa in frames.chunks(frames.buf)]).add_(sq[:, None]).clamp_(min=0)
@@ -203,8 +215,8 @@ def _lloyd(frames, cents, iters, tol, progress):
 
 
 def _update(frames, c, labels, sums, sizes):
-    """Cluster means. Each empty cluster takes a frame farthest from its centroid (farthest first), which leaves
-    its cluster, as scikit-learn does; a cluster left empty keeps its centroid."""
+    """Cluster means. Each empty cluster takes a frame farthest from its centroid (farthest first),
+    which leaves its cluster, as scikit-learn does; a cluster left empty keeps its centroid."""
     empty = (sizes == 0).nonzero()[:, 0]
     if len(empty):
         far = torch.cat(
@@ -223,7 +235,8 @@ def _update(frames, c, labels, sums, sizes):
 
 @no_tf32()
 def assign(features, centroids, chunk_size=16384, device=None):
-    """(N,) long on the CPU: the nearest centroid of every row of `features` (N, D), by one of Lloyd's passes."""
+    """(N,) long on the CPU: the nearest centroid of every row of `features` (N, D), by one of
+    Lloyd's passes."""
     device, k = resolve_device(device or "auto"), len(centroids)
     if features.dim() != 2 or centroids.dim() != 2 or centroids.shape[1] != features.shape[1]:
         raise ValueError(
@@ -243,13 +256,15 @@ def assign(features, centroids, chunk_size=16384, device=None):
     return labels[k].cpu()
 
 
-# ================================================================ engineering: threads, ranks, feature extraction
+# ================================================================ engineering: threads, ranks,
+# feature extraction
 
 
 class _Frames:
-    """Frames as given (float16, on the CPU for a GPU fit...), read in chunks made float32, less `shift` (default:
-    their mean), with a column of ones; sq_total: the sum of their squared norms so translated. Each thread of the
-    pool has its chunk and sum buffers, allocated once for every pass."""
+    """Frames as given (float16, on the CPU for a GPU fit...), read in chunks made float32, less
+    `shift` (default: their mean), with a column of ones; sq_total: the sum of their squared norms
+    so translated. Each thread of the pool has its chunk and sum buffers, allocated once for every
+    pass."""
 
     def __init__(self, x, device, chunk, threads, ks, shift=None):
         (self.pool, num_threads), free = (
@@ -258,7 +273,8 @@ class _Frames:
         )
         # read iters + 1 times: staged on the device when they fit
         self.x = x.to(device) if x.numel() * x.element_size() < free // 3 else x
-        # on the CPU a chunk's distances to K centroids fit a core's L2 cache (512 KB): faster (BENCHMARKS.md)
+        # on the CPU a chunk's distances to K centroids fit a core's L2 cache (512 KB): faster
+        # (BENCHMARKS.md)
         chunk = min(chunk, 1024, max(256, 2**17 // max(ks))) if device.type == "cpu" else chunk
         self.device, self.shift = (
             device,
@@ -294,8 +310,8 @@ class _Frames:
         return self.x[idx.to(self.x.device)].to(self.device).float() - self.shift
 
     def chunks(self, buf, numbers=None):
-        """(start, view of buf: the chunk's frames translated, ones) for each chunk number in `numbers` (default:
-        every chunk in turn) until the frames end; valid until the next."""
+        """(start, view of buf: the chunk's frames translated, ones) for each chunk number in
+        `numbers` (default: every chunk in turn) until the frames end; valid until the next."""
         for start in (i * len(buf) for i in numbers or itertools.count()):
             if start >= len(self.x):
                 return
@@ -304,9 +320,10 @@ class _Frames:
             yield start, buf[: len(rows)]
 
     def lloyd_pass(self, weights, labels, split_ranks=True):
-        """One Lloyd pass for {K: _weights(centroids)}: labels every frame (into labels[K]) and returns {K: (K, D + 1)
-        float64 cluster sums, sizes in the last column}. The threads take groups of chunks in turn (one slowed by a
-        neighbour takes fewer); with split_ranks each rank takes every world-size-th group, summed over ranks."""
+        """One Lloyd pass for {K: _weights(centroids)}: labels every frame (into labels[K]) and
+        returns {K: (K, D + 1) float64 cluster sums, sizes in the last column}. The threads take
+        groups of chunks in turn (one slowed by a neighbour takes fewer); with split_ranks each rank
+        takes every world-size-th group, summed over ranks."""
         rank, size = world() if split_ranks else (0, 1)
         claim = itertools.count(rank, size)  # shared by the threads
         for k in weights if size > 1 else ():
@@ -341,9 +358,10 @@ class _Frames:
 
 @contextlib.contextmanager
 def _threads(device):
-    """(pool, size): one thread per core on the CPU (one on a GPU), torch single-threaded in them and meanwhile in the
-    caller, as scikit-learn splits its Lloyd: torch's own threads meet at a barrier in every op, and with a busy
-    neighbour every barrier waits for a descheduled thread (BENCHMARKS.md)."""
+    """(pool, size): one thread per core on the CPU (one on a GPU), torch single-threaded in them
+    and meanwhile in the caller, as scikit-learn splits its Lloyd: torch's own threads meet at a
+    barrier in every op, and with a busy neighbour every barrier waits for a descheduled thread
+    (BENCHMARKS.md)."""
     threads, size = torch.get_num_threads(), torch.get_num_threads() if device.type == "cpu" else 1
     torch.set_num_threads(1)
     try:
@@ -354,7 +372,8 @@ def _threads(device):
 
 
 def gather_rows(t, device):
-    """The rows of t of every rank, concatenated in rank order, on the CPU of every rank (t itself in one process)."""
+    """The rows of t of every rank, concatenated in rank order, on the CPU of every rank (t itself
+    in one process)."""
     if world()[1] == 1:
         return t
     sizes = torch.zeros(world()[1], dtype=torch.long, device=device)
@@ -371,9 +390,10 @@ def gather_rows(t, device):
 def extract_features(
     features_of, utterances, device, batch_seconds=200.0, progress=True, workers=2
 ):
-    """Every valid frame of every utterance, in utterance order: (N, D) float16 on the CPU (1.5 GB per million
-    768-dimensional frames) and frame counts (U,) long. features_of(wav (B, T) on device, lengths (B,) on the
-    CPU) -> (features (B, F, D), frame lengths (B,)), e.g. lambda wav, n: model(wav, n, layer=layer)."""
+    """Every valid frame of every utterance, in utterance order: (N, D) float16 on the CPU (1.5 GB
+    per million 768-dimensional frames) and frame counts (U,) long. features_of(wav (B, T) on
+    device, lengths (B,) on the CPU) -> (features (B, F, D), frame lengths (B,)), e.g. lambda wav,
+    n: model(wav, n, layer=layer)."""
     from data import (  # here: clustering alone needs no data.py
         AudioDataset,
         BucketBatchSampler,

@@ -21,9 +21,10 @@ MIN_SAMPLES = 400  # the conv stack's receptive field (25 ms): shorter input giv
 BASE_CONV_LAYERS = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
 
 
-# Both configs check themselves when built (__post_init__, dataclasses.replace too), whatever the source:
-# a checkpoint's settings, a JSON config, code. A value that cannot build the model is a ValueError
-# naming the field, the value and what is expected, never a crash deep in a module or at the first update.
+# Both configs check themselves when built (__post_init__, dataclasses.replace too), whatever the
+# source: a checkpoint's settings, a JSON config, code. A value that cannot build the model is a
+# ValueError naming the field, the value and what is expected, never a crash deep in a module or at
+# the first update.
 
 
 def _expect(ok, name, value, expected):
@@ -136,7 +137,8 @@ class Wav2Vec2Config:
                 self.embed_dim % getattr(self, name) == 0,
                 name,
                 getattr(self, name),
-                f"a divisor of embed_dim={self.embed_dim} ({why} takes embed_dim / {name} channels)",
+                f"a divisor of embed_dim={self.embed_dim} ({why} takes embed_dim / {name} "
+                "channels)",
             )
         _check_probabilities(
             self,
@@ -250,10 +252,10 @@ class FeatureEncoder(nn.Module):
 
 
 def masked_group_norm(x, lengths, norm: nn.GroupNorm):
-    """A group norm in float32 (fairseq's Fp32GroupNorm: wav2vec 2.0's layer 0, one group per channel;
-    every block of wav2vec (v1), one group) with each utterance's statistics over its valid frames only
-    (lengths None: over all frames), so the result is exactly what it gets unbatched. The padded frames
-    are left as they come: no valid frame of the next conv reads them."""
+    """A group norm in float32 (fairseq's Fp32GroupNorm: wav2vec 2.0's layer 0, one group per
+    channel; every block of wav2vec (v1), one group) with each utterance's statistics over its valid
+    frames only (lengths None: over all frames), so the result is exactly what it gets unbatched.
+    The padded frames are left as they come: no valid frame of the next conv reads them."""
     weight, bias = (
         (None, None) if norm.weight is None else (norm.weight.float(), norm.bias.float())
     )  # v1: affine or not
@@ -263,8 +265,9 @@ def masked_group_norm(x, lengths, norm: nn.GroupNorm):
 
     if lengths is None:
         return group_norm(x)
-    # Without autograd (V-FT's frozen encoder, inference) the fresh conv output is overwritten in place:
-    # 2-5x faster on the CPU than writing a second (B, C, T) tensor (BENCHMARKS.md, group norm).
+    # Without autograd (V-FT's frozen encoder, inference) the fresh conv output is overwritten in
+    # place: 2-5x faster on the CPU than writing a second (B, C, T) tensor (BENCHMARKS.md, group
+    # norm).
     out = torch.zeros_like(x) if x.requires_grad else x
     for i, n in enumerate(lengths.tolist()):
         out[i, :, :n] = group_norm(x[i, None, :, :n])[0]
@@ -456,7 +459,8 @@ class Encoded:
 class Wav2Vec2(nn.Module):
     """A fresh model is initialised as fairseq's Wav2Vec2Model (conv: Kaiming normal; transformer:
     init_bert_params; positional conv, mask_emb and quantizer as in fairseq; post_extract_proj,
-    project_q, final_proj: torch's defaults, as fairseq leaves them). Loading a checkpoint replaces all of it."""
+    project_q, final_proj: torch's defaults, as fairseq leaves them). Loading a checkpoint replaces
+    all of it."""
 
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
@@ -595,7 +599,8 @@ class Wav2Vec2(nn.Module):
 def span_masks(semantics, lengths, max_len, rngs, batch_rng, prob, span, min_spans):
     """(B, max_len) boolean masks of spans of `span` frames inside each row's first lengths[b]
     frames; every mask of every stage comes from here. rngs: one generator per utterance;
-    batch_rng: the batch's own. The three semantics (RECIPE.md "What the release actually computed"):
+    batch_rng: the batch's own. The three semantics (RECIPE.md "What the release actually
+    computed"):
 
     "release"   transformers 4.10's _compute_mask_indices as the release ran it: one span count for
                 the batch from its padded length T, n = max(min_spans, int(prob T / span + u)),
@@ -607,8 +612,8 @@ def span_masks(semantics, lengths, max_len, rngs, batch_rng, prob, span, min_spa
                 0..length - span: a row's mask depends neither on its batch nor on the number of
                 processes. The clean recipe's.
     "fairseq"   fairseq's compute_mask_indices with require_same_masks, from batch_rng: a count per
-                utterance, starts over 0..length - span - 1, then every row cut down at random to the
-                batch's fewest masked frames. `pretrain.py --mask-semantics fairseq`.
+                utterance, starts over 0..length - span - 1, then every row cut down at random to
+                the batch's fewest masked frames. `pretrain.py --mask-semantics fairseq`.
     """
     if semantics == "release":
         return _release_spans(lengths, max_len, batch_rng, rngs, prob, span, min_spans)
@@ -715,13 +720,13 @@ def masked_mean(x, lengths):  # x (B, F, C): mean over each row's first lengths[
 # wav2vec (v1): the release's P-TAPT teacher (RECIPE.md "What the release actually computed")
 #
 # fairseq's wav2vec_large.pt, as fairseq/models/wav2vec/wav2vec.py computes it (Wav2VecModel's
-# ConvFeatureExtractionModel and ConvAggegator; the prediction head serves its pretraining loss only),
-# then the release's Conv1d(512, 512, 4, stride 2) + ReLU from 100 Hz to wav2vec 2.0's 50 Hz.
-# v1 has no padding mask and every group norm has one group (statistics over all channels and frames),
-# so padding reaches every frame in fairseq. Given lengths, the statistics here run over each
-# utterance's valid frames: the extractor's convs are unpadded and the aggregator's causal, so every
-# valid frame then equals the unpadded result. The release never padded v1 input (teacher batches
-# are cropped to their shortest utterance, clustering runs one utterance at a time).
+# ConvFeatureExtractionModel and ConvAggegator; the prediction head serves its pretraining loss
+# only), then the release's Conv1d(512, 512, 4, stride 2) + ReLU from 100 Hz to wav2vec 2.0's 50 Hz.
+# v1 has no padding mask and every group norm has one group (statistics over all channels and
+# frames), so padding reaches every frame in fairseq. Given lengths, the statistics here run over
+# each utterance's valid frames: the extractor's convs are unpadded and the aggregator's causal, so
+# every valid frame then equals the unpadded result. The release never padded v1 input (teacher
+# batches are cropped to their shortest utterance, clustering runs one utterance at a time).
 
 # wav2vec_large.pt: 7 feature layers, hop 160 samples (100 Hz), receptive field 465; 12 causal
 # aggregator layers of kernel 2..13 (fairseq's examples/wav2vec training command, and the model
@@ -784,9 +789,9 @@ class Wav2Vec1Config:
 
 
 class ConvBlock(nn.Module):
-    """conv -> dropout -> group norm (one group, fairseq's Fp32GroupNorm) -> activation, one layer of
-    either stack. causal: fairseq's aggregator pads k - 1 frames on the left (ka + kb in ConvAggegator),
-    so frame t reads frames <= t and the length is kept."""
+    """conv -> dropout -> group norm (one group, fairseq's Fp32GroupNorm) -> activation, one layer
+    of either stack. causal: fairseq's aggregator pads k - 1 frames on the left (ka + kb in
+    ConvAggegator), so frame t reads frames <= t and the length is kept."""
 
     def __init__(self, n_in, n_out, k, stride, bias, cfg: Wav2Vec1Config, causal):
         super().__init__()
@@ -819,7 +824,8 @@ def stack_lengths(blocks, lengths):
 
 
 class FeatureExtractor(nn.Module):
-    """Waveform (B, L) -> features (B, C, T): unpadded convs without bias, optional skips, log compression."""
+    """Waveform (B, L) -> features (B, C, T): unpadded convs without bias, optional skips, log
+    compression."""
 
     def __init__(self, cfg: Wav2Vec1Config):
         super().__init__()
@@ -839,8 +845,9 @@ class FeatureExtractor(nn.Module):
         for block in self.blocks:
             residual, x = x, block(x, lengths)
             if self.skip and x.size(1) == residual.size(1):
-                # fairseq keeps every step-th residual frame, step = the ratio of the widths (the stride, except
-                # for very short input); taken from each utterance's own widths, so padding cannot change it
+                # fairseq keeps every step-th residual frame, step = the ratio of the widths (the
+                # stride, except for very short input); taken from each utterance's own widths, so
+                # padding cannot change it
                 n_in = torch.tensor([residual.size(2)]) if lengths is None else lengths
                 step = n_in // block.output_lengths(n_in).clamp(min=1)
                 index = (
@@ -856,8 +863,9 @@ class FeatureExtractor(nn.Module):
 
 
 class Aggregator(nn.Module):
-    """fairseq's 'cnn' aggregator (the context network): causal conv blocks, each with a skip (skip_agg; through a
-    1x1 conv without bias where the width changes), scaled by sqrt(residual_scale). Output (B, C, T), same rate."""
+    """fairseq's 'cnn' aggregator (the context network): causal conv blocks, each with a skip
+    (skip_agg; through a 1x1 conv without bias where the width changes), scaled by
+    sqrt(residual_scale). Output (B, C, T), same rate."""
 
     def __init__(self, cfg: Wav2Vec1Config):
         super().__init__()
@@ -882,7 +890,8 @@ class Aggregator(nn.Module):
 
 
 class Wav2Vec1(nn.Module):
-    """Waveforms (B, L) at 16 kHz -> the aggregator's output (B, C, T), T = frame_lengths(L) (Large: 512, 100 Hz)."""
+    """Waveforms (B, L) at 16 kHz -> the aggregator's output (B, C, T), T = frame_lengths(L) (Large:
+    512, 100 Hz)."""
 
     def __init__(self, cfg: Wav2Vec1Config):
         super().__init__()
@@ -892,7 +901,8 @@ class Wav2Vec1(nn.Module):
         self.features_frozen = False
 
     def freeze_feature_extractor(self):
-        """The release's teacher: the feature extractor runs without grad; returns the parameters left to train."""
+        """The release's teacher: the feature extractor runs without grad; returns the parameters
+        left to train."""
         self.features_frozen = True
         self.feature_extractor.requires_grad_(False)
         return list(self.aggregator.parameters())
@@ -903,7 +913,8 @@ class Wav2Vec1(nn.Module):
         return stack_lengths([*self.feature_extractor.blocks, *self.aggregator.blocks], wav_lengths)
 
     def forward(self, wav, lengths=None, feature_mask=None):
-        """feature_mask (B, C, T) bool: features set to zero before the aggregator (the release's SpecAugment)."""
+        """feature_mask (B, C, T) bool: features set to zero before the aggregator (the release's
+        SpecAugment)."""
         if not torch.is_tensor(wav) or wav.dim() != 2 or not wav.is_floating_point():
             raise ValueError(
                 "wav must be a floating-point (batch, samples) tensor of mono 16 kHz audio"
@@ -915,7 +926,8 @@ class Wav2Vec1(nn.Module):
         )
         if n.min() < self.cfg.min_samples or n.max() > wav.size(1):
             raise ValueError(
-                f"lengths {n.tolist()} must be at least {self.cfg.min_samples} samples (the receptive "
+                f"lengths {n.tolist()} must be at least {self.cfg.min_samples} samples (the "
+                "receptive "
                 f"field) and at most the batch's width {wav.size(1)}"
             )
         lengths = None if lengths is None else n
@@ -931,10 +943,11 @@ class Wav2Vec1(nn.Module):
 
 
 class Wav2Vec1Teacher(nn.Module):
-    """The release's teacher backbone (its Wav2vecWrapper, modules/FeatureFuser.py): wav2vec (v1), then a
-    Conv1d(C, C, 4, stride 2) without padding + ReLU that brings 100 Hz to wav2vec 2.0's 50 Hz.
-    (B, L) -> (features (B, T, C), frame lengths); Large: T = (L - 945) // 320 + 1, one or two frames
-    fewer than wav2vec 2.0's (L - 400) // 320 + 1, never equal; under 945 samples no frame."""
+    """The release's teacher backbone (its Wav2vecWrapper, modules/FeatureFuser.py): wav2vec (v1),
+    then a Conv1d(C, C, 4, stride 2) without padding + ReLU that brings 100 Hz to wav2vec 2.0's 50
+    Hz. (B, L) -> (features (B, T, C), frame lengths); Large: T = (L - 945) // 320 + 1, one or two
+    frames fewer than wav2vec 2.0's (L - 400) // 320 + 1, never equal; under 945 samples no
+    frame."""
 
     def __init__(self, v1: Wav2Vec1):
         super().__init__()
@@ -951,7 +964,8 @@ class Wav2Vec1Teacher(nn.Module):
         return (torch.div(n100 - 4, 2, rounding_mode="floor") + 1).clamp(min=0)
 
     def forward(self, wav, lengths=None, time_mask=None, channel_mask=None):
-        """time_mask (B, T100), channel_mask (B, C): the release's SpecAugment, zeros on v1's features."""
+        """time_mask (B, T100), channel_mask (B, C): the release's SpecAugment, zeros on v1's
+        features."""
         n = (
             torch.full((wav.size(0),), wav.size(1))
             if lengths is None

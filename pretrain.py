@@ -115,7 +115,8 @@ def distractors(quantized, negatives):
 
 def nothing_masked(encoded):
     """A batch without a masked frame (every utterance shorter than a span, or --mask-prob 0): no
-    loss and zero gradients, through the graph so that every process and the fp16 scaler see them."""
+    loss and zero gradients, through the graph so that every process and the fp16 scaler see
+    them."""
     zero = encoded.hidden.sum() * 0.0
     return {
         "contrastive": zero,
@@ -127,14 +128,15 @@ def nothing_masked(encoded):
 
 
 def tapt_loss(model, encoded, time_mask, negatives, penalty_weight=10.0):
-    """fairseq's wav2vec 2.0 loss (the clean recipe) for given masks and distractors, with its terms:
+    """fairseq's wav2vec 2.0 loss (the clean recipe) for given masks and distractors, with its
+    terms:
         contrastive = `contrastive` of c_t = final_proj(context) against q = project_q(quantized
                       *unmasked* features) of the target and of the distractors
-        diversity   = (G V - perplexity) / (G V) * n_masked, perplexity of the batch-averaged softmax
-        penalty     = mean(conv features^2) * n_masked
+        diversity   = (G V - perplexity) / (G V) * n_masked, perplexity of the batch-averaged
+        softmax penalty     = mean(conv features^2) * n_masked
         loss        = contrastive + 0.1 diversity + penalty_weight penalty
-    (RECIPE.md "TAPT": penalty_weight 10, as fairseq.) negatives (n_masked, K) index the masked frames
-    in time_mask order, from the same utterance (sample_negatives)."""
+    (RECIPE.md "TAPT": penalty_weight 10, as fairseq.) negatives (n_masked, K) index the masked
+    frames in time_mask order, from the same utterance (sample_negatives)."""
     if not time_mask.any():
         return nothing_masked(encoded)
     targets, perplexity = model.quantizer(encoded.features[time_mask])
@@ -157,11 +159,11 @@ def tapt_loss(model, encoded, time_mask, negatives, penalty_weight=10.0):
 
 
 def release_tapt_loss(model, encoded, time_mask, negatives):
-    """The TAPT objective the release ran, transformers 4.10's Wav2Vec2ForPreTraining loss as returned
-    (RECIPE.md "What the release actually computed"), with its terms:
+    """The TAPT objective the release ran, transformers 4.10's Wav2Vec2ForPreTraining loss as
+    returned (RECIPE.md "What the release actually computed"), with its terms:
         contrastive = as in tapt_loss, but every frame of the padded batch is quantized and the
-                      distractors are drawn from all of them (padding included: the release called the
-                      model without attention mask, so `encoded` treats padding as audio)
+                      distractors are drawn from all of them (padding included: the release called
+                      the model without attention mask, so `encoded` treats padding as audio)
         diversity   = (G V - perplexity) / (G V), perplexity of the masked frames' averaged softmax
         loss        = contrastive + 0.1 diversity      (not scaled by n_masked; no feature penalty)
     The Gumbel softmax at temperature 1, never annealed (4.10's quantizer as the release ran it).
@@ -237,10 +239,11 @@ def mlp_head(dim, hidden, out):
 
 
 class Teacher(nn.Module):
-    """A backbone fine-tuned with every frame labelled with its utterance's emotion: a frame head on every
-    frame, and an utterance head (BiLSTM of `hidden` outputs, mean over time, ReLU, Linear-Tanh-Linear).
-    wav2vec 2.0's: heads Linear(768, 256)-Tanh-Linear, BiLSTM 2 x 128. The release's v1 teacher (dim 512,
-    hidden 512, head_hidden 128): its LinearHead(512, 128, C) and RNNLayer(512, 512) (release modules/NN.py)."""
+    """A backbone fine-tuned with every frame labelled with its utterance's emotion: a frame head on
+    every frame, and an utterance head (BiLSTM of `hidden` outputs, mean over time, ReLU,
+    Linear-Tanh-Linear). wav2vec 2.0's: heads Linear(768, 256)-Tanh-Linear, BiLSTM 2 x 128. The
+    release's v1 teacher (dim 512, hidden 512, head_hidden 128): its LinearHead(512, 128, C) and
+    RNNLayer(512, 512) (release modules/NN.py)."""
 
     def __init__(self, backbone, num_classes, hidden=256, dim=None, head_hidden=None):
         super().__init__()
@@ -253,8 +256,9 @@ class Teacher(nn.Module):
     def forward(self, wav, lengths, **masks):
         hidden, frames = self.backbone(wav, lengths, **masks)
         frame_logits = self.frame_head(hidden)
-        # outside autocast: cuDNN's LSTM would run in fp16, without loss scaling, even under bf16 autocast;
-        # batches are cropped to equal length, so the mean over time has no padding to leave out
+        # outside autocast: cuDNN's LSTM would run in fp16, without loss scaling, even under bf16
+        # autocast; batches are cropped to equal length, so the mean over time has no padding to
+        # leave out
         with torch.autocast(hidden.device.type, enabled=False):
             pooled = self.lstm(hidden.float())[0].mean(1)
         return frame_logits, self.utterance_head(F.relu(pooled)), frames
@@ -289,8 +293,9 @@ class PseudoLabelHeads(nn.Module):
 
 def pseudo_label_loss(logits, targets):
     """For each K: sum over masked frames of CE(head_K(ReLU(h_t)), cluster_K(t)), over the number of
-    masked frames that have a label; logits and targets hold the masked frames only (padding is never
-    masked; -100, the frames the v1 teacher has no label for, is left out as the release's ignore_index)."""
+    masked frames that have a label; logits and targets hold the masked frames only (padding is
+    never masked; -100, the frames the v1 teacher has no label for, is left out as the release's
+    ignore_index)."""
     return [
         (F.cross_entropy(lk.float(), tk, reduction="sum"), (tk != -100).sum())
         for lk, tk in zip(logits, targets)
@@ -320,8 +325,8 @@ def crop_to_shortest(batch, rngs, across_processes=True, release=False):
 
 
 def crop_labels(labels, indices, starts, frames, width):
-    """Each utterance's pseudo-labels for the frames of its crop, one (B, width) tensor per K; -100 on
-    padding. labels[index]: {K: the utterance's labels at wav2vec 2.0's frames} (aligned_labels);
+    """Each utterance's pseudo-labels for the frames of its crop, one (B, width) tensor per K; -100
+    on padding. labels[index]: {K: the utterance's labels at wav2vec 2.0's frames} (aligned_labels);
     starts[row]: the label of the crop's first frame (crop_starts)."""
     targets = {k: torch.full((len(frames), width), -100, dtype=torch.long) for k in labels[0]}
     for row, (index, first) in enumerate(zip(indices, starts)):
@@ -473,15 +478,16 @@ def run_teacher(args, fold, train_set, classes, run_dir, device):
     )
 
 
-# The release's teacher (RECIPE.md "What the release actually computed"; release pretrain/trainer.py:12-106
-# PretrainedEmoClassifier, modules/FeatureFuser.py:11-62 Wav2vecWrapper, modules/NN.py): what --teacher sets.
-# Recorded in config.json as `release_teacher`.
+# The release's teacher (RECIPE.md "What the release actually computed"; release
+# pretrain/trainer.py:12-106 PretrainedEmoClassifier, modules/FeatureFuser.py:11-62 Wav2vecWrapper,
+# modules/NN.py): what --teacher sets. Recorded in config.json as `release_teacher`.
 RELEASE_TEACHER = {
     "model": "fairseq wav2vec (v1): feature extractor frozen (no grad), aggregator trained; "
     "Conv1d(512, 512, 4, stride 2) + ReLU to 50 Hz",
     "specaugment_time": [0.08, 15, 2],  # (prob, span, min spans) on v1's 100 Hz features, as zeros
     "specaugment_channel": [0.05, 64, 1],  # over the 512 channels: always one span of 64
-    "heads": "frame LinearHead(512, 128, C); BiLSTM(512, 2 x 256), mean, ReLU, LinearHead(512, 128, C)",
+    "heads": "frame LinearHead(512, 128, C); BiLSTM(512, 2 x 256), mean, ReLU, LinearHead(512, "
+    "128, C)",
     "train_fraction": 0.9,  # int(0.9 n) train, the rest validate (torch random_split)
     "split_seed": 58,  # torch.Generator().manual_seed(58)
     "selection": "the epoch end with the lowest validation loss",
@@ -503,9 +509,10 @@ def release_split(utterances):
 
 def validation_loss(teacher, dataset, weights, batch_size, seed, device, dtype, release_crops):
     """The release's validation loss (validation_step, mean over the epoch as Lightning 1.4 logs it,
-    batches weighted by their size): batches of batch_size in split order, the last one partial, each
-    cropped to its shortest utterance (crops from a fixed seed: the same every epoch), eval mode (no
-    SpecAugment); per batch the frame and utterance weighted CEs summed. Every process computes all."""
+    batches weighted by their size): batches of batch_size in split order, the last one partial,
+    each cropped to its shortest utterance (crops from a fixed seed: the same every epoch), eval
+    mode (no SpecAugment); per batch the frame and utterance weighted CEs summed. Every process
+    computes all."""
     teacher.eval()
     total = 0.0
     with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
@@ -526,9 +533,10 @@ def validation_loss(teacher, dataset, weights, batch_size, seed, device, dtype, 
 
 
 def keep_best(teacher, valid_loss):
-    """on_epoch_end for `train`: validate, and keep the weights of the lowest validation loss so far in
-    the position (so the resume point holds them: a resumed run keeps the same ones). Lightning's
-    ModelCheckpoint(monitor='valid_loss', mode='min', save_top_k=1) (release run_pretrain.py:24-31)."""
+    """on_epoch_end for `train`: validate, and keep the weights of the lowest validation loss so far
+    in the position (so the resume point holds them: a resumed run keeps the same ones). Lightning's
+    ModelCheckpoint(monitor='valid_loss', mode='min', save_top_k=1) (release
+    run_pretrain.py:24-31)."""
 
     def on_epoch_end(pos):
         # validated already (stopped at an epoch's last batch)
@@ -555,9 +563,9 @@ def keep_best(teacher, valid_loss):
 
 
 def run_release_teacher(args, fold, train_set, classes, run_dir, device):
-    """The release's teacher (RELEASE_TEACHER): wav2vec (v1) from --teacher, trained on 90% of the fold's
-    training utterances in random batches cropped to their shortest utterance, validated on the other
-    10% after every epoch; the weights of the lowest validation loss become teacher.pt."""
+    """The release's teacher (RELEASE_TEACHER): wav2vec (v1) from --teacher, trained on 90% of the
+    fold's training utterances in random batches cropped to their shortest utterance, validated on
+    the other 10% after every epoch; the weights of the lowest validation loss become teacher.pt."""
     seed_everything(args.seed + fold)
     front = load_release_teacher(args.teacher, train_set)
     check_kmeans_settings(args, front, train_set)
@@ -566,7 +574,8 @@ def run_release_teacher(args, fold, train_set, classes, run_dir, device):
         p for n, p in teacher.named_parameters() if not n.startswith("backbone.v1.")
     ]
     fit, held_out = release_split(train_set)
-    # class weights over every training utterance, the held-out 10% included (release trainer.py:26-35)
+    # class weights over every training utterance, the held-out 10% included (release
+    # trainer.py:26-35)
     weights = class_weights(AudioDataset(train_set, classes).labels, len(classes)).to(device)
     # whole utterances
     dataset = AudioDataset(fit, classes, crop="random", cache=args.cache, seed=args.seed)
@@ -597,8 +606,8 @@ def run_release_teacher(args, fold, train_set, classes, run_dir, device):
 
 
 def load_release_teacher(path, train_set):
-    """The wav2vec (v1) checkpoint of --teacher, wrapped as the release's front end; a DataError for a
-    training utterance too short for it to give a frame."""
+    """The wav2vec (v1) checkpoint of --teacher, wrapped as the release's front end; a DataError for
+    a training utterance too short for it to give a frame."""
     try:
         front = Wav2Vec1Teacher(load_wav2vec1(path))
     except CheckpointError as e:
@@ -606,15 +615,16 @@ def load_release_teacher(path, train_set):
     short = [u.uid for u in train_set if u.num_samples < front.min_samples]
     if short:
         raise DataError(
-            f"{len(short)} training utterances (first {short[0]}) are shorter than {front.min_samples} "
+            f"{len(short)} training utterances (first {short[0]}) are shorter than "
+            f"{front.min_samples} "
             "samples, the least the wav2vec (v1) teacher gives a frame for"
         )
     return front
 
 
 def release_teacher_batch_loss(args, teacher, front, weights, device):
-    """batch_loss for `train`: the batch cropped to its shortest utterance, the release's SpecAugment on
-    v1's 100 Hz features (RELEASE_TEACHER), teacher_loss."""
+    """batch_loss for `train`: the batch cropped to its shortest utterance, the release's
+    SpecAugment on v1's 100 Hz features (RELEASE_TEACHER), teacher_loss."""
     time, channel = RELEASE_TEACHER["specaugment_time"], RELEASE_TEACHER["specaugment_channel"]
 
     def batch_loss(batch, update):
@@ -641,13 +651,14 @@ def release_teacher_batch_loss(args, teacher, front, weights, device):
 
 
 def finish_release_teacher(args, fold, teacher, front, pos, held_out, run_dir):
-    """teacher.pt: the weights of the lowest validation loss (the last ones when no epoch ended), with
-    the validation's record in its meta."""
+    """teacher.pt: the weights of the lowest validation loss (the last ones when no epoch ended),
+    with the validation's record in its meta."""
     if "best_model" in pos:
         teacher.load_state_dict(pos["best_model"])
     elif world()[0] == 0:
         print(
-            "warning: the teacher trained less than one epoch, so it was never validated: its last weights are used",
+            "warning: the teacher trained less than one epoch, so it was never validated: its last "
+            "weights are used",
             file=sys.stderr,
         )
     meta = {
@@ -663,7 +674,8 @@ def finish_release_teacher(args, fold, teacher, front, pos, held_out, run_dir):
 
 
 def run_pseudo_labels(args, fold, train_set, run_dir, teacher_path, device):
-    """P-TAPT's k-means stage (pseudo_label_stage) on the teacher's frames; --mode kmeans: on --checkpoint's."""
+    """P-TAPT's k-means stage (pseudo_label_stage) on the teacher's frames; --mode kmeans: on
+    --checkpoint's."""
     teacher = (
         load_wav2vec1_teacher(teacher_path)
         if args.teacher
@@ -715,10 +727,11 @@ def pseudo_label_stage(
     workers=2,
     chunk_size=16384,
 ):
-    """P-TAPT's k-means stage: the frames of `utterances` (kmeans.extract_features), fit_kmeans for every K, every
-    frame labelled, written to out_path (data.save_labels; meta gains the settings, the inertia and each K's NMI
-    with emotion, printed) and returned as {K: (frames,) long}. Under torch.distributed every rank calls it:
-    each extracts a contiguous shard of the utterances (cut by audio length), rank 0 writes, all return all."""
+    """P-TAPT's k-means stage: the frames of `utterances` (kmeans.extract_features), fit_kmeans for
+    every K, every frame labelled, written to out_path (data.save_labels; meta gains the settings,
+    the inertia and each K's NMI with emotion, printed) and returned as {K: (frames,) long}. Under
+    torch.distributed every rank calls it: each extracts a contiguous shard of the utterances (cut
+    by audio length), rank 0 writes, all return all."""
     (rank, size), device = world(), resolve_device(device)
     cum = torch.tensor([u.num_samples for u in utterances], dtype=torch.float64).cumsum(0)
     feats, counts = shard_features(features_of, utterances, cum, device, progress, workers)
@@ -776,8 +789,8 @@ def shard_features(features_of, utterances, cum, device, progress, workers):
 
 
 def save_pseudo_labels(out_path, utterances, counts, labels, fits, meta, hours, settings):
-    """Rank 0's end of the k-means stage: each K's NMI with emotion, printed with its fit, and the labels
-    written (data.save_labels) with meta and what the stage computed them from."""
+    """Rank 0's end of the k-means stage: each K's NMI with emotion, printed with its fit, and the
+    labels written (data.save_labels) with meta and what the stage computed them from."""
     names = sorted({str(u.label) for u in utterances})
     nmi = {
         k: emotion_nmi(labels[k], counts, [names.index(str(u.label)) for u in utterances])
@@ -795,14 +808,17 @@ def save_pseudo_labels(out_path, utterances, counts, labels, fits, meta, hours, 
     }
     for k, f in fits.items():
         print(
-            f"K={k}: NMI between pseudo-labels and emotion {nmi[k]:.4f}, inertia {f.inertia[0]:.5g} -> "
-            f"{f.inertia[-1]:.5g} in {len(f.inertia) - 1} iterations, {int((f.counts > 0).sum())}/{k} clusters used"
+            f"K={k}: NMI between pseudo-labels and emotion {nmi[k]:.4f}, inertia "
+            f"{f.inertia[0]:.5g} -> "
+            f"{f.inertia[-1]:.5g} in {len(f.inertia) - 1} iterations, "
+            f"{int((f.counts > 0).sum())}/{k} clusters used"
         )
     save_labels(out_path, [u.uid for u in utterances], counts, labels, meta)
 
 
 def unpadded(teacher, wav, lengths):
-    """A padded batch's features, each utterance run alone: v1's one-group norms would see the padding."""
+    """A padded batch's features, each utterance run alone: v1's one-group norms would see the
+    padding."""
     frames = teacher.frame_lengths(lengths)
     out = wav.new_zeros(len(wav), int(frames.max()), teacher.dim)
     for row, n in enumerate(lengths.tolist()):
@@ -815,7 +831,8 @@ def check_kmeans_settings(args, backbone, train_set):
     if isinstance(backbone, Wav2Vec1Teacher):
         if args.layer is not None:
             raise DataError(
-                "--layer: the wav2vec (v1) teacher's features are its one output (ReLU of its stride-2 conv)"
+                "--layer: the wav2vec (v1) teacher's features are its one output (ReLU of its "
+                "stride-2 conv)"
             )
         layer = None
     else:
@@ -884,11 +901,11 @@ def run_ptapt(args, fold, train_set, classes, run_dir, labels_path, device):
 
 
 def aligned_labels(stored, utterances, backbone, teacher=None):
-    """Every utterance's pseudo-labels at wav2vec 2.0's frames, [{K: (frames,) long}]. The v1 teacher's
-    labels are stored at its own frames, (L - 945) // 320 + 1 for Large against wav2vec 2.0's
-    (L - 400) // 320 + 1: one or two fewer, never more. As the release (pretrain/dataloader.py:180-210),
-    teacher frame j labels wav2vec 2.0 frame j from frame 0, and the last one or two frames get -100
-    (no label: left out of the loss)."""
+    """Every utterance's pseudo-labels at wav2vec 2.0's frames, [{K: (frames,) long}]. The v1
+    teacher's labels are stored at its own frames, (L - 945) // 320 + 1 for Large against wav2vec
+    2.0's (L - 400) // 320 + 1: one or two fewer, never more. As the release
+    (pretrain/dataloader.py:180-210), teacher frame j labels wav2vec 2.0 frame j from frame 0, and
+    the last one or two frames get -100 (no label: left out of the loss)."""
     lengths = torch.tensor([u.num_samples for u in utterances])
     frames = backbone.frame_lengths(lengths).tolist()
     ours = frames if teacher is None else teacher.frame_lengths(lengths).tolist()
@@ -897,15 +914,16 @@ def aligned_labels(stored, utterances, backbone, teacher=None):
         per_k = labels_for(stored, u.uid, t)
         if not 0 <= n - t <= 2:  # the conv formulas above: what else would mean another alignment
             raise DataError(
-                f"utterance {u.uid}: {n} wav2vec 2.0 frames but {t} teacher frames; expected 0-2 fewer"
+                f"utterance {u.uid}: {n} wav2vec 2.0 frames but {t} teacher frames; expected 0-2 "
+                "fewer"
             )
         out.append({k: F.pad(v, (0, n - t), value=-100) for k, v in per_k.items()})
     return out
 
 
 def masked_batch(args, model, batch, update, padded):
-    """A batch's audio (padded to the whole batch's longest utterance when `padded`), its utterances'
-    generators and its time mask (semantics as model.span_masks)."""
+    """A batch's audio (padded to the whole batch's longest utterance when `padded`), its
+    utterances' generators and its time mask (semantics as model.span_masks)."""
     wav = pad_to_whole_batch(batch["wav"]) if padded else batch["wav"]
     rngs = batch_rngs(args.seed, update, batch["indices"])
     mask = span_masks(
@@ -934,8 +952,8 @@ def stage_train(
     on_update=None,
     on_epoch_end=None,
 ):
-    """Every stage's schedule (RECIPE.md: linear warm-up, flat for 5%, linear decay to 0) and batches, the
-    teacher's or (TAPT, P-TAPT) the mode's; returns train's final position."""
+    """Every stage's schedule (RECIPE.md: linear warm-up, flat for 5%, linear decay to 0) and
+    batches, the teacher's or (TAPT, P-TAPT) the mode's; returns train's final position."""
     if teacher:  # the release's teacher: random batches of batch_size utterances; clean: bucketed
         name, updates = "teacher", args.teacher_updates
         warmup = int(round(args.teacher_warmup_fraction * updates))
@@ -990,7 +1008,8 @@ def finish_stage(run_dir, name, model, filename, meta, save=save_wav2vec2):
     barrier()
 
 
-# P-TAPT's stages in order, with the files each computes; a setting belongs to the first stage that reads it
+# P-TAPT's stages in order, with the files each computes; a setting belongs to the first stage that
+# reads it
 PTAPT_STAGES = [
     ("teacher", ("teacher.",)),
     ("k-means", ("labels.",)),
@@ -1086,7 +1105,8 @@ def build_parser():
         "--mode",
         choices=["tapt", "ptapt", "kmeans"],
         required=True,
-        help="kmeans: P-TAPT's k-means stage alone, on the untouched --checkpoint (runs/kmeans/fold<k>/labels.pt)",
+        help="kmeans: P-TAPT's k-means stage alone, on the untouched --checkpoint "
+        "(runs/kmeans/fold<k>/labels.pt)",
     )
     add_run_flags(p)
     add_fold_flags(p)
@@ -1119,8 +1139,10 @@ def add_fold_flags(p):
     a(
         "--checkpoint",
         required=True,
-        help="wav2vec 2.0 with its pretraining modules: a fairseq checkpoint (e.g. wav2vec_small.pt), "
-        "a Hugging Face Wav2Vec2ForPreTraining folder, or random-tiny (a tiny random model, for the "
+        help="wav2vec 2.0 with its pretraining modules: a fairseq checkpoint (e.g. "
+        "wav2vec_small.pt), "
+        "a Hugging Face Wav2Vec2ForPreTraining folder, or random-tiny (a tiny random model, for "
+        "the "
         "synthetic corpus)",
     )
     a(
@@ -1183,42 +1205,48 @@ def add_recipe_flags(p):
         "--objective",
         choices=["release", "fairseq"],
         default=None,
-        help="TAPT: transformers 4.10's loss as the release ran it, or fairseq's (default: the recipe's)",
+        help="TAPT: transformers 4.10's loss as the release ran it, or fairseq's (default: the "
+        "recipe's)",
     )
     a(
         "--mask-semantics",
         choices=["release", "utterance", "fairseq"],
         default=None,
-        help="span counts of transformers 4.10 (one per batch), per utterance, or fairseq's pretraining "
+        help="span counts of transformers 4.10 (one per batch), per utterance, or fairseq's "
+        "pretraining "
         "(default: the recipe's: release for release, utterance for clean)",
     )
     a(
         "--batch-seconds",
         type=SECONDS,
         default=None,
-        help="TAPT / P-TAPT: the release's dynamic batches of batch_seconds x batch_size / 64 seconds of audio "
-        "(250 s at batch size 64); 0: batches of --batch-size utterances (default: the recipe's: release 250, "
+        help="TAPT / P-TAPT: the release's dynamic batches of batch_seconds x batch_size / 64 "
+        "seconds of audio "
+        "(250 s at batch size 64); 0: batches of --batch-size utterances (default: the recipe's: "
+        "release 250, "
         "clean 0)",
     )
     a(
         "--group-norm",
         choices=["padded", "valid"],
         default=None,
-        help="P-TAPT: the conv encoder's group norm over the padded batch or each utterance's own samples "
+        help="P-TAPT: the conv encoder's group norm over the padded batch or each utterance's own "
+        "samples "
         "(default: the recipe's: release padded, clean valid)",
     )
 
 
 def add_release_detail_flags(p):
-    """The finer differences between the release's code, fairseq's and the method as written: the conv
-    encoder's gradient, P-TAPT's crops, the warm-up's first update, the teacher's batches, TAPT's
-    feature penalty."""
+    """The finer differences between the release's code, fairseq's and the method as written: the
+    conv encoder's gradient, P-TAPT's crops, the warm-up's first update, the teacher's batches,
+    TAPT's feature penalty."""
     a = p.add_argument
     a(
         "--feature-grad-mult",
         type=WEIGHT,
         default=1.0,
-        help="TAPT: gradient scale into the conv encoder; fairseq used 0.1, the release 1.0 (default: %(default)s)",
+        help="TAPT: gradient scale into the conv encoder; fairseq used 0.1, the release 1.0 "
+        "(default: %(default)s)",
     )
     a(
         "--crops",
@@ -1232,7 +1260,8 @@ def add_release_detail_flags(p):
         "--warmup-from-zero",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="the warm-up's first update at lr 0, as the release's schedule (default: the recipe's: "
+        help="the warm-up's first update at lr 0, as the release's schedule (default: the "
+        "recipe's: "
         "release yes, clean no)",
     )
     a(
@@ -1247,7 +1276,8 @@ def add_release_detail_flags(p):
         type=WEIGHT,
         default=None,
         help="TAPT, fairseq's objective only: weight of the feature penalty mean(conv features^2) "
-        "(RECIPE.md, fairseq); 0 = Hugging Face's objective. A tiny model trained from scratch with 10 "
+        "(RECIPE.md, fairseq); 0 = Hugging Face's objective. A tiny model trained from scratch "
+        "with 10 "
         "and 5%% masking collapses: README, Results (default: 10 with --objective fairseq)",
     )
 
@@ -1259,7 +1289,8 @@ def add_teacher_flags(p):
         "--teacher",
         default=None,
         metavar="WAV2VEC_V1.pt",
-        help="P-TAPT: the release's teacher, fairseq's wav2vec (v1) (wav2vec_large.pt), trained as the release trained "
+        help="P-TAPT: the release's teacher, fairseq's wav2vec (v1) (wav2vec_large.pt), trained as "
+        "the release trained "
         "it (release recipe only; README, P-TAPT) (default: the wav2vec 2.0 --checkpoint itself)",
     )
     a("--teacher-updates", type=COUNT, default=10000, help="P-TAPT teacher (default: %(default)s)")
@@ -1316,7 +1347,8 @@ def parse_args(argv):
         p.error("argument --teacher: only P-TAPT has a teacher (--mode ptapt)")
     if args.teacher is not None and args.recipe == "clean":  # README, P-TAPT: why
         p.error(
-            "argument --teacher: the wav2vec (v1) teacher is the release recipe's; the clean recipe's teacher is "
+            "argument --teacher: the wav2vec (v1) teacher is the release recipe's; the clean "
+            "recipe's teacher is "
             "the wav2vec 2.0 --checkpoint itself (leave out --teacher or --recipe clean)"
         )
     args.release_teacher = RELEASE_TEACHER if args.teacher else None  # recorded in config.json
@@ -1325,7 +1357,8 @@ def parse_args(argv):
         p.error(f"argument --ks: {args.ks} repeats a K")
     if args.warmup > args.updates:
         p.error(
-            f"argument --warmup: {args.warmup} warm-up updates, more than --updates {args.updates}: "
+            f"argument --warmup: {args.warmup} warm-up updates, more than --updates "
+            f"{args.updates}: "
             "the learning rate would never reach --lr"
         )
     return args

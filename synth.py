@@ -21,12 +21,13 @@ import soundfile as sf
 
 from data import SAMPLE_RATE, SESSIONS, DataError, load_iemocap
 
-# Each cue overlaps between some classes (ang and hap both high and loud, neu and sad both low and flat) and
-# loudness varies by speaker and recording, so several cues are needed. pitch: x the speaker's f0; range: sd
-# of syllable accents (semitones); slope, glide: pitch change over a phrase, a syllable (st); rate:
-# syllables/s; pause: x phrase pauses; level: dBFS of the voiced part; stress: sd of syllable loudness (dB);
-# sharp: exponent of the syllable envelope (low: abrupt onsets); tilt: spectral slope (dB/octave, low:
-# bright); breath: aspiration noise / harmonics; jitter: f0 perturbation.
+# Each cue overlaps between some classes (ang and hap both high and loud, neu and sad both low and
+# flat) and loudness varies by speaker and recording, so several cues are needed. pitch: x the
+# speaker's f0; range: sd of syllable accents (semitones); slope, glide: pitch change over a phrase,
+# a syllable (st); rate: syllables/s; pause: x phrase pauses; level: dBFS of the voiced part;
+# stress: sd of syllable loudness (dB);
+# sharp: exponent of the syllable envelope (low: abrupt onsets); tilt: spectral slope (dB/octave,
+# low: bright); breath: aspiration noise / harmonics; jitter: f0 perturbation.
 CUES = (
     "pitch",
     "range",
@@ -110,7 +111,8 @@ MARKER = "SYNTHETIC_CORPUS.json"  # marks a folder as this generator's, which it
 
 # 80 per session: the quick start's test session then has 80 utterances (one is 1.25 points of UA)
 # and 320 to train on; over fine-tuning seeds 0-4 it reached UA 0.78-0.89, where 40 per session gave
-# 0.53-0.78 (the tiny random model needs the extra training utterances, the estimate the extra tests).
+# 0.53-0.78 (the tiny random model needs the extra training utterances, the estimate the extra
+# tests).
 SYNTH_PER_SESSION = 80
 
 
@@ -150,7 +152,8 @@ def syllables(rng, rate, pause, seconds):
 
 
 def synth_utterance(rng, voice, style, seconds, noise_floor_db):
-    """One utterance: harmonics of a syllable-wise f0 contour, shaped by the voice, plus breath noise."""
+    """One utterance: harmonics of a syllable-wise f0 contour, shaped by the voice, plus breath
+    noise."""
     sr, cr = SAMPLE_RATE, 200  # envelopes and pitch are drawn at a 200 Hz control rate
     n = int(round(seconds * sr))
     rate = style["rate"] * voice["rate"] * math.exp(rng.normal(0, 0.08))
@@ -183,7 +186,8 @@ def synth_utterance(rng, voice, style, seconds, noise_floor_db):
     )
 
     # Shape harmonics and breath noise in the frequency domain.
-    # The smallest FFT size 2^a 3^b 5^c >= n: other sizes (large primes above all) are many times slower.
+    # The smallest FFT size 2^a 3^b 5^c >= n: other sizes (large primes above all) are many times
+    # slower.
     odd = [3**b * 5**c for b in range(n.bit_length() + 1) for c in range(n.bit_length() + 1)]
     nfft = min(p << max(0, (-(-n // p) - 1).bit_length()) for p in odd)
     freqs = np.fft.rfftfreq(nfft, 1 / sr)
@@ -246,7 +250,8 @@ def plan_session(rng, session, per_session, min_seconds, max_seconds):
 
 
 def label_block(rng, uid, label, times):
-    """The release's block for one turn: the label line, then the evaluators' categories and attributes."""
+    """The release's block for one turn: the label line, then the evaluators' categories and
+    attributes."""
     v, a, d = (np.clip(x + rng.normal(0, 0.3), 1, 5) for x in VAD.get(label, (3, 3, 3)))
     names = (
         ["Frustration", "Anger", "Neutral"] if label == "xxx" else [ANNOTATOR_NAMES[label]] * 3
@@ -287,7 +292,8 @@ def synthesize_session(root, s, per_session, seed, min_seconds, max_seconds):
         )
         texts[dialog + ".txt"] = label_file + label_block(rng, uid, label, times)
         texts[f"._{dialog}.txt"] = APPLEDOUBLE
-        # Decoys parse as label lines with other labels: a reader that wrongly walks the subfolders miscounts.
+        # Decoys parse as label lines with other labels: a reader that wrongly walks the subfolders
+        # miscounts.
         decoy = {"neu": "ang", "ang": "sad", "sad": "hap", "hap": "neu", "exc": "neu"}.get(
             label, "neu"
         )
@@ -312,9 +318,9 @@ def write_file(path, content):
 def synthesize_iemocap(
     out_dir, utterances_per_session=SYNTH_PER_SESSION, seed=0, min_seconds=1.0, max_seconds=8.0
 ):
-    """A synthetic corpus with out_dir as the release root: per session, two speakers' utterances_per_session
-    4-class utterances (plus ~20% labelled fru/sur/xxx/fea/oth/dis, which the reader drops), the release's
-    label files, decoy annotator folders and "._*" files."""
+    """A synthetic corpus with out_dir as the release root: per session, two speakers'
+    utterances_per_session 4-class utterances (plus ~20% labelled fru/sur/xxx/fea/oth/dis, which the
+    reader drops), the release's label files, decoy annotator folders and "._*" files."""
     out_dir = os.fspath(out_dir)
     if int(utterances_per_session) < 1:
         raise DataError(f"utterances per session {utterances_per_session}, expected >= 1")
@@ -322,8 +328,9 @@ def synthesize_iemocap(
         raise DataError(
             f"utterance durations {min_seconds}..{max_seconds} s, expected 0.05 < min <= max"
         )
-    # Written beside out_dir and renamed when complete: an interrupted run leaves no half corpus. The marker
-    # goes in first, so a killed run's leftovers are recognised as this generator's and replaced.
+    # Written beside out_dir and renamed when complete: an interrupted run leaves no half corpus.
+    # The marker goes in first, so a killed run's leftovers are recognised as this generator's and
+    # replaced.
     partial = os.path.normpath(out_dir) + ".partial"
     try:
         for folder in (
@@ -408,7 +415,8 @@ def main(argv=None):
         utterances = load_iemocap(args.out)
         hours = sum(u.num_samples for u in utterances) / SAMPLE_RATE / 3600
         print(
-            f"wrote {len(utterances)} 4-class utterances ({hours:.2f} h) to {args.out} in {time.time() - t0:.1f} s"
+            f"wrote {len(utterances)} 4-class utterances ({hours:.2f} h) to {args.out} in "
+            f"{time.time() - t0:.1f} s"
         )
     return 0
 

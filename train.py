@@ -52,14 +52,15 @@ def train(
     on_update=None,
     on_epoch_end=None,
 ):
-    """Adam (no weight decay) on `params` for `updates` updates at lr * schedule(update), under autocast
-    (with a gradient scaler for fp16). batch_loss(batch, update) returns [(sum, count)] terms over this
-    process's share of the batch; the update minimises sum_t (sum_t over processes) / (count_t over
-    processes), so N processes take the updates one process takes on the whole batch (fairseq's
-    sample-size normalisation). The state is saved every `save_every` updates, at every epoch's end and
-    on SIGTERM / Ctrl-C, to <run_dir>/<name>state.pt; the same call resumes from it. on_epoch_end(position)
-    runs after every whole epoch, before the save (the release teacher's validation): what it adds to the
-    position is saved with it and comes back on resume. Returns the final position."""
+    """Adam (no weight decay) on `params` for `updates` updates at lr * schedule(update), under
+    autocast (with a gradient scaler for fp16). batch_loss(batch, update) returns [(sum, count)]
+    terms over this process's share of the batch; the update minimises sum_t (sum_t over processes)
+    / (count_t over processes), so N processes take the updates one process takes on the whole batch
+    (fairseq's sample-size normalisation). The state is saved every `save_every` updates, at every
+    epoch's end and on SIGTERM / Ctrl-C, to <run_dir>/<name>state.pt; the same call resumes from it.
+    on_epoch_end(position) runs after every whole epoch, before the save (the release teacher's
+    validation): what it adds to the position is saved with it and comes back on resume. Returns the
+    final position."""
     dtype = autocast_dtype(device, precision)
     opt, scaler, ckpt, pos = start_or_resume(
         model, params, lr, dtype, device, os.path.join(run_dir, f"{name}state.pt"), desc
@@ -92,9 +93,9 @@ def train(
 
 
 def start_or_resume(model, params, lr, dtype, device, path, desc):
-    """The optimizer, the gradient scaler (on for fp16 only) and the resume point at `path`, with the
-    position to start from: {update, epoch, batch_in_epoch, running}, running the epoch's sums of loss,
-    updates and audio seconds (a new run's: all 0)."""
+    """The optimizer, the gradient scaler (on for fp16 only) and the resume point at `path`, with
+    the position to start from: {update, epoch, batch_in_epoch, running}, running the epoch's sums
+    of loss, updates and audio seconds (a new run's: all 0)."""
     opt = torch.optim.Adam(params, lr=lr, weight_decay=0.0)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     ckpt = Checkpoint(path, model, opt, scaler, device, params, desc)
@@ -140,9 +141,9 @@ def start_epoch(model, dataset, sampler, pos):
 
 
 def update_step(batch, pos, batch_loss, params, opt, scaler, device, dtype):
-    """One update at the lr already set: the batch's loss terms summed over processes (global_loss), the
-    gradients summed over processes, the (scaled) Adam step; the position moves on by one update and
-    adds the batch's [loss, 1, audio seconds] to its running sums."""
+    """One update at the lr already set: the batch's loss terms summed over processes (global_loss),
+    the gradients summed over processes, the (scaled) Adam step; the position moves on by one update
+    and adds the batch's [loss, 1, audio seconds] to its running sums."""
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         terms = batch_loss(batch, pos["update"])
     loss, logged = global_loss(terms, float(batch["lengths"].sum()) / SAMPLE_RATE, device)
@@ -173,8 +174,8 @@ def end_epoch(pos, epoch_batches, on_epoch_end, log_path, opt, t0, ckpt):
 
 def global_loss(terms, audio_seconds, device):
     """The update's loss sum_t S_t / C_t, with the counts C_t summed over processes (each process's
-    gradient of S_t / C_t is then summed by all_reduce_gradients). Also returns [loss, 1, audio seconds]
-    of the whole batch for the log."""
+    gradient of S_t / C_t is then summed by all_reduce_gradients). Also returns [loss, 1, audio
+    seconds] of the whole batch for the log."""
     values = torch.stack(
         [s.detach().float() for s, _ in terms]
         + [torch.as_tensor(c).float().to(device) for _, c in terms]
@@ -232,8 +233,9 @@ def tri_stage_lr(step, total, warmup, flat, from_zero=False):
 
 
 def train_batches(lengths, batch_size, max_batch_seconds, bucket, seed, batch_seconds=None):
-    """The epoch's batches of batch_size utterances in all (the recipe's global batch; or the release's
-    dynamic batches of batch_seconds of audio), this process taking utterances rank, rank + N, ... of each."""
+    """The epoch's batches of batch_size utterances in all (the recipe's global batch; or the
+    release's dynamic batches of batch_seconds of audio), this process taking utterances rank, rank
+    + N, ... of each."""
     rank, world_size = world()
     sampler = BucketBatchSampler(
         lengths,
@@ -263,13 +265,15 @@ def utterance_rng(seed, update, index):
 
 
 def batch_rngs(seed, update, indices):
-    """utterance_rng of each utterance of a batch (its dataset indices, a tensor), in batch order."""
+    """utterance_rng of each utterance of a batch (its dataset indices, a tensor), in batch
+    order."""
     return [utterance_rng(seed, update, i) for i in indices.tolist()]
 
 
 def pad_to_whole_batch(wav):
     """The release recipe: every process pads its share of the batch to the whole batch's longest
-    utterance, as the release's single process padded it (its group norm and masks see that padding)."""
+    utterance, as the release's single process padded it (its group norm and masks see that
+    padding)."""
     longest = torch.tensor([wav.shape[1]])
     if world()[1] > 1:
         dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=HOST_GROUP[0])
@@ -284,7 +288,8 @@ def autocast_dtype(device, precision):
             return None
         if precision == "auto-fp16":
             return torch.float16
-        # native bf16 from Ampere (8.0) on; is_bf16_supported() also says yes where it is only emulated
+        # native bf16 from Ampere (8.0) on; is_bf16_supported() also says yes where it is only
+        # emulated
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -295,7 +300,8 @@ def seed_everything(seed):
 
 
 def class_weights(labels, num_classes):
-    """w_c proportional to N / n_c over the training split, normalised to sum 1 (RECIPE.md "V-FT")."""
+    """w_c proportional to N / n_c over the training split, normalised to sum 1 (RECIPE.md
+    "V-FT")."""
     counts = torch.bincount(torch.as_tensor(labels), minlength=num_classes).double()
     if (counts == 0).any():
         raise DataError(f"a class has no training utterance (counts {counts.long().tolist()})")
@@ -311,7 +317,8 @@ def folds_of(data, fold):
         return [1, 2, 3, 4, 5] if fold in (None, "all") else [int(fold)]
     if str(fold) not in ("None", "all", "1"):
         raise DataError(
-            f"--fold {fold}: {data} is a list corpus with one train/test split of its own, run once "
+            f"--fold {fold}: {data} is a list corpus with one train/test split of its own, run "
+            "once "
             "as fold 1 (folds are IEMOCAP's sessions); leave out --fold"
         )
     return [1]
@@ -342,7 +349,8 @@ def load_backbone(source, seed):
         return Wav2Vec2(tiny_random_config())
     if source is None:
         raise DataError(
-            "give --checkpoint (a fairseq wav2vec 2.0 .pt, e.g. wav2vec_small.pt, or a Hugging Face "
+            "give --checkpoint (a fairseq wav2vec 2.0 .pt, e.g. wav2vec_small.pt, or a Hugging "
+            "Face "
             "wav2vec 2.0 folder) or --init"
         )
     try:
@@ -356,8 +364,9 @@ def load_backbone(source, seed):
 
 
 class Checkpoint:
-    """A stage's resumable state: model, optimizer, grad scaler, every process's random state, the position in
-    the epoch. Rank 0 reads and writes it (only its disk needs the run folder) and sends it to the others."""
+    """A stage's resumable state: model, optimizer, grad scaler, every process's random state, the
+    position in the epoch. Rank 0 reads and writes it (only its disk needs the run folder) and sends
+    it to the others."""
 
     def __init__(self, path, model, opt, scaler, device, params, desc):
         self.path, self.model, self.opt, self.scaler, self.device, self.desc = (
@@ -378,7 +387,8 @@ class Checkpoint:
         shared = [load_training_state(self.path) if rank == 0 else None]
         if world_size > 1:
             dist.broadcast_object_list(shared, src=0)
-            # dropout differs between processes, as their data do; rank 0 draws what one process draws
+            # dropout differs between processes, as their data do; rank 0 draws what one process
+            # draws
             if rank > 0:
                 torch.manual_seed(torch.initial_seed() + rank)
         state = shared[0]
@@ -392,7 +402,8 @@ class Checkpoint:
                 set_rng_state(state["rng"][rank], self.device)
             elif rank == 0:
                 print(
-                    f"warning: {self.path} was written by {len(state['rng'])} processes, this run has "
+                    f"warning: {self.path} was written by {len(state['rng'])} processes, this run "
+                    "has "
                     f"{world_size}: random streams (dropout) restart",
                     file=sys.stderr,
                 )
@@ -427,7 +438,8 @@ class Checkpoint:
 
 
 def rng_state(device):
-    """Only torch's generators draw during training (numpy's only seed crops, per utterance and epoch)."""
+    """Only torch's generators draw during training (numpy's only seed crops, per utterance and
+    epoch)."""
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -463,7 +475,8 @@ def load_training_state(path):
                 return torch.load(candidate, map_location="cpu", weights_only=True)
             except Exception as e:
                 print(
-                    f"warning: {candidate} is unreadable or not a resume point ({type(e).__name__}: "
+                    f"warning: {candidate} is unreadable or not a resume point "
+                    f"({type(e).__name__}: "
                     f"{str(e).splitlines()[0][:200]}); trying the previous one",
                     file=sys.stderr,
                 )
@@ -471,8 +484,8 @@ def load_training_state(path):
 
 
 def trim_log(path, update):
-    """Drop log lines past the resume point: an epoch whose save failed (a full disk, a kill) is run again
-    and logged again."""
+    """Drop log lines past the resume point: an epoch whose save failed (a full disk, a kill) is run
+    again and logged again."""
     if world()[0] != 0 or not os.path.exists(path):
         return
     with open(path) as f:
@@ -490,7 +503,8 @@ def logged_update(line):
 
 
 def remove_training_state(path):
-    """The resume point, its neighbours and any temporary file a killed save left (save_atomic's .tmp<pid>)."""
+    """The resume point, its neighbours and any temporary file a killed save left (save_atomic's
+    .tmp<pid>)."""
     for candidate in [path, f"{path}.new", f"{path}.prev"] + glob.glob(
         f"{glob.escape(path)}*.tmp*"
     ):
@@ -499,8 +513,8 @@ def remove_training_state(path):
 
 
 class StopRequested:
-    """SIGTERM / Ctrl-C: finish the current update, save, exit with status 130; a second Ctrl-C stops
-    at once. Under torchrun the processes agree on stopping at the same update."""
+    """SIGTERM / Ctrl-C: finish the current update, save, exit with status 130; a second Ctrl-C
+    stops at once. Under torchrun the processes agree on stopping at the same update."""
 
     def __enter__(self):
         self.flag = False
@@ -576,7 +590,8 @@ def init_distributed(device_name):
     if wants_gpu and "LOCAL_RANK" not in os.environ:  # every process would take GPU 0
         raise DataError(
             f"WORLD_SIZE={os.environ['WORLD_SIZE']} but no LOCAL_RANK to choose this process's "
-            "GPU: start the processes with torchrun (it sets both), or give each its own --device cuda:N"
+            "GPU: start the processes with torchrun (it sets both), or give each its own --device "
+            "cuda:N"
         )
     device = resolve_device(device_name)
     if device.type == "cuda":
@@ -586,8 +601,8 @@ def init_distributed(device_name):
 
 
 def all_reduce_gradients(params):
-    """Sum every process's gradients in one collective (a parameter without a gradient counts as zero,
-    so every process sends the same layout)."""
+    """Sum every process's gradients in one collective (a parameter without a gradient counts as
+    zero, so every process sends the same layout)."""
     if world()[1] == 1:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
@@ -616,7 +631,8 @@ UNCOMPUTED_SETTINGS = {
 
 
 def run_files(run_dir):
-    """The folder's computed files (results, resume points, logs): all but config.json, the lock and temporaries."""
+    """The folder's computed files (results, resume points, logs): all but config.json, the lock and
+    temporaries."""
     names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
     return sorted(
         n
@@ -651,7 +667,8 @@ def retire_orphans(run_dir):
         for name in names:
             os.replace(os.path.join(run_dir, name), os.path.join(run_dir, name + ".orphaned"))
         print(
-            f"warning: {run_dir} holds {names} but no config.json: they were computed with settings "
+            f"warning: {run_dir} holds {names} but no config.json: they were computed with "
+            "settings "
             "no file records, so they are kept as *.orphaned and this run starts again",
             file=sys.stderr,
         )
@@ -659,10 +676,10 @@ def retire_orphans(run_dir):
 
 
 def check_run_config(run_dir, config, computed_with=None):
-    """Refuse to resume or skip into a folder whose files were computed with other settings; returns True
-    when the folder holds this run already. A setting may change while nothing was computed with it yet
-    (a failed start leaves only config.json): computed_with(changed settings) lists those files (default:
-    every computed file), and config.json is then rewritten."""
+    """Refuse to resume or skip into a folder whose files were computed with other settings; returns
+    True when the folder holds this run already. A setting may change while nothing was computed
+    with it yet (a failed start leaves only config.json): computed_with(changed settings) lists
+    those files (default: every computed file), and config.json is then rewritten."""
     path = os.path.join(run_dir, "config.json")
     barrier()  # every process looks before rank 0 writes
     old = None
@@ -696,8 +713,8 @@ def check_run_config(run_dir, config, computed_with=None):
 
 @contextlib.contextmanager
 def run_lock(run_dir):
-    """One run per folder at a time: <run_dir>/lock holds the holder's pid and host. A lock left by a
-    process of this host that has ended (SIGKILL, power loss) is taken over, with a message."""
+    """One run per folder at a time: <run_dir>/lock holds the holder's pid and host. A lock left by
+    a process of this host that has ended (SIGKILL, power loss) is taken over, with a message."""
     path, me, error = os.path.join(run_dir, "lock"), f"{os.getpid()} {socket.gethostname()}", [None]
     if world()[0] == 0:
         check_output_dir(run_dir)
@@ -719,7 +736,8 @@ def take_lock(path, me):
         pid, _, host = read_text(path).partition(" ")
         if host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid)):
             return (
-                f"{os.path.dirname(path)} is in use by process {pid} on {host or '?'} ({path}); wait for "
+                f"{os.path.dirname(path)} is in use by process {pid} on {host or '?'} ({path}); "
+                "wait for "
                 "it to finish, or remove the lock file if that process has ended"
             )
         print(
@@ -770,7 +788,8 @@ def check_output_dir(path, need_bytes=0):
 
 
 def checkpoint_bytes(model, params):
-    """Room a stage needs: two resume points (weights + Adam's two moments) and the final weights."""
+    """Room a stage needs: two resume points (weights + Adam's two moments) and the final
+    weights."""
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     moments = 2 * sum(p.numel() * p.element_size() for p in params)
     return 3 * weights + 2 * moments
@@ -822,20 +841,23 @@ def add_run_flags(p):
         "--seed",
         type=NATURAL,
         default=0,
-        help="every random draw (masks, crops, batches, init) follows from it (default: %(default)s)",
+        help="every random draw (masks, crops, batches, init) follows from it (default: "
+        "%(default)s)",
     )
     a(
         "--recipe",
         choices=["release", "clean"],
         default="release",
-        help="release: what the authors' code computed; clean: the method as written, per utterance (README, "
+        help="release: what the authors' code computed; clean: the method as written, per "
+        "utterance (README, "
         "'Where every default comes from') (default: %(default)s)",
     )
     a(
         "--precision",
         choices=["auto", "auto-fp16", "fp32", "bf16", "fp16"],
         default=None,
-        help="on a GPU, auto: bf16 where the GPU has it, else fp16 with a grad scaler; auto-fp16: fp16 "
+        help="on a GPU, auto: bf16 where the GPU has it, else fp16 with a grad scaler; auto-fp16: "
+        "fp16 "
         "with a grad scaler, as the release trained; both fp32 on the CPU (default: the recipe's: "
         "release auto-fp16, clean auto)",
     )
@@ -844,7 +866,8 @@ def add_run_flags(p):
     a(
         "--cache",
         action="store_true",
-        help="keep decoded audio in memory after the first epoch; loads in the main process (implies --workers 0), "
+        help="keep decoded audio in memory after the first epoch; loads in the main process "
+        "(implies --workers 0), "
         "since worker processes would each rebuild their own copy every epoch",
     )
     a(
@@ -877,10 +900,10 @@ def finish_args(p, args, defaults):
 
 @contextlib.contextmanager
 def user_errors():
-    """Every script's errors, as its user sees them: bad input is one line and exit status 2 (a DataLoader
-    worker's too: torch re-raises it with the worker's traceback in the message, whose last line is the
-    error itself), and so is a file that cannot be written; Ctrl-C one line and 130; a reader that closed
-    the pipe (| head) ends the output quietly."""
+    """Every script's errors, as its user sees them: bad input is one line and exit status 2 (a
+    DataLoader worker's too: torch re-raises it with the worker's traceback in the message, whose
+    last line is the error itself), and so is a file that cannot be written; Ctrl-C one line and
+    130; a reader that closed the pipe (| head) ends the output quietly."""
     try:
         yield
     # before OSError, its base: stdout to devnull, so Python's own flush at exit is quiet
@@ -902,8 +925,8 @@ def user_errors():
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """Every script's parser: a bad flag or value is one line (the flag, the value, what is allowed) and
-    exit status 2, as every other error of these scripts."""
+    """Every script's parser: a bad flag or value is one line (the flag, the value, what is allowed)
+    and exit status 2, as every other error of these scripts."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)  # --epoch is not --epochs
@@ -914,7 +937,8 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def flag_type(kind, check, expected):
-    """An argparse type: a bad value exits 2 with one line naming the flag, the value and what is allowed."""
+    """An argparse type: a bad value exits 2 with one line naming the flag, the value and what is
+    allowed."""
 
     def parse(text):
         try:
