@@ -1077,33 +1077,20 @@ def config_dict(cfg) -> dict:
     return json.loads(json.dumps(asdict(cfg)))
 
 
+def save_own(kind, cfg, module, path, meta=None, **extra):
+    """The project's own format, one writer for its three kinds (wav2vec2, classifier,
+    wav2vec1-teacher): plain dicts and tensors, loadable with weights_only=True."""
+    content = {"format": f"w2v2-ser/{kind}", "version": 1, "config": config_dict(cfg), **extra}
+    save_atomic({**content, "model": module.state_dict(), "meta": meta or {}}, path)
+
+
 def save_wav2vec2(model: Wav2Vec2, path, meta=None):
-    """The project's own format: plain dicts and tensors, loadable with weights_only=True."""
-    save_atomic(
-        {
-            "format": "w2v2-ser/wav2vec2",
-            "version": 1,
-            "config": config_dict(model.cfg),
-            "model": model.state_dict(),
-            "meta": meta or {},
-        },
-        path,
-    )
+    save_own("wav2vec2", model.cfg, model, path, meta)
 
 
 def save_classifier(clf: EmotionClassifier, path, meta=None):
-    save_atomic(
-        {
-            "format": "w2v2-ser/classifier",
-            "version": 1,
-            "config": config_dict(clf.backbone.cfg),
-            "classes": list(clf.classes),
-            "skip_last_frame": clf.skip_last_frame,
-            "model": clf.state_dict(),
-            "meta": meta or {},
-        },
-        path,
-    )
+    extra = {"classes": list(clf.classes), "skip_last_frame": clf.skip_last_frame}
+    save_own("classifier", clf.backbone.cfg, clf, path, meta, **extra)
 
 
 def load_classifier(path) -> EmotionClassifier:
@@ -1121,18 +1108,8 @@ def load_classifier(path) -> EmotionClassifier:
 
 
 def save_wav2vec1_teacher(teacher: Wav2Vec1Teacher, path, meta=None):
-    """The release recipe's trained P-TAPT teacher (v1 and its stride-2 conv), in the project's own
-    format."""
-    save_atomic(
-        {
-            "format": "w2v2-ser/wav2vec1-teacher",
-            "version": 1,
-            "config": config_dict(teacher.v1.cfg),
-            "model": teacher.state_dict(),
-            "meta": meta or {},
-        },
-        path,
-    )
+    """The release recipe's trained P-TAPT teacher (v1 and its stride-2 conv)."""
+    save_own("wav2vec1-teacher", teacher.v1.cfg, teacher, path, meta)
 
 
 def load_wav2vec1_teacher(path) -> Wav2Vec1Teacher:
