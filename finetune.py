@@ -13,10 +13,11 @@ to 10 s; then every utterance of the held-out session is classified at full leng
 --recipe release (the default) computes what the authors' code computed: random batches, the conv
 encoder's group norm over the padded batch, transformers 4.10's span counts (one per batch, from its
 padded length), a mean that leaves out each utterance's last frame; --recipe clean does all of it per
-utterance (RECIPES below; README "Where every default comes from").
+utterance (README "The two recipes"; every value and its source: RECIPE.md).
 
-Output: runs/<name>/fold<k>/run<r>/{config.json, log.jsonl, model.pt, predictions.csv, metrics.json}.
-The training loop below (`train`) is the one every stage of pretrain.py uses too.
+Output: runs/<name>/fold<k>/run<r>/{config.json, log.jsonl, timing.jsonl, model.pt, predictions.csv,
+metrics.json}.
+The training loop (train.py's `train`) is the one every stage of pretrain.py uses too.
 """
 
 import argparse
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from checkpoints import save_classifier, write_json
-from data import AudioDataset, count_table, format_count_table, load_corpus
+from data import AudioDataset, DataError, count_table, format_count_table, load_corpus
 from evaluate import compute_metrics, predict, write_predictions
 from model import EmotionClassifier, vft_masks
 from synth import synthesize_iemocap
@@ -412,6 +413,20 @@ def parse_args(argv):
     return args
 
 
+def check_backbones(args, folds):
+    """Every fold's model file read before the first fold trains: a wrong --checkpoint, or a
+    missing or damaged fold-5 --init, is found now rather than after folds 1-4 (reading only: each
+    run still loads its own, after seeding)."""
+    sources = (
+        [args.init.replace("{fold}", str(f)) for f in folds] if args.init else [args.checkpoint]
+    )
+    for source in dict.fromkeys(sources):
+        if source != "random-tiny" and not os.path.exists(source):
+            raise DataError(f"--init: {source}: no such file (the pretrain.py output for its fold)")
+        if source != "random-tiny":
+            load_backbone(source, args.seed)
+
+
 def main(argv=None):
     args = parse_args(argv)
     with user_errors():
@@ -421,8 +436,9 @@ def main(argv=None):
             print(f"writing the synthetic corpus to {args.data}")
             synthesize_iemocap(args.data)
         barrier()
-        results, template = [], args.init
-        for fold in folds_of(args.data, args.fold):
+        results, template, folds = [], args.init, folds_of(args.data, args.fold)
+        check_backbones(args, folds)
+        for fold in folds:
             splits, classes = load_corpus(args.data, fold, args.wav_dir)
             if not results and world()[0] == 0:
                 print(

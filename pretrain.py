@@ -14,7 +14,7 @@ then goes through V-FT (finetune.py --init). The teacher is the wav2vec 2.0 chec
 
 --recipe release (the default) computes what the authors' code computed: TAPT with transformers 4.10's
 loss (`release_tapt_loss`), span counts per batch, dynamic batches of about 250 s of audio; --recipe
-clean uses fairseq's objective (`tapt_loss`) and per-utterance masks (RECIPES below).
+clean uses fairseq's objective (`tapt_loss`) and per-utterance masks (README "The two recipes"; RECIPE.md).
 
 Without --fold every fold runs in turn. Output per fold: runs/<mode>/fold<k>/pretrained.pt. P-TAPT's
 stages (teacher.pt, labels.pt, pretrained.pt) are each skipped when their output exists and resume

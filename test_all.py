@@ -4675,6 +4675,31 @@ def test_ptapt_reads_its_checkpoint_before_the_teacher_trains(corpus, tiny_v1, t
     assert not list((tmp_path / "runs").rglob("teacher*"))
 
 
+def test_finetune_reads_every_folds_init_before_the_first_fold(corpus, tmp_path, capsys):
+    """--fold all --init 'runs/x/fold{fold}/pretrained.pt': a missing fold-2 file or a damaged
+    fold-3 one is one line before fold 1 trains, and no run folder is made."""
+    import finetune
+
+    pretrained = tmp_path / "tapt" / "fold{fold}" / "pretrained.pt"
+    for fold in (1, 3, 4, 5):
+        path = tmp_path / "tapt" / f"fold{fold}" / "pretrained.pt"
+        path.parent.mkdir(parents=True)
+        C.save_wav2vec2(M.Wav2Vec2(T.tiny_random_config()), path)
+    argv = ["--fold", "all", "--data", corpus, "--out", tmp_path / "runs", "--no-progress"]
+    for damaged, named in ((None, "fold2"), (3, "fold3")):
+        if damaged:
+            (tmp_path / "tapt" / "fold2").mkdir()
+            C.save_wav2vec2(
+                M.Wav2Vec2(T.tiny_random_config()), tmp_path / "tapt/fold2/pretrained.pt"
+            )
+            (tmp_path / "tapt" / f"fold{damaged}" / "pretrained.pt").write_bytes(b"not a file")
+        with pytest.raises(SystemExit) as e:
+            finetune.main(list(map(str, argv + ["--init", pretrained])))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error:"), err
+        assert named in err[0] and not (tmp_path / "runs").exists(), err
+
+
 def test_runs_that_would_train_on_nothing_are_refused_and_the_fix_is_not_blocked(corpus, tmp_path):
     """A batch larger than the training set (the last partial batch is dropped), a mistyped checkpoint:
     refused before any training, and the corrected command then runs in the same folder."""

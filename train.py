@@ -850,7 +850,7 @@ def add_run_flags(p):
         default="release",
         help="release: what the authors' code computed; clean: the method as written, per "
         "utterance (README, "
-        "'Where every default comes from') (default: %(default)s)",
+        "'The two recipes') (default: %(default)s)",
     )
     a(
         "--precision",
