@@ -1364,13 +1364,19 @@ def parse_args(argv):
     return args
 
 
-def next_command(args, fold, out):
-    """The V-FT that follows, with this run's recipe (and the quick start's settings after a run
-    on the synthetic corpus's tiny random model, as the README's synthetic rows use them)."""
+def next_command(args, folds, root):
+    """The V-FT that follows, with this run's recipe: over every fold pretrained here, 5 runs each
+    as the paper's table (the quick start's settings after a run on the synthetic corpus's tiny
+    random model, as the README's synthetic rows use them)."""
     recipe = " --recipe clean" if args.recipe == "clean" else ""
+    several = len(folds) > 1
+    init = os.path.join(root, "fold{fold}" if several else f"fold{folds[0]}", "pretrained.pt")
+    init = f"'{init}'" if several else init
     if args.checkpoint == "random-tiny":
-        return f"\n  next: python finetune.py --quickstart --data {args.data}{recipe} --init {out}"
-    return f"\n  next: python finetune.py --fold {fold} --data {args.data}{recipe} --init {out}"
+        fold = " --fold all" if several else ""
+        return f"  next: python finetune.py --quickstart{fold} --data {args.data}{recipe} --init {init}"
+    fold = "all --runs 5" if several else folds[0]
+    return f"  next: python finetune.py --fold {fold} --data {args.data}{recipe} --init {init}"
 
 
 def main(argv=None):
@@ -1399,8 +1405,9 @@ def main(argv=None):
                     continue
                 run_fold(args, fold, splits, classes, run_dir, device)
             if world()[0] == 0:
-                hint = "" if args.mode == "kmeans" else next_command(args, fold, out)
-                print(f"fold {fold}: {out}{hint}")
+                print(f"fold {fold}: {out}")
+        if world()[0] == 0 and args.mode != "kmeans":
+            print(next_command(args, folds, os.path.join(args.out, name)))
 
 
 if __name__ == "__main__":

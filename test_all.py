@@ -3923,6 +3923,8 @@ def test_tapt_and_ptapt_end_to_end(corpus, straight_runs, tmp_path):
     assert not list(fold.glob("*.state.pt"))
     r = script("pretrain.py", *PTAPT_RUN, "--data", corpus, "--out", out)
     assert r.returncode == 0 and "fold 2 done" in r.stdout
+    init = os.path.join(out, "ptapt", "fold2", "pretrained.pt")
+    assert r.stdout.strip().splitlines()[-1].endswith(f"--data {corpus} --init {init}"), r.stdout
     # pseudo-labels that do not match the audio: one frame moved from the first utterance to the second
     broken = tmp_path / "broken" / "fold2"
     shutil.copytree(fold, broken)
@@ -4650,6 +4652,24 @@ def test_a_list_corpus_runs_once(tmp_path):
     assert T.folds_of(listed, None) == T.folds_of(listed, "all") == T.folds_of(listed, "1") == [1]
     with pytest.raises(data.DataError, match="one train/test split"):
         T.folds_of(listed, 3)
+
+
+def test_pretrain_hint_is_the_readmes_next_command():
+    """After every fold, one line: the README's V-FT over those folds, with this run's recipe."""
+    args = argparse.Namespace(recipe="release", checkpoint="wav2vec_small.pt", data="IEMOCAP")
+    assert P.next_command(args, [1, 2, 3, 4, 5], "runs/tapt") == (
+        "  next: python finetune.py --fold all --runs 5 --data IEMOCAP "
+        "--init 'runs/tapt/fold{fold}/pretrained.pt'"
+    )
+    args.recipe = "clean"
+    assert P.next_command(args, [3], "runs/tapt-clean") == (
+        "  next: python finetune.py --fold 3 --data IEMOCAP --recipe clean "
+        "--init runs/tapt-clean/fold3/pretrained.pt"
+    )
+    args.checkpoint = "random-tiny"
+    assert P.next_command(args, [1], "runs/ptapt-clean").startswith(
+        "  next: python finetune.py --quickstart --data IEMOCAP --recipe clean --init"
+    )
 
 
 def test_clean_tapt_trains_through_batches_with_nothing_masked(corpus, tmp_path):
