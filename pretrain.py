@@ -14,7 +14,8 @@ then goes through V-FT (finetune.py --init). The teacher is the wav2vec 2.0 chec
 
 --recipe release (the default) computes what the authors' code computed: TAPT with transformers 4.10's
 loss (`release_tapt_loss`), span counts per batch, dynamic batches of about 250 s of audio; --recipe
-clean uses fairseq's objective (`tapt_loss`) and per-utterance masks (README "The two recipes"; RECIPE.md).
+clean uses fairseq's objective (`tapt_loss`) and per-utterance masks (README "The two recipes";
+RECIPE.md).
 
 Without --fold every fold runs in turn. Output per fold: runs/<mode>/fold<k>/pretrained.pt. P-TAPT's
 stages (teacher.pt, labels.pt, pretrained.pt) are each skipped when their output exists and resume
@@ -1372,11 +1373,12 @@ def next_command(args, folds, root):
     several = len(folds) > 1
     init = os.path.join(root, "fold{fold}" if several else f"fold{folds[0]}", "pretrained.pt")
     init = f"'{init}'" if several else init
+    rest = f"--data {args.data}{recipe} --init {init}"
     if args.checkpoint == "random-tiny":
-        fold = " --fold all" if several else ""
-        return f"  next: python finetune.py --quickstart{fold} --data {args.data}{recipe} --init {init}"
-    fold = "all --runs 5" if several else folds[0]
-    return f"  next: python finetune.py --fold {fold} --data {args.data}{recipe} --init {init}"
+        return (
+            "  next: python finetune.py --quickstart" + (" --fold all " if several else " ") + rest
+        )
+    return f"  next: python finetune.py --fold {'all --runs 5' if several else folds[0]} {rest}"
 
 
 def main(argv=None):
