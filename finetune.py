@@ -421,10 +421,11 @@ def check_backbones(args, folds):
         [args.init.replace("{fold}", str(f)) for f in folds] if args.init else [args.checkpoint]
     )
     for source in dict.fromkeys(sources):
-        if source != "random-tiny" and not os.path.exists(source):
+        if source == "random-tiny":
+            continue
+        if not os.path.exists(source):
             raise DataError(f"--init: {source}: no such file (the pretrain.py output for its fold)")
-        if source != "random-tiny":
-            load_backbone(source, args.seed)
+        load_backbone(source, args.seed)
 
 
 def main(argv=None):

@@ -1512,22 +1512,7 @@ def test_checkpoint_errors_through_the_cli_are_one_line(corpus, tmp_path):
         tmp_path / "v1.pt", NARROW, "args", {**v1, "feature_aggregator.conv_layers.0.1.bias": 0}
     )
     r = script(
-        "pretrain.py",
-        "--mode",
-        "ptapt",
-        "--fold",
-        1,
-        "--data",
-        corpus,
-        "--checkpoint",
-        "random-tiny",
-        "--teacher",
-        tmp_path / "v1.pt",
-        "--out",
-        tmp_path / "runs",
-        "--workers",
-        0,
-        "--no-progress",
+        "pretrain.py", *v1_teacher_args(corpus, tmp_path / "v1.pt"), "--out", tmp_path / "runs"
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
