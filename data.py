@@ -1,16 +1,10 @@
-"""
-Data for speech emotion recognition, in this order: audio loading; IEMOCAP read from the
-release's own label files; custom corpora (the original release's label JSON, or a CSV
-manifest); the dataset and the length-bucketed batch sampler; a synthetic IEMOCAP-like corpus
-in the release's layout, for the quick start and the tests; the command line.
-
-    python data.py --data /path/to/IEMOCAP_full_release          # per-session counts
-    python data.py --synth synth/IEMOCAP_full_release            # write the synthetic corpus
+"""Data for speech emotion recognition: audio reading; IEMOCAP read from the release's own label
+files; custom corpora (the original release's label .json, or a .csv manifest); the dataset and
+the batch sampler; P-TAPT's pseudo-label file; the command line, `python data.py --data X`, which
+prints X's utterances per session (or split) and class.
 
 Every problem in a user's data raises DataError naming the file or value and what was expected
-(a file that cannot be read at all: OSError); the scripts print either as one line and exit with
-code 2.
-"""
+(a file that cannot be read at all: OSError); the scripts print either as one line, exit code 2."""
 
 import argparse
 import csv
@@ -29,9 +23,9 @@ import torch
 from checkpoints import save_atomic
 from model import MIN_SAMPLES, SAMPLE_RATE
 
-# The release's label order is alphabetical over its label names; exc is merged into hap.
+# The release's label order is alphabetical over its label names; exc is merged into hap, the
+# other labels are dropped.
 CLASSES = ("ang", "hap", "neu", "sad")
-# the rest is dropped
 IEMOCAP_LABELS = {"neu": "neu", "ang": "ang", "sad": "sad", "hap": "hap", "exc": "hap"}
 SESSIONS = (1, 2, 3, 4, 5)
 IEMOCAP_SESSION_SIZES = {1: 1085, 2: 1023, 3: 1151, 4: 1031, 5: 1241}  # 5531 in all, for reference
@@ -87,8 +81,7 @@ def read_audio(path):
     if not torch.isfinite(wav).all():
         raise DataError(f"{path}: audio contains NaN or infinite samples")
     if samplerate != SAMPLE_RATE:
-        # imported here: slow to import and only needed for non-16 kHz files
-        import torchaudio.functional
+        import torchaudio.functional  # here: slow to import, needed for non-16 kHz files only
 
         wav = torchaudio.functional.resample(wav, samplerate, SAMPLE_RATE)
     return wav
@@ -99,8 +92,7 @@ def _soundfile(read, path, **kwargs):
         raise DataError(f"{path}: audio file not found")
     try:
         return read(path, **kwargs)
-    # libsndfile raises several types for garbage files; all mean "not audio"
-    except Exception as e:
+    except Exception as e:  # libsndfile raises several types for garbage; all mean "not audio"
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DataError(f"{path}: not a readable audio file ({first_line})") from None
 
@@ -122,12 +114,13 @@ LABEL_LINE = re.compile(
     r"^\[\s*\d+(?:\.\d*)?\s*-\s*\d+(?:\.\d*)?\s*\]\s+"
     r"([A-Za-z0-9]+(?:_[A-Za-z0-9]+)+)\s+([A-Za-z]+)\s+\[[^\]]*\]\s*$"
 )
+LINE_FORMAT = "'[start - end]<TAB>uid<TAB>label<TAB>[v, a, d]'"  # for messages
 
 
 def parse_label_file(path):
-    """Returns ([(uid, label)], [(line_number, line)] of lines that look like labels but do not
-    parse). The release's label files are ASCII: a file that is not UTF-8 text (saved as UTF-16 by
-    an editor, say) is a DataError, not a file whose lines all fail to parse."""
+    """([(uid, label)], [(line_number, line)] of lines that look like labels but do not parse).
+    A file that is not UTF-8 text (the release's are ASCII; an editor may save UTF-16) is a
+    DataError, not a file whose lines all fail to parse."""
     labels, bad = [], []
     with open(path, "rb") as f:
         raw = f.read()
@@ -137,10 +130,8 @@ def parse_label_file(path):
     except UnicodeDecodeError as e:
         problem = problem or f"byte 0x{raw[e.start]:02x} at offset {e.start} is not UTF-8"
     if problem:
-        raise DataError(
-            f"{path}: not a UTF-8 text file ({problem}); expected the release's label file in "
-            "UTF-8 (or ASCII): re-save it as UTF-8"
-        )
+        expected = "expected the release's label file in UTF-8 (or ASCII): re-save it as UTF-8"
+        raise DataError(f"{path}: not a UTF-8 text file ({problem}); {expected}")
     for number, line in enumerate(lines, start=1):
         match = LABEL_LINE.match(line)
         if match:
@@ -155,29 +146,23 @@ def load_iemocap(root):
     root = os.fspath(root)
     if not os.path.isdir(root):
         raise DataError(f"IEMOCAP root {root} not found (expected the IEMOCAP_full_release folder)")
-    labels = read_iemocap_labels(root)  # uid -> (session, label)
     utterances, skipped = [], []
-    for uid, (s, label) in labels.items():
+    for uid, (s, label) in read_iemocap_labels(root).items():
         if label not in IEMOCAP_LABELS:
             continue
-        wav = os.path.join(
-            root, f"Session{s}", "sentences", "wav", uid.rsplit("_", 1)[0], uid + ".wav"
-        )
+        dialog = uid.rsplit("_", 1)[0]
+        wav = os.path.join(root, f"Session{s}", "sentences", "wav", dialog, uid + ".wav")
         try:
-            utterances.append(
-                Utterance(uid, wav, IEMOCAP_LABELS[label], audio_num_samples(wav), session=s)
-            )
+            num_samples = audio_num_samples(wav)
         except DataError as e:
             skipped.append(str(e))
+            continue
+        utterances.append(Utterance(uid, wav, IEMOCAP_LABELS[label], num_samples, session=s))
     if skipped:
-        warnings.warn(
-            f"skipped {len(skipped)} labelled utterance(s) whose audio is missing, unreadable or "
-            f"shorter than {MIN_SAMPLES} samples: "
-            + "; ".join(skipped[:3])
-            + ("; ..." if len(skipped) > 3 else ""),
-            DataWarning,
-            stacklevel=2,
-        )
+        first = "; ".join(skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+        why = f"audio is missing, unreadable or shorter than {MIN_SAMPLES} samples"
+        message = f"skipped {len(skipped)} labelled utterance(s) whose {why}: {first}"
+        warnings.warn(message, DataWarning, stacklevel=2)
     if not utterances:
         raise DataError(f"no usable 4-class utterances under {root}")
     return sorted(utterances, key=lambda u: u.uid)
@@ -185,99 +170,75 @@ def load_iemocap(root):
 
 def read_iemocap_labels(root):
     """{uid: (session, label)} from every session's label files, a uid's first label kept. Warns of
-    a session without a label, of lines that do not parse and of uids labelled twice; stacklevel 3:
-    the warnings name load_iemocap's caller, as its own do."""
-    labels, bad, duplicates = {}, [], 0
-    unlabelled = []  # sessions of which no label was read
+    a session without a label, of lines that do not parse and of uids labelled twice (stacklevel 3:
+    naming load_iemocap's caller, as its own warning does)."""
+    labels, bad, duplicates, unlabelled = {}, [], 0, []
     for s in SESSIONS:
-        emo_dir = label_dir(root, s)
+        session_dir = os.path.join(root, f"Session{s}")
+        emo_dir = os.path.join(session_dir, "dialog", "EmoEvaluation")
+        if not os.path.isdir(session_dir):
+            where = f"the IEMOCAP release has Session1..Session5 under {root}"
+            raise DataError(f"{session_dir} not found: {where}")
+        if not os.path.isdir(emo_dir):
+            raise DataError(f"{emo_dir} not found: expected the label files <dialog>.txt there")
         # Only the .txt files directly in EmoEvaluation: its subfolders (Categorical/, Attribute/,
         # Self-evaluation/) hold per-annotator files in other formats, and "._*" are macOS junk.
-        names = sorted(
-            n for n in os.listdir(emo_dir) if n.endswith(".txt") and not n.startswith(".")
-        )
+        names = sorted(n for n in os.listdir(emo_dir) if n.endswith(".txt") and n[0] != ".")
         read = 0
         for name in names:
-            pairs, bad_lines = parse_label_file(os.path.join(emo_dir, name))
+            path = os.path.join(emo_dir, name)
+            pairs, bad_lines = parse_label_file(path)
             for uid, label in pairs:
                 duplicates += uid in labels
                 labels.setdefault(uid, (s, label))
             read += len(pairs)
-            bad += [(os.path.join(emo_dir, name), number, line) for number, line in bad_lines]
+            bad += [(path, number, line) for number, line in bad_lines]
         if not read:
             unlabelled.append(f"Session{s} ({len(names)} label file(s) in {emo_dir})")
+    messages = []
     if unlabelled:
-        warnings.warn(
+        messages.append(
             f"no labelled utterance read for {', '.join(unlabelled)}: that session is left out; "
-            "expected <dialog>.txt files with lines '[start - end]<TAB>uid<TAB>label<TAB>[v, a, "
-            "d]'",
-            DataWarning,
-            stacklevel=3,
+            f"expected <dialog>.txt files with lines {LINE_FORMAT}"
         )
     if bad:
         path, number, line = bad[0]
-        warnings.warn(
-            f"skipped {len(bad)} label line(s) that do not parse as "
-            f"'[start - end]<TAB>uid<TAB>label<TAB>[v, a, d]', first: {path} line {number}: "
-            f"{line!r}",
-            DataWarning,
-            stacklevel=3,
+        messages.append(
+            f"skipped {len(bad)} label line(s) that do not parse as {LINE_FORMAT}, first: "
+            f"{path} line {number}: {line!r}"
         )
     if duplicates:
-        warnings.warn(
-            f"{duplicates} utterance(s) labelled more than once under {root}; kept the first label",
-            DataWarning,
-            stacklevel=3,
+        messages.append(
+            f"{duplicates} utterance(s) labelled more than once under {root}; kept the first label"
         )
+    for message in messages:
+        warnings.warn(message, DataWarning, stacklevel=3)
     return labels
 
 
-def label_dir(root, s):
-    """Session s's label folder, Session<s>/dialog/EmoEvaluation; a DataError when it is not
-    there."""
-    session_dir = os.path.join(root, f"Session{s}")
-    if not os.path.isdir(session_dir):
-        raise DataError(
-            f"{session_dir} not found: the IEMOCAP release has Session1..Session5 under {root}"
-        )
-    emo_dir = os.path.join(session_dir, "dialog", "EmoEvaluation")
-    if not os.path.isdir(emo_dir):
-        raise DataError(f"{emo_dir} not found: expected the label files <dialog>.txt there")
-    return emo_dir
-
-
 def count_table(utterances):
-    """{"sessions": {"1": {"ang": n, ...}, ...}, "total": n}; custom corpora are counted per
-    split."""
+    """{"sessions": {"1": {"ang": n, ...}, ...}, "total": n}; a custom corpus's rows are splits."""
     labels = {u.label for u in utterances}
     classes = CLASSES if labels <= set(CLASSES) else tuple(sorted(labels))
     rows = {}
     for u in utterances:
         key = str(u.session) if u.session is not None else (u.split or "all")
         rows.setdefault(key, dict.fromkeys(classes, 0))[u.label] += 1
-    # sessions 1..5, or the splits
-    keys = sorted(rows, key=lambda k: (SPLITS.index(k) if k in SPLITS else -1, k))
+    keys = sorted(rows, key=lambda k: (SPLITS.index(k) if k in SPLITS else -1, k))  # 1..5 or splits
     return {"sessions": {k: rows[k] for k in keys}, "total": len(utterances)}
 
 
 def format_count_table(table):
+    """count_table's result as a Markdown table: a row per session (or split), then the totals."""
     rows = table["sessions"]
     classes = list(next(iter(rows.values()))) if rows else list(CLASSES)
-    header = ["session", *classes, "total"]
-    body = [
-        [key, *(str(row[c]) for c in classes), str(sum(row.values()))] for key, row in rows.items()
-    ]
-    body.append(
-        [
-            "total",
-            *(str(sum(row[c] for row in rows.values())) for c in classes),
-            str(table["total"]),
-        ]
-    )
-    widths = [max(len(r[j]) for r in [header, *body]) for j in range(len(header))]
-    line = lambda cells: "| " + " | ".join(c.rjust(w) for c, w in zip(cells, widths)) + " |"
+    body = [[key, *(row[c] for c in classes), sum(row.values())] for key, row in rows.items()]
+    body.append(["total", *(sum(row[c] for row in rows.values()) for c in classes), table["total"]])
+    cells = [[str(cell) for cell in r] for r in [["session", *classes, "total"], *body]]
+    widths = [max(len(r[j]) for r in cells) for j in range(len(cells[0]))]
+    line = lambda r: "| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
-    return "\n".join([line(header), rule, *(line(r) for r in body)])
+    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
 
 
 def split_fold(utterances, fold):
@@ -287,9 +248,8 @@ def split_fold(utterances, fold):
     train = [u for u in utterances if u.session != fold]
     test = [u for u in utterances if u.session == fold]
     if not train or not test:
-        raise DataError(
-            f"fold {fold}: empty train or test split ({len(train)} / {len(test)} utterances)"
-        )
+        sizes = f"{len(train)} / {len(test)} utterances"
+        raise DataError(f"fold {fold}: empty train or test split ({sizes})")
     return train, test
 
 
@@ -298,18 +258,16 @@ def split_fold(utterances, fold):
 
 
 class _JSONObject(dict):
-    """A JSON object that remembers the keys it lists more than once (json keeps the last
-    silently)."""
+    """json.load's object_pairs_hook: a JSON object that remembers the keys it lists more than once
+    as (key, first value, second value) in .twice, where json alone keeps the last silently."""
 
-
-def _json_object(pairs):
-    obj = _JSONObject()
-    obj.twice = []
-    for key, value in pairs:
-        if key in obj:
-            obj.twice.append((key, obj[key], value))
-        obj[key] = value
-    return obj
+    def __init__(self, pairs):
+        super().__init__()
+        self.twice = []
+        for key, value in pairs:
+            if key in self:
+                self.twice.append((key, self[key], value))
+            self[key] = value
 
 
 def load_label_json(json_path, wav_dir=None):
@@ -319,7 +277,7 @@ def load_label_json(json_path, wav_dir=None):
     wav_dir = os.path.dirname(json_path) if wav_dir is None else os.fspath(wav_dir)
     try:
         with open(json_path, encoding="utf-8") as f:
-            obj = json.load(f, object_pairs_hook=_json_object)
+            obj = json.load(f, object_pairs_hook=_JSONObject)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise DataError(f"{json_path}: not valid JSON ({e})") from None
     keys = {"Train": "train", "Val": "val", "Test": "test"}
@@ -327,30 +285,24 @@ def load_label_json(json_path, wav_dir=None):
         raise DataError(f"{json_path}: expected an object with keys Train, Val (optional), Test")
     if obj.twice:
         raise DataError(f'{json_path}: "{obj.twice[0][0]}" is there twice, expected it once')
-    entries_of = []
-    for key, split in keys.items():
+    for key in keys:  # every split's shape before any audio is read
         entries = obj.get(key, {})
         if not isinstance(entries, dict):
-            raise DataError(
-                f'{json_path}: "{key}" should map wav names to labels, {{"a.wav": "ang", ...}}'
-            )
+            example = '{"a.wav": "ang", ...}'
+            raise DataError(f'{json_path}: "{key}" should map wav names to labels, {example}')
         if getattr(entries, "twice", None):  # a missing "Val" is a plain {}
             name, first, second = entries.twice[0]
             raise DataError(
                 f"{json_path}: {key} lists {name!r} twice (labels {first!r} and {second!r}), "
                 "expected each wav once with its one label"
             )
-        entries_of.append((key, split, entries))
     utterances = []
-    for key, split, entries in entries_of:
-        for name, label in entries.items():
-            if not isinstance(label, str) or not label.strip():
-                raise DataError(
-                    f"{json_path}: {key} entry {name!r} has label {label!r}, expected a non-empty "
-                    "string"
-                )
-            path = os.path.join(wav_dir, name)
+    for key, split in keys.items():
+        for name, label in obj.get(key, {}).items():
             where = f"{json_path}: {key} entry {name!r}"
+            if not isinstance(label, str) or not label.strip():
+                raise DataError(f"{where} has label {label!r}, expected a non-empty string")
+            path = os.path.join(wav_dir, name)
             utterances.append((where, _utterance(where, path, label.strip(), split, wav_dir)))
     return _unique(utterances)
 
@@ -358,23 +310,18 @@ def load_label_json(json_path, wav_dir=None):
 def load_manifest(csv_path):
     """CSV with header path,label,split; relative paths are resolved against the CSV's folder."""
     csv_path = os.fspath(csv_path)
-    folder = os.path.dirname(csv_path)
+    folder, utterances, fields = os.path.dirname(csv_path), [], ("path", "label", "split")
     try:
-        # -sig: spreadsheets write a BOM
-        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheets' BOM
             reader = csv.DictReader(f)
             columns = [c.strip().lower() for c in (reader.fieldnames or [])]
-            if not {"path", "label", "split"} <= set(columns):
-                raise DataError(
-                    f"{csv_path}: expected a header with columns path,label,split, found {columns}"
-                )
+            if not set(fields) <= set(columns):
+                expected = "expected a header with columns path,label,split"
+                raise DataError(f"{csv_path}: {expected}, found {columns}")
             reader.fieldnames = columns
-            utterances = []
             for row in reader:
                 where = f"{csv_path} line {reader.line_num}"
-                path, label, split = (
-                    (row.get(k) or "").strip() for k in ("path", "label", "split")
-                )
+                path, label, split = ((row.get(k) or "").strip() for k in fields)
                 if not path or not label:
                     raise DataError(f"{where}: empty path or label")
                 if split.lower() not in SPLITS:
@@ -386,22 +333,20 @@ def load_manifest(csv_path):
     return _unique(utterances)
 
 
-def custom_uid(path, folder):
-    """A .json or .csv corpus's utterance id: the wav's path relative to the corpus folder, without
-    its extension, '/'-separated ("spk1/001"): unique where file names repeat across folders."""
-    try:
-        relative = os.path.relpath(path, folder or os.curdir)
-    except ValueError:  # another drive (Windows)
-        relative = os.path.abspath(path)
-    return os.path.splitext(relative)[0].replace(os.sep, "/")
-
-
 def _utterance(where, path, label, split, folder):
+    """An utterance of a .json or .csv corpus. Its uid is the wav's path relative to the corpus
+    folder, without its extension, '/'-separated ("spk1/001"): unique where names repeat across
+    folders."""
     try:
         num_samples = audio_num_samples(path)
     except DataError as e:
         raise DataError(f"{where}: {e}") from None
-    return Utterance(custom_uid(path, folder), path, label, num_samples, split=split)
+    try:
+        relative = os.path.relpath(path, folder or os.curdir)
+    except ValueError:  # another drive (Windows)
+        relative = os.path.abspath(path)
+    uid = os.path.splitext(relative)[0].replace(os.sep, "/")
+    return Utterance(uid, path, label, num_samples, split=split)
 
 
 def _unique(entries):
@@ -414,14 +359,12 @@ def _unique(entries):
             if os.path.realpath(first.path) != os.path.realpath(u.path):
                 raise DataError(
                     f"{where}: {u.path} and {first.path} ({first_where}) both have the utterance "
-                    "id "
-                    f"{u.uid!r} (the path relative to the corpus folder, without its extension); "
-                    "rename one"
+                    f"id {u.uid!r} (the path relative to the corpus folder, without its "
+                    "extension); rename one"
                 )
             if first.split != u.split:
-                raise DataError(
-                    f"{where}: {u.path} is in both {first.split} and {u.split} (also {first_where})"
-                )
+                both = f"in both {first.split} and {u.split}"
+                raise DataError(f"{where}: {u.path} is {both} (also {first_where})")
             raise DataError(
                 f"{where}: {u.path} is listed twice (also {first_where}), expected once"
             )
@@ -433,22 +376,19 @@ def load_utterances(data, wav_dir=None):
     """Every usable utterance of an IEMOCAP folder, a .json label file or a .csv manifest."""
     if os.path.isdir(data):
         return load_iemocap(data)
+    expected = "expected an IEMOCAP folder, a .json label file or a .csv manifest"
     if not os.path.isfile(data):
-        raise DataError(
-            f"{data} not found (expected an IEMOCAP folder, a .json label file or a .csv manifest)"
-        )
+        raise DataError(f"{data} not found ({expected})")
     if data.lower().endswith(".json"):
         return load_label_json(data, wav_dir)
     if data.lower().endswith(".csv"):
         return load_manifest(data)
-    raise DataError(f"{data}: expected an IEMOCAP folder, a .json label file or a .csv manifest")
+    raise DataError(f"{data}: {expected}")
 
 
 def load_corpus(data, fold=None, wav_dir=None):
-    """
-    A directory is IEMOCAP (fold 1..5 required) -> ({"train", "test"}, CLASSES); a .json label file
-    or .csv manifest -> ({"train", "test"} plus "val" when it has one, sorted labels of train).
-    """
+    """An IEMOCAP folder (fold 1..5 required) -> ({"train", "test"}, CLASSES); a .json or .csv
+    corpus -> ({"train", "test"} plus "val" when it has one, the sorted labels of train)."""
     data = os.fspath(data)
     if os.path.isdir(data):
         if fold is None:
@@ -465,28 +405,22 @@ def load_corpus(data, fold=None, wav_dir=None):
                 raise DataError(f"{data}: the {name} split is empty")
         classes = tuple(sorted({u.label for u in splits["train"]}))
         if len(classes) < 2:
-            raise DataError(
-                f"{data}: the train split has {len(classes)} label(s) {list(classes)}, expected at "
-                "least 2"
-            )
-        for name, utterances in splits.items():
-            for u in utterances:
+            found = f"{len(classes)} label(s) {list(classes)}"
+            raise DataError(f"{data}: the train split has {found}, expected at least 2")
+        for name, split in splits.items():
+            for u in split:
                 if u.label not in classes:
                     raise DataError(
                         f"{data}: label {u.label!r} of {u.path} ({name}) never occurs in the "
                         f"train split, whose labels are {list(classes)}"
                     )
-    check_disjoint(splits, data)
-    return splits, classes
-
-
-def check_disjoint(splits, data):
     # An utterance in both train and a held-out split would make the held-out score meaningless.
     train = {os.path.realpath(u.path) for u in splits["train"]}
     for name in ("val", "test"):
         for u in splits.get(name, []):
             if os.path.realpath(u.path) in train:
                 raise DataError(f"{data}: {u.path} is in both train and {name}")
+    return splits, classes
 
 
 # -----------------------------------------------------------------------------
@@ -494,14 +428,12 @@ def check_disjoint(splits, data):
 
 
 class AudioDataset(torch.utils.data.Dataset):
-    """
-    Utterances as {"wav", "label", "index", "offset"}. crop="head" keeps the first max_seconds
+    """Utterances as {"wav", "label", "index", "offset"}. crop="head" keeps the first max_seconds
     (fine-tuning), crop="random" a random window whose start is a multiple of crop_align samples
     (pretraining: 320 keeps frame labels aligned). Random crops depend only on (seed, epoch, index),
     so they are the same whatever the worker or order; call set_epoch() each epoch (with persistent
     DataLoader workers the new epoch does not reach the workers' copies). cache=True keeps decoded
-    audio in memory (per worker process).
-    """
+    audio in memory (per worker process)."""
 
     def __init__(
         self, utterances, classes, max_seconds=None, crop="head", crop_align=1, cache=False, seed=0
@@ -545,34 +477,31 @@ class AudioDataset(torch.utils.data.Dataset):
 
 
 def collate(items):
+    """Items zero-padded into one batch: "wav" (B, T), "lengths", "labels", "indices", "offsets"."""
     lengths = torch.tensor([len(item["wav"]) for item in items], dtype=torch.long)
     wav = torch.zeros(len(items), int(lengths.max()), dtype=torch.float32)
     for row, item in enumerate(items):
         wav[row, : len(item["wav"])] = item["wav"]
-    return {
-        "wav": wav,
-        "lengths": lengths,
-        "labels": torch.tensor([item["label"] for item in items], dtype=torch.long),
-        "indices": torch.tensor([item["index"] for item in items], dtype=torch.long),
-        "offsets": torch.tensor([item["offset"] for item in items], dtype=torch.long),
-    }
+    columns = {"labels": "label", "indices": "index", "offsets": "offset"}
+    batch = {"wav": wav, "lengths": lengths}
+    for name, key in columns.items():
+        batch[name] = torch.tensor([item[key] for item in items], dtype=torch.long)
+    return batch
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """
-    Batches of indices. Each epoch (seeded by (seed, epoch), the same on every rank): shuffle, cut
-    into pools of batch_size * 50, sort each pool by length (bucket=True; bucket=False keeps the
-    release's random batches), cut each pool into batches of at most batch_size utterances and at
-    most max_batch_seconds of padded audio, drop the short batches (drop_last, only without
+    """Batches of indices. Each epoch (seeded by (seed, epoch), the same on every rank): shuffle,
+    cut into pools of batch_size * 50, sort each pool by length (bucket=True; bucket=False keeps
+    the release's random batches), cut each pool into batches of at most batch_size utterances and
+    at most max_batch_seconds of padded audio, drop the short batches (drop_last, only without
     max_batch_seconds), shuffle the batch order. shuffle=False: one pool, no shuffling, no dropping
-    (evaluation). Batches are longest-first so an out-of-memory shows up at once.
-    batch_seconds: the release's dynamic batches instead (see dynamic_batches).
+    (evaluation). Batches are longest-first so an out-of-memory shows up at once. batch_seconds:
+    the release's dynamic batches instead (see dynamic_batches).
 
     Distributed: rank r keeps global_batch[r::num_replicas], so the ranks' shards of one step
     together are exactly the single-process batch and every rank takes the same number of steps.
     A batch with fewer utterances than replicas is dropped under drop_last; otherwise its last
-    utterance is repeated until every rank gets one (evaluation should dedupe by index).
-    """
+    utterance is repeated until every rank gets one (evaluation should dedupe by index)."""
 
     def __init__(
         self,
@@ -588,13 +517,12 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         batch_seconds=None,
     ):
         super().__init__()
+        samples = lambda seconds: None if seconds is None else seconds * SAMPLE_RATE
         self.lengths = np.asarray(lengths, dtype=np.int64)
         self.batch_size, self.bucket, self.shuffle = int(batch_size), bucket, shuffle
-        self.max_batch_samples = (
-            None if max_batch_seconds is None else max_batch_seconds * SAMPLE_RATE
-        )
+        self.max_batch_samples = samples(max_batch_seconds)
         self.drop_last = drop_last and shuffle
-        self.batch_samples = None if batch_seconds is None else batch_seconds * SAMPLE_RATE
+        self.batch_samples = samples(batch_seconds)
         self.seed, self.num_replicas, self.rank = int(seed), int(num_replicas), int(rank)
         self.epoch, self.start_batch = 0, 0
 
@@ -627,10 +555,10 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return batches
 
     def dynamic_batches(self, rng):
-        """The release's RandomBucketSampler(dynamic_batch=True) (pretrain/dataloader.py):
-        utterances sorted by length into 50 buckets of n // 50 (and one of the rest), each bucket
-        shuffled, read in ascending order and cut whenever a batch holds at least batch_seconds of
-        audio (lengths as cropped, padding not counted); the last, partial batch is dropped."""
+        """The release's RandomBucketSampler(dynamic_batch=True) (pretrain/dataloader.py): sorted
+        by length into 50 buckets of n // 50 (and one of the rest), each shuffled, read in ascending
+        order and cut whenever a batch holds at least batch_seconds of audio (lengths as cropped,
+        padding not counted); the last, partial batch is dropped."""
         order = np.argsort(self.lengths, kind="stable")
         size = max(1, len(order) // 50)
         batches, batch, total = [], [], 0
@@ -649,10 +577,8 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         batches, batch, longest = [], [], 0
         for i in pool.tolist():
             longer = max(longest, int(self.lengths[i]))
-            too_much = (
-                self.max_batch_samples is not None
-                and (len(batch) + 1) * longer > self.max_batch_samples
-            )
+            limit = self.max_batch_samples
+            too_much = limit is not None and (len(batch) + 1) * longer > limit
             if batch and (len(batch) == self.batch_size or too_much):
                 batches.append(batch)
                 batch, longer = [], int(self.lengths[i])
@@ -663,8 +589,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return batches
 
     def shard(self, batch):
-        if len(batch) < self.num_replicas:
-            batch = batch + [batch[-1]] * (self.num_replicas - len(batch))
+        batch = batch + batch[-1:] * (self.num_replicas - len(batch))  # one index per rank at least
         return batch[self.rank :: self.num_replicas]
 
     def batches(self):
@@ -682,11 +607,9 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
     def padding_fraction(self):
         """Fraction of the samples in this rank's padded batches this epoch that are padding."""
-        padded = real = 0
-        for batch in self.batches():
-            lengths = self.lengths[batch]
-            padded += len(batch) * int(lengths.max())
-            real += int(lengths.sum())
+        lengths = [self.lengths[batch] for batch in self.batches()]
+        padded = sum(len(x) * int(x.max()) for x in lengths)
+        real = sum(int(x.sum()) for x in lengths)
         return 1.0 - real / padded if padded else 0.0
 
 
@@ -703,51 +626,30 @@ def _index(content, path):
         if not ok:
             raise ValueError(f"{path}: invalid pseudo-label file: {problem}")
 
-    check(
-        isinstance(content, dict)
-        and isinstance(content.get("uids"), list)
-        and isinstance(content.get("meta"), dict)
-        and torch.is_tensor(content.get("frame_counts"))
-        and isinstance(content.get("labels"), dict)
-        and content["labels"],
-        "expected {uids: [str], frame_counts: tensor, labels: {K: tensor}, meta: {}}",
-    )
+    types = {"uids": list, "meta": dict, "frame_counts": torch.Tensor, "labels": dict}
+    ok = isinstance(content, dict) and all(isinstance(content.get(k), t) for k, t in types.items())
+    layout = "{uids: [str], frame_counts: tensor, labels: {K: tensor}, meta: {}}"
+    check(ok and content["labels"], f"expected {layout}")
     uids, counts, labels = content["uids"], content["frame_counts"], content["labels"]
-    check(
-        len(counts) == len(uids) == len(set(uids))
-        and all(isinstance(u, str) for u in uids)
-        and counts.dim() == 1
-        and counts.dtype == torch.long
-        and bool((counts >= 0).all()),
-        f"{len(uids)} uids but {len(counts)} frame counts: need a long count >= 0 for each "
-        "distinct uid",
-    )
+    ok = len(counts) == len(uids) == len(set(uids)) and all(isinstance(u, str) for u in uids)
+    ok = ok and counts.dim() == 1 and counts.dtype == torch.long and bool((counts >= 0).all())
+    counted = f"{len(uids)} uids but {len(counts)} frame counts"
+    check(ok, f"{counted}: need a long count >= 0 for each distinct uid")
     for k, lab in labels.items():
-        check(
-            isinstance(k, int)
-            and k > 0
-            and torch.is_tensor(lab)
-            and lab.dim() == 1
-            and not lab.is_floating_point(),
-            f"labels[{k!r}] must be a 1-D integer tensor under an integer K > 0",
-        )
-        check(
-            len(lab) == counts.sum(),
-            f"labels[{k}] has {len(lab)} entries but frame_counts sum to {counts.sum()}",
-        )
-        check(
-            not len(lab) or 0 <= lab.min() <= lab.max() < k,
-            f"labels[{k}] has values outside [0, {k})",
-        )
-    return {
-        u: (s, c) for u, s, c in zip(uids, (counts.cumsum(0) - counts).tolist(), counts.tolist())
-    }
+        integer = torch.is_tensor(lab) and lab.dim() == 1 and not lab.is_floating_point()
+        ok = isinstance(k, int) and k > 0 and integer
+        check(ok, f"labels[{k!r}] must be a 1-D integer tensor under an integer K > 0")
+        entries = f"{len(lab)} entries but frame_counts sum to {counts.sum()}"
+        check(len(lab) == counts.sum(), f"labels[{k}] has {entries}")
+        in_range = not len(lab) or 0 <= lab.min() <= lab.max() < k
+        check(in_range, f"labels[{k}] has values outside [0, {k})")
+    starts = (counts.cumsum(0) - counts).tolist()
+    return {u: (s, c) for u, s, c in zip(uids, starts, counts.tolist())}
 
 
 def save_labels(path, uids, frame_counts, labels, meta):
-    """Writes the labels of the frames of `uids`, concatenated in uid order, atomically: never a
-    file that load_labels would refuse, in int16 when K allows (half the file, half P-TAPT's
-    memory)."""
+    """Writes the labels of the frames of `uids`, concatenated in uid order, atomically; never a
+    file that load_labels would refuse; int16 when K allows (half the file and P-TAPT's memory)."""
     content = {
         "uids": [str(u) for u in uids],
         "frame_counts": torch.as_tensor(frame_counts, dtype=torch.long).cpu(),
@@ -755,9 +657,8 @@ def save_labels(path, uids, frame_counts, labels, meta):
         "meta": dict(meta),
     }
     _index(content, path)
-    content["labels"] = {
-        k: v.to(torch.int16 if k <= 32767 else torch.int32) for k, v in content["labels"].items()
-    }
+    small = lambda k: torch.int16 if k <= 32767 else torch.int32
+    content["labels"] = {k: v.to(small(k)) for k, v in content["labels"].items()}
     save_atomic(content, path)
 
 
@@ -768,11 +669,9 @@ def load_labels(path):
     # a missing, truncated or foreign file: torch raises many different things, whose messages
     # (several lines, advice to unpickle without weights_only) are not for this file's user
     except Exception as e:
-        why = (
-            "it holds objects other than tensors and plain containers"
-            if isinstance(e, pickle.UnpicklingError)
-            else "missing, truncated or not a PyTorch file"
-        )
+        why = "missing, truncated or not a PyTorch file"
+        if isinstance(e, pickle.UnpicklingError):
+            why = "it holds objects other than tensors and plain containers"
         raise ValueError(
             f"{path}: not a readable pseudo-label file ({why}); pretrain.py --mode ptapt or "
             "--mode kmeans writes it again when it is removed"
@@ -788,8 +687,7 @@ def labels_for(label_file, uid, num_frames):
     if count != num_frames:
         raise ValueError(
             f"{label_file['path']}: utterance {uid} has {count} pseudo-labels but {num_frames} "
-            "frames "
-            f"were expected: pseudo-labels do not match the audio"
+            "frames were expected: pseudo-labels do not match the audio"
         )
     return {k: v[start : start + count].long() for k, v in label_file["labels"].items()}
 
@@ -806,17 +704,11 @@ def build_parser():
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
-        "--data",
-        required=True,
-        help="IEMOCAP_full_release folder (or .json label file / .csv manifest) whose utterances "
-        "to count per session (per split) and class",
+        "--data", required=True, help="IEMOCAP_full_release folder, label .json or .csv manifest"
     )
     parser.add_argument("--json", action="store_true", help="print the counts as JSON")
     parser.add_argument(
-        "--wav-dir",
-        default=None,
-        help="with a .json label file: folder its wav names are relative to (None: the json's "
-        "folder)",
+        "--wav-dir", help="folder a label .json's wav names are relative to (None: its folder)"
     )
     return parser
 
@@ -828,11 +720,9 @@ def report(args):
         return json.dumps(table, indent=2)
     text = format_count_table(table)
     if os.path.isdir(args.data):
-        text += (
-            f"\n(the full IEMOCAP release: {sum(IEMOCAP_SESSION_SIZES.values())} = "
-            + " + ".join(str(n) for n in IEMOCAP_SESSION_SIZES.values())
-            + ")"
-        )
+        sizes = IEMOCAP_SESSION_SIZES.values()
+        total = f"{sum(sizes)} = {' + '.join(str(n) for n in sizes)}"
+        text += f"\n(the full IEMOCAP release: {total})"
     return text
 
 

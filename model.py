@@ -6,8 +6,6 @@ release recipe's P-TAPT teacher front. Semantics follow fairseq's
 fairseq/models/wav2vec/wav2vec2.py (v1: wav2vec.py); see RECIPE.md "Backbone".
 """
 
-from __future__ import annotations
-
 import math
 from dataclasses import dataclass, field
 
@@ -22,9 +20,8 @@ BASE_CONV_LAYERS = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
 
 
 # Both configs check themselves when built (__post_init__, dataclasses.replace too), whatever the
-# source: a checkpoint's settings, a JSON config, code. A value that cannot build the model is a
-# ValueError naming the field, the value and what is expected, never a crash deep in a module or at
-# the first update.
+# source (a checkpoint, a JSON config, code): a value that cannot build the model is a ValueError
+# naming field, value and what is expected; never a crash deep in a module or at the first update.
 
 
 def _expect(ok, name, value, expected):
@@ -40,41 +37,32 @@ def _is_number(x):
     return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
 
 
-def _check_positive_ints(cfg, names):
-    for name in names:
-        value = getattr(cfg, name)
-        _expect(_is_int(value) and value > 0, name, value, "a positive integer")
+# the kinds of field _check knows: (test, what the error says is expected)
+_KINDS = {
+    "int>0": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "bool": (lambda v: isinstance(v, bool), "True or False"),
+    "prob": (lambda v: _is_number(v) and 0 <= v < 1, "a probability in [0, 1)"),
+    "number>0": (lambda v: _is_number(v) and v > 0, "a positive number"),
+    "number>=0": (lambda v: _is_number(v) and v >= 0, "a number >= 0"),
+}
 
 
-def _check_bools(cfg, names):
-    for name in names:
-        _expect(isinstance(getattr(cfg, name), bool), name, getattr(cfg, name), "True or False")
-
-
-def _check_probabilities(cfg, names):
-    for name in names:
-        value = getattr(cfg, name)
-        _expect(_is_number(value) and 0 <= value < 1, name, value, "a probability in [0, 1)")
+def _check(cfg, kind, names):
+    """Checks cfg's fields `names` (space-separated), in order, against _KINDS[kind]."""
+    ok, expected = _KINDS[kind]
+    for name in names.split():
+        _expect(ok(getattr(cfg, name)), name, getattr(cfg, name), expected)
 
 
 def _conv_triples(name, layers):
     """A conv stack as a list of (dim, kernel, stride) tuples of positive ints (JSON's lists become
     tuples); anything else is a ValueError naming the layer."""
-    _expect(
-        isinstance(layers, (list, tuple)) and len(layers) > 0,
-        name,
-        layers,
-        "a non-empty list of (dim, kernel, stride) layers",
-    )
+    expected = "a non-empty list of (dim, kernel, stride) layers"
+    _expect(isinstance(layers, (list, tuple)) and len(layers) > 0, name, layers, expected)
     for i, layer in enumerate(layers):
-        _expect(
-            isinstance(layer, (list, tuple))
-            and len(layer) == 3
-            and all(_is_int(v) and v > 0 for v in layer),
-            f"{name}[{i}]",
-            layer,
-            "(dim, kernel, stride), three positive integers",
-        )
+        ok = isinstance(layer, (list, tuple)) and len(layer) == 3
+        ok = ok and all(_is_int(v) and v > 0 for v in layer)
+        _expect(ok, f"{name}[{i}]", layer, "(dim, kernel, stride), three positive integers")
     return [tuple(layer) for layer in layers]
 
 
@@ -82,9 +70,7 @@ def _conv_triples(name, layers):
 class Wav2Vec2Config:
     # defaults are wav2vec_small.pt (RECIPE.md "Backbone"); fairseq's argument names in comments
     conv_layers: list = field(default_factory=lambda: list(BASE_CONV_LAYERS))  # conv_feature_layers
-    extractor_mode: str = (
-        "default"  # "default": group norm on layer 0; "layer_norm": LN on every layer
-    )
+    extractor_mode: str = "default"  # group norm on conv 0; "layer_norm": LN on every conv
     conv_bias: bool = False
     embed_dim: int = 768  # encoder_embed_dim
     ffn_dim: int = 3072  # encoder_ffn_embed_dim
@@ -114,89 +100,37 @@ class Wav2Vec2Config:
         """The checks every source goes through (see _expect); the quantizer's settings only where
         the model has one (an ASR checkpoint's are never used)."""
         self.conv_layers = _conv_triples("conv_layers", self.conv_layers)
-        _expect(
-            self.extractor_mode in ("default", "layer_norm"),
-            "extractor_mode",
-            self.extractor_mode,
-            "'default' or 'layer_norm'",
-        )
-        _check_bools(self, ("conv_bias", "layer_norm_first", "normalize", "has_quantizer"))
-        _check_positive_ints(
-            self,
-            (
-                "embed_dim",
-                "ffn_dim",
-                "num_layers",
-                "num_heads",
-                "pos_conv_kernel",
-                "pos_conv_groups",
-            ),
-        )
-        for name, why in (("num_heads", "each head"), ("pos_conv_groups", "each conv group")):
-            _expect(
-                self.embed_dim % getattr(self, name) == 0,
-                name,
-                getattr(self, name),
-                f"a divisor of embed_dim={self.embed_dim} ({why} takes embed_dim / {name} "
-                "channels)",
-            )
-        _check_probabilities(
-            self,
-            (
-                "dropout",
-                "attention_dropout",
-                "activation_dropout",
-                "dropout_input",
-                "dropout_features",
-                "layerdrop",
-            ),
-        )
-        _expect(
-            _is_number(self.feature_grad_mult) and self.feature_grad_mult >= 0,
-            "feature_grad_mult",
-            self.feature_grad_mult,
-            "a number >= 0",
-        )
+        mode = self.extractor_mode
+        modes = ("default", "layer_norm")
+        _expect(mode in modes, "extractor_mode", mode, "'default' or 'layer_norm'")
+        _check(self, "bool", "conv_bias layer_norm_first normalize has_quantizer")
+        _check(self, "int>0", "embed_dim ffn_dim num_layers num_heads")
+        _check(self, "int>0", "pos_conv_kernel pos_conv_groups")
+        for name, who in (("num_heads", "each head"), ("pos_conv_groups", "each conv group")):
+            n, e = getattr(self, name), self.embed_dim
+            why = f"({who} takes embed_dim / {name} channels)"
+            _expect(e % n == 0, name, n, f"a divisor of embed_dim={e} {why}")
+        _check(self, "prob", "dropout attention_dropout activation_dropout dropout_input")
+        _check(self, "prob", "dropout_features layerdrop")
+        _check(self, "number>=0", "feature_grad_mult")
         if isinstance(self.latent_temp, list):  # JSON's
             self.latent_temp = tuple(self.latent_temp)
-        if self.has_quantizer:
-            self._check_quantizer()
-
-    def _check_quantizer(self):
-        _check_positive_ints(self, ("final_dim", "latent_vars", "latent_groups", "num_negatives"))
-        _expect(
-            _is_int(self.latent_dim) and self.latent_dim >= 0,
-            "latent_dim",
-            self.latent_dim,
-            "a positive integer, or 0 for final_dim",
-        )
-        latent = (
-            f"latent_dim={self.latent_dim}"
-            if self.latent_dim
-            else f"final_dim={self.final_dim} (the latent dim where latent_dim is 0)"
-        )
-        _expect(
-            (self.latent_dim or self.final_dim) % self.latent_groups == 0,
-            "latent_groups",
-            self.latent_groups,
-            f"a divisor of {latent}",
-        )
-        temp = self.latent_temp
-        _expect(
-            isinstance(temp, tuple)
-            and len(temp) == 3
-            and all(_is_number(t) and t > 0 for t in temp)
-            and temp[2] <= 1,
-            "latent_temp",
-            temp,
-            "(start, end, decay per update): positive numbers, decay at most 1",
-        )
-        _expect(
-            _is_number(self.logit_temp) and self.logit_temp > 0,
-            "logit_temp",
-            self.logit_temp,
-            "a positive number",
-        )
+        if not self.has_quantizer:
+            return
+        _check(self, "int>0", "final_dim latent_vars latent_groups num_negatives")
+        dim = self.latent_dim
+        ok = _is_int(dim) and dim >= 0
+        _expect(ok, "latent_dim", dim, "a positive integer, or 0 for final_dim")
+        latent = f"latent_dim={dim}"
+        if not dim:
+            latent = f"final_dim={self.final_dim} (the latent dim where latent_dim is 0)"
+        ok = (dim or self.final_dim) % self.latent_groups == 0
+        _expect(ok, "latent_groups", self.latent_groups, f"a divisor of {latent}")
+        t = self.latent_temp
+        ok = isinstance(t, tuple) and len(t) == 3 and all(_is_number(x) and x > 0 for x in t)
+        expected = "(start, end, decay per update): positive numbers, decay at most 1"
+        _expect(ok and t[2] <= 1, "latent_temp", t, expected)
+        _check(self, "number>0", "logit_temp")
 
     @property
     def conv_dim(self):
@@ -220,9 +154,7 @@ class FeatureEncoder(nn.Module):
             nn.Conv1d(i, d, k, s, bias=cfg.conv_bias)
             for i, (d, k, s) in zip(in_dims, cfg.conv_layers)
         )
-        for (
-            conv
-        ) in self.convs:  # fairseq's ConvFeatureExtractionModel (conv biases keep torch's default)
+        for conv in self.convs:  # fairseq's init (conv biases keep torch's default)
             nn.init.kaiming_normal_(conv.weight)
         if self.mode == "default":
             d0 = cfg.conv_layers[0][0]
@@ -232,9 +164,8 @@ class FeatureEncoder(nn.Module):
 
     def output_lengths(self, lengths, num_layers=None):
         for conv in self.convs[:num_layers]:
-            lengths = (
-                torch.div(lengths - conv.kernel_size[0], conv.stride[0], rounding_mode="floor") + 1
-            )
+            k, s = conv.kernel_size[0], conv.stride[0]
+            lengths = torch.div(lengths - k, s, rounding_mode="floor") + 1
         return lengths
 
     def forward(self, wav, lengths=None):
@@ -242,9 +173,8 @@ class FeatureEncoder(nn.Module):
         for i, conv in enumerate(self.convs):
             x = conv(x)
             if self.mode == "default" and i == 0:
-                x = masked_group_norm(
-                    x, None if lengths is None else self.output_lengths(lengths, 1), self.norms[0]
-                )
+                n = None if lengths is None else self.output_lengths(lengths, 1)
+                x = masked_group_norm(x, n, self.norms[0])
             elif self.mode == "layer_norm":
                 x = self.norms[i](x.transpose(1, 2).float()).transpose(1, 2).type_as(x)
             x = F.gelu(x)
@@ -256,9 +186,7 @@ def masked_group_norm(x, lengths, norm: nn.GroupNorm):
     channel; every block of wav2vec (v1), one group) with each utterance's statistics over its valid
     frames only (lengths None: over all frames), so the result is exactly what it gets unbatched.
     The padded frames are left as they come: no valid frame of the next conv reads them."""
-    weight, bias = (
-        (None, None) if norm.weight is None else (norm.weight.float(), norm.bias.float())
-    )  # v1: affine or not
+    weight, bias = (None, None) if norm.weight is None else (norm.weight.float(), norm.bias.float())
 
     def group_norm(y):
         return F.group_norm(y.float(), norm.num_groups, weight, bias, norm.eps).type_as(y)
@@ -266,8 +194,7 @@ def masked_group_norm(x, lengths, norm: nn.GroupNorm):
     if lengths is None:
         return group_norm(x)
     # Without autograd (V-FT's frozen encoder, inference) the fresh conv output is overwritten in
-    # place: 2-5x faster on the CPU than writing a second (B, C, T) tensor (BENCHMARKS.md, group
-    # norm).
+    # place, faster than writing a second (B, C, T) tensor (BENCHMARKS.md, group norm).
     out = torch.zeros_like(x) if x.requires_grad else x
     for i, n in enumerate(lengths.tolist()):
         out[i, :, :n] = group_norm(x[i, None, :, :n])[0]
@@ -281,23 +208,16 @@ class PositionalConv(nn.Module):
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
         c, k, g = cfg.embed_dim, cfg.pos_conv_kernel, cfg.pos_conv_groups
-        std = math.sqrt(
-            4 / (k * c)
-        )  # fairseq's init: N(0, sqrt(4 (1 - dropout) / (K C))), its dropout fixed at 0
-        self.weight_v = nn.Parameter(torch.randn(c, c // g, k) * std)
+        # fairseq's init: N(0, sqrt(4 (1 - dropout) / (K C))), its dropout fixed at 0
+        self.weight_v = nn.Parameter(torch.randn(c, c // g, k) * math.sqrt(4 / (k * c)))
         self.weight_g = nn.Parameter(self.weight_v.detach().norm(dim=(0, 1), keepdim=True))
         self.bias = nn.Parameter(torch.zeros(c))
         self.groups, self.kernel = g, k
 
     def forward(self, x):  # (B, T, C), padded frames already zero
         weight = self.weight_v * (self.weight_g / self.weight_v.norm(dim=(0, 1), keepdim=True))
-        y = F.conv1d(
-            x.transpose(1, 2),
-            weight.to(x.dtype),
-            self.bias.to(x.dtype),
-            padding=self.kernel // 2,
-            groups=self.groups,
-        )
+        weight, bias = weight.to(x.dtype), self.bias.to(x.dtype)
+        y = F.conv1d(x.transpose(1, 2), weight, bias, padding=self.kernel // 2, groups=self.groups)
         if self.kernel % 2 == 0:  # "same" padding for an even kernel drops the last frame
             y = y[..., :-1]
         return F.gelu(y).transpose(1, 2)
@@ -316,9 +236,8 @@ class SelfAttention(nn.Module):
             p(x).view(B, T, self.num_heads, -1).transpose(1, 2)
             for p in (self.q_proj, self.k_proj, self.v_proj)
         )
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        dropout_p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
         return self.out_proj(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -378,13 +297,9 @@ class Encoder(nn.Module):
         attn_mask = None if padding_mask is None else ~padding_mask[:, None, None, :]
         last = len(self.layers) if layer is None else layer
         for i, block in enumerate(self.layers[:last]):
-            # layer drop as fairseq does it (never the requested layer's output itself)
-            if (
-                self.training
-                and self.layerdrop > 0
-                and torch.rand(()) < self.layerdrop
-                and i + 1 != layer
-            ):
+            # layer drop as fairseq does it: drawn for every layer, the requested one never dropped
+            drop = self.training and self.layerdrop > 0 and torch.rand(()) < self.layerdrop
+            if drop and i + 1 != layer:
                 continue
             x = block(x, attn_mask)
         if self.layer_norm_first and layer is None:
@@ -450,17 +365,14 @@ class GradScale(torch.autograd.Function):
 class Encoded:
     hidden: torch.Tensor  # (B, F, embed_dim) transformer output (or layer k's)
     frame_lengths: torch.Tensor  # (B,) valid frames per utterance
-    features: (
-        torch.Tensor
-    )  # (B, F, conv_dim) layer-normed conv features, unmasked (quantizer input)
+    features: torch.Tensor  # (B, F, conv_dim) layer-normed conv features, unmasked: quantizer input
     feature_penalty: torch.Tensor  # mean of squared conv features (fairseq's features_pen)
 
 
 class Wav2Vec2(nn.Module):
-    """A fresh model is initialised as fairseq's Wav2Vec2Model (conv: Kaiming normal; transformer:
-    init_bert_params; positional conv, mask_emb and quantizer as in fairseq; post_extract_proj,
-    project_q, final_proj: torch's defaults, as fairseq leaves them). Loading a checkpoint replaces
-    all of it."""
+    """Initialised as fairseq's Wav2Vec2Model until a checkpoint is loaded over it (conv: Kaiming
+    normal; transformer: init_bert_params; positional conv, mask_emb, quantizer: fairseq's;
+    post_extract_proj, project_q, final_proj: torch's defaults, as fairseq leaves them)."""
 
     def __init__(self, cfg: Wav2Vec2Config):
         super().__init__()
@@ -500,23 +412,19 @@ class Wav2Vec2(nn.Module):
             )
         if not wav.is_floating_point():
             raise TypeError(f"wav must be floating point (float32 in [-1, 1]), got {wav.dtype}")
-        if wav_lengths is None:
-            wav_lengths = torch.full((wav.shape[0],), wav.shape[1], dtype=torch.long)
-        wav_lengths = torch.as_tensor(wav_lengths).long().cpu()
-        if wav_lengths.shape != (wav.shape[0],):
-            raise ValueError(
-                f"wav_lengths must have shape ({wav.shape[0]},), got {tuple(wav_lengths.shape)}"
-            )
-        if int(wav_lengths.max()) > wav.shape[1]:
-            raise ValueError(
-                f"wav_lengths exceed the padded length {wav.shape[1]}: max {int(wav_lengths.max())}"
-            )
-        if int(wav_lengths.min()) < MIN_SAMPLES:
+        B, width = wav.shape
+        n = torch.full((B,), width) if wav_lengths is None else torch.as_tensor(wav_lengths)
+        n = n.long().cpu()
+        if n.shape != (B,):
+            raise ValueError(f"wav_lengths must have shape ({B},), got {tuple(n.shape)}")
+        if int(n.max()) > width:
+            raise ValueError(f"wav_lengths exceed the padded length {width}: max {int(n.max())}")
+        if int(n.min()) < MIN_SAMPLES:
             raise ValueError(
                 f"every utterance needs at least {MIN_SAMPLES} samples (25 ms at 16 kHz), "
-                f"got {int(wav_lengths.min())}"
+                f"got {int(n.min())}"
             )
-        return wav_lengths
+        return n
 
     def features(self, wav, wav_lengths, norm_over_padding=False):
         """Conv features (B, C, F) and their mean square over valid frames (fairseq's features_pen).
@@ -524,23 +432,19 @@ class Wav2Vec2(nn.Module):
         with norm_over_padding the whole padded batch, as the release trained (it tested one
         utterance at a time, which per-utterance statistics give)."""
         if self.cfg.normalize:  # per utterance over its valid samples, as fairseq's dataset does
-            valid = (
-                torch.arange(wav.shape[1], device=wav.device) < wav_lengths.to(wav.device)[:, None]
-            )
-            n = wav_lengths.to(wav.device)[:, None].to(wav.dtype)
+            n = wav_lengths.to(wav.device)[:, None]
+            valid = torch.arange(wav.shape[1], device=wav.device) < n
+            n = n.to(wav.dtype)
             mean = (wav * valid).sum(1, keepdim=True) / n
             var = (((wav - mean) * valid) ** 2).sum(1, keepdim=True) / n
             wav = ((wav - mean) * torch.rsqrt(var + 1e-5)) * valid
-        per_utterance = (
-            not (norm_over_padding and self.training) and int(wav_lengths.min()) < wav.shape[1]
-        )
+        padded = int(wav_lengths.min()) < wav.shape[1]
+        per_utterance = padded and not (norm_over_padding and self.training)
         feats = self.feature_encoder(wav, wav_lengths if per_utterance else None)
         frames = self.frame_lengths(wav_lengths).to(feats.device)
         valid = torch.arange(feats.shape[-1], device=feats.device) < frames[:, None]
-        penalty = (feats.float().pow(2) * valid.unsqueeze(1)).sum() / (
-            frames.sum() * feats.shape[1]
-        )
-        return feats, penalty
+        squares = (feats.float().pow(2) * valid.unsqueeze(1)).sum()
+        return feats, squares / (frames.sum() * feats.shape[1])
 
     def encode(
         self,
@@ -585,10 +489,9 @@ class Wav2Vec2(nn.Module):
         features = self.dropout_features(feats) if feature_dropout else feats
         return Encoded(hidden, frames.to(x.device), features, penalty)
 
-    def forward(
-        self, wav, wav_lengths=None, layer=None, time_mask=None, channel_mask=None, **recipe
-    ):
-        e = self.encode(wav, wav_lengths, layer, time_mask, channel_mask, **recipe)
+    def forward(self, wav, wav_lengths=None, layer=None, time_mask=None, channel_mask=None, **kw):
+        """(hidden, frame_lengths) of encode; kw: encode's recipe settings."""
+        e = self.encode(wav, wav_lengths, layer, time_mask, channel_mask, **kw)
         return e.hidden, e.frame_lengths
 
 
@@ -615,16 +518,13 @@ def span_masks(semantics, lengths, max_len, rngs, batch_rng, prob, span, min_spa
                 utterance, starts over 0..length - span - 1, then every row cut down at random to
                 the batch's fewest masked frames. `pretrain.py --mask-semantics fairseq`.
     """
-    if semantics == "release":
-        return _release_spans(lengths, max_len, batch_rng, rngs, prob, span, min_spans)
-    if semantics == "utterance":
-        return _utterance_spans(lengths, max_len, rngs, prob, span, min_spans)
-    if semantics == "fairseq":
-        return _fairseq_spans(lengths, max_len, batch_rng, prob, span, min_spans)
-    raise ValueError(f"semantics must be 'release', 'utterance' or 'fairseq', got {semantics!r}")
+    spans = {"release": _release_spans, "utterance": _utterance_spans, "fairseq": _fairseq_spans}
+    if semantics not in spans:
+        raise ValueError(f"semantics must be one of {list(spans)}, got {semantics!r}")
+    return spans[semantics](lengths, max_len, rngs, batch_rng, prob, span, min_spans)
 
 
-def _release_spans(lengths, max_len, batch_rng, rngs, prob, span, min_spans):
+def _release_spans(lengths, max_len, rngs, batch_rng, prob, span, min_spans):
     mask = torch.zeros(len(lengths), max_len, dtype=torch.bool)
     if max_len < span:  # (4.10 raises here; no batch of the recipe is this short)
         return mask
@@ -638,7 +538,7 @@ def _release_spans(lengths, max_len, batch_rng, rngs, prob, span, min_spans):
     return mask
 
 
-def _utterance_spans(lengths, max_len, rngs, prob, span, min_spans):
+def _utterance_spans(lengths, max_len, rngs, _batch_rng, prob, span, min_spans):
     mask = torch.zeros(len(lengths), max_len, dtype=torch.bool)
     for row, (n, rng) in enumerate(zip(lengths, rngs)):
         n = int(n)
@@ -650,7 +550,7 @@ def _utterance_spans(lengths, max_len, rngs, prob, span, min_spans):
     return mask
 
 
-def _fairseq_spans(lengths, max_len, g, prob, span, min_spans):
+def _fairseq_spans(lengths, max_len, _rngs, g, prob, span, min_spans):
     chosen = []
     for n in [int(n) for n in lengths]:
         k = max(min_spans, int(prob * n / span + float(torch.rand((), generator=g))))
@@ -697,18 +597,10 @@ class EmotionClassifier(nn.Module):
         self.head = nn.Linear(backbone.cfg.embed_dim, len(self.classes))
 
     def forward(self, wav, wav_lengths=None, time_mask=None, channel_mask=None):
-        hidden, frame_lengths = self.backbone(
-            wav,
-            wav_lengths,
-            time_mask=time_mask,
-            channel_mask=channel_mask,
-            norm_over_padding=self.norm_over_padding,
-        )
-        pooled = masked_mean(
-            F.relu(hidden),
-            (frame_lengths - 1).clamp(min=1) if self.skip_last_frame else frame_lengths,
-        )
-        return self.head(F.relu(pooled))
+        recipe = dict(norm_over_padding=self.norm_over_padding)
+        hidden, frames = self.backbone(wav, wav_lengths, None, time_mask, channel_mask, **recipe)
+        n = (frames - 1).clamp(min=1) if self.skip_last_frame else frames
+        return self.head(F.relu(masked_mean(F.relu(hidden), n)))
 
 
 def masked_mean(x, lengths):  # x (B, F, C): mean over each row's first lengths[b] frames
@@ -737,51 +629,32 @@ LARGE_AGG_LAYERS = [(512, k, 1) for k in range(2, 14)]
 
 @dataclass
 class Wav2Vec1Config:
-    # defaults are wav2vec_large.pt's; fairseq's argument names in comments
-    conv_layers: list = field(
-        default_factory=lambda: list(LARGE_CONV_LAYERS)
-    )  # conv_feature_layers
-    agg_layers: list = field(
-        default_factory=lambda: list(LARGE_AGG_LAYERS)
-    )  # conv_aggregator_layers
-    log_compression: bool = True  # log_compression: features -> log(|x| + 1)
+    # defaults are wav2vec_large.pt's; fairseq's argument names in comments, the two stacks'
+    # conv_feature_layers and conv_aggregator_layers
+    conv_layers: list = field(default_factory=lambda: list(LARGE_CONV_LAYERS))
+    agg_layers: list = field(default_factory=lambda: list(LARGE_AGG_LAYERS))
+    log_compression: bool = True  # features -> log(|x| + 1)
     skip_feat: bool = False  # skip_connections_feat: skips between equal-width feature layers
     skip_agg: bool = True  # skip_connections_agg
-    residual_scale: float = (
-        0.5  # residual_scale: a skip gives (x + residual) * sqrt(residual_scale)
-    )
-    agg_zero_pad: bool = False  # agg_zero_pad: causal padding by zeros instead of repeating frame 0
-    agg_bias: bool = (
-        True  # not no_conv_bias (the aggregator's convs; the extractor's never have one)
-    )
+    residual_scale: float = 0.5  # a skip gives (x + residual) * sqrt(residual_scale)
+    agg_zero_pad: bool = False  # causal padding by zeros instead of repeating frame 0
+    agg_bias: bool = True  # not no_conv_bias (the aggregator's convs; the extractor's have none)
     affine: bool = True  # not non_affine_group_norm
-    activation: str = "relu"  # activation: relu | gelu
-    dropout: float = (
-        0.0  # dropout: after every aggregator conv (fairseq fixes the extractor's at 0)
-    )
+    activation: str = "relu"  # relu | gelu
+    dropout: float = 0.0  # after every aggregator conv (fairseq fixes the extractor's at 0)
 
     def __post_init__(self):
         """The checks every source goes through (see _expect above Wav2Vec2Config)."""
         self.conv_layers = _conv_triples("conv_layers", self.conv_layers)
         self.agg_layers = _conv_triples("agg_layers", self.agg_layers)
-        _check_bools(
-            self, ("log_compression", "skip_feat", "skip_agg", "agg_zero_pad", "agg_bias", "affine")
-        )
-        _expect(
-            _is_number(self.residual_scale) and self.residual_scale > 0,
-            "residual_scale",
-            self.residual_scale,
-            "a positive number",
-        )
-        _expect(
-            self.activation in ("relu", "gelu"), "activation", self.activation, "'relu' or 'gelu'"
-        )
-        _check_probabilities(self, ("dropout",))
+        _check(self, "bool", "log_compression skip_feat skip_agg agg_zero_pad agg_bias affine")
+        _check(self, "number>0", "residual_scale")
+        act = self.activation
+        _expect(act in ("relu", "gelu"), "activation", act, "'relu' or 'gelu'")
+        _check(self, "prob", "dropout")
 
     @property
-    def min_samples(
-        self,
-    ):  # the feature extractor's receptive field (Large: 465): shorter input gives no frame
+    def min_samples(self):  # the extractor's receptive field (Large: 465): shorter gives no frame
         receptive, hop = 1, 1
         for _, k, s in self.conv_layers:
             receptive, hop = receptive + (k - 1) * hop, hop * s
@@ -810,11 +683,8 @@ class ConvBlock(nn.Module):
         if self.left_pad:
             x = F.pad(x, (self.left_pad, 0), mode=self.pad_mode)
         x = self.dropout(self.conv(x))
-        return self.act(
-            masked_group_norm(
-                x, None if lengths is None else self.output_lengths(lengths), self.norm
-            )
-        )
+        n = None if lengths is None else self.output_lengths(lengths)
+        return self.act(masked_group_norm(x, n, self.norm))
 
 
 def stack_lengths(blocks, lengths):
@@ -834,11 +704,8 @@ class FeatureExtractor(nn.Module):
             ConvBlock(i, d, k, s, False, cfg, causal=False)
             for i, (d, k, s) in zip(dims, cfg.conv_layers)
         )
-        self.skip, self.scale, self.log_compression = (
-            cfg.skip_feat,
-            math.sqrt(cfg.residual_scale),
-            cfg.log_compression,
-        )
+        self.skip, self.log_compression = cfg.skip_feat, cfg.log_compression
+        self.scale = math.sqrt(cfg.residual_scale)
 
     def forward(self, wav, lengths=None):
         x = wav.unsqueeze(1)
@@ -850,14 +717,10 @@ class FeatureExtractor(nn.Module):
                 # padding cannot change it
                 n_in = torch.tensor([residual.size(2)]) if lengths is None else lengths
                 step = n_in // block.output_lengths(n_in).clamp(min=1)
-                index = (
-                    (torch.arange(x.size(2)) * step[:, None])
-                    .clamp(max=residual.size(2) - 1)
-                    .to(x.device)
-                )
-                x = (
-                    x + residual.gather(2, index[:, None].expand(x.size(0), x.size(1), -1))
-                ) * self.scale
+                index = torch.arange(x.size(2)) * step[:, None]
+                index = index.clamp(max=residual.size(2) - 1).to(x.device)
+                kept = residual.gather(2, index[:, None].expand(x.size(0), x.size(1), -1))
+                x = (x + kept) * self.scale
             lengths = None if lengths is None else block.output_lengths(lengths)
         return (x.abs() + 1).log() if self.log_compression else x
 
@@ -907,28 +770,20 @@ class Wav2Vec1(nn.Module):
         self.feature_extractor.requires_grad_(False)
         return list(self.aggregator.parameters())
 
-    def frame_lengths(
-        self, wav_lengths
-    ):  # Large: (L - 465) // 160 + 1 (the aggregator keeps the length)
+    def frame_lengths(self, wav_lengths):  # Large: (L - 465) // 160 + 1 (the aggregator keeps it)
         return stack_lengths([*self.feature_extractor.blocks, *self.aggregator.blocks], wav_lengths)
 
     def forward(self, wav, lengths=None, feature_mask=None):
         """feature_mask (B, C, T) bool: features set to zero before the aggregator (the release's
         SpecAugment)."""
         if not torch.is_tensor(wav) or wav.dim() != 2 or not wav.is_floating_point():
-            raise ValueError(
-                "wav must be a floating-point (batch, samples) tensor of mono 16 kHz audio"
-            )
-        n = (
-            torch.full((wav.size(0),), wav.size(1))
-            if lengths is None
-            else torch.as_tensor(lengths).cpu()
-        )
-        if n.min() < self.cfg.min_samples or n.max() > wav.size(1):
+            raise ValueError("wav must be floating-point (batch, samples) mono 16 kHz audio")
+        width = wav.size(1)
+        n = torch.full((wav.size(0),), width) if lengths is None else torch.as_tensor(lengths).cpu()
+        if n.min() < self.cfg.min_samples or n.max() > width:
             raise ValueError(
                 f"lengths {n.tolist()} must be at least {self.cfg.min_samples} samples (the "
-                "receptive "
-                f"field) and at most the batch's width {wav.size(1)}"
+                f"receptive field) and at most the batch's width {width}"
             )
         lengths = None if lengths is None else n
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.features_frozen):
@@ -944,10 +799,9 @@ class Wav2Vec1(nn.Module):
 
 class Wav2Vec1Teacher(nn.Module):
     """The release's teacher backbone (its Wav2vecWrapper, modules/FeatureFuser.py): wav2vec (v1),
-    then a Conv1d(C, C, 4, stride 2) without padding + ReLU that brings 100 Hz to wav2vec 2.0's 50
-    Hz. (B, L) -> (features (B, T, C), frame lengths); Large: T = (L - 945) // 320 + 1, one or two
-    frames fewer than wav2vec 2.0's (L - 400) // 320 + 1, never equal; under 945 samples no
-    frame."""
+    then an unpadded Conv1d(C, C, 4, stride 2) + ReLU from 100 Hz to wav2vec 2.0's 50 Hz.
+    (B, L) -> (features (B, T, C), frame lengths); Large: T = (L - 945) // 320 + 1 (none under 945
+    samples), one or two frames fewer than wav2vec 2.0's (L - 400) // 320 + 1, never equal."""
 
     def __init__(self, v1: Wav2Vec1):
         super().__init__()
@@ -955,9 +809,7 @@ class Wav2Vec1Teacher(nn.Module):
         self.dim = v1.cfg.agg_layers[-1][0]
         self.conv = nn.Conv1d(self.dim, self.dim, 4, 2)
         hop = math.prod(s for _, _, s in v1.cfg.conv_layers)
-        self.min_samples = (
-            v1.cfg.min_samples + 3 * hop
-        )  # 4 frames at 100 Hz: the conv's kernel (Large: 945)
+        self.min_samples = v1.cfg.min_samples + 3 * hop  # the conv's 4 frames (Large: 945)
 
     def frame_lengths(self, wav_lengths):
         n100 = self.v1.frame_lengths(torch.as_tensor(wav_lengths))
@@ -966,19 +818,15 @@ class Wav2Vec1Teacher(nn.Module):
     def forward(self, wav, lengths=None, time_mask=None, channel_mask=None):
         """time_mask (B, T100), channel_mask (B, C): the release's SpecAugment, zeros on v1's
         features."""
-        n = (
-            torch.full((wav.size(0),), wav.size(1))
-            if lengths is None
-            else torch.as_tensor(lengths).cpu()
-        )
+        width = wav.size(1)
+        n = torch.full((wav.size(0),), width) if lengths is None else torch.as_tensor(lengths).cpu()
         frames = self.frame_lengths(n)
         if n.min() < self.min_samples:
-            raise ValueError(
-                f"lengths {n.tolist()}: the teacher needs at least {self.min_samples} samples"
-            )
+            need = self.min_samples
+            raise ValueError(f"lengths {n.tolist()}: the teacher needs at least {need} samples")
         drop = None
         if time_mask is not None or channel_mask is not None:
-            t100 = int(self.v1.frame_lengths(torch.tensor(wav.size(1))))
+            t100 = int(self.v1.frame_lengths(torch.tensor(width)))
             drop = torch.zeros(wav.size(0), self.dim, t100, dtype=torch.bool)
             drop |= time_mask[:, None, :] if time_mask is not None else drop
             drop |= channel_mask[:, :, None] if channel_mask is not None else drop

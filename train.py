@@ -1,9 +1,8 @@
 """What every stage shares: the training loop, its schedule, batches and per-utterance random
 generators, the backbone a stage starts from, the recipe table, resumable state, run folders and
-their locks, torchrun, and every script's one-line errors and flag types.
-
-`train` below is the loop of V-FT (finetune.py) and of TAPT, the P-TAPT teacher and P-TAPT
-(pretrain.py): Adam on a loss each stage passes in as a function of the batch.
+their locks, torchrun, and every script's one-line errors and flag types. `train` is the loop of
+V-FT (finetune.py) and of TAPT, the P-TAPT teacher and P-TAPT (pretrain.py): Adam on a loss each
+stage passes in as a function of the batch.
 """
 
 import argparse
@@ -21,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from checkpoints import CheckpointError, load_wav2vec2, save_atomic, write_json, write_text_atomic
@@ -53,21 +53,21 @@ def train(
     on_epoch_end=None,
 ):
     """Adam (no weight decay) on `params` for `updates` updates at lr * schedule(update), under
-    autocast (with a gradient scaler for fp16). batch_loss(batch, update) returns [(sum, count)]
-    terms over this process's share of the batch; the update minimises sum_t (sum_t over processes)
-    / (count_t over processes), so N processes take the updates one process takes on the whole batch
-    (fairseq's sample-size normalisation). The state is saved every `save_every` updates, at every
-    epoch's end and on SIGTERM / Ctrl-C, to <run_dir>/<name>state.pt; the same call resumes from it.
-    on_epoch_end(position) runs after every whole epoch, before the save (the release teacher's
-    validation): what it adds to the position is saved with it and comes back on resume. Returns the
-    final position."""
+    autocast. batch_loss(batch, update) returns [(sum, count)] terms over this process's share of
+    the batch; the update minimises sum_t (sum_t over processes) / (count_t over processes), so N
+    processes take the updates one process takes on the whole batch (fairseq's sample-size
+    normalisation). Saved to <run_dir>/<name>state.pt every `save_every` updates, after each epoch
+    and on SIGTERM / Ctrl-C; the same call resumes. on_epoch_end(position) runs after each whole
+    epoch, before the save (the release teacher's validation: what it adds is saved)."""
     dtype = autocast_dtype(device, precision)
-    opt, scaler, ckpt, pos = start_or_resume(
-        model, params, lr, dtype, device, os.path.join(run_dir, f"{name}state.pt"), desc
+    ckpt = Checkpoint(os.path.join(run_dir, name), model, params, lr, dtype, device, desc)
+    opt, pos = ckpt.opt, ckpt.load()
+    rng = torch.Generator()  # the loader's own: the global one drives dropout
+    loader = DataLoader(
+        dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers, generator=rng
     )
-    log_path = trimmed_log(os.path.join(run_dir, f"{name}log.jsonl"), pos["update"])
-    loader = train_loader(dataset, sampler, workers)
-    bar = progress_bar(updates, pos["update"], desc, progress)
+    hide = not progress or world()[0]
+    bar = tqdm(total=updates, initial=pos["update"], desc=desc, unit="update", disable=hide)
     with StopRequested() as stop:
         while pos["update"] < updates:
             epoch_batches = start_epoch(model, dataset, sampler, pos)
@@ -77,7 +77,7 @@ def train(
                     group["lr"] = lr * schedule(pos["update"])
                 if on_update is not None:
                     on_update(pos["update"])
-                update_step(batch, pos, batch_loss, params, opt, scaler, device, dtype)
+                update_step(batch, pos, batch_loss, params, opt, ckpt.scaler, device, dtype)
                 show_progress(bar, pos)
                 if stop.agreed() or pos["update"] == updates:
                     break
@@ -85,54 +85,16 @@ def train(
                     ckpt.save(pos)
             else:
                 pos["epoch"], pos["batch_in_epoch"] = pos["epoch"] + 1, 0
-            end_epoch(pos, epoch_batches, on_epoch_end, log_path, opt, t0, ckpt)
+            end_epoch(pos, epoch_batches, on_epoch_end, t0, ckpt)
             if stop.flag:
                 stop.exit(desc, pos["update"])
     bar.close()
     return pos
 
 
-def start_or_resume(model, params, lr, dtype, device, path, desc):
-    """The optimizer, the gradient scaler (on for fp16 only) and the resume point at `path`, with
-    the position to start from: {update, epoch, batch_in_epoch, running}, running the epoch's sums
-    of loss, updates and audio seconds (a new run's: all 0)."""
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=0.0)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    ckpt = Checkpoint(path, model, opt, scaler, device, params, desc)
-    return opt, scaler, ckpt, ckpt.load()
-
-
-def trimmed_log(log_path, update):
-    """The log and its timing file, cut back to the resume point's update (trim_log)."""
-    for path in (log_path, timing_path(log_path)):
-        trim_log(path, update)
-    return log_path
-
-
-def train_loader(dataset, sampler, workers):
-    # its own generator: the global one drives dropout
-    return torch.utils.data.DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=workers,
-        generator=torch.Generator(),
-    )
-
-
-def progress_bar(updates, update, desc, progress):
-    return tqdm(
-        total=updates,
-        initial=update,
-        desc=desc,
-        unit="update",
-        disable=not progress or world()[0],
-    )
-
-
 def start_epoch(model, dataset, sampler, pos):
-    """The epoch's batches and crops from where the position is, the model in training mode; returns
-    the batch_in_epoch at which the epoch is whole."""
+    """The epoch's batches and crops from the position on, the model in training mode; returns the
+    batch_in_epoch at which the epoch is whole."""
     sampler.set_epoch(pos["epoch"], pos["batch_in_epoch"])
     epoch_batches = pos["batch_in_epoch"] + len(sampler)
     dataset.set_epoch(pos["epoch"])
@@ -141,9 +103,9 @@ def start_epoch(model, dataset, sampler, pos):
 
 
 def update_step(batch, pos, batch_loss, params, opt, scaler, device, dtype):
-    """One update at the lr already set: the batch's loss terms summed over processes (global_loss),
-    the gradients summed over processes, the (scaled) Adam step; the position moves on by one update
-    and adds the batch's [loss, 1, audio seconds] to its running sums."""
+    """One update at the lr already set: the loss (global_loss), the gradients summed over
+    processes, the (scaled) Adam step. The position moves on one update and adds the batch's [loss,
+    1, audio seconds] to its running sums."""
     with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         terms = batch_loss(batch, pos["update"])
     loss, logged = global_loss(terms, float(batch["lengths"].sum()) / SAMPLE_RATE, device)
@@ -162,13 +124,28 @@ def show_progress(bar, pos):
         bar.set_postfix(loss=f"{pos['running'][0] / pos['running'][1]:.3f}")
 
 
-def end_epoch(pos, epoch_batches, on_epoch_end, log_path, opt, t0, ckpt):
+def end_epoch(pos, epoch_batches, on_epoch_end, t0, ckpt):
     """After an epoch, or the part of one a run ended or was stopped in: on_epoch_end (whole epochs
-    only), the log line, the resume point."""
+    only); rank 0's line in <run_dir>/<name>log.jsonl, the mean loss and the lr, the same bytes on
+    every run of the same command on the CPU, and in <name>timing.jsonl the wall-clock figures,
+    which no two runs share; the resume point."""
     whole = pos["batch_in_epoch"] in (0, epoch_batches)
     if on_epoch_end is not None and whole:
         on_epoch_end(pos)
-    log_epoch(log_path, pos, opt, time.time() - t0, whole)
+    seconds = time.time() - t0
+    loss, steps, audio = pos["running"].tolist()
+    if world()[0] == 0 and steps:
+        epoch, lr = pos["epoch"] + (pos["batch_in_epoch"] > 0), ckpt.opt.param_groups[0]["lr"]
+        record = {"update": pos["update"], "epoch": epoch, "loss": loss / steps, "lr": lr}
+        if not whole:  # a run's last updates, or a stop: not an epoch's mean
+            record["partial"] = f"{int(steps)} updates"
+        timing = {"update": pos["update"], "seconds": round(seconds, 2)}
+        timing["audio_seconds_per_second"] = round(audio / seconds, 1)
+        for log, line in (("log.jsonl", record), ("timing.jsonl", timing)):
+            with open(f"{ckpt.prefix}{log}", "a") as f:
+                f.write(json.dumps(line) + "\n")
+    if pos["batch_in_epoch"] == 0:
+        pos["running"] = torch.zeros_like(pos["running"])
     ckpt.save(pos)
 
 
@@ -185,46 +162,15 @@ def global_loss(terms, audio_seconds, device):
         dist.all_reduce(values)
     sums, counts = values[: len(terms)], values[len(terms) : -1].clamp(min=1e-12)
     loss = sum(s / c for (s, _), c in zip(terms, counts))
-    return loss, torch.stack(
-        [(sums / counts).sum(), torch.ones_like(values[-1]), values[-1]]
-    ).detach()
-
-
-def log_epoch(path, pos, opt, seconds, whole=True):
-    """One line per epoch (and for a run's last or interrupted, partial one, marked "partial"): the
-    mean loss and the lr, the same bytes on every run of the same command on the CPU. The wall-clock
-    figures, which no two runs share, go to the matching timing file (timing_path)."""
-    loss, steps, audio = pos["running"].tolist()
-    if world()[0] == 0 and steps:
-        record = {
-            "update": pos["update"],
-            "epoch": pos["epoch"] + (pos["batch_in_epoch"] > 0),
-            "loss": loss / steps,
-            "lr": opt.param_groups[0]["lr"],
-        }
-        if not whole:  # a run's last updates, or a stop: not an epoch's mean
-            record["partial"] = f"{int(steps)} updates"
-        timing = {
-            "update": pos["update"],
-            "seconds": round(seconds, 2),
-            "audio_seconds_per_second": round(audio / seconds, 1),
-        }
-        for file, line in ((path, record), (timing_path(path), timing)):
-            with open(file, "a") as f:
-                f.write(json.dumps(line) + "\n")
-    if pos["batch_in_epoch"] == 0:
-        pos["running"] = torch.zeros_like(pos["running"])
-
-
-def timing_path(log_path):
-    return log_path[: -len("log.jsonl")] + "timing.jsonl"
+    logged = torch.stack([(sums / counts).sum(), torch.ones_like(values[-1]), values[-1]])
+    return loss, logged.detach()
 
 
 def tri_stage_lr(step, total, warmup, flat, from_zero=False):
-    """The release's schedule: linear warm-up over `warmup` updates, flat for `flat` updates,
-    then linear decay to 0 at `total` (a factor on the base lr). from_zero: the warm-up's first
-    update at lr 0, step / warmup, as the release's LambdaLR (pretrain/trainer.py:197-204);
-    otherwise (step + 1) / warmup, so that no update is wasted."""
+    """The release's schedule, a factor on the base lr: linear warm-up over `warmup` updates, flat
+    for `flat` updates, then linear decay to 0 at `total`. from_zero: the warm-up's first update at
+    lr 0, step / warmup, as the release's LambdaLR (pretrain/trainer.py:197-204); otherwise
+    (step + 1) / warmup, so that no update is wasted."""
     if step < warmup:
         return (step + (not from_zero)) / warmup
     if step < warmup + flat:
@@ -234,46 +180,33 @@ def tri_stage_lr(step, total, warmup, flat, from_zero=False):
 
 def train_batches(lengths, batch_size, max_batch_seconds, bucket, seed, batch_seconds=None):
     """The epoch's batches of batch_size utterances in all (the recipe's global batch; or the
-    release's dynamic batches of batch_seconds of audio), this process taking utterances rank, rank
-    + N, ... of each."""
+    release's dynamic batches of batch_seconds of audio), this process taking utterances rank,
+    rank + N, ... of each."""
     rank, world_size = world()
-    sampler = BucketBatchSampler(
-        lengths,
-        batch_size=batch_size,
-        max_batch_seconds=max_batch_seconds,
-        bucket=bucket,
-        seed=seed,
-        num_replicas=world_size,
-        rank=rank,
-        batch_seconds=batch_seconds,
-    )
+    shard = dict(seed=seed, num_replicas=world_size, rank=rank, batch_seconds=batch_seconds)
+    sampler = BucketBatchSampler(lengths, batch_size, max_batch_seconds, bucket, **shard)
     if len(sampler) == 0:  # the last partial batch is dropped: nothing would be trained
-        raise DataError(
-            f"the {len(lengths)} training utterances make no full batch of "
-            + (f"{batch_seconds:g} s of audio" if batch_seconds else f"{batch_size} utterances")
-            + ": lower --batch-size"
-        )
+        size = f"{batch_seconds:g} s of audio" if batch_seconds else f"{batch_size} utterances"
+        message = f"the {len(lengths)} training utterances make no full batch of {size}"
+        raise DataError(f"{message}: lower --batch-size")
     return sampler
 
 
 def utterance_rng(seed, update, index):
     """One generator per utterance per update for its masks, negatives and crops (index -1: the
     batch's own): they then depend neither on the number of processes nor on a resume."""
-    return torch.Generator().manual_seed(
-        ((seed * 1_000_003 + update) * 1_000_003 + int(index)) % 2**63
-    )
+    key = ((seed * 1_000_003 + update) * 1_000_003 + int(index)) % 2**63
+    return torch.Generator().manual_seed(key)
 
 
 def batch_rngs(seed, update, indices):
-    """utterance_rng of each utterance of a batch (its dataset indices, a tensor), in batch
-    order."""
+    """utterance_rng of each utterance of a batch (its dataset indices, a tensor), in order."""
     return [utterance_rng(seed, update, i) for i in indices.tolist()]
 
 
 def pad_to_whole_batch(wav):
     """The release recipe: every process pads its share of the batch to the whole batch's longest
-    utterance, as the release's single process padded it (its group norm and masks see that
-    padding)."""
+    utterance, as the release's one process did (its group norm and masks see that padding)."""
     longest = torch.tensor([wav.shape[1]])
     if world()[1] > 1:
         dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=HOST_GROUP[0])
@@ -288,8 +221,7 @@ def autocast_dtype(device, precision):
             return None
         if precision == "auto-fp16":
             return torch.float16
-        # native bf16 from Ampere (8.0) on; is_bf16_supported() also says yes where it is only
-        # emulated
+        # native bf16 from Ampere (8.0) on; is_bf16_supported() also says yes where it is emulated
         return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -311,35 +243,25 @@ def class_weights(labels, num_classes):
 
 def folds_of(data, fold):
     """The folds to run. IEMOCAP: test session `fold` (None or "all": the five). A .json or .csv
-    corpus holds one train/test split of its own, so it runs once, as fold 1; asking it for
-    another fold is refused rather than run on the same split again."""
+    corpus holds one train/test split of its own, so it runs once, as fold 1; another fold is
+    refused rather than run on the same split again."""
     if os.path.isdir(data):
         return [1, 2, 3, 4, 5] if fold in (None, "all") else [int(fold)]
     if str(fold) not in ("None", "all", "1"):
         raise DataError(
             f"--fold {fold}: {data} is a list corpus with one train/test split of its own, run "
-            "once "
-            "as fold 1 (folds are IEMOCAP's sessions); leave out --fold"
+            "once as fold 1 (folds are IEMOCAP's sessions); leave out --fold"
         )
     return [1]
 
 
 def tiny_random_config():
     """A small wav2vec 2.0 for the quick start and tests: same architecture, fewer channels."""
-    return Wav2Vec2Config(
-        conv_layers=[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2,
-        embed_dim=96,
-        ffn_dim=192,
-        num_layers=2,
-        num_heads=4,
-        pos_conv_kernel=16,
-        pos_conv_groups=4,
-        final_dim=64,
-        latent_vars=32,
-        dropout=0.1,
-        attention_dropout=0.1,
-        layerdrop=0.0,
-    )
+    convs = [(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2
+    widths = dict(embed_dim=96, ffn_dim=192, final_dim=64, latent_vars=32, pos_conv_kernel=16)
+    layers = dict(num_layers=2, num_heads=4, pos_conv_groups=4)
+    dropouts = dict(dropout=0.1, attention_dropout=0.1, layerdrop=0.0)
+    return Wav2Vec2Config(conv_layers=convs, **widths, **layers, **dropouts)
 
 
 def load_backbone(source, seed):
@@ -350,8 +272,7 @@ def load_backbone(source, seed):
     if source is None:
         raise DataError(
             "give --checkpoint (a fairseq wav2vec 2.0 .pt, e.g. wav2vec_small.pt, or a Hugging "
-            "Face "
-            "wav2vec 2.0 folder) or --init"
+            "Face wav2vec 2.0 folder) or --init"
         )
     try:
         return load_wav2vec2(source)
@@ -364,47 +285,41 @@ def load_backbone(source, seed):
 
 
 class Checkpoint:
-    """A stage's resumable state: model, optimizer, grad scaler, every process's random state, the
-    position in the epoch. Rank 0 reads and writes it (only its disk needs the run folder) and sends
-    it to the others."""
+    """A stage's resumable state <prefix>state.pt: the model, Adam, the grad scaler (on for fp16
+    only), every process's random state (only torch's generators draw in training) and the position
+    {update, epoch, batch_in_epoch, running: the epoch's sums of loss, updates, audio seconds}. Rank
+    0 reads and writes it (only its disk needs the run folder) and sends it to the others."""
 
-    def __init__(self, path, model, opt, scaler, device, params, desc):
-        self.path, self.model, self.opt, self.scaler, self.device, self.desc = (
-            path,
-            model,
-            opt,
-            scaler,
-            device,
-            desc,
-        )
-        if world()[0] == 0:
-            check_output_dir(
-                os.path.dirname(os.path.abspath(path)), checkpoint_bytes(model, params)
-            )
+    def __init__(self, prefix, model, params, lr, dtype, device, desc):
+        self.prefix, self.path, self.device, self.desc = prefix, f"{prefix}state.pt", device, desc
+        self.model = model
+        self.opt = torch.optim.Adam(params, lr=lr, weight_decay=0.0)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+        if world()[0] == 0:  # room for two resume points (with Adam's 2 moments), final weights
+            weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            moments = 2 * sum(p.numel() * p.element_size() for p in params)
+            check_output_dir(os.path.dirname(os.path.abspath(self.path)), 3 * weights + 2 * moments)
 
     def load(self):
+        """The position to start from (a new run's: all 0); the logs are cut back to it."""
         rank, world_size = world()
         shared = [load_training_state(self.path) if rank == 0 else None]
         if world_size > 1:
             dist.broadcast_object_list(shared, src=0)
-            # dropout differs between processes, as their data do; rank 0 draws what one process
-            # draws
-            if rank > 0:
+            if rank > 0:  # dropout differs between processes, as their data do
                 torch.manual_seed(torch.initial_seed() + rank)
         state = shared[0]
         if state is not None:
             self.model.load_state_dict(state["model"])
             self.opt.load_state_dict(state["optimizer"])
-            # empty when saved without fp16 (--precision auto may mean fp16 on another GPU)
-            if state["scaler"]:
+            if state["scaler"]:  # empty when saved without fp16 (auto may be fp16 on another GPU)
                 self.scaler.load_state_dict(state["scaler"])
             if len(state["rng"]) == world_size:
-                set_rng_state(state["rng"][rank], self.device)
+                self.set_rng_state(state["rng"][rank])
             elif rank == 0:
                 print(
                     f"warning: {self.path} was written by {len(state['rng'])} processes, this run "
-                    "has "
-                    f"{world_size}: random streams (dropout) restart",
+                    f"has {world_size}: random streams (dropout) restart",
                     file=sys.stderr,
                 )
             if rank == 0:
@@ -412,44 +327,32 @@ class Checkpoint:
         if world_size > 1:
             for t in self.model.state_dict().values():  # every process starts from rank 0's weights
                 dist.broadcast(t, 0)
-        position = (
-            state["position"]
-            if state
-            else {"update": 0, "epoch": 0, "batch_in_epoch": 0, "running": torch.zeros(3)}
-        )
+        new = {"update": 0, "epoch": 0, "batch_in_epoch": 0, "running": torch.zeros(3)}
+        position = state["position"] if state else new
+        for log in ("log.jsonl", "timing.jsonl"):
+            trim_log(f"{self.prefix}{log}", position["update"])
         return {**position, "running": position["running"].to(self.device)}
 
     def save(self, position):
-        rngs = [rng_state(self.device)]
+        rngs = [self.rng_state()]
         if world()[1] > 1:
             rngs = [None] * world()[1]
-            dist.all_gather_object(rngs, rng_state(self.device))
+            dist.all_gather_object(rngs, self.rng_state())
         if world()[0] == 0:
-            save_training_state(
-                {
-                    "model": self.model.state_dict(),
-                    "optimizer": self.opt.state_dict(),
-                    "scaler": self.scaler.state_dict(),
-                    "rng": rngs,
-                    "position": dict(position),
-                },
-                self.path,
-            )
+            state = {"model": self.model.state_dict(), "optimizer": self.opt.state_dict()}
+            state.update(scaler=self.scaler.state_dict(), rng=rngs, position=dict(position))
+            save_training_state(state, self.path)
 
+    def rng_state(self):  # numpy's generator only seeds crops, per utterance and epoch
+        state = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
 
-def rng_state(device):
-    """Only torch's generators draw during training (numpy's only seed crops, per utterance and
-    epoch)."""
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and device.type == "cuda":
-        torch.cuda.set_rng_state(state["cuda"], device)
+    def set_rng_state(self, state):
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
 
 def save_training_state(state, path):
@@ -474,18 +377,15 @@ def load_training_state(path):
             try:
                 return torch.load(candidate, map_location="cpu", weights_only=True)
             except Exception as e:
-                print(
-                    f"warning: {candidate} is unreadable or not a resume point "
-                    f"({type(e).__name__}: "
-                    f"{str(e).splitlines()[0][:200]}); trying the previous one",
-                    file=sys.stderr,
-                )
+                reason = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                warning = f"{candidate} is unreadable or not a resume point ({reason})"
+                print(f"warning: {warning}; trying the previous one", file=sys.stderr)
     return None
 
 
 def trim_log(path, update):
-    """Drop log lines past the resume point: an epoch whose save failed (a full disk, a kill) is run
-    again and logged again."""
+    """Drop log lines past the resume point (and lines cut short by a kill): an epoch whose save
+    failed (a full disk, a kill) is run and logged again."""
     if world()[0] != 0 or not os.path.exists(path):
         return
     with open(path) as f:
@@ -505,9 +405,8 @@ def logged_update(line):
 def remove_training_state(path):
     """The resume point, its neighbours and any temporary file a killed save left (save_atomic's
     .tmp<pid>)."""
-    for candidate in [path, f"{path}.new", f"{path}.prev"] + glob.glob(
-        f"{glob.escape(path)}*.tmp*"
-    ):
+    temporaries = glob.glob(f"{glob.escape(path)}*.tmp*")
+    for candidate in [path, f"{path}.new", f"{path}.prev"] + temporaries:
         if os.path.exists(candidate):
             os.remove(candidate)
 
@@ -518,17 +417,15 @@ class StopRequested:
 
     def __enter__(self):
         self.flag = False
-        self.previous = {
-            sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)
-        }
+        signals = (signal.SIGINT, signal.SIGTERM)
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in signals}
         return self
 
     def handle(self, signum, frame):
         if self.flag:
             raise KeyboardInterrupt
-        print(
-            f"\nsignal {signum}: saving at the end of this update, then stopping", file=sys.stderr
-        )
+        message = "saving at the end of this update, then stopping"
+        print(f"\nsignal {signum}: {message}", file=sys.stderr)
         self.flag = True
 
     def agreed(self):
@@ -540,10 +437,8 @@ class StopRequested:
 
     def exit(self, desc, update):
         if world()[0] == 0:
-            print(
-                f"{desc}: stopped at update {update}; run the same command again to resume",
-                file=sys.stderr,
-            )
+            message = f"{desc}: stopped at update {update}; run the same command again to resume"
+            print(message, file=sys.stderr)
         sys.exit(130)
 
     def __exit__(self, *exc):
@@ -552,8 +447,8 @@ class StopRequested:
 
 
 def resolve_device(name="auto"):
-    """'auto': the GPU when there is one. Under torchrun each process takes GPU LOCAL_RANK.
-    A device that is not there is a ValueError naming it."""
+    """'auto': the GPU when there is one. Under torchrun each process takes GPU LOCAL_RANK. A device
+    that is not there is a ValueError naming it."""
     try:
         device = torch.device(
             ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
@@ -590,8 +485,8 @@ def init_distributed(device_name):
     if wants_gpu and "LOCAL_RANK" not in os.environ:  # every process would take GPU 0
         raise DataError(
             f"WORLD_SIZE={os.environ['WORLD_SIZE']} but no LOCAL_RANK to choose this process's "
-            "GPU: start the processes with torchrun (it sets both), or give each its own --device "
-            "cuda:N"
+            "GPU: start the processes with torchrun (it sets both), or give each its own "
+            "--device cuda:N"
         )
     device = resolve_device(device_name)
     if device.type == "cuda":
@@ -618,38 +513,24 @@ def barrier():
 
 
 # where and how a run goes, not what it computes: never blocks a resume
-UNCOMPUTED_SETTINGS = {
-    "workers",
-    "device",
-    "progress",
-    "name",
-    "out",
-    "cache",
-    "save_every",
-    "quickstart",
-}
-
-
-def run_files(run_dir):
-    """The folder's computed files (results, resume points, logs): all but config.json, the lock and
-    temporaries."""
-    names = os.listdir(run_dir) if os.path.isdir(run_dir) else []
-    return sorted(
-        n
-        for n in names
-        if n not in ("config.json", "lock")
-        and ".tmp" not in n
-        and not n.startswith(".")
-        and not n.endswith(".orphaned")
-        and not n.endswith("timing.jsonl")  # wall-clock records, not results
-    )
-
-
+UNCOMPUTED_SETTINGS = set("workers device progress name out cache save_every quickstart".split())
+# compared as files (data/synth/ is data/synth)
 PATH_SETTINGS = {"data", "wav_dir", "checkpoint", "init", "teacher"}
 
 
+def run_files(run_dir):
+    """The folder's computed files (results, resume points, logs): all but config.json, the lock,
+    temporaries, hidden and retired (*.orphaned) files and timing files (wall-clock records)."""
+
+    def computed(n):
+        skipped = ".tmp" in n or n.startswith(".") or n.endswith((".orphaned", "timing.jsonl"))
+        return n not in ("config.json", "lock") and not skipped
+
+    return sorted(filter(computed, os.listdir(run_dir) if os.path.isdir(run_dir) else []))
+
+
 def same_setting(key, old, new):
-    """Settings compare equal; paths compare as the same file (data/synth/ is data/synth)."""
+    """Settings compare equal; paths (PATH_SETTINGS) compare as the same file."""
     if old == new:
         return True
     if key not in PATH_SETTINGS or not (isinstance(old, str) and isinstance(new, str)):
@@ -657,29 +538,14 @@ def same_setting(key, old, new):
     return os.path.exists(old) and os.path.exists(new) and os.path.samefile(old, new)
 
 
-def retire_orphans(run_dir):
-    """Resume points in a run folder whose config.json is gone (removed, as an unreadable one's
-    error says): the settings they were computed with are unknown, so they are renamed *.orphaned
-    (kept, never resumed) and the run starts again under the settings it is given now. Finished
-    outputs stay (a teacher.pt copied in to be reused)."""
-    names = [name for name in run_files(run_dir) if "state.pt" in name]
-    if world()[0] == 0:
-        for name in names:
-            os.replace(os.path.join(run_dir, name), os.path.join(run_dir, name + ".orphaned"))
-        print(
-            f"warning: {run_dir} holds {names} but no config.json: they were computed with "
-            "settings "
-            "no file records, so they are kept as *.orphaned and this run starts again",
-            file=sys.stderr,
-        )
-    barrier()
-
-
 def check_run_config(run_dir, config, computed_with=None):
     """Refuse to resume or skip into a folder whose files were computed with other settings; returns
     True when the folder holds this run already. A setting may change while nothing was computed
     with it yet (a failed start leaves only config.json): computed_with(changed settings) lists
-    those files (default: every computed file), and config.json is then rewritten."""
+    those files (default: every computed file), and config.json is then rewritten. Resume points
+    with no config.json (removed, as an unreadable one's error says) were computed with unknown
+    settings: they are renamed *.orphaned (kept, never resumed) and the run starts again; finished
+    outputs stay (a teacher.pt copied in to be reused)."""
     path = os.path.join(run_dir, "config.json")
     barrier()  # every process looks before rank 0 writes
     old = None
@@ -693,7 +559,7 @@ def check_run_config(run_dir, config, computed_with=None):
                 "remove the whole folder to start this run again"
             ) from None
     elif any("state.pt" in name for name in run_files(run_dir)):
-        retire_orphans(run_dir)  # a resume point whose settings no file records
+        retire_orphans(run_dir)
     diff = {
         k: (old.get(k), v)
         for k, v in config.items()
@@ -709,6 +575,19 @@ def check_run_config(run_dir, config, computed_with=None):
         write_json(path, config)
     barrier()
     return old is not None
+
+
+def retire_orphans(run_dir):
+    names = [name for name in run_files(run_dir) if "state.pt" in name]
+    if world()[0] == 0:
+        for name in names:
+            os.replace(os.path.join(run_dir, name), os.path.join(run_dir, name + ".orphaned"))
+        print(
+            f"warning: {run_dir} holds {names} but no config.json: they were computed with "
+            "settings no file records, so they are kept as *.orphaned and this run starts again",
+            file=sys.stderr,
+        )
+    barrier()
 
 
 @contextlib.contextmanager
@@ -737,12 +616,10 @@ def take_lock(path, me):
         if host != socket.gethostname() or not pid.isdigit() or process_alive(int(pid)):
             return (
                 f"{os.path.dirname(path)} is in use by process {pid} on {host or '?'} ({path}); "
-                "wait for "
-                "it to finish, or remove the lock file if that process has ended"
+                "wait for it to finish, or remove the lock file if that process has ended"
             )
-        print(
-            f"warning: {path}: process {pid} has ended; taking over its run folder", file=sys.stderr
-        )
+        message = f"process {pid} has ended; taking over its run folder"
+        print(f"warning: {path}: {message}", file=sys.stderr)
         os.remove(path)
     try:
         with os.fdopen(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY), "w") as f:
@@ -787,100 +664,64 @@ def check_output_dir(path, need_bytes=0):
         )
 
 
-def checkpoint_bytes(model, params):
-    """Room a stage needs: two resume points (weights + Adam's two moments) and the final
-    weights."""
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    moments = 2 * sum(p.numel() * p.element_size() for p in params)
-    return 3 * weights + 2 * moments
-
-
 # -----------------------------------------------------------------------------
 # every script's command line: shared flags, one-line errors
 
-
-# The two recipes (RECIPE.md). Each setting is a flag of the scripts that use it, whose default is
-# the recipe's; a flag given on the command line wins.
+# The two recipes (RECIPE.md), as {setting: (release, clean)}. Each setting is a flag of the
+# scripts that use it, whose default is the recipe's; a flag given on the command line wins.
 #   release: what the authors' code computed (RECIPE.md "What the release actually computed")
 #   clean:   the method as written, each utterance on its own (RECIPE.md "The clean recipe")
+# The comments say what the release does.
+RECIPE_SETTINGS = {
+    "bucket": (False, True),  # V-FT and the P-TAPT teacher: random batches
+    "mask_semantics": ("release", "utterance"),  # transformers 4.10's span counts, one per batch
+    "group_norm": ("padded", "valid"),  # the conv encoder's, over the padded batch, in training
+    "skip_last_frame": (True, False),  # V-FT: the head's mean leaves out the last frame
+    "objective": ("release", "fairseq"),  # TAPT: transformers 4.10's loss as returned
+    "batch_seconds": (250.0, 0.0),  # TAPT, P-TAPT: dynamic batches of 250 s at batch size 64
+    "crops": ("release", "aligned"),  # P-TAPT: at any sample, labels from the conv formula
+    "warmup_from_zero": (True, False),  # TAPT, P-TAPT: the first update at lr 0
+    "precision": ("auto-fp16", "auto"),  # fp16 with a gradient scaler on a GPU, fp32 on the CPU
+}
 RECIPES = {
-    "release": dict(
-        bucket=False,  # V-FT and the P-TAPT teacher: random batches
-        mask_semantics="release",  # transformers 4.10's span counts, one per batch
-        group_norm="padded",  # the conv encoder's group norm over the padded batch, in training
-        skip_last_frame=True,  # V-FT: the head's mean leaves out each utterance's last frame
-        objective="release",  # TAPT: transformers 4.10's loss as returned
-        batch_seconds=250.0,  # TAPT, P-TAPT: dynamic batches of 250 s at batch size 64
-        crops="release",  # P-TAPT: crops at any sample, labels from the conv formula (and teacher)
-        warmup_from_zero=True,  # TAPT, P-TAPT: the first update at lr 0
-        precision="auto-fp16",  # fp16 with a gradient scaler on a GPU, fp32 on the CPU
-    ),
-    "clean": dict(
-        bucket=True,
-        mask_semantics="utterance",
-        group_norm="valid",
-        skip_last_frame=False,
-        objective="fairseq",
-        batch_seconds=0.0,
-        crops="aligned",
-        warmup_from_zero=False,
-        precision="auto",
-    ),
+    recipe: {setting: values[i] for setting, values in RECIPE_SETTINGS.items()}
+    for i, recipe in enumerate(["release", "clean"])
 }
 
 
 def add_run_flags(p):
     """The flags finetune.py and pretrain.py share."""
     a = p.add_argument
-    a(
-        "--data",
-        help="IEMOCAP_full_release folder, a label .json (the release's format) or a .csv manifest",
-    )
+    default = " (default: %(default)s)"
+    a("--data", help="IEMOCAP_full_release folder, a label .json (release format) or .csv manifest")
     a("--wav-dir", help="folder of the wavs named in a label .json (default: the json's folder)")
-    a(
-        "--seed",
-        type=NATURAL,
-        default=0,
-        help="every random draw (masks, crops, batches, init) follows from it (default: "
-        "%(default)s)",
-    )
+    a("--seed", type=NATURAL, default=0, help="the seed of every random draw" + default)
     a(
         "--recipe",
         choices=["release", "clean"],
         default="release",
         help="release: what the authors' code computed; clean: the method as written, per "
-        "utterance (README, "
-        "'The two recipes') (default: %(default)s)",
+        "utterance (README, 'The two recipes')" + default,
     )
     a(
         "--precision",
         choices=["auto", "auto-fp16", "fp32", "bf16", "fp16"],
-        default=None,
         help="on a GPU, auto: bf16 where the GPU has it, else fp16 with a grad scaler; auto-fp16: "
-        "fp16 "
-        "with a grad scaler, as the release trained; both fp32 on the CPU (default: the recipe's: "
-        "release auto-fp16, clean auto)",
+        "fp16 with a grad scaler, as the release trained; both fp32 on the CPU (default: the "
+        "recipe's: release auto-fp16, clean auto)",
     )
-    a("--device", default="auto", help="auto, cpu, cuda, cuda:1 ... (default: %(default)s)")
-    a("--workers", type=NATURAL, default=2, help="data loader processes (default: %(default)s)")
+    a("--device", default="auto", help="auto, cpu, cuda, cuda:1 ..." + default)
+    a("--workers", type=NATURAL, default=2, help="data loader processes" + default)
     a(
         "--cache",
         action="store_true",
         help="keep decoded audio in memory after the first epoch; loads in the main process "
-        "(implies --workers 0), "
-        "since worker processes would each rebuild their own copy every epoch",
+        "(implies --workers 0), since worker processes would each rebuild their own copy every "
+        "epoch",
     )
-    a(
-        "--out",
-        default="runs",
-        help="where runs go: <out>/<name>/fold<k>/... (default: %(default)s)",
-    )
-    a(
-        "--progress",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="progress bars (default: %(default)s)",
-    )
+    a("--out", default="runs", help="where runs go: <out>/<name>/fold<k>/..." + default)
+    progress = argparse.BooleanOptionalAction
+    a("--progress", action=progress, default=True, help="progress bars" + default)
 
 
 def finish_args(p, args, defaults):
@@ -917,10 +758,8 @@ def user_errors():
         print(f"error: {text}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(
-            "\ninterrupted: what was written is complete; run the same command again to go on",
-            file=sys.stderr,
-        )
+        message = "interrupted: what was written is complete; run the same command again to go on"
+        print(f"\n{message}", file=sys.stderr)
         sys.exit(130)
 
 
@@ -937,16 +776,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def flag_type(kind, check, expected):
-    """An argparse type: a bad value exits 2 with one line naming the flag, the value and what is
-    allowed."""
+    """An argparse type: a bad value is one line naming the flag, the value and what is allowed."""
 
     def parse(text):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not {'an integer' if kind is int else 'a number'}"
-            ) from None
+            number = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {number}") from None
         if not check(value):
             raise argparse.ArgumentTypeError(f"{text!r}: expected {expected}")
         return value
@@ -955,26 +792,12 @@ def flag_type(kind, check, expected):
 
 
 COUNT = flag_type(int, lambda v: v >= 1, "an integer >= 1")
-
-
 NATURAL = flag_type(int, lambda v: v >= 0, "an integer >= 0")
-
-
 POSITIVE = flag_type(float, lambda v: 0 < v < float("inf"), "a finite number > 0")
-
-
 PROBABILITY = flag_type(float, lambda v: 0 <= v <= 1, "a probability in [0, 1]")
-
-
 AUDIO_SECONDS = flag_type(  # model.MIN_SAMPLES: shorter audio gives no frame
     float, lambda v: 0.025 <= v < float("inf"), "seconds >= 0.025 (400 samples: one frame)"
 )
-
-
 FRACTION = flag_type(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]")
-
-
 SECONDS = flag_type(float, lambda v: 0 <= v < float("inf"), "a finite number of seconds >= 0")
-
-
 WEIGHT = flag_type(float, lambda v: 0 <= v < float("inf"), "a finite number >= 0")
