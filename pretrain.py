@@ -777,7 +777,7 @@ def build_parser():
     fold = "test session (default: all five); a .json/.csv corpus has one split and runs once"
     a("--fold", type=int, choices=[1, 2, 3, 4, 5], help=fold)
     source = (
-        "wav2vec 2.0 with its pretraining modules (fairseq .pt, Hugging Face folder), random-tiny"
+        "wav2vec 2.0 with its pretraining modules: fairseq .pt, Hugging Face folder, random-tiny"
     )
     a("--checkpoint", required=True, help=source)
     a("--name", help="runs/<name>/fold<k> (default: the mode, -clean for the clean recipe)")
@@ -807,7 +807,8 @@ def build_parser():
     a("--crops", choices=["release", "aligned"], help=crops + recipe("crops"))
     a("--warmup-from-zero", action=yes_no, help="first update at lr 0" + recipe("warmup_from_zero"))
     a("--bucket", action=yes_no, help="P-TAPT's teacher: by length" + recipe("bucket"))
-    penalty = "TAPT, --objective fairseq only: weight of mean(conv features^2) (default: 10)"
+    penalty = "TAPT, --objective fairseq only: weight of mean(conv features^2); 0: Hugging Face's"
+    penalty += " (default: 10)"
     a("--feature-penalty", type=T.WEIGHT, help=penalty)
     # P-TAPT's teacher and k-means stage (and --mode kmeans)
     v1 = "P-TAPT, release recipe: the release's wav2vec (v1) teacher (default: --checkpoint)"
