@@ -160,10 +160,6 @@ def _describe(obj):
     return f"{'an' if name[0] in 'aeiouAEIOU' else 'a'} {name}"
 
 
-def _is_int(x):  # bool is an int to Python, never a size or an offset here
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
 # ---- Configurations: one rebuild from a file's settings ----
 
 
@@ -181,8 +177,8 @@ def _rebuild(cls, c: dict, names: dict, **fixed):
     encoder_attention_heads=5, not num_heads=5."""
     default, values = cls(), {}
     for ours, theirs in names.items():
-        if c.get(theirs) is not None:
-            float_field = _is_int(c[theirs]) and isinstance(getattr(default, ours), float)
+        if ours not in fixed and c.get(theirs) is not None:
+            float_field = M.is_int(c[theirs]) and isinstance(getattr(default, ours), float)
             values[ours] = float(c[theirs]) if float_field else c[theirs]
     try:
         return cls(**{**values, **fixed})
@@ -256,7 +252,7 @@ def config_from_fairseq(c: dict, normalize: bool, has_quantizer: bool) -> M.Wav2
         except (ValueError, SyntaxError):
             pass  # the check names it
     if isinstance(temp, (list, tuple)):
-        temp = tuple(float(t) if _is_int(t) else t for t in temp)
+        temp = tuple(float(t) if M.is_int(t) else t for t in temp)
     conv_layers = _conv_layers_from_string(c.get("conv_feature_layers", d.conv_layers))
     fixed = dict(conv_layers=conv_layers, latent_temp=temp, normalize=bool(normalize))
     fixed["final_dim"] = final_dim or embed_dim  # fairseq's 0: embed_dim
@@ -566,7 +562,7 @@ def _header_entries(path, header):
             and isinstance(h.get("shape"), list)
             and isinstance(h.get("data_offsets"), list)
             and len(h["data_offsets"]) == 2
-            and all(_is_int(v) for v in h["shape"] + h["data_offsets"])
+            and all(M.is_int(v) for v in h["shape"] + h["data_offsets"])
         ):
             expected = '{"dtype": ..., "shape": [integers], "data_offsets": [begin, end]}'
             entry = f"the header's entry for {name!r} is {json.dumps(h)[:80]}"
@@ -655,10 +651,9 @@ def hf_weights(path):
             weights = " or ".join(HF_WEIGHTS[:2])
             raise CheckpointError(f"{path}: a folder without {weights} (not a Hugging Face model)")
         return found[0]
-    beside_config = os.path.isfile(os.path.join(os.path.dirname(path), "config.json"))
-    if not (
-        path.endswith((".safetensors", ".index.json")) or path.endswith(".bin") and beside_config
-    ):
+    config = os.path.join(os.path.dirname(path), "config.json")
+    bin_beside_config = path.endswith(".bin") and os.path.isfile(config)
+    if not (path.endswith((".safetensors", ".index.json")) or bin_beside_config):
         return None
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such checkpoint file")
@@ -704,7 +699,8 @@ def config_from_hf(c: dict, preprocessor: dict) -> M.Wav2Vec2Config:
             raise ValueError(f"{key}={c[key]!r}: only {only} is supported")
     rate = preprocessor.get("sampling_rate", M.SAMPLE_RATE)
     if rate != M.SAMPLE_RATE:
-        raise ValueError(f"preprocessor sampling_rate {rate}: wav2vec 2.0 takes {M.SAMPLE_RATE} Hz")
+        here = f"wav2vec 2.0 here takes {M.SAMPLE_RATE} Hz"
+        raise ValueError(f"preprocessor sampling_rate {rate}: {here}")
     keys = ("conv_dim", "conv_kernel", "conv_stride")
     convs = [list(v) if c.get(k) is None else c[k] for k, v in zip(keys, zip(*M.BASE_CONV_LAYERS))]
     if not (all(isinstance(x, list) for x in convs) and len({len(x) for x in convs}) == 1):
@@ -747,7 +743,9 @@ def load_hf_wav2vec2(weights) -> M.Wav2Vec2:
     if "mask_emb" not in mapped and not masks:
         # HF leaves it out of a model that never masks: a fresh one
         mapped["mask_emb"] = model.mask_emb.detach()
-        note = "no masked_spec_embed (configured without masks): a fresh mask embedding"
+        note = (
+            "no masked_spec_embed (the model was configured without masks): a fresh mask embedding"
+        )
         print(f"{weights}: {note}", file=sys.stderr)
     return load_state(model, mapped, weights)
 

@@ -703,13 +703,14 @@ def build_parser():
         description="Count an emotion corpus's utterances per session (or split) and class.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--data", required=True, help="IEMOCAP_full_release folder, label .json or .csv manifest"
-    )
+    counted = "whose utterances to count per session (per split) and class"
+    corpus = f"IEMOCAP_full_release folder (or .json label file / .csv manifest) {counted}"
+    parser.add_argument("--data", required=True, help=corpus)
     parser.add_argument("--json", action="store_true", help="print the counts as JSON")
-    parser.add_argument(
-        "--wav-dir", help="folder a label .json's wav names are relative to (None: its folder)"
+    wav_dir = (
+        "with a .json label file: folder its wav names are relative to (None: the json's folder)"
     )
+    parser.add_argument("--wav-dir", help=wav_dir)
     return parser
 
 

@@ -154,7 +154,6 @@ def stratified_fraction(utterances, fraction, seed):
 # -----------------------------------------------------------------------------
 # command line
 
-DEFAULT = " (default: %(default)s)"
 # (flag, type, default, help), in the order config.json lists them
 NUMBERS = [
     ("--runs", T.COUNT, 1, "runs per fold, with seeds seed, seed+1, ... (the paper: 5)"),
@@ -185,17 +184,17 @@ def build_parser():
     T.add_run_flags(p)
     a = p.add_argument
     fold = "test session 1-5, or 'all'; a .json/.csv corpus has one split and runs once"
-    a("--fold", default="1", help=fold + DEFAULT)
+    a("--fold", default="1", help=fold + T.DEFAULT)
     a("--checkpoint", help="a fairseq .pt or Hugging Face folder of wav2vec 2.0, or random-tiny")
     a("--init", help="a pretrain.py output instead of --checkpoint; '{fold}' becomes the fold")
     for flag, kind, default, text in NUMBERS:
-        a(flag, type=kind, default=default, help=text + DEFAULT)
+        a(flag, type=kind, default=default, help=text + T.DEFAULT)
     for flag, text in RECIPE_FLAGS.items():
-        values = [recipe[flag[2:].replace("-", "_")] for recipe in T.RECIPES.values()]
+        setting = flag[2:].replace("-", "_")
+        values = [recipe[setting] for recipe in T.RECIPES.values()]
         on_off = isinstance(values[0], bool)
         kind = {"action": argparse.BooleanOptionalAction} if on_off else {"choices": values}
-        recipes = ", ".join(f"{name} {value}" for name, value in zip(T.RECIPES, values))
-        a(flag, **kind, default=None, help=f"{text} (default: the recipe's: {recipes})")
+        a(flag, **kind, default=None, help=text + T.recipe_default(setting))
     a("--name", help="runs/<name>/... (default: vft; ft-<method> for --init runs/<method>/...)")
     a(
         "--quickstart",

@@ -29,17 +29,17 @@ def _expect(ok, name, value, expected):
         raise ValueError(f"{name}={value!r}: expected {expected}")
 
 
-def _is_int(x):  # bool is an int to Python, never a size here
+def is_int(x):  # bool is an int to Python, never a size or an offset
     return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _is_number(x):
-    return (_is_int(x) or isinstance(x, float)) and math.isfinite(x)
+    return (is_int(x) or isinstance(x, float)) and math.isfinite(x)
 
 
 # the kinds of field _check knows: (test, what the error says is expected)
 _KINDS = {
-    "int>0": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+    "int>0": (lambda v: is_int(v) and v > 0, "a positive integer"),
     "bool": (lambda v: isinstance(v, bool), "True or False"),
     "prob": (lambda v: _is_number(v) and 0 <= v < 1, "a probability in [0, 1)"),
     "number>0": (lambda v: _is_number(v) and v > 0, "a positive number"),
@@ -61,7 +61,7 @@ def _conv_triples(name, layers):
     _expect(isinstance(layers, (list, tuple)) and len(layers) > 0, name, layers, expected)
     for i, layer in enumerate(layers):
         ok = isinstance(layer, (list, tuple)) and len(layer) == 3
-        ok = ok and all(_is_int(v) and v > 0 for v in layer)
+        ok = ok and all(is_int(v) and v > 0 for v in layer)
         _expect(ok, f"{name}[{i}]", layer, "(dim, kernel, stride), three positive integers")
     return [tuple(layer) for layer in layers]
 
@@ -119,7 +119,7 @@ class Wav2Vec2Config:
             return
         _check(self, "int>0", "final_dim latent_vars latent_groups num_negatives")
         dim = self.latent_dim
-        ok = _is_int(dim) and dim >= 0
+        ok = is_int(dim) and dim >= 0
         _expect(ok, "latent_dim", dim, "a positive integer, or 0 for final_dim")
         latent = f"latent_dim={dim}"
         if not dim:
@@ -520,7 +520,9 @@ def span_masks(semantics, lengths, max_len, rngs, batch_rng, prob, span, min_spa
     """
     spans = {"release": _release_spans, "utterance": _utterance_spans, "fairseq": _fairseq_spans}
     if semantics not in spans:
-        raise ValueError(f"semantics must be one of {list(spans)}, got {semantics!r}")
+        raise ValueError(
+            f"semantics must be 'release', 'utterance' or 'fairseq', got {semantics!r}"
+        )
     return spans[semantics](lengths, max_len, rngs, batch_rng, prob, span, min_spans)
 
 
@@ -597,8 +599,9 @@ class EmotionClassifier(nn.Module):
         self.head = nn.Linear(backbone.cfg.embed_dim, len(self.classes))
 
     def forward(self, wav, wav_lengths=None, time_mask=None, channel_mask=None):
+        masks = dict(time_mask=time_mask, channel_mask=channel_mask)
         recipe = dict(norm_over_padding=self.norm_over_padding)
-        hidden, frames = self.backbone(wav, wav_lengths, None, time_mask, channel_mask, **recipe)
+        hidden, frames = self.backbone(wav, wav_lengths, **masks, **recipe)
         n = (frames - 1).clamp(min=1) if self.skip_last_frame else frames
         return self.head(F.relu(masked_mean(F.relu(hidden), n)))
 
@@ -777,7 +780,8 @@ class Wav2Vec1(nn.Module):
         """feature_mask (B, C, T) bool: features set to zero before the aggregator (the release's
         SpecAugment)."""
         if not torch.is_tensor(wav) or wav.dim() != 2 or not wav.is_floating_point():
-            raise ValueError("wav must be floating-point (batch, samples) mono 16 kHz audio")
+            expected = "a floating-point (batch, samples) tensor of mono 16 kHz audio"
+            raise ValueError(f"wav must be {expected}")
         width = wav.size(1)
         n = torch.full((wav.size(0),), width) if lengths is None else torch.as_tensor(lengths).cpu()
         if n.min() < self.cfg.min_samples or n.max() > width:

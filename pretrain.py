@@ -499,13 +499,18 @@ def run_release_teacher(args, fold, train_set, classes, run_dir, device):
     finish_stage(run_dir, "teacher", front, "teacher.pt", meta, save=C.save_wav2vec1_teacher)
 
 
+def read_teacher(path):
+    """The wav2vec (v1) file of --teacher; a DataError naming the flag when it is not one."""
+    try:
+        return C.load_wav2vec1(path)
+    except C.CheckpointError as e:
+        raise DataError(f"--teacher: {e}") from None
+
+
 def load_release_teacher(path, train_set):
     """The wav2vec (v1) of --teacher as the release's front end; refused when a training utterance
     is too short to give it a frame."""
-    try:
-        front = Wav2Vec1Teacher(C.load_wav2vec1(path))
-    except C.CheckpointError as e:
-        raise DataError(f"--teacher: {e}") from None
+    front = Wav2Vec1Teacher(read_teacher(path))
     short = [u.uid for u in train_set if u.num_samples < front.min_samples]
     if short:
         raise DataError(
@@ -672,10 +677,11 @@ def unpadded(teacher, wav, lengths):
 
 def check_kmeans_settings(args, backbone, train_set):
     """--layer within the model, every K at most the number of frames; returns the layer."""
-    layer = None
-    if isinstance(backbone, Wav2Vec1Teacher) and args.layer is not None:
-        raise DataError("--layer: the wav2vec (v1) teacher's features are its one output")
-    if not isinstance(backbone, Wav2Vec1Teacher):
+    if isinstance(backbone, Wav2Vec1Teacher):
+        if args.layer is not None:
+            raise DataError("--layer: the wav2vec (v1) teacher's features are its one output")
+        layer = None
+    else:
         layer, top = args.layer or backbone.cfg.num_layers, backbone.cfg.num_layers
         if not 1 <= layer <= top:
             raise DataError(f"--layer {layer}: the teacher has layers 1..{top}")
@@ -725,10 +731,7 @@ def check_stage_inputs(args):
             "folder lacks: use the pretrained one (wav2vec_small.pt, not wav2vec_small_960h.pt)"
         )
     if args.teacher:
-        try:
-            C.load_wav2vec1(args.teacher)
-        except C.CheckpointError as e:
-            raise DataError(f"--teacher: {e}") from None
+        read_teacher(args.teacher)
 
 
 def run_fold(args, fold, splits, classes, run_dir, device):
@@ -764,11 +767,12 @@ MODE_DEFAULTS = {
 
 def build_parser():
     p = T.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a, yes_no, D = p.add_argument, argparse.BooleanOptionalAction, " (default: %(default)s)"
-
-    def recipe(key):  # its default in train.RECIPES
-        release, clean = (T.RECIPES[r][key] for r in ("release", "clean"))
-        return f" (default: the recipe's: {release} for release, {clean} for clean)"
+    a, yes_no, D, recipe = (
+        p.add_argument,
+        argparse.BooleanOptionalAction,
+        T.DEFAULT,
+        T.recipe_default,
+    )
 
     mode = "kmeans: P-TAPT's k-means stage alone, on the untouched --checkpoint (its labels.pt)"
     a("--mode", choices=["tapt", "ptapt", "kmeans"], required=True, help=mode)
@@ -818,7 +822,7 @@ def build_parser():
     a("--ks", type=T.COUNT, nargs="+", default=[64, 512, 4096], help="k-means cluster counts" + D)
     a("--kmeans-iters", type=T.COUNT, default=20, help="Lloyd iterations at most" + D)
     init = "(default: random, K random frames as faiss, with --teacher; k-means++ otherwise)"
-    a("--kmeans-init", choices=["k-means++", "random"], help=init)
+    a("--kmeans-init", choices=kmeans.INITS, help=init)
     a("--layer", type=T.COUNT, help="teacher layer for k-means features (default: the last)")
     a("--save-every", type=T.COUNT, default=500, help="updates between resumable checkpoints" + D)
     return p

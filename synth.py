@@ -52,7 +52,7 @@ LABEL_FILE_HEADER = "% [START_TIME - END_TIME] TURN_NAME EMOTION [V, A, D]\n\n"
 MARKER = "SYNTHETIC_CORPUS.json"  # marks a folder as this generator's, which it may replace
 
 # 80 per session: the quick start's test session then has 80 utterances (one is 1.25 points of UA)
-# and 320 to train on; 40 were too few for the tiny random model to learn and for a stable estimate.
+# and 320 to train on.
 SYNTH_PER_SESSION = 80
 
 
@@ -226,7 +226,8 @@ def synthesize_iemocap(
     if int(per_session) < 1:
         raise DataError(f"utterances per session {per_session}, expected >= 1")
     if not 0.05 < min_seconds <= max_seconds:
-        raise DataError(f"durations {min_seconds}..{max_seconds} s, expected 0.05 < min <= max")
+        durations = f"utterance durations {min_seconds}..{max_seconds} s"
+        raise DataError(f"{durations}, expected 0.05 < min <= max")
     # Written beside out_dir and renamed when complete: an interrupted run leaves no half corpus.
     # The marker goes in first: a killed run's leftovers are recognised as this generator's.
     marker = dict(generator="synth.py synthesize_iemocap", utterances_per_session=per_session)
@@ -236,7 +237,8 @@ def synthesize_iemocap(
         for folder in (out_dir, partial):  # replace only an empty folder or what this wrote
             mine = os.path.isfile(os.path.join(folder, MARKER))
             if os.path.isdir(folder) and os.listdir(folder) and not mine:
-                raise DataError(f"{folder} is not empty and not a synthetic corpus: choose another")
+                why = "exists and is not empty (and is not a synthetic corpus)"
+                raise DataError(f"{folder} {why}: choose a new folder")
         shutil.rmtree(partial, ignore_errors=True)
         try:
             write_file(os.path.join(partial, MARKER), json.dumps(marker) + "\n")

@@ -687,12 +687,18 @@ RECIPES = {
     recipe: {setting: values[i] for setting, values in RECIPE_SETTINGS.items()}
     for i, recipe in enumerate(["release", "clean"])
 }
+DEFAULT = " (default: %(default)s)"  # the end of a flag's help
+
+
+def recipe_default(setting):
+    """The end of the help of a flag whose default is --recipe's (RECIPES)."""
+    values = ", ".join(f"{RECIPES[recipe][setting]} for {recipe}" for recipe in RECIPES)
+    return f" (default: the recipe's: {values})"
 
 
 def add_run_flags(p):
     """The flags finetune.py and pretrain.py share."""
-    a = p.add_argument
-    default = " (default: %(default)s)"
+    a, default = p.add_argument, DEFAULT
     a("--data", help="IEMOCAP_full_release folder, a label .json (release format) or .csv manifest")
     a("--wav-dir", help="folder of the wavs named in a label .json (default: the json's folder)")
     a("--seed", type=NATURAL, default=0, help="the seed of every random draw" + default)
@@ -707,8 +713,8 @@ def add_run_flags(p):
         "--precision",
         choices=["auto", "auto-fp16", "fp32", "bf16", "fp16"],
         help="on a GPU, auto: bf16 where the GPU has it, else fp16 with a grad scaler; auto-fp16: "
-        "fp16 with a grad scaler, as the release trained; both fp32 on the CPU (default: the "
-        "recipe's: release auto-fp16, clean auto)",
+        "fp16 with a grad scaler, as the release trained; both fp32 on the CPU"
+        + recipe_default("precision"),
     )
     a("--device", default="auto", help="auto, cpu, cuda, cuda:1 ..." + default)
     a("--workers", type=NATURAL, default=2, help="data loader processes" + default)
