@@ -427,7 +427,9 @@ def load_wav2vec2(path) -> M.Wav2Vec2:
 # fairseq parameter name -> Wav2Vec1's name
 V1_KEYS = {
     r"feature_extractor\.conv_layers\.(\d+)\.0\.weight": r"feature_extractor.blocks.\1.conv.weight",
-    r"feature_extractor\.conv_layers\.(\d+)\.2\.(weight|bias)": r"feature_extractor.blocks.\1.norm.\2",
+    r"feature_extractor\.conv_layers\.(\d+)\.2\.(weight|bias)": (
+        r"feature_extractor.blocks.\1.norm.\2"
+    ),
     r"feature_aggregator\.conv_layers\.(\d+)\.1\.(weight|bias)": r"aggregator.blocks.\1.conv.\2",
     r"feature_aggregator\.conv_layers\.(\d+)\.3\.(weight|bias)": r"aggregator.blocks.\1.norm.\2",
     r"feature_aggregator\.residual_proj\.(\d+)\.weight": r"aggregator.residual_proj.\1.weight",
@@ -518,13 +520,19 @@ _HF_LAYER = r"encoder\.layers\.(\d+)\."
 HF_KEYS = {
     r"feature_extractor\.conv_layers\.(\d+)\.conv\.(weight|bias)": r"feature_encoder.convs.\1.\2",
     # the group norm or the layer norms
-    r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(weight|bias)": r"feature_encoder.norms.\1.\2",
+    r"feature_extractor\.conv_layers\.(\d+)\.layer_norm\.(weight|bias)": (
+        r"feature_encoder.norms.\1.\2"
+    ),
     r"feature_projection\.layer_norm\.(weight|bias)": r"layer_norm.\1",
     r"feature_projection\.projection\.(weight|bias)": r"post_extract_proj.\1",
     r"masked_spec_embed": "mask_emb",
     r"encoder\.pos_conv_embed\.conv\.(bias|weight_g|weight_v)": r"encoder.pos_conv.\1",
-    r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original0": "encoder.pos_conv.weight_g",
-    r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original1": "encoder.pos_conv.weight_v",
+    r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original0": (
+        "encoder.pos_conv.weight_g"
+    ),
+    r"encoder\.pos_conv_embed\.conv\.parametrizations\.weight\.original1": (
+        "encoder.pos_conv.weight_v"
+    ),
     _HF_LAYER
     + r"attention\.([qkv]_proj|out_proj)\.(weight|bias)": r"encoder.layers.\1.self_attn.\2.\3",
     _HF_LAYER + r"layer_norm\.(weight|bias)": r"encoder.layers.\1.self_attn_layer_norm.\2",

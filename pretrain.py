@@ -1,8 +1,8 @@
 """Task-adaptive pretraining on a fold's training sessions: TAPT and P-TAPT (RECIPE.md).
 
-    python pretrain.py --mode tapt  --fold 3 --data IEMOCAP_full_release --checkpoint wav2vec_small.pt
-    python pretrain.py --mode ptapt --fold 3 --data IEMOCAP_full_release --checkpoint wav2vec_small.pt
-    python finetune.py --fold 3 --data ... --init runs/ptapt/fold3/pretrained.pt
+  python pretrain.py --mode tapt  --fold 3 --data IEMOCAP_full_release --checkpoint wav2vec_small.pt
+  python pretrain.py --mode ptapt --fold 3 --data IEMOCAP_full_release --checkpoint wav2vec_small.pt
+  python finetune.py --fold 3 --data ... --init runs/ptapt/fold3/pretrained.pt
 
 TAPT continues wav2vec 2.0's own objective (`tapt_loss`) on the fold's training audio. P-TAPT's
 targets are frame pseudo-labels that carry emotion, in three stages: an emotion-aware teacher
