@@ -767,13 +767,8 @@ MODE_DEFAULTS = {
 
 def build_parser():
     p = T.OneLineParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a, yes_no, D, recipe = (
-        p.add_argument,
-        argparse.BooleanOptionalAction,
-        T.DEFAULT,
-        T.recipe_default,
-    )
-
+    a, D, recipe = p.add_argument, T.DEFAULT, T.recipe_default
+    yes_no = argparse.BooleanOptionalAction
     mode = "kmeans: P-TAPT's k-means stage alone, on the untouched --checkpoint (its labels.pt)"
     a("--mode", choices=["tapt", "ptapt", "kmeans"], required=True, help=mode)
     T.add_run_flags(p)
