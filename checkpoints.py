@@ -813,12 +813,14 @@ def _read_own(path, kind, what):
 
 
 def load_classifier(path) -> M.EmotionClassifier:
+    """The classifier, backbone and head, from one read of the file."""
     ckpt = _read_own(path, "classifier", "a fine-tuned emotion classifier written by finetune.py")
-    skip_last_frame = bool(ckpt.get("skip_last_frame"))
-    clf = M.EmotionClassifier(load_wav2vec2(path), ckpt["classes"], skip_last_frame)
-    head = {"weight": ckpt["model"]["head.weight"], "bias": ckpt["model"]["head.bias"]}
-    clf.head.load_state_dict(head)
-    return clf.eval()
+    classes = ckpt.get("classes")
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        raise CheckpointError(f"{path}: its 'classes' should be a list of names; found {classes!r}")
+    backbone = M.Wav2Vec2(_own_config(path, ckpt, M.Wav2Vec2Config))
+    clf = M.EmotionClassifier(backbone, classes, bool(ckpt.get("skip_last_frame")))
+    return load_state(clf, _tensors(path, ckpt.get("model")), path)
 
 
 def load_wav2vec1_teacher(path) -> M.Wav2Vec1Teacher:

@@ -479,6 +479,32 @@ def test_model_entry_of_tensors_or_one_line_error(tmp_path):
     )
 
 
+def test_classifier_file_round_trip_and_damaged_entries(tmp_path):
+    """load_classifier gives back the saved classifier's exact logits, its classes and head option
+    (read in one pass of the file); a classifier file without its classes or its head's weights is
+    one CheckpointError naming the file (they were a KeyError's traceback)."""
+    torch.manual_seed(0)
+    clf = M.EmotionClassifier(random_model(tiny_config()), ["ang", "neu"], skip_last_frame=True)
+    torch.nn.init.normal_(clf.head.weight)
+    C.save_classifier(clf, tmp_path / "clf.pt")
+    loaded = C.load_classifier(tmp_path / "clf.pt")
+    wav, lengths = torch.randn(2, 4000), torch.tensor([4000, 3000])
+    with torch.no_grad():
+        assert torch.equal(loaded(wav, lengths), clf.eval()(wav, lengths))
+    assert loaded.classes == ["ang", "neu"] and loaded.skip_last_frame and not loaded.training
+    raw = torch.load(tmp_path / "clf.pt", weights_only=True)
+    del raw["model"]["head.weight"]
+    torch.save(raw, tmp_path / "headless.pt")
+    message = load_error(tmp_path / "headless.pt", C.load_classifier)
+    assert message == f"{tmp_path / 'headless.pt'}: missing ['head.weight']"
+    raw = torch.load(tmp_path / "clf.pt", weights_only=True)
+    del raw["classes"]
+    torch.save(raw, tmp_path / "nameless.pt")
+    assert load_error(tmp_path / "nameless.pt", C.load_classifier) == (
+        f"{tmp_path / 'nameless.pt'}: its 'classes' should be a list of names; found None"
+    )
+
+
 def test_bad_waveforms():
     net = random_model(tiny_config())
     with pytest.raises(ValueError, match="at least 400 samples"):
